@@ -1,0 +1,141 @@
+//! Who is calling and what they may do: callers identified by the kernel (SO_PEERCRED) or by
+//! the TCP token, and the `[[access]]` policy that maps them to environments.
+
+use std::fmt;
+
+use crate::config::{AccessRule, Principal};
+
+/// A caller, as the kernel (Unix socket) or the token check (TCP) identified it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
+    Tcp,
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Unix {
+                uid,
+                gid,
+                pid: Some(pid),
+            } => write!(f, "uid={uid} gid={gid} pid={pid}"),
+            Caller::Unix {
+                uid,
+                gid,
+                pid: None,
+            } => write!(f, "uid={uid} gid={gid}"),
+            Caller::Tcp => f.write_str("tcp-token"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Write,
+    /// Listing what a manager holds, reload, and other operator calls.
+    Admin,
+}
+
+/// The access policy. With no `[[access]]` rules the socket's own owner and group (and a TCP
+/// token holder) may do everything, and nobody else: the socket mode already keeps others out.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<AccessRule>,
+    owner_uid: u32,
+    owner_gid: u32,
+}
+
+impl Policy {
+    pub fn new(rules: Vec<AccessRule>, owner_uid: u32, owner_gid: u32) -> Self {
+        Self {
+            rules,
+            owner_uid,
+            owner_gid,
+        }
+    }
+
+    fn matches(rule: &AccessRule, caller: &Caller) -> bool {
+        match (&rule.principal, caller) {
+            (Principal::Uid(u), Caller::Unix { uid, .. }) => u == uid,
+            (Principal::Gid(g), Caller::Unix { gid, .. }) => g == gid,
+            (Principal::Tcp, Caller::Tcp) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether `caller` may do `action`, on credentials of `environment` when one is given.
+    pub fn allows(&self, caller: &Caller, action: Action, environment: Option<&str>) -> bool {
+        if self.rules.is_empty() {
+            return match caller {
+                Caller::Unix { uid, gid, .. } => *uid == self.owner_uid || *gid == self.owner_gid,
+                Caller::Tcp => true,
+            };
+        }
+        self.rules.iter().any(|rule| {
+            Self::matches(rule, caller)
+                && environment.is_none_or(|env| rule.allows_environment(env))
+                && match action {
+                    Action::Read => true,
+                    Action::Write => rule.write,
+                    Action::Admin => rule.admin,
+                }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix(uid: u32, gid: u32) -> Caller {
+        Caller::Unix {
+            uid,
+            gid,
+            pid: Some(1),
+        }
+    }
+
+    #[test]
+    fn without_rules_only_owner_and_group() {
+        let p = Policy::new(vec![], 100, 200);
+        assert!(p.allows(&unix(100, 1), Action::Write, Some("Production")));
+        assert!(p.allows(&unix(5, 200), Action::Admin, None));
+        assert!(!p.allows(&unix(5, 6), Action::Read, Some("Production")));
+    }
+
+    #[test]
+    fn rules_scope_environments_and_actions() {
+        let rules = vec![
+            AccessRule {
+                principal: Principal::Uid(1000),
+                environments: Some(vec!["Sandbox".into()]),
+                write: false,
+                admin: false,
+            },
+            AccessRule {
+                principal: Principal::Gid(50),
+                environments: None,
+                write: true,
+                admin: true,
+            },
+        ];
+        let p = Policy::new(rules, 0, 0);
+        let worker = unix(1000, 1000);
+        assert!(p.allows(&worker, Action::Read, Some("Sandbox")));
+        assert!(!p.allows(&worker, Action::Read, Some("Production")));
+        assert!(!p.allows(&worker, Action::Write, Some("Sandbox")));
+        assert!(!p.allows(&worker, Action::Admin, None));
+        assert!(p.allows(&unix(7, 50), Action::Admin, None));
+        assert!(
+            !p.allows(&unix(0, 0), Action::Read, None),
+            "owner has no implicit access once rules exist"
+        );
+        assert!(!p.allows(&Caller::Tcp, Action::Read, Some("Sandbox")));
+    }
+}

@@ -1,0 +1,457 @@
+//! The credential cache: a moka TTL cache bounded by capacity, single-flight loading so a
+//! burst of cold reads costs one store call, invalidation that a racing load cannot undo, and
+//! bounded stale-if-error.
+//!
+//! Freshness decisions use `tokio::time::Instant`, so tests drive them with paused time; moka's
+//! own expiry (on its wall clock) only reclaims memory a little after an entry is useless.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use moka::notification::RemovalCause;
+use tokio::time::Instant;
+
+use crate::secret::SecretFields;
+use crate::store::CredentialRecord;
+
+/// What a load produces: the credential's metadata and its secret fields.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub record: Arc<CredentialRecord>,
+    pub secrets: SecretFields,
+    /// The moment the value stops being valid (token expiry); the cache never serves past it.
+    pub valid_until: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub loaded: Loaded,
+    fresh_until: Instant,
+    stale_until: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+        }
+    }
+}
+
+/// A load failure the cache can classify: only transient ones may be papered over with a
+/// stale value.
+pub trait LoadFailure: Clone + Send + Sync + 'static {
+    fn allows_stale(&self) -> bool;
+}
+
+type Flight<E> = Shared<BoxFuture<'static, Result<Arc<Entry>, E>>>;
+
+pub struct Cache<E: LoadFailure> {
+    entries: moka::sync::Cache<String, Arc<Entry>>,
+    inflight: Arc<Mutex<HashMap<String, Flight<E>>>>,
+    /// Bumped by every invalidation; a load that started before one does not insert its result.
+    generation: Arc<AtomicU64>,
+    ttl: Duration,
+    stale_grace: Duration,
+}
+
+struct ExpireAtStaleLimit;
+
+impl moka::Expiry<String, Arc<Entry>> for ExpireAtStaleLimit {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<Entry>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.stale_until.saturating_duration_since(Instant::now()) + Duration::from_secs(1))
+    }
+}
+
+impl<E: LoadFailure> Cache<E> {
+    pub fn new(
+        ttl: Duration,
+        capacity: u64,
+        stale_grace: Duration,
+        evictions: Option<prometheus::IntCounter>,
+    ) -> Self {
+        let mut builder = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .expire_after(ExpireAtStaleLimit);
+        if let Some(counter) = evictions {
+            builder = builder.eviction_listener(move |_k, _v, cause| {
+                if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    counter.inc();
+                }
+            });
+        }
+        Self {
+            entries: builder.build(),
+            inflight: Arc::default(),
+            generation: Arc::default(),
+            ttl,
+            stale_grace,
+        }
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    /// Returns the cached value for `key` if fresh; otherwise loads it (once, however many
+    /// callers ask at the same time). If that load fails transiently and a stale value is still
+    /// within its grace, returns that, marked `Stale`.
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        key: &str,
+        load: F,
+    ) -> Result<(Arc<Entry>, CacheStatus), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
+        let cached = self.entries.get(key);
+        let now = Instant::now();
+        if let Some(entry) = &cached {
+            if now < entry.fresh_until {
+                return Ok((Arc::clone(entry), CacheStatus::Hit));
+            }
+        }
+        match self.load_once(key, load).await {
+            Ok(entry) => Ok((entry, CacheStatus::Miss)),
+            Err(e) => match cached {
+                Some(entry) if e.allows_stale() && Instant::now() < entry.stale_until => {
+                    Ok((entry, CacheStatus::Stale))
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Only the cached value, if fresh (used where a load is not wanted).
+    pub fn peek(&self, key: &str) -> Option<Arc<Entry>> {
+        self.entries
+            .get(key)
+            .filter(|e| Instant::now() < e.fresh_until)
+    }
+
+    async fn load_once<F, Fut>(&self, key: &str, load: F) -> Result<Arc<Entry>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(key) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let flight = self.start_flight(key.to_owned(), load());
+                    inflight.insert(key.to_owned(), flight.clone());
+                    flight
+                }
+            }
+        };
+        let result = flight.clone().await;
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(key).is_some_and(|f| f.ptr_eq(&flight)) {
+            inflight.remove(key);
+        }
+        result
+    }
+
+    fn start_flight<Fut>(&self, key: String, load: Fut) -> Flight<E>
+    where
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
+        let started_generation = self.generation.load(Ordering::Acquire);
+        let generation = Arc::clone(&self.generation);
+        let inflight = Arc::clone(&self.inflight);
+        let entries = self.entries.clone();
+        let (ttl, grace) = (self.ttl, self.stale_grace);
+        async move {
+            let loaded = load.await?;
+            let entry = Arc::new(make_entry(loaded, ttl, grace));
+            // Checked under the same lock `invalidate` takes, so an invalidation either
+            // happens-before this check (and we skip the insert) or after the insert (and
+            // removes it).
+            let _guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if generation.load(Ordering::Acquire) == started_generation
+                && entry.fresh_until > Instant::now()
+            {
+                entries.insert(key, Arc::clone(&entry));
+            }
+            Ok(entry)
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Replaces the cached value after a write this process made (the written value is the
+    /// newest, so readers need not go to the store for it).
+    pub fn replace(&self, key: &str, loaded: Loaded) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        inflight.remove(key);
+        let entry = make_entry(loaded, self.ttl, self.stale_grace);
+        if entry.fresh_until > Instant::now() {
+            self.entries.insert(key.to_owned(), Arc::new(entry));
+        } else {
+            self.entries.invalidate(key);
+        }
+    }
+
+    pub fn invalidate(&self, key: &str) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        inflight.remove(key);
+        self.entries.invalidate(key);
+    }
+
+    pub fn invalidate_all(&self) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        inflight.clear();
+        self.entries.invalidate_all();
+    }
+}
+
+fn make_entry(loaded: Loaded, ttl: Duration, grace: Duration) -> Entry {
+    let now = Instant::now();
+    let validity = loaded.valid_until.map(|t| {
+        t.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    });
+    let fresh_for = validity.map_or(ttl, |v| v.min(ttl));
+    let stale_for = validity.map_or(ttl + grace, |v| v.min(ttl + grace));
+    Entry {
+        loaded,
+        fresh_until: now + fresh_for,
+        stale_until: now + stale_for,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+    use crate::store::Location;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Fail {
+        Down,
+        Gone,
+    }
+
+    impl LoadFailure for Fail {
+        fn allows_stale(&self) -> bool {
+            *self == Fail::Down
+        }
+    }
+
+    fn loaded(value: &str, valid_for: Option<Duration>) -> Loaded {
+        let mut secrets = SecretFields::new();
+        secrets.insert("token", SecretString::from(value));
+        Loaded {
+            record: Arc::new(CredentialRecord {
+                id: "c".into(),
+                environment: "P".into(),
+                integration_type: "t".into(),
+                metadata: Default::default(),
+                oauth: None,
+                pinned_manager: None,
+                location: Location {
+                    store_id: "local".into(),
+                    name: "n".into(),
+                    version: None,
+                },
+                expires_at: None,
+                needs_reauth: false,
+                row_version: 1,
+                created_at: 0,
+                updated_at: 0,
+            }),
+            secrets,
+            valid_until: valid_for.map(|d| SystemTime::now() + d),
+        }
+    }
+
+    fn cache() -> Cache<Fail> {
+        Cache::new(Duration::from_secs(60), 100, Duration::from_secs(30), None)
+    }
+
+    fn value(e: &Entry) -> String {
+        e.loaded.secrets.get("token").unwrap().expose().to_owned()
+    }
+
+    #[tokio::test]
+    async fn concurrent_cold_reads_hit_the_store_once() {
+        let cache = Arc::new(cache());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (cache, calls, gate) = (cache.clone(), calls.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("c", move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        Ok(loaded("v", None))
+                    })
+                    .await
+                    .map(|(e, s)| (value(&e), s))
+            }));
+        }
+        // Single-threaded test runtime: yielding lets every spawned task run until it waits
+        // on the flight, so all 16 have joined before the load is released.
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().0, "v");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let (_, status) = cache
+            .get_or_load("c", || async { Err(Fail::Gone) })
+            .await
+            .unwrap();
+        assert_eq!(status, CacheStatus::Hit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_the_ttl() {
+        let cache = cache();
+        cache
+            .get_or_load("c", || async { Ok(loaded("one", None)) })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let (e, s) = cache
+            .get_or_load("c", || async { Ok(loaded("two", None)) })
+            .await
+            .unwrap();
+        assert_eq!((value(&e).as_str(), s), ("one", CacheStatus::Hit));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (e, s) = cache
+            .get_or_load("c", || async { Ok(loaded("two", None)) })
+            .await
+            .unwrap();
+        assert_eq!((value(&e).as_str(), s), ("two", CacheStatus::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failure_serves_stale_only_within_the_grace() {
+        let cache = cache();
+        cache
+            .get_or_load("c", || async { Ok(loaded("old", None)) })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let (e, s) = cache
+            .get_or_load("c", || async { Err(Fail::Down) })
+            .await
+            .unwrap();
+        assert_eq!((value(&e).as_str(), s), ("old", CacheStatus::Stale));
+        // A permanent failure is never hidden.
+        assert_eq!(
+            cache
+                .get_or_load("c", || async { Err(Fail::Gone) })
+                .await
+                .unwrap_err(),
+            Fail::Gone
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(
+            cache
+                .get_or_load("c", || async { Err(Fail::Down) })
+                .await
+                .unwrap_err(),
+            Fail::Down
+        );
+    }
+
+    #[tokio::test]
+    async fn entry_lifetime_never_passes_token_expiry() {
+        let cache = cache();
+        let (_, s) = cache
+            .get_or_load("c", || async {
+                Ok(loaded("t", Some(Duration::from_millis(300))))
+            })
+            .await
+            .unwrap();
+        assert_eq!(s, CacheStatus::Miss);
+        assert!(cache.peek("c").is_some());
+        // Real time here: token expiry is wall-clock. Poll rather than sleep a fixed amount.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cache.peek("c").is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "entry outlived its token"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // And a store outage cannot resurrect it as stale.
+        assert_eq!(
+            cache
+                .get_or_load("c", || async { Err(Fail::Down) })
+                .await
+                .unwrap_err(),
+            Fail::Down
+        );
+        // An already expired token is not cached at all.
+        cache
+            .get_or_load("d", || async { Ok(loaded("t", Some(Duration::ZERO))) })
+            .await
+            .unwrap();
+        assert!(cache.peek("d").is_none());
+    }
+
+    #[tokio::test]
+    async fn invalidation_beats_a_load_that_started_before_it() {
+        let cache = Arc::new(cache());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (c2, g2) = (cache.clone(), gate.clone());
+        let slow = tokio::spawn(async move {
+            c2.get_or_load("c", move || async move {
+                g2.notified().await;
+                Ok(loaded("before-write", None))
+            })
+            .await
+            .map(|(e, _)| value(&e))
+        });
+        while cache.inflight.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        cache.invalidate("c");
+        gate.notify_one();
+        assert_eq!(slow.await.unwrap().unwrap(), "before-write");
+        assert!(
+            cache.peek("c").is_none(),
+            "a stale load must not repopulate after a write"
+        );
+        let (e, s) = cache
+            .get_or_load("c", || async { Ok(loaded("after-write", None)) })
+            .await
+            .unwrap();
+        assert_eq!((value(&e).as_str(), s), ("after-write", CacheStatus::Miss));
+    }
+}

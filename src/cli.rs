@@ -1,0 +1,182 @@
+//! The command line: `serve`, `check-config`, `keygen` and `get`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "credproxy",
+    version,
+    about = "Serves third-party credentials from your secrets manager over a local Unix socket"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Configuration file.
+        #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without starting anything.
+    CheckConfig {
+        #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Write a new random master key (base64, mode 0600). Never overwrites a file.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Resolve a credential through the running daemon's socket and print it as JSON.
+    Get {
+        /// The credential id.
+        id: String,
+        /// Only these secret fields (comma-separated).
+        #[arg(long)]
+        fields: Option<String>,
+        /// The daemon's socket; defaults to the one in the configuration file.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} secrets manager(s), {} access rule(s), socket {})",
+                    config.display(),
+                    c.managers.len(),
+                    c.access.len(),
+                    c.server.socket.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Keygen { out } => {
+            let key = crate::backend::local::MasterKey::generate();
+            match key.write_new(&out) {
+                Ok(()) => {
+                    println!("wrote master key {} to {}", key.id(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Get {
+            id,
+            fields,
+            socket,
+            config,
+        } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => match Config::load(&config) {
+                    Ok(c) => c.server.socket,
+                    Err(e) => {
+                        eprintln!("{}: {e}", config.display());
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let mut path = format!(
+                "/v1/credentials/{}",
+                percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
+            );
+            if let Some(f) = fields {
+                path.push_str("?fields=");
+                path.push_str(
+                    &percent_encoding::utf8_percent_encode(&f, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string(),
+                );
+            }
+            runtime().block_on(get(socket, path))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("CREDPROXY_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("credproxy: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    match runtime().block_on(crate::daemon::serve(
+        config,
+        crate::lifecycle::shutdown_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "credproxy could not start");
+            eprintln!("credproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn get(socket: PathBuf, path: String) -> ExitCode {
+    match crate::client::request(&socket, hyper::Method::GET, &path, None).await {
+        Ok((status, body)) if status.is_success() => {
+            println!("{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("credproxy: {status}: {}", String::from_utf8_lossy(&body));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "credproxy: cannot reach the daemon at {}: {e}",
+                socket.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

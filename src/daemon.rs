@@ -1,0 +1,260 @@
+//! Assembles the daemon from a validated config: metadata store, keys, stores, service,
+//! listeners and background tasks; runs it until a shutdown signal; tears it down in order.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::access::Policy;
+use crate::backend::local::{KeyError, Keyring, LocalBackend, MasterKey};
+use crate::backend::{self, Registry};
+use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_STORE_ID};
+use crate::lifecycle::sd_notify;
+use crate::metrics::Metrics;
+use crate::server::{self, App, Listeners};
+use crate::service::{Runtime, Service};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{MetadataStore, StoreError};
+
+/// How often abandoned copies are looked for.
+const JOURNAL_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Socket(#[from] server::unix::SocketError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// The parts a daemon is made of, built but not yet serving. Tests swap stores in `registry`.
+pub struct Parts {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn MetadataStore>,
+    pub keys: Arc<Keyring>,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
+    let path = &config.store.master_key_file;
+    if !path.exists() && config.store.generate_master_key {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| KeyError::Write {
+                path: parent.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        MasterKey::generate().write_new(path)?;
+        tracing::warn!(path = %path.display(), "generated a new master key (store.generate_master_key = true); back it up: without it the local store cannot be read");
+    }
+    let current = MasterKey::load(path)?;
+    let previous = config
+        .store
+        .previous_master_key_files
+        .iter()
+        .map(|p| MasterKey::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Keyring::new(current, previous))
+}
+
+pub fn open_store(config: &Config) -> Result<Arc<dyn MetadataStore>, StoreError> {
+    match &config.store.database {
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+    }
+}
+
+/// Builds everything that does not listen yet.
+pub async fn build(config: Config) -> Result<Parts, StartError> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.store.data_dir).map_err(|e| StartError::Listen {
+        addr: config.store.data_dir.display().to_string(),
+        source: e,
+    })?;
+    let store = open_store(&config)?;
+    let keys = Arc::new(load_keyring(&config)?);
+    let mut registry = Registry::new();
+    registry.insert(
+        LOCAL_STORE_ID,
+        Arc::new(LocalBackend::new(Arc::clone(&keys), Arc::clone(&store))),
+    );
+    for manager in &config.managers {
+        registry.insert(manager.id.clone(), backend::build(manager).await?);
+    }
+    Ok(Parts {
+        config,
+        store,
+        keys,
+        registry,
+        metrics: Arc::new(Metrics::new()),
+    })
+}
+
+/// Turns parts into the service and the request handlers' state.
+pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
+    let (owner_uid, _) = server::unix::effective_ids();
+    let policy = Policy::new(parts.config.access.clone(), owner_uid, socket_gid);
+    let tcp_token = match &parts.config.server.tcp {
+        Some(tcp) => Some(
+            crate::config::SecretRef::File(tcp.token_file.clone())
+                .resolve("server.tcp.token_file")?,
+        ),
+        None => None,
+    };
+    let runtime = Runtime {
+        config: Arc::clone(&parts.config),
+        registry: parts.registry,
+        policy,
+    };
+    let service = Arc::new(Service::new(runtime, parts.store, parts.metrics));
+    Ok(Arc::new(App::new(service, tcp_token)))
+}
+
+pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+    let unix = server::unix::bind(
+        &config.server.socket,
+        config.server.socket_mode,
+        config.server.socket_group.as_ref(),
+    )?;
+    let tcp = match &config.server.tcp {
+        Some(t) => Some(listen(t.listen).await?),
+        None => None,
+    };
+    let metrics = match &config.metrics {
+        Some(m) => Some(listen(m.listen).await?),
+        None => None,
+    };
+    Ok(Listeners { unix, tcp, metrics })
+}
+
+async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// How old a journal entry must be before the sweeper may act on it: older than any write
+/// that could still be in flight (in this or another process sharing the database).
+pub fn journal_grace(config: &Config) -> Duration {
+    config.server.request_timeout + config.backend_timeout * 4 + Duration::from_secs(30)
+}
+
+/// Runs the daemon until `shutdown` completes. Returns once the socket is removed.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let socket_path = config.server.socket.clone();
+    let parts = build(config).await?;
+    let config = Arc::clone(&parts.config);
+    let keys = Arc::clone(&parts.keys);
+    let listeners = bind(&config).await?;
+    let socket_gid =
+        server::unix::socket_gid(&socket_path).unwrap_or(server::unix::effective_ids().1);
+    let app = assemble(parts, socket_gid)?;
+    serve_app(app, listeners, keys, &socket_path, shutdown).await;
+    Ok(())
+}
+
+/// Serves an assembled app: background tasks, readiness, drain, clean-up.
+pub async fn serve_app(
+    app: Arc<App>,
+    listeners: Listeners,
+    keys: Arc<Keyring>,
+    socket_path: &Path,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let service = Arc::clone(&app.service);
+    let grace = journal_grace(&service.runtime().config);
+    tasks.spawn(sweep_journal_forever(
+        Arc::clone(&service),
+        grace,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(rotate_keys(Arc::clone(&service), keys));
+    tasks.spawn(ignore_sighup(stop_rx));
+
+    app.set_ready(true);
+    sd_notify("READY=1");
+    tracing::info!(socket = %socket_path.display(), version = env!("CARGO_PKG_VERSION"), "credproxy ready");
+
+    server::run(listeners, Arc::clone(&app), async {
+        shutdown.await;
+        sd_notify("STOPPING=1");
+    })
+    .await;
+
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 5s; abandoning them");
+        tasks.abort_all();
+    }
+    if let Err(e) = std::fs::remove_file(socket_path) {
+        tracing::warn!(error = %e, "could not remove the socket file");
+    }
+    tracing::info!("credproxy stopped");
+}
+
+async fn sweep_journal_forever(
+    service: Arc<Service>,
+    grace: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match service.sweep_journal(grace).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pending = n, "journal entries still pending"),
+            Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(JOURNAL_SWEEP_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
+    let local = LocalBackend::new(keys, Arc::clone(service.metadata()));
+    match local.rotate().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            records = n,
+            "re-wrapped local data keys under the current master key"
+        ),
+        Err(e) => tracing::error!(error = %e, "master key rotation incomplete"),
+    }
+}
+
+/// SIGHUP's default action would kill the daemon; until reload lands, say so and keep serving.
+async fn ignore_sighup(mut stop: watch::Receiver<bool>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => tracing::warn!("SIGHUP received; configuration reload is not available in this version, restart to apply changes"),
+            _ = stop.changed() => return,
+        }
+    }
+}

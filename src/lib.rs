@@ -1,0 +1,18 @@
+//! credproxy: a sidecar daemon that keeps third-party credentials in the customer's secrets
+//! manager and hands them to local workers over a Unix socket at the moment they are needed.
+
+pub mod access;
+pub mod backend;
+pub mod cache;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod lifecycle;
+pub mod metrics;
+pub mod routing;
+pub mod secret;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod time;

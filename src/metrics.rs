@@ -1,0 +1,245 @@
+//! The Prometheus registry and every metric family. Label values come from closed sets (routes,
+//! status codes, configured manager ids, outcomes), never from a credential id or a value.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 25 µs (a cached read) to 10 s (a slow manager).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_evictions: IntCounter,
+    pub cache_entries: IntGauge,
+    pub backend_requests: IntCounterVec,
+    pub backend_duration: HistogramVec,
+    pub oauth_refreshes: IntCounterVec,
+    pub oauth_time_to_expiry: Histogram,
+    pub needs_reauth: IntGauge,
+    pub migrations: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub access_denied: IntCounter,
+    pub journal_pending: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are constants defined below; a duplicate is a programming error caught by tests.
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let http_requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_http_requests_total",
+                    "API requests by route and status code.",
+                ),
+                &["route", "status"],
+            )
+            .unwrap(),
+        );
+        let http_duration = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "credproxy_http_request_duration_seconds",
+                    "API request latency by route.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .unwrap(),
+        );
+        let cache_requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_cache_requests_total",
+                    "Credential lookups by cache result (hit, miss, stale).",
+                ),
+                &["result"],
+            )
+            .unwrap(),
+        );
+        let cache_evictions = register(
+            r,
+            IntCounter::new(
+                "credproxy_cache_evictions_total",
+                "Cache entries evicted for size or expiry.",
+            )
+            .unwrap(),
+        );
+        let cache_entries = register(
+            r,
+            IntGauge::new("credproxy_cache_entries", "Credentials currently cached.").unwrap(),
+        );
+        let backend_requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_backend_requests_total",
+                    "Calls to secrets stores by manager, operation and outcome.",
+                ),
+                &["manager", "operation", "outcome"],
+            )
+            .unwrap(),
+        );
+        let backend_duration = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "credproxy_backend_request_duration_seconds",
+                    "Secrets store call latency.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["manager", "operation"],
+            )
+            .unwrap(),
+        );
+        let oauth_refreshes = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_oauth_refreshes_total",
+                    "OAuth token refreshes by outcome.",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        let oauth_time_to_expiry = register(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "credproxy_oauth_time_to_expiry_seconds",
+                    "Time left on an access token when it was refreshed.",
+                )
+                .buckets(vec![
+                    0.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                ]),
+            )
+            .unwrap(),
+        );
+        let needs_reauth = register(
+            r,
+            IntGauge::new(
+                "credproxy_credentials_needing_reauth",
+                "Credentials whose refresh token was rejected and need the user to authorise again.",
+            )
+            .unwrap(),
+        );
+        let migrations = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "credproxy_migrations",
+                    "Background credential moves by state (pending, moved, failed).",
+                ),
+                &["state"],
+            )
+            .unwrap(),
+        );
+        let config_reloads = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_config_reloads_total",
+                    "Configuration reloads by outcome.",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        let access_denied = register(
+            r,
+            IntCounter::new(
+                "credproxy_access_denied_total",
+                "Requests refused by the access policy.",
+            )
+            .unwrap(),
+        );
+        let journal_pending = register(
+            r,
+            IntGauge::new(
+                "credproxy_journal_pending",
+                "Secret copies awaiting clean-up after a crash, move or delete.",
+            )
+            .unwrap(),
+        );
+        let build_info = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "credproxy_build_info",
+                    "Build information; the value is always 1.",
+                ),
+                &["version"],
+            )
+            .unwrap(),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        // Families with a closed label set start at zero so dashboards see them before use.
+        for result in ["hit", "miss", "stale"] {
+            cache_requests.with_label_values(&[result]);
+        }
+        for outcome in ["success", "invalid_grant", "error", "skipped"] {
+            oauth_refreshes.with_label_values(&[outcome]);
+        }
+        for state in ["pending", "moved", "failed"] {
+            migrations.with_label_values(&[state]);
+        }
+        for outcome in ["success", "failure"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
+
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            cache_requests,
+            cache_evictions,
+            cache_entries,
+            backend_requests,
+            backend_duration,
+            oauth_refreshes,
+            oauth_time_to_expiry,
+            needs_reauth,
+            migrations,
+            config_reloads,
+            access_denied,
+            journal_pending,
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on a malformed family, which the constructors prevent.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

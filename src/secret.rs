@@ -1,0 +1,295 @@
+//! Secret values as types: they zeroize on drop, print `[REDACTED]`, and have no `Serialize`.
+//!
+//! The only ways to see the bytes are [`SecretString::expose`] and the explicit serialisation
+//! helpers below, each used in one place that says why.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Deserialize;
+use zeroize::{Zeroize, Zeroizing};
+
+const REDACTED: &str = "[REDACTED]";
+
+/// One sensitive string: a token, a client secret, a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    pub fn new(value: String) -> Self {
+        Self(Zeroizing::new(value))
+    }
+
+    /// The bytes themselves. Callers must not log or format what they get.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Composio and similar stores mask values (`abcd...`, `REDACTED`) rather than return them.
+    pub fn looks_masked(&self) -> bool {
+        let v = self.expose();
+        v == "REDACTED" || v.ends_with("...") || v.chars().all(|c| c == '*') && !v.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl From<&str> for SecretString {
+    fn from(value: &str) -> Self {
+        Self::new(value.to_owned())
+    }
+}
+
+/// The sensitive fields of one credential, by field name. Field names are not secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretFields(BTreeMap<String, SecretString>);
+
+impl SecretFields {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, value: SecretString) {
+        self.0.insert(name.into(), value);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&SecretString> {
+        self.0.get(name)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<SecretString> {
+        self.0.remove(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn field_names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SecretString)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Overlays `other` on `self`: a PATCH changes only the fields it names.
+    pub fn merge(&mut self, other: SecretFields) {
+        self.0.extend(other.0);
+    }
+
+    /// Keeps only the named fields (the `?fields=` filter).
+    pub fn retain_fields(&self, wanted: &[String]) -> SecretFields {
+        SecretFields(
+            self.0
+                .iter()
+                .filter(|(k, _)| wanted.iter().any(|w| w == *k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// The JSON object a store keeps (AWS SecretString, Vault data, the local store's plaintext).
+    /// Exposed on purpose: this is what gets sealed or sent to the manager.
+    pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(64 * self.0.len() + 2));
+        let mut ser = serde_json::Serializer::new(&mut *out);
+        // Writing into a Vec cannot fail, and the map has string keys only.
+        let _ = self.serialize_exposed(&mut ser);
+        out
+    }
+
+    /// Parses what [`SecretFields::to_json`] wrote. Errors never quote the input.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, SecretFormatError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let fields = SecretFields::deserialize(&mut de).map_err(|_| SecretFormatError)?;
+        de.end().map_err(|_| SecretFormatError)?;
+        Ok(fields)
+    }
+
+    /// Serialises the values themselves. Used by the response path and [`Self::to_json`] only.
+    pub fn serialize_exposed<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v.expose())?;
+        }
+        map.end()
+    }
+}
+
+/// A stored secret payload that is not a JSON object of strings.
+#[derive(Debug, thiserror::Error)]
+#[error("stored secret is not a JSON object of string fields")]
+pub struct SecretFormatError;
+
+impl fmt::Debug for SecretFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, REDACTED)))
+            .finish()
+    }
+}
+
+/// The message every rejection of a `secrets` value carries: serde's own messages quote the
+/// offending value, which here would be a secret.
+const SECRETS_SHAPE: &str = "`secrets` must be an object whose values are strings";
+
+struct FieldsVisitor;
+
+macro_rules! reject_scalar {
+    ($($name:ident: $ty:ty),*) => {
+        $(fn $name<E: de::Error>(self, _v: $ty) -> Result<Self::Value, E> {
+            Err(E::custom(SECRETS_SHAPE))
+        })*
+    };
+}
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = SecretFields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(SECRETS_SHAPE)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut fields = BTreeMap::new();
+        while let Some(key) = access.next_key::<String>()? {
+            let value = access.next_value::<SecretValueSeed>()?;
+            fields.insert(key, value.0);
+        }
+        Ok(SecretFields(fields))
+    }
+
+    reject_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64,
+        visit_str: &str, visit_bytes: &[u8]);
+
+    fn visit_string<E: de::Error>(self, mut v: String) -> Result<Self::Value, E> {
+        v.zeroize();
+        Err(E::custom(SECRETS_SHAPE))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(SECRETS_SHAPE))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _seq: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(SECRETS_SHAPE))
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldsVisitor)
+    }
+}
+
+struct SecretValueSeed(SecretString);
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = SecretValueSeed;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(SECRETS_SHAPE)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(SecretValueSeed(SecretString::new(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(SecretValueSeed(SecretString::new(v)))
+    }
+
+    reject_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64,
+        visit_bytes: &[u8]);
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(SECRETS_SHAPE))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _seq: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(SECRETS_SHAPE))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(SECRETS_SHAPE))
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValueSeed {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let s = SecretString::from("hunter2-canary");
+        assert_eq!(format!("{s:?}"), "[REDACTED]");
+        assert_eq!(format!("{s}"), "[REDACTED]");
+        let mut f = SecretFields::new();
+        f.insert("api_key", s);
+        let shown = format!("{f:?}");
+        assert!(
+            shown.contains("api_key") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn json_round_trip_keeps_every_field() {
+        let f = SecretFields::from_json(br#"{"a":"1","b":"two"}"#).unwrap();
+        assert_eq!(f.get("b").unwrap().expose(), "two");
+        let back = SecretFields::from_json(&f.to_json()).unwrap();
+        assert_eq!(back, f);
+    }
+
+    #[test]
+    fn rejections_never_quote_the_offending_value() {
+        for body in [
+            r#""canary-in-a-string""#,
+            r#"{"a": ["canary-in-a-list"]}"#,
+            r#"{"a": {"b": "canary-nested"}}"#,
+            r#"["canary-top-list"]"#,
+        ] {
+            let err = serde_json::from_str::<SecretFields>(body)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("canary"), "{err}");
+            assert!(err.contains("must be an object"), "{err}");
+        }
+        let err = serde_json::from_str::<SecretFields>(r#"{"a": 12345}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("12345"), "{err}");
+    }
+
+    #[test]
+    fn masked_values_are_recognised() {
+        assert!(SecretString::from("REDACTED").looks_masked());
+        assert!(SecretString::from("abcd...").looks_masked());
+        assert!(!SecretString::from("gho_realtoken").looks_masked());
+    }
+}

@@ -1,0 +1,333 @@
+//! The listeners: HTTP/1.1 on the Unix socket (callers identified with SO_PEERCRED), the
+//! optional loopback TCP listener (token header), and the metrics listener. The server is a
+//! function of its listeners and a shutdown future: tests bind temporary sockets and pass their
+//! own future.
+
+pub mod api;
+pub mod unix;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::access::Caller;
+use crate::secret::SecretString;
+use crate::service::Service;
+use api::{ApiError, Body};
+
+/// Shared state of the request handlers.
+pub struct App {
+    pub service: Arc<Service>,
+    pub tcp_token: Option<SecretString>,
+    pub token_header: HeaderName,
+    pub max_body_bytes: usize,
+    pub audit: bool,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub shutdown_grace: Duration,
+    ready: AtomicBool,
+}
+
+impl App {
+    pub fn new(service: Arc<Service>, tcp_token: Option<SecretString>) -> Self {
+        let runtime = service.runtime();
+        let config = &runtime.config;
+        let token_header = config
+            .server
+            .tcp
+            .as_ref()
+            .and_then(|t| HeaderName::from_bytes(t.token_header.as_bytes()).ok())
+            .unwrap_or_else(|| HeaderName::from_static(crate::config::DEFAULT_TOKEN_HEADER));
+        Self {
+            tcp_token,
+            token_header,
+            max_body_bytes: config.server.max_body_bytes,
+            audit: config.log.audit,
+            request_timeout: config.server.request_timeout,
+            header_read_timeout: config.server.header_read_timeout,
+            max_concurrent_requests: config.server.max_concurrent_requests,
+            shutdown_grace: config.server.shutdown_grace,
+            ready: AtomicBool::new(false),
+            service,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+pub struct Listeners {
+    pub unix: UnixListener,
+    pub tcp: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Unix(Caller),
+    Tcp,
+}
+
+/// Serves every listener until `shutdown` completes, then stops accepting and drains the
+/// connections in flight for at most the configured grace period.
+pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let api = ServiceBuilder::new()
+        // Shedding beyond the limit answers 503 at once instead of queueing without bound.
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            app.max_concurrent_requests,
+        ))
+        .timeout(app.request_timeout)
+        .service_fn({
+            let app = Arc::clone(&app);
+            move |request: Request<Incoming>| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(handle(&app, request).await) }
+            }
+        });
+    let Listeners { unix, tcp, metrics } = listeners;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let caller = match stream.peer_cred() {
+                        Ok(cred) => Caller::Unix { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read peer credentials; closing connection");
+                            continue;
+                        }
+                    };
+                    serve_api(&app, &graceful, &api, stream, Transport::Unix(caller));
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                Ok(stream) => serve_api(&app, &graceful, &api, stream, Transport::Tcp),
+                Err(e) => accept_failed(e).await,
+            },
+            accepted = accept_tcp(metrics.as_ref()) => match accepted {
+                Ok(stream) => serve_metrics(&app, &graceful, stream),
+                Err(e) => accept_failed(e).await,
+            },
+        }
+    }
+    drop((unix, tcp, metrics));
+    app.set_ready(false);
+    if tokio::time::timeout(app.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?app.shutdown_grace, "connections still open after the shutdown grace period; closing them");
+    }
+}
+
+async fn accept_tcp(listener: Option<&TcpListener>) -> std::io::Result<tokio::net::TcpStream> {
+    match listener {
+        Some(l) => l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        }),
+        None => std::future::pending().await,
+    }
+}
+
+/// Running out of file descriptors must not spin the accept loop.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn serve_api<S, T>(
+    app: &Arc<App>,
+    graceful: &GracefulShutdown,
+    api: &T,
+    stream: S,
+    transport: Transport,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: tower::Service<Request<Incoming>, Response = Response<Body>, Error = tower::BoxError>
+        + Clone
+        + Send
+        + 'static,
+    T::Future: Send,
+{
+    let app_for_conn = Arc::clone(app);
+    let api = api.clone();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let app = Arc::clone(&app_for_conn);
+        let mut api = api.clone();
+        async move {
+            let started = Instant::now();
+            let route = api::classify_route(request.method(), request.uri().path());
+            let response = match admit(&app, &request, transport) {
+                Err(e) => e.into_response(),
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    match api.ready().await {
+                        Ok(ready) => match ready.call(request).await {
+                            Ok(r) => r,
+                            Err(e) => middleware_error(e).into_response(),
+                        },
+                        Err(e) => middleware_error(e).into_response(),
+                    }
+                }
+            };
+            let metrics = app.service.metrics();
+            metrics
+                .http_requests
+                .with_label_values(&[route.as_str(), response.status().as_str()])
+                .inc();
+            metrics
+                .http_duration
+                .with_label_values(&[route.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Transport-level checks before a request reaches the API: on TCP, the token header and no
+/// proxy headers (a request relayed by a proxy is not a local caller).
+fn admit(app: &App, request: &Request<Incoming>, transport: Transport) -> Result<Caller, ApiError> {
+    let headers = request.headers();
+    if headers.contains_key("forwarded") || headers.contains_key("x-forwarded-for") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "forwarded_rejected",
+            "requests relayed through a proxy are refused",
+        ));
+    }
+    match transport {
+        Transport::Unix(caller) => Ok(caller),
+        Transport::Tcp => {
+            let presented = headers.get(&app.token_header).map(HeaderValue::as_bytes);
+            let expected = app.tcp_token.as_ref().map(|t| t.expose().as_bytes());
+            match (presented, expected) {
+                (Some(p), Some(e)) if constant_time_eq(p, e) => Ok(Caller::Tcp),
+                _ => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid token header is required on the TCP listener",
+                )),
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn middleware_error(e: tower::BoxError) -> ApiError {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                "the request took longer than the configured timeout",
+            )
+        }
+    } else if e.is::<tower::load_shed::error::Overloaded>() {
+        ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+            )
+        }
+    } else {
+        tracing::error!(error = %e, "request failed in middleware");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+}
+
+async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .copied()
+        .unwrap_or(Caller::Tcp);
+    let (_, response) = api::handle(app, caller, request).await;
+    response
+}
+
+fn serve_metrics<S>(app: &Arc<App>, graceful: &GracefulShutdown, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = Arc::clone(app);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let app = Arc::clone(&app);
+        async move {
+            let response = match (request.method(), request.uri().path()) {
+                (&hyper::Method::GET, "/metrics") => {
+                    app.service.refresh_cache_gauge();
+                    let mut r =
+                        Response::new(Full::new(Bytes::from(app.service.metrics().render())));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+                (&hyper::Method::GET, "/healthz") => {
+                    api::handle(&app, Caller::Tcp, request).await.1
+                }
+                (&hyper::Method::GET, "/readyz") => api::handle(&app, Caller::Tcp, request).await.1,
+                _ => ApiError::not_found_route().into_response(),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+}

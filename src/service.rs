@@ -1,0 +1,933 @@
+//! The use cases behind the API: create, resolve, change and delete credentials, list what a
+//! manager holds, and clean up copies that a crash, move or delete left behind.
+//!
+//! Every write follows one journaled pattern so a crash at any point loses nothing and leaves
+//! no copy unaccounted for: journal the copy that may be abandoned, write the store, switch the
+//! metadata row (compare-and-swap on its version) in the same transaction that settles the
+//! journal, then delete what was abandoned.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::access::{Action, Caller, Policy};
+use crate::backend::{Backend, BackendError, ListRequest, Page, PutRequest, Registry};
+use crate::cache::{Cache, CacheStatus, Entry, LoadFailure, Loaded};
+use crate::config::{is_valid_name, Config};
+use crate::metrics::Metrics;
+use crate::routing::{route, Route};
+use crate::secret::SecretFields;
+use crate::store::{
+    CredentialRecord, JournalEntry, Location, MetadataStore, OAuthDescription, StoreError,
+};
+
+/// Largest metadata object accepted, serialised.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Retry-After suggested when a store is down and nothing is cached.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a use case failed. Details are for logs; the API maps each variant to a fixed message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServiceError {
+    #[error("credential not found")]
+    NotFound,
+    #[error("caller is not allowed to do this")]
+    Forbidden,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the credential changed concurrently")]
+    Conflict,
+    #[error("store `{store}` is read-only")]
+    ReadOnly { store: String },
+    #[error("no secrets manager `{0}` is configured")]
+    UnknownManager(String),
+    #[error("store `{store}` unavailable: {detail}")]
+    Unavailable {
+        store: String,
+        detail: String,
+        retry_after: Duration,
+    },
+    #[error("store `{store}` refused the request: {detail}")]
+    StoreFailed { store: String, detail: String },
+    #[error("the secret recorded for this credential is missing from store `{store}`")]
+    SecretMissing { store: String },
+    #[error("metadata store: {0}")]
+    Metadata(String),
+    #[error("not implemented yet: {0}")]
+    NotImplemented(&'static str),
+}
+
+impl LoadFailure for ServiceError {
+    fn allows_stale(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::Unavailable { .. } | ServiceError::Metadata(_)
+        )
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => ServiceError::Conflict,
+            other => ServiceError::Metadata(other.to_string()),
+        }
+    }
+}
+
+fn backend_failure(store: &str, e: BackendError) -> ServiceError {
+    let store = store.to_owned();
+    match e {
+        BackendError::Conflict => ServiceError::Conflict,
+        BackendError::ReadOnly => ServiceError::ReadOnly { store },
+        BackendError::NotFound => ServiceError::SecretMissing { store },
+        BackendError::Throttled { retry_after } => ServiceError::Unavailable {
+            store,
+            detail: "throttled".into(),
+            retry_after: retry_after.unwrap_or(UNAVAILABLE_RETRY_AFTER),
+        },
+        e @ (BackendError::Transient(_) | BackendError::Timeout) => ServiceError::Unavailable {
+            store,
+            detail: e.to_string(),
+            retry_after: UNAVAILABLE_RETRY_AFTER,
+        },
+        e @ (BackendError::Denied(_) | BackendError::Permanent(_)) => ServiceError::StoreFailed {
+            store,
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// The configuration in force and everything built from it; swapped whole on reload.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub registry: Registry,
+    pub policy: Policy,
+}
+
+/// `POST /v1/credentials`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub environment: String,
+    #[serde(default)]
+    pub integration_type: Option<String>,
+    #[serde(default)]
+    pub secrets_manager_id: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub secrets: Option<SecretFields>,
+    #[serde(default)]
+    pub oauth: Option<OAuthInput>,
+    /// For read-only managers: the id of the account there (e.g. a Composio connected account).
+    #[serde(default)]
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthInput {
+    pub token_url: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RFC 3339 or Unix seconds.
+    #[serde(default)]
+    pub expires_at: Option<serde_json::Value>,
+}
+
+/// `PATCH /v1/credentials/{id}`. `secrets_manager_id: null` unpins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    #[serde(default)]
+    pub secrets: Option<SecretFields>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub secrets_manager_id: Option<Option<String>>,
+    #[serde(default)]
+    pub expires_at: Option<serde_json::Value>,
+}
+
+fn explicit_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Per-credential mutual exclusion for writers in this process, so a write, a move and the
+/// journal sweeper never interleave on one credential.
+#[derive(Default)]
+struct KeyedLocks {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, w| w.strong_count() > 0);
+            }
+            match map.get(key).and_then(Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.to_owned(), Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
+pub struct Service {
+    runtime: ArcSwap<Runtime>,
+    store: Arc<dyn MetadataStore>,
+    cache: Cache<ServiceError>,
+    metrics: Arc<Metrics>,
+    locks: KeyedLocks,
+}
+
+/// What a write answers: never the secrets.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub record: CredentialRecord,
+}
+
+impl Service {
+    pub fn new(runtime: Runtime, store: Arc<dyn MetadataStore>, metrics: Arc<Metrics>) -> Self {
+        let c = &runtime.config.cache;
+        let cache = Cache::new(
+            c.ttl,
+            c.capacity,
+            c.stale_if_error,
+            Some(metrics.cache_evictions.clone()),
+        );
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            store,
+            cache,
+            metrics,
+            locks: KeyedLocks::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
+    }
+
+    pub fn allows(&self, caller: &Caller, action: Action, environment: Option<&str>) -> bool {
+        self.runtime
+            .load()
+            .policy
+            .allows(caller, action, environment)
+    }
+
+    pub fn refresh_cache_gauge(&self) {
+        self.metrics
+            .cache_entries
+            .set(self.cache.entry_count() as i64);
+    }
+
+    fn backend(runtime: &Runtime, store_id: &str) -> Result<Arc<dyn Backend>, ServiceError> {
+        runtime
+            .registry
+            .get(store_id)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownManager(store_id.to_owned()))
+    }
+
+    /// Runs one store call with the configured timeout and records it in the metrics.
+    async fn call<T>(
+        &self,
+        store_id: &str,
+        operation: &'static str,
+        fut: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let timeout = self.runtime.load().config.backend_timeout;
+        call_store(&self.metrics, timeout, store_id, operation, fut).await
+    }
+
+    fn store_name(runtime: &Runtime, store_id: &str, environment: &str, id: &str) -> String {
+        let prefix = runtime
+            .config
+            .manager(store_id)
+            .map(|m| m.prefix.as_str())
+            .unwrap_or("");
+        format!("{prefix}{environment}/{id}")
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads
+    // -----------------------------------------------------------------------------------------
+
+    /// Resolves a credential, from the cache when fresh. Access is checked against the
+    /// credential's environment before anything is returned.
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        if !self.allows(caller, Action::Read, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        let (entry, status) = self
+            .cache
+            .get_or_load(id, || self.loader(id.to_owned()))
+            .await?;
+        self.metrics
+            .cache_requests
+            .with_label_values(&[status.as_str()])
+            .inc();
+        if !self.allows(caller, Action::Read, Some(&entry.loaded.record.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        Ok((entry, status))
+    }
+
+    fn loader(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
+        let store = Arc::clone(&self.store);
+        let runtime = self.runtime.load_full();
+        let metrics = Arc::clone(&self.metrics);
+        async move {
+            let record = store
+                .get_credential(&id)
+                .await?
+                .ok_or(ServiceError::NotFound)?;
+            let backend = Self::backend(&runtime, &record.location.store_id)?;
+            let timeout = runtime.config.backend_timeout;
+            let loc = &record.location;
+            let read = call_store(
+                &metrics,
+                timeout,
+                &loc.store_id,
+                "get",
+                backend.get(&loc.name, loc.version.as_deref()),
+            )
+            .await
+            .map_err(|e| backend_failure(&loc.store_id, e))?;
+            let valid_until = earliest(
+                record.expires_at.map(crate::time::from_unix),
+                read.expires_in.map(|d| SystemTime::now() + d),
+            );
+            Ok(Loaded {
+                record: Arc::new(record),
+                secrets: read.value,
+                valid_until,
+            })
+        }
+    }
+
+    /// Lists what a manager itself holds (not only what credproxy wrote there).
+    pub async fn list_manager_secrets(
+        &self,
+        caller: &Caller,
+        store_id: &str,
+        request: ListRequest,
+    ) -> Result<Page, ServiceError> {
+        if !self.allows(caller, Action::Admin, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        let backend = Self::backend(&self.runtime(), store_id)?;
+        self.call(store_id, "list", backend.list(request))
+            .await
+            .map_err(|e| backend_failure(store_id, e))
+    }
+
+    pub fn route_for(&self, environment: &str, pin: Option<&str>) -> Route {
+        let runtime = self.runtime.load();
+        route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            environment,
+            pin,
+        )
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes
+    // -----------------------------------------------------------------------------------------
+
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        request: CreateRequest,
+    ) -> Result<WriteOutcome, ServiceError> {
+        let environment = request.environment;
+        if !is_valid_name(&environment) {
+            return Err(ServiceError::Invalid(
+                "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
+            ));
+        }
+        if !self.allows(caller, Action::Write, Some(&environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let integration_type = request.integration_type.unwrap_or_default();
+        if integration_type.is_empty()
+            || integration_type.len() > 128
+            || integration_type.chars().any(char::is_control)
+        {
+            return Err(ServiceError::Invalid(
+                "`integration_type` must be 1-128 printable characters".into(),
+            ));
+        }
+        let metadata = request.metadata.unwrap_or_default();
+        check_metadata(&metadata)?;
+        let (oauth, expires_at) = match request.oauth {
+            Some(o) => {
+                let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
+                (Some(check_oauth(o)?), expires_at)
+            }
+            None => (None, None),
+        };
+
+        let runtime = self.runtime();
+        let pin = request.secrets_manager_id;
+        if let Some(pin) = &pin {
+            Self::backend(&runtime, pin)?;
+        }
+        let target = route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            &environment,
+            pin.as_deref(),
+        );
+        let backend = Self::backend(&runtime, &target.store_id)?;
+        let read_only = backend.describe().capabilities.read_only;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = crate::time::now_unix();
+        let mut record = CredentialRecord {
+            id: id.clone(),
+            environment: environment.clone(),
+            integration_type,
+            metadata,
+            oauth,
+            pinned_manager: pin,
+            location: Location {
+                store_id: target.store_id.clone(),
+                name: String::new(),
+                version: None,
+            },
+            expires_at,
+            needs_reauth: false,
+            row_version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+
+        if read_only {
+            // Registration by reference: the account lives in the read-only store already.
+            if request.secrets.is_some() {
+                return Err(ServiceError::ReadOnly {
+                    store: target.store_id,
+                });
+            }
+            let external_id = request
+                .external_id
+                .filter(|e| is_valid_name(e))
+                .ok_or_else(|| {
+                    ServiceError::Invalid(
+                        "a read-only manager needs `external_id` (the account id there)".into(),
+                    )
+                })?;
+            let read = self
+                .call(&target.store_id, "get", backend.get(&external_id, None))
+                .await
+                .map_err(|e| match e {
+                    BackendError::NotFound => {
+                        ServiceError::Invalid("`external_id` does not exist in that manager".into())
+                    }
+                    e => backend_failure(&target.store_id, e),
+                })?;
+            record.location.name = external_id;
+            self.store.create_credential(&record, 0).await?;
+            self.cache.replace(
+                &id,
+                Loaded {
+                    record: Arc::new(record.clone()),
+                    secrets: read.value,
+                    valid_until: read.expires_in.map(|d| SystemTime::now() + d),
+                },
+            );
+            return Ok(WriteOutcome { record });
+        }
+
+        if request.external_id.is_some() {
+            return Err(ServiceError::Invalid(
+                "`external_id` is only for read-only managers".into(),
+            ));
+        }
+        let secrets = request.secrets.filter(|s| !s.is_empty()).ok_or_else(|| {
+            ServiceError::Invalid("`secrets` must hold at least one field".into())
+        })?;
+        let _guard = self.locks.lock(&id).await;
+        let name = Self::store_name(&runtime, &target.store_id, &environment, &id);
+        let journal_id = self.journal(&id, &target.store_id, &name).await?;
+        let written = self
+            .call(
+                &target.store_id,
+                "put",
+                backend.put(PutRequest {
+                    name: &name,
+                    value: &secrets,
+                    expected_version: None,
+                    idempotency_key: &format!("{id}-1"),
+                }),
+            )
+            .await;
+        let version = match written {
+            Ok(v) => v,
+            Err(e) => {
+                // The write may have landed anyway (a timeout); the journal entry makes sure
+                // the sweeper removes whatever is there.
+                return Err(backend_failure(&target.store_id, e));
+            }
+        };
+        record.location.name = name;
+        record.location.version = Some(version);
+        self.store.create_credential(&record, journal_id).await?;
+        self.cache.replace(
+            &id,
+            Loaded {
+                record: Arc::new(record.clone()),
+                secrets,
+                valid_until: expires_at.map(crate::time::from_unix),
+            },
+        );
+        Ok(WriteOutcome { record })
+    }
+
+    pub async fn patch(
+        &self,
+        caller: &Caller,
+        id: &str,
+        request: PatchRequest,
+    ) -> Result<WriteOutcome, ServiceError> {
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        if !self.allows(caller, Action::Write, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        if let Some(m) = &request.metadata {
+            check_metadata(m)?;
+        }
+        let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
+        let _guard = self.locks.lock(id).await;
+        let current = self
+            .store
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if !self.allows(caller, Action::Write, Some(&current.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let runtime = self.runtime();
+        let mut next = current.clone();
+        if let Some(pin) = request.secrets_manager_id {
+            if let Some(p) = &pin {
+                Self::backend(&runtime, p)?;
+            }
+            next.pinned_manager = pin;
+        }
+        if let Some(m) = request.metadata {
+            next.metadata = m;
+        }
+        if let Some(e) = new_expiry {
+            next.expires_at = Some(e);
+        }
+        next.row_version += 1;
+        next.updated_at = crate::time::now_unix();
+
+        let target = route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            &next.environment,
+            next.pinned_manager.as_deref(),
+        );
+        let moving = target.store_id != current.location.store_id;
+        let source = Self::backend(&runtime, &current.location.store_id).ok();
+        let source_read_only = source
+            .as_ref()
+            .is_some_and(|b| b.describe().capabilities.read_only);
+        if source_read_only && (moving || request.secrets.is_some()) {
+            return Err(ServiceError::ReadOnly {
+                store: current.location.store_id,
+            });
+        }
+        let target_backend = Self::backend(&runtime, &target.store_id)?;
+        if moving && target_backend.describe().capabilities.read_only {
+            return Err(ServiceError::ReadOnly {
+                store: target.store_id,
+            });
+        }
+
+        if !moving && request.secrets.is_none() {
+            self.store
+                .update_credential(&next, current.row_version, None)
+                .await?;
+            self.cache.invalidate(id);
+            return Ok(WriteOutcome { record: next });
+        }
+
+        // The new value is the stored one with the patched fields laid over it.
+        let source = source
+            .ok_or_else(|| ServiceError::UnknownManager(current.location.store_id.clone()))?;
+        let loc = &current.location;
+        let mut value = self
+            .call(
+                &loc.store_id,
+                "get",
+                source.get(&loc.name, loc.version.as_deref()),
+            )
+            .await
+            .map_err(|e| backend_failure(&loc.store_id, e))?
+            .value;
+        if let Some(patch) = request.secrets {
+            value.merge(patch);
+        }
+
+        if moving {
+            self.move_to(
+                &runtime,
+                current,
+                next,
+                &target.store_id,
+                &target_backend,
+                &value,
+            )
+            .await
+        } else {
+            let caps = target_backend.describe().capabilities;
+            let version = self
+                .call(
+                    &target.store_id,
+                    "put",
+                    target_backend.put(PutRequest {
+                        name: &loc.name,
+                        value: &value,
+                        expected_version: if caps.compare_and_swap {
+                            loc.version.as_deref()
+                        } else {
+                            None
+                        },
+                        idempotency_key: &format!("{id}-{}", next.row_version),
+                    }),
+                )
+                .await
+                .map_err(|e| backend_failure(&target.store_id, e))?;
+            next.location.version = Some(version);
+            self.store
+                .update_credential(&next, current.row_version, None)
+                .await?;
+            self.cache.replace(
+                id,
+                Loaded {
+                    record: Arc::new(next.clone()),
+                    secrets: value,
+                    valid_until: next.expires_at.map(crate::time::from_unix),
+                },
+            );
+            Ok(WriteOutcome { record: next })
+        }
+    }
+
+    /// Copies a credential to another store, verifies the copy, switches the recorded
+    /// location, and deletes the old copy. Caller holds the credential's lock.
+    async fn move_to(
+        &self,
+        runtime: &Runtime,
+        current: CredentialRecord,
+        mut next: CredentialRecord,
+        target_id: &str,
+        target: &Arc<dyn Backend>,
+        value: &SecretFields,
+    ) -> Result<WriteOutcome, ServiceError> {
+        let id = current.id.clone();
+        let name = Self::store_name(runtime, target_id, &next.environment, &id);
+        let journal_id = self.journal(&id, target_id, &name).await?;
+        let version = self
+            .call(
+                target_id,
+                "put",
+                target.put(PutRequest {
+                    name: &name,
+                    value,
+                    expected_version: None,
+                    idempotency_key: &format!("{id}-{}", next.row_version),
+                }),
+            )
+            .await
+            .map_err(|e| backend_failure(target_id, e))?;
+        let copy = self
+            .call(target_id, "get", target.get(&name, Some(&version)))
+            .await
+            .map_err(|e| backend_failure(target_id, e))?;
+        if &copy.value != value {
+            return Err(ServiceError::StoreFailed {
+                store: target_id.to_owned(),
+                detail: "read-back after copy differs from what was written".into(),
+            });
+        }
+        next.location = Location {
+            store_id: target_id.to_owned(),
+            name,
+            version: Some(version),
+        };
+        let abandoned = JournalEntry {
+            id: 0,
+            credential_id: id.clone(),
+            store_id: current.location.store_id.clone(),
+            name: current.location.name.clone(),
+            created_at: crate::time::now_unix(),
+        };
+        let old_entry = self
+            .store
+            .update_credential(&next, current.row_version, Some(&abandoned))
+            .await?;
+        self.store.journal_remove(journal_id).await?;
+        self.cache.replace(
+            &id,
+            Loaded {
+                record: Arc::new(next.clone()),
+                secrets: value.clone(),
+                valid_until: next.expires_at.map(crate::time::from_unix),
+            },
+        );
+        if let Some(entry_id) = old_entry {
+            let entry = JournalEntry {
+                id: entry_id,
+                ..abandoned
+            };
+            self.settle(runtime, &entry).await;
+        }
+        Ok(WriteOutcome { record: next })
+    }
+
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ServiceError> {
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        if !self.allows(caller, Action::Write, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        let _guard = self.locks.lock(id).await;
+        let current = self
+            .store
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if !self.allows(caller, Action::Write, Some(&current.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let runtime = self.runtime();
+        // For a read-only store only the reference goes; `settle` never deletes there.
+        let abandoned = JournalEntry {
+            id: 0,
+            credential_id: id.to_owned(),
+            store_id: current.location.store_id.clone(),
+            name: current.location.name.clone(),
+            created_at: crate::time::now_unix(),
+        };
+        let entry_id = self
+            .store
+            .delete_credential(id, current.row_version, &abandoned)
+            .await?;
+        self.cache.invalidate(id);
+        self.settle(
+            &runtime,
+            &JournalEntry {
+                id: entry_id,
+                ..abandoned
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn journal(
+        &self,
+        credential_id: &str,
+        store_id: &str,
+        name: &str,
+    ) -> Result<i64, ServiceError> {
+        Ok(self
+            .store
+            .journal_add(&JournalEntry {
+                id: 0,
+                credential_id: credential_id.to_owned(),
+                store_id: store_id.to_owned(),
+                name: name.to_owned(),
+                created_at: crate::time::now_unix(),
+            })
+            .await?)
+    }
+
+    /// Deletes a journaled copy unless a credential refers to it, then clears the entry. A
+    /// failure leaves the entry for the sweeper. Caller holds the credential's lock.
+    async fn settle(&self, runtime: &Runtime, entry: &JournalEntry) -> bool {
+        let settled = async {
+            if self
+                .store
+                .location_in_use(&entry.store_id, &entry.name)
+                .await?
+            {
+                self.store.journal_remove(entry.id).await?;
+                return Ok::<bool, ServiceError>(true);
+            }
+            let Ok(backend) = Self::backend(runtime, &entry.store_id) else {
+                return Ok(false);
+            };
+            if backend.describe().capabilities.read_only {
+                self.store.journal_remove(entry.id).await?;
+                return Ok(true);
+            }
+            self.call(&entry.store_id, "delete", backend.delete(&entry.name))
+                .await
+                .map_err(|e| backend_failure(&entry.store_id, e))?;
+            self.store.journal_remove(entry.id).await?;
+            Ok(true)
+        }
+        .await;
+        match settled {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(credential = %entry.credential_id, store = %entry.store_id, error = %e,
+                    "could not remove an abandoned secret copy yet; will retry");
+                false
+            }
+        }
+    }
+
+    /// Settles journal entries older than `min_age` (younger ones may belong to a write in
+    /// flight in another process). Returns how many remain.
+    pub async fn sweep_journal(&self, min_age: Duration) -> Result<usize, ServiceError> {
+        let entries = self.store.journal_list().await?;
+        let runtime = self.runtime();
+        let cutoff = crate::time::now_unix() - min_age.as_secs() as i64;
+        let mut remaining = 0;
+        for entry in entries {
+            if entry.created_at > cutoff {
+                remaining += 1;
+                continue;
+            }
+            let _guard = self.locks.lock(&entry.credential_id).await;
+            if !self.settle(&runtime, &entry).await {
+                remaining += 1;
+            }
+        }
+        self.metrics.journal_pending.set(remaining as i64);
+        Ok(remaining)
+    }
+}
+
+pub(crate) async fn call_store<T>(
+    metrics: &Metrics,
+    timeout: Duration,
+    store_id: &str,
+    operation: &'static str,
+    fut: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Timeout),
+    };
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) => e.outcome(),
+    };
+    metrics
+        .backend_requests
+        .with_label_values(&[store_id, operation, outcome])
+        .inc();
+    metrics
+        .backend_duration
+        .with_label_values(&[store_id, operation])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        tracing::debug!(store = store_id, operation, error = %e, "store call failed");
+    }
+    result
+}
+
+fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn check_metadata(m: &serde_json::Map<String, serde_json::Value>) -> Result<(), ServiceError> {
+    let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_METADATA_BYTES {
+        return Err(ServiceError::Invalid(format!(
+            "`metadata` is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
+    let url_ok = (o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
+        && o.token_url.len() <= 2048
+        && !o
+            .token_url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control());
+    if !url_ok {
+        return Err(ServiceError::Invalid(
+            "`oauth.token_url` must be an http(s) URL".into(),
+        ));
+    }
+    if o.client_id.is_empty() || o.client_id.len() > 512 {
+        return Err(ServiceError::Invalid(
+            "`oauth.client_id` must be 1-512 characters".into(),
+        ));
+    }
+    Ok(OAuthDescription {
+        token_url: o.token_url,
+        client_id: o.client_id,
+        scopes: o.scopes,
+    })
+}
+
+fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => crate::time::parse_rfc3339(s),
+        _ => None,
+    }
+    .ok_or_else(|| ServiceError::Invalid("`expires_at` must be RFC 3339 or Unix seconds".into()))
+}
+
+/// A read's secrets, optionally limited to `fields`.
+pub fn select_fields(entry: &Entry, fields: Option<&[String]>) -> SecretFields {
+    match fields {
+        Some(f) => entry.loaded.secrets.retain_fields(f),
+        None => entry.loaded.secrets.clone(),
+    }
+}

@@ -1,0 +1,640 @@
+//! SQLite metadata store: one file in WAL mode, `synchronous=FULL` so an acknowledged write
+//! survives a power cut, schema version checked at open.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{
+    CredentialRecord, JournalEntry, Location, MetadataStore, SealedRecord, SealedSummary,
+    StoreError, SCHEMA_VERSION,
+};
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE credentials (
+    id               TEXT PRIMARY KEY,
+    environment      TEXT NOT NULL,
+    integration_type TEXT NOT NULL,
+    metadata         TEXT NOT NULL,
+    oauth            TEXT,
+    pinned_manager   TEXT,
+    store_id         TEXT NOT NULL,
+    store_name       TEXT NOT NULL,
+    store_version    TEXT,
+    expires_at       INTEGER,
+    needs_reauth     INTEGER NOT NULL DEFAULT 0,
+    row_version      INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+CREATE INDEX credentials_location ON credentials (store_id, store_name);
+CREATE TABLE journal (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    credential_id TEXT NOT NULL,
+    store_id      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE local_secrets (
+    name        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    key_id      TEXT NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    ciphertext  BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+);
+"#;
+
+pub struct SqliteStore {
+    // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::Database(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version == 0 {
+            let tx = conn.unchecked_transaction().map_err(db_err)?;
+            tx.execute_batch(SCHEMA_V1).map_err(db_err)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+        }
+        // Restrict the file even when the umask is loose: it names every credential.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("worker failed: {e}")))?
+    }
+}
+
+const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
+     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
+
+fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<Result<CredentialRecord, StoreError>> {
+    let metadata: String = row.get(3)?;
+    let oauth: Option<String> = row.get(4)?;
+    let id: String = row.get(0)?;
+    let metadata = match serde_json::from_str(&metadata) {
+        Ok(m) => m,
+        Err(_) => return Ok(Err(StoreError::Corrupt(format!("metadata of {id}")))),
+    };
+    let oauth = match oauth.map(|o| serde_json::from_str(&o)).transpose() {
+        Ok(o) => o,
+        Err(_) => return Ok(Err(StoreError::Corrupt(format!("oauth of {id}")))),
+    };
+    Ok(Ok(CredentialRecord {
+        id,
+        environment: row.get(1)?,
+        integration_type: row.get(2)?,
+        metadata,
+        oauth,
+        pinned_manager: row.get(5)?,
+        location: Location {
+            store_id: row.get(6)?,
+            name: row.get(7)?,
+            version: row.get(8)?,
+        },
+        expires_at: row.get(9)?,
+        needs_reauth: row.get::<_, i64>(10)? != 0,
+        row_version: row.get(11)?,
+        created_at: row.get(12)?,
+        updated_at: row.get(13)?,
+    }))
+}
+
+fn sealed_from_row(row: &Row<'_>) -> rusqlite::Result<SealedRecord> {
+    Ok(SealedRecord {
+        name: row.get(0)?,
+        version: row.get(1)?,
+        key_id: row.get(2)?,
+        wrapped_key: row.get(3)?,
+        ciphertext: row.get(4)?,
+        created_at: row.get(5)?,
+    })
+}
+
+fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, StoreError> {
+    conn.execute(
+        "INSERT INTO journal (credential_id, store_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            entry.credential_id,
+            entry.store_id,
+            entry.name,
+            entry.created_at
+        ],
+    )
+    .map_err(db_err)?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[async_trait]
+impl MetadataStore for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+            .await
+    }
+
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1");
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            stmt.query_row([id], credential_from_row)
+                .optional()
+                .map_err(db_err)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn create_credential(
+        &self,
+        record: &CredentialRecord,
+        journal_id: i64,
+    ) -> Result<(), StoreError> {
+        let r = record.clone();
+        let metadata = json_text(&r.metadata)?;
+        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let inserted = tx.execute(
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
+                params![
+                    r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
+                    r.location.store_id, r.location.name, r.location.version, r.expires_at,
+                    r.needs_reauth as i64, r.row_version, r.created_at, r.updated_at
+                ],
+            );
+            match inserted {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    return Err(StoreError::AlreadyExists)
+                }
+                other => other.map_err(db_err)?,
+            };
+            tx.execute("DELETE FROM journal WHERE id = ?1", [journal_id]).map_err(db_err)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn update_credential(
+        &self,
+        record: &CredentialRecord,
+        expected_row_version: i64,
+        abandoned: Option<&JournalEntry>,
+    ) -> Result<Option<i64>, StoreError> {
+        let r = record.clone();
+        let abandoned = abandoned.cloned();
+        let metadata = json_text(&r.metadata)?;
+        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let changed = tx
+                .execute(
+                    "UPDATE credentials SET environment=?2, integration_type=?3, metadata=?4, oauth=?5, \
+                     pinned_manager=?6, store_id=?7, store_name=?8, store_version=?9, expires_at=?10, \
+                     needs_reauth=?11, row_version=?12, updated_at=?13 WHERE id=?1 AND row_version=?14",
+                    params![
+                        r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
+                        r.location.store_id, r.location.name, r.location.version, r.expires_at,
+                        r.needs_reauth as i64, r.row_version, r.updated_at, expected_row_version
+                    ],
+                )
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict);
+            }
+            let journal_id = abandoned.as_ref().map(|e| journal_insert(&tx, e)).transpose()?;
+            tx.commit().map_err(db_err)?;
+            Ok(journal_id)
+        })
+        .await
+    }
+
+    async fn delete_credential(
+        &self,
+        id: &str,
+        expected_row_version: i64,
+        abandoned: &JournalEntry,
+    ) -> Result<i64, StoreError> {
+        let id = id.to_owned();
+        let abandoned = abandoned.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let changed = tx
+                .execute(
+                    "DELETE FROM credentials WHERE id = ?1 AND row_version = ?2",
+                    params![id, expected_row_version],
+                )
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict);
+            }
+            let journal_id = journal_insert(&tx, &abandoned)?;
+            tx.commit().map_err(db_err)?;
+            Ok(journal_id)
+        })
+        .await
+    }
+
+    async fn list_credentials(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let after = after.unwrap_or("").to_owned();
+        self.with(move |c| {
+            let sql = format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > ?1 ORDER BY id LIMIT ?2"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after, limit as i64], credential_from_row)
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(db_err)??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count_credentials(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*) FROM credentials", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn journal_add(&self, entry: &JournalEntry) -> Result<i64, StoreError> {
+        let entry = entry.clone();
+        self.with(move |c| journal_insert(c, &entry)).await
+    }
+
+    async fn journal_remove(&self, id: i64) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute("DELETE FROM journal WHERE id = ?1", [id])
+                .map(|_| ())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn journal_list(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, credential_id, store_id, name, created_at FROM journal ORDER BY id",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(JournalEntry {
+                        id: r.get(0)?,
+                        credential_id: r.get(1)?,
+                        store_id: r.get(2)?,
+                        name: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn location_in_use(&self, store_id: &str, name: &str) -> Result<bool, StoreError> {
+        let (store_id, name) = (store_id.to_owned(), name.to_owned());
+        self.with(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1 AND store_name = ?2)",
+                params![store_id, name],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.prepare_cached(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                 WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+            )
+            .map_err(db_err)?
+            .query_row([name], sealed_from_row)
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_get(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<SealedRecord>, StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.prepare_cached(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                 WHERE name = ?1 AND version = ?2",
+            )
+            .map_err(db_err)?
+            .query_row(params![name, version], sealed_from_row)
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_insert(&self, record: &SealedRecord) -> Result<(), StoreError> {
+        let r = record.clone();
+        self.with(move |c| {
+            let result = c.execute(
+                "INSERT INTO local_secrets (name, version, key_id, wrapped_key, ciphertext, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.name, r.version, r.key_id, r.wrapped_key, r.ciphertext, r.created_at],
+            );
+            match result {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::AlreadyExists)
+                }
+                Err(e) => Err(db_err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM local_secrets WHERE name = ?1 AND version < ?2",
+                params![name, keep_from],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_delete(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.execute("DELETE FROM local_secrets WHERE name = ?1", [name])
+                .map(|_| ())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_list(
+        &self,
+        query: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<SealedSummary>, bool), StoreError> {
+        let pattern = format!(
+            "%{}%",
+            query
+                .unwrap_or("")
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT name, MAX(version), MIN(created_at), MAX(created_at) FROM local_secrets \
+                     WHERE name LIKE ?1 ESCAPE '\\' GROUP BY name ORDER BY name LIMIT ?2 OFFSET ?3",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![pattern, limit as i64 + 1, offset as i64], |r| {
+                    Ok(SealedSummary {
+                        name: r.get(0)?,
+                        latest_version: r.get(1)?,
+                        created_at: r.get(2)?,
+                        updated_at: r.get(3)?,
+                    })
+                })
+                .map_err(db_err)?;
+            let mut items = rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?;
+            let more = items.len() > limit;
+            items.truncate(limit);
+            Ok((items, more))
+        })
+        .await
+    }
+
+    async fn sealed_with_other_key(
+        &self,
+        current_key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let key = current_key_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                     WHERE key_id != ?1 LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![key, limit as i64], sealed_from_row)
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn sealed_rewrap(
+        &self,
+        record: &SealedRecord,
+        old_key_id: &str,
+    ) -> Result<(), StoreError> {
+        let r = record.clone();
+        let old = old_key_id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE local_secrets SET key_id = ?3, wrapped_key = ?4 \
+                 WHERE name = ?1 AND version = ?2 AND key_id = ?5",
+                params![r.name, r.version, r.key_id, r.wrapped_key, old],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> CredentialRecord {
+        CredentialRecord {
+            id: id.into(),
+            environment: "Production".into(),
+            integration_type: "github".into(),
+            metadata: serde_json::Map::new(),
+            oauth: None,
+            pinned_manager: None,
+            location: Location {
+                store_id: "local".into(),
+                name: format!("Production/{id}"),
+                version: Some("1".into()),
+            },
+            expires_at: None,
+            needs_reauth: false,
+            row_version: 1,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn update_is_compare_and_swap_on_row_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let j = store
+            .journal_add(&JournalEntry {
+                id: 0,
+                credential_id: "a".into(),
+                store_id: "local".into(),
+                name: "Production/a".into(),
+                created_at: 1,
+            })
+            .await
+            .unwrap();
+        store.create_credential(&record("a"), j).await.unwrap();
+        assert!(
+            store.journal_list().await.unwrap().is_empty(),
+            "create clears its journal entry"
+        );
+
+        let mut next = record("a");
+        next.row_version = 2;
+        store.update_credential(&next, 1, None).await.unwrap();
+        let stale = store.update_credential(&next, 1, None).await.unwrap_err();
+        assert!(matches!(stale, StoreError::Conflict));
+        assert_eq!(
+            store
+                .get_credential("a")
+                .await
+                .unwrap()
+                .unwrap()
+                .row_version,
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = SqliteStore::open(&path).err().unwrap();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sealed_versions_conflict_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let rec = |v| SealedRecord {
+            name: "n".into(),
+            version: v,
+            key_id: "k".into(),
+            wrapped_key: vec![1],
+            ciphertext: vec![2],
+            created_at: v,
+        };
+        store.sealed_insert(&rec(1)).await.unwrap();
+        assert!(matches!(
+            store.sealed_insert(&rec(1)).await,
+            Err(StoreError::AlreadyExists)
+        ));
+        store.sealed_insert(&rec(2)).await.unwrap();
+        store.sealed_insert(&rec(3)).await.unwrap();
+        store.sealed_prune("n", 2).await.unwrap();
+        assert!(store.sealed_get("n", 1).await.unwrap().is_none());
+        assert_eq!(store.sealed_latest("n").await.unwrap().unwrap().version, 3);
+        let (list, more) = store.sealed_list(Some("n"), 0, 10).await.unwrap();
+        assert_eq!((list.len(), list[0].latest_version, more), (1, 3, false));
+    }
+}
