@@ -101,10 +101,11 @@ pub fn main() -> ExitCode {
                     }
                 },
             };
-            let mut path = format!(
-                "/v1/credentials/{}",
-                percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
-            );
+            if !crate::config::is_valid_name(&id) {
+                eprintln!("credproxy: `{id}` is not a valid credential id");
+                return ExitCode::from(2);
+            }
+            let mut path = format!("/v1/credentials/{id}");
             if let Some(f) = fields {
                 path.push_str("?fields=");
                 path.push_str(
@@ -132,6 +133,7 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -148,6 +150,9 @@ fn serve(path: PathBuf) -> ExitCode {
         }
     };
     init_logging(&config);
+    // Everything the daemon creates (database, WAL, generated key) is private to it; the
+    // socket's mode is set explicitly.
+    unsafe { libc::umask(0o077) };
     match runtime().block_on(crate::daemon::serve(
         config,
         crate::lifecycle::shutdown_signal(),

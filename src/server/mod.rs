@@ -196,7 +196,16 @@ fn serve_api<S, T>(
                     }
                 }
             };
+            tracing::debug!(
+                route = route.as_str(),
+                status = response.status().as_u16(),
+                micros = started.elapsed().as_micros() as u64,
+                "request"
+            );
             let metrics = app.service.metrics();
+            if response.status() == StatusCode::FORBIDDEN {
+                metrics.access_denied.inc();
+            }
             metrics
                 .http_requests
                 .with_label_values(&[route.as_str(), response.status().as_str()])

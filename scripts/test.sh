@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs every test peer it needs, then runs the
+# format and lint gates and every test. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+# --- test peers ------------------------------------------------------------------------------
+apt_packages=()
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)          # promtool check metrics
+command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)      # unit hardening check
+if ((${#apt_packages[@]})); then
+  log "installing ${apt_packages[*]} (apt)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+# --- gates -----------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+log "one TLS stack: no aws-lc, no OpenSSL"
+if cargo tree --locked -e normal -i aws-lc-sys >/dev/null 2>&1 || cargo tree --locked -e normal -i openssl-sys >/dev/null 2>&1; then
+  echo "aws-lc-sys or openssl-sys crept into the dependency tree" >&2
+  exit 1
+fi
+
+# --- tests -----------------------------------------------------------------------------------
+log "cargo test"
+cargo test --locked --all-targets -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"

@@ -1,0 +1,268 @@
+//! Test harness: runs the real `credproxy` binary on a temporary directory, talks to it over
+//! its Unix socket, and kills it by pid when the test ends, pass or fail.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use credproxy::client::{send, Reply};
+use hyper::Method;
+use serde_json::Value;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A port the OS says is free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The base configuration every test starts from; tests edit the table before starting.
+pub fn base_config(dir: &Path) -> toml::Table {
+    let text = format!(
+        r#"
+[server]
+socket = "{dir}/api.sock"
+socket_mode = "0660"
+[metrics]
+listen = "127.0.0.1:{port}"
+[store]
+data_dir = "{dir}/data"
+master_key_file = "{dir}/data/master.key"
+generate_master_key = true
+[log]
+level = "debug"
+"#,
+        dir = dir.display(),
+        port = free_port()
+    );
+    toml::from_str(&text).unwrap()
+}
+
+pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.to_owned(), value.into());
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_credproxy")
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub metrics: SocketAddr,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Daemon {
+    pub async fn start(edit: impl FnOnce(&mut toml::Table, &Path)) -> Daemon {
+        Self::start_with_env(edit, &[]).await
+    }
+
+    pub async fn start_with_env(
+        edit: impl FnOnce(&mut toml::Table, &Path),
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = base_config(dir.path());
+        edit(&mut config, dir.path());
+        let mut daemon = Self::spawn(dir, config, env);
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Spawns without waiting for readiness (for start-up failure tests).
+    pub fn spawn(dir: tempfile::TempDir, config: toml::Table, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.path().join("credproxy.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let socket = PathBuf::from(config["server"]["socket"].as_str().unwrap());
+        let metrics: SocketAddr = config["metrics"]["listen"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let log_path = dir.path().join("daemon.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(binary());
+        command
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env_remove("CREDPROXY_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn credproxy");
+        Daemon {
+            child: Some(child),
+            dir,
+            socket,
+            metrics,
+            config_path,
+            log_path,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("credproxy exited early ({status}):\n{}", self.logs());
+            }
+            if let Ok(reply) = send(&self.socket, Method::GET, "/readyz", &[], None).await {
+                if reply.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "credproxy not ready in time:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let reply = self
+            .call_raw(method, path, &[], body.map(|b| b.to_string().into_bytes()))
+            .await;
+        let value = if reply.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&reply.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&reply.body).into()))
+        };
+        (reply.status.as_u16(), value)
+    }
+
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        send(&self.socket, method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("request {path} failed: {e}\n{}", self.logs()))
+    }
+
+    pub async fn create(&self, environment: &str, secrets: Value) -> String {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/v1/credentials",
+                Some(serde_json::json!({
+                    "environment": environment,
+                    "integration_type": "github",
+                    "metadata": {"team": "core"},
+                    "secrets": secrets,
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.wait_exit().await
+    }
+
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "credproxy did not exit:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Runs `credproxy ARGS` to completion.
+pub fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .env_remove("CREDPROXY_CONFIG")
+        .output()
+        .expect("run credproxy")
+}
+
+/// Every file under `dir`, for greps of what the daemon left on disk.
+pub fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
