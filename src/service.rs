@@ -622,23 +622,43 @@ impl Service {
             .await
         } else {
             let caps = target_backend.describe().capabilities;
-            let version = self
-                .call(
+            let idempotency_key = format!("{id}-{}", next.row_version);
+            let put = |expected_version| {
+                self.call(
                     &target.store_id,
                     "put",
                     target_backend.put(PutRequest {
                         name: &loc.name,
                         value: &value,
-                        expected_version: if caps.compare_and_swap {
-                            loc.version.as_deref()
-                        } else {
-                            None
-                        },
-                        idempotency_key: &format!("{id}-{}", next.row_version),
+                        expected_version,
+                        idempotency_key: &idempotency_key,
                     }),
                 )
-                .await
-                .map_err(|e| backend_failure(&target.store_id, e))?;
+            };
+            let expected = if caps.compare_and_swap {
+                loc.version.as_deref()
+            } else {
+                None
+            };
+            let version = match put(expected).await {
+                Err(BackendError::Conflict) => {
+                    // The store moved past the recorded version. If the row is unchanged, the
+                    // newer version is one nobody refers to (an earlier write that landed but
+                    // was never recorded, e.g. a timeout or a crash), so writing over it loses
+                    // nothing. Otherwise another writer won.
+                    let fresh = self
+                        .store
+                        .get_credential(id)
+                        .await?
+                        .ok_or(ServiceError::NotFound)?;
+                    if fresh.row_version != current.row_version {
+                        return Err(ServiceError::Conflict);
+                    }
+                    put(None).await
+                }
+                other => other,
+            }
+            .map_err(|e| backend_failure(&target.store_id, e))?;
             next.location.version = Some(version);
             self.store
                 .update_credential(&next, current.row_version, None)

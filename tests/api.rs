@@ -424,3 +424,51 @@ async fn metrics_pass_promtool_and_count_requests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn pinning_is_recorded_and_can_be_removed() {
+    let d = Daemon::start(|_, _| {}).await;
+    let (status, created) = d
+        .call(
+            Method::POST,
+            "/v1/credentials",
+            Some(json!({"environment": "Production", "integration_type": "x", "secrets_manager_id": "local", "secrets": {"a": "b"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["pinned_secrets_manager_id"], "local");
+    let id = created["id"].as_str().unwrap();
+    let (status, patched) = d
+        .call(
+            Method::PATCH,
+            &format!("/v1/credentials/{id}"),
+            Some(json!({"secrets_manager_id": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        patched["pinned_secrets_manager_id"],
+        serde_json::Value::Null
+    );
+    let (_, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(
+        (
+            body["secrets"]["a"].as_str(),
+            body["secrets_manager_id"].as_str()
+        ),
+        (Some("b"), Some("local"))
+    );
+    let (status, body) = d
+        .call(
+            Method::PATCH,
+            &format!("/v1/credentials/{id}"),
+            Some(json!({"secrets_manager_id": "ghost"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unknown_secrets_manager"))
+    );
+}

@@ -21,6 +21,8 @@ const PASS: u8 = 0;
 const DOWN: u8 = 1;
 const HANG: u8 = 2;
 const SLOW: u8 = 3;
+/// Writes land in the store, then the call reports a failure (a timeout after the fact).
+const LAND_THEN_FAIL: u8 = 4;
 
 struct Faulty {
     inner: Arc<dyn Backend>,
@@ -53,6 +55,10 @@ impl Backend for Faulty {
         self.inner.get(name, version).await
     }
     async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+        if self.mode.load(Ordering::SeqCst) == LAND_THEN_FAIL {
+            self.inner.put(request).await?;
+            return Err(BackendError::Timeout);
+        }
         self.fault().await?;
         self.inner.put(request).await
     }
@@ -275,4 +281,162 @@ async fn cold_read_of_a_hanging_store_is_a_bounded_503() {
         body["secrets"]["token"], "t",
         "the failed write changed nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
+    use credproxy::backend::local::LocalBackend;
+    use credproxy::secret::{SecretFields, SecretString};
+    use credproxy::store::JournalEntry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = InProcess::start(dir.path(), |_| {}).await;
+    let kept = first.create(json!({"token": "kept"})).await;
+    first.stop().await;
+
+    // What a crash between "write the secret" and "record the credential" leaves behind: a
+    // sealed copy nobody refers to, and its journal entry. Plus a stale entry that points at a
+    // live credential's copy, which must survive.
+    let config =
+        Config::parse(&toml::to_string(&common::base_config(dir.path())).unwrap()).unwrap();
+    let parts = credproxy::daemon::build(config).await.unwrap();
+    let local = LocalBackend::new(Arc::clone(&parts.keys), Arc::clone(&parts.store));
+    let mut value = SecretFields::new();
+    value.insert("token", SecretString::from("orphan"));
+    local
+        .put(PutRequest {
+            name: "Production/ghost",
+            value: &value,
+            expected_version: None,
+            idempotency_key: "g",
+        })
+        .await
+        .unwrap();
+    let long_ago = credproxy::time::now_unix() - 3600;
+    for (credential, name) in [
+        ("ghost", "Production/ghost".to_owned()),
+        (kept.as_str(), format!("Production/{kept}")),
+    ] {
+        parts
+            .store
+            .journal_add(&JournalEntry {
+                id: 0,
+                credential_id: credential.into(),
+                store_id: "local".into(),
+                name,
+                created_at: long_ago,
+            })
+            .await
+            .unwrap();
+    }
+    drop(parts);
+
+    let d = InProcess::start(dir.path(), |_| {}).await;
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let r = send(
+            &d.socket,
+            Method::GET,
+            "/v1/secretsmanagers/secrets?secretsmanager_id=local",
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+        let names: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+        if !names.iter().any(|n| n["name"] == "Production/ghost") {
+            assert_eq!(names.len(), 1, "the referenced copy stays: {names:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "orphan never cleaned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, _, body) = d.get(&kept).await;
+    assert_eq!(
+        (status, body["secrets"]["token"].as_str()),
+        (200, Some("kept"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = InProcess::start(dir.path(), |_| {}).await;
+    let id = first.create(json!({"token": "in-flight"})).await;
+    first.stop().await;
+
+    let mut d = InProcess::start(dir.path(), |_| {}).await;
+    d.set(SLOW);
+    let socket = d.socket.clone();
+    let read = tokio::spawn(async move {
+        send(
+            &socket,
+            Method::GET,
+            &format!("/v1/credentials/{id}"),
+            &[],
+            None,
+        )
+        .await
+    });
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    while d.faulty.gets.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read never reached the store"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The read is now inside the (slow) store call: stop the server under it.
+    let _ = d.stop.take().unwrap().send(());
+    let reply = read
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(reply.status, 200);
+    d.task.take().unwrap().await.unwrap();
+    assert!(!d.socket.exists(), "socket removed after the drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_landed_but_was_never_recorded_does_not_wedge_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), |_| {}).await;
+    let id = d.create(json!({"token": "v1"})).await;
+    let patch = |token: &'static str| {
+        let (socket, id) = (d.socket.clone(), id.clone());
+        async move {
+            let body = json!({"secrets": {"token": token}})
+                .to_string()
+                .into_bytes();
+            send(
+                &socket,
+                Method::PATCH,
+                &format!("/v1/credentials/{id}"),
+                &[],
+                Some(body),
+            )
+            .await
+            .unwrap()
+            .status
+            .as_u16()
+        }
+    };
+    d.set(LAND_THEN_FAIL);
+    assert_eq!(
+        patch("lost").await,
+        503,
+        "the caller is told the write failed"
+    );
+    d.set(PASS);
+    assert_eq!(
+        d.get(&id).await.3["secrets"]["token"],
+        "v1",
+        "the unrecorded version is not served"
+    );
+    assert_eq!(
+        patch("v2").await,
+        200,
+        "the next write goes through instead of conflicting forever"
+    );
+    assert_eq!(d.get(&id).await.3["secrets"]["token"], "v2");
 }
