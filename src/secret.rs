@@ -94,24 +94,13 @@ impl SecretFields {
         self.0.extend(other.0);
     }
 
-    /// Keeps only the named fields (the `?fields=` filter).
-    pub fn retain_fields(&self, wanted: &[String]) -> SecretFields {
-        SecretFields(
-            self.0
-                .iter()
-                .filter(|(k, _)| wanted.iter().any(|w| w == *k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
-    }
-
     /// The JSON object a store keeps (AWS SecretString, Vault data, the local store's plaintext).
     /// Exposed on purpose: this is what gets sealed or sent to the manager.
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(64 * self.0.len() + 2));
         let mut ser = serde_json::Serializer::new(&mut *out);
         // Writing into a Vec cannot fail, and the map has string keys only.
-        let _ = self.serialize_exposed(&mut ser);
+        let _ = self.serialize_exposed(&mut ser, None);
         out
     }
 
@@ -123,13 +112,28 @@ impl SecretFields {
         Ok(fields)
     }
 
-    /// Serialises the values themselves. Used by the response path and [`Self::to_json`] only.
-    pub fn serialize_exposed<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
+    /// Serialises the values themselves, optionally only the fields named in `only` (the
+    /// `?fields=` filter). Used by the response path and [`Self::to_json`] only.
+    pub fn serialize_exposed<S: Serializer>(
+        &self,
+        serializer: S,
+        only: Option<&[String]>,
+    ) -> Result<S::Ok, S::Error> {
+        let wanted = |k: &String| only.is_none_or(|names| names.iter().any(|n| n == k));
+        let mut map = serializer.serialize_map(None)?;
+        for (k, v) in self.0.iter().filter(|(k, _)| wanted(k)) {
             map.serialize_entry(k, v.expose())?;
         }
         map.end()
+    }
+
+    /// The names `serialize_exposed` with the same `only` would write (for the audit line).
+    pub fn selected_names(&self, only: Option<&[String]>) -> Vec<String> {
+        self.0
+            .keys()
+            .filter(|k| only.is_none_or(|names| names.iter().any(|n| n == *k)))
+            .cloned()
+            .collect()
     }
 }
 

@@ -943,11 +943,3 @@ fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
     }
     .ok_or_else(|| ServiceError::Invalid("`expires_at` must be RFC 3339 or Unix seconds".into()))
 }
-
-/// A read's secrets, optionally limited to `fields`.
-pub fn select_fields(entry: &Entry, fields: Option<&[String]>) -> SecretFields {
-    match fields {
-        Some(f) => entry.loaded.secrets.retain_fields(f),
-        None => entry.loaded.secrets.clone(),
-    }
-}

@@ -198,7 +198,7 @@ async fn outage_serves_stale_within_the_grace_then_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), |c| {
         common::set(c, "cache", "ttl", "1s");
-        common::set(c, "cache", "stale_if_error", "3s");
+        common::set(c, "cache", "stale_if_error", "8s");
     })
     .await;
     let id = d.create(json!({"token": "keep-serving"})).await;

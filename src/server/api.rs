@@ -17,7 +17,7 @@ use super::App;
 use crate::access::{Action, Caller};
 use crate::backend::{instructions, ListRequest};
 use crate::secret::SecretFields;
-use crate::service::{select_fields, CreateRequest, PatchRequest, ServiceError};
+use crate::service::{CreateRequest, PatchRequest, ServiceError};
 use crate::store::CredentialRecord;
 
 pub type Body = Full<Bytes>;
@@ -323,9 +323,12 @@ async fn dispatch(
                         .collect()
                 });
             let (entry, status) = service.get(&caller, &id).await?;
-            let secrets = select_fields(&entry, fields.as_deref());
-            audit.fields = Some(secrets.field_names().map(str::to_owned).collect());
-            let mut response = credential_response(&entry.loaded.record, Some(&secrets));
+            let secrets = &entry.loaded.secrets;
+            if app.audit {
+                audit.fields = Some(secrets.selected_names(fields.as_deref()));
+            }
+            let mut response =
+                credential_response(&entry.loaded.record, secrets, fields.as_deref());
             response
                 .headers_mut()
                 .insert("cache-status", HeaderValue::from_static(status.as_str()));
@@ -547,13 +550,14 @@ fn write_response(status: StatusCode, record: &CredentialRecord) -> Response<Bod
 /// The one place secret values are serialised for a caller.
 fn credential_response(
     record: &CredentialRecord,
-    secrets: Option<&SecretFields>,
+    secrets: &SecretFields,
+    only: Option<&[String]>,
 ) -> Response<Body> {
-    struct Exposed<'a>(&'a SecretFields);
+    struct Exposed<'a>(&'a SecretFields, Option<&'a [String]>);
     impl Serialize for Exposed<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             // Exposed on purpose: this is the response to an authorised read.
-            self.0.serialize_exposed(s)
+            self.0.serialize_exposed(s, self.1)
         }
     }
     #[derive(Serialize)]
@@ -564,8 +568,7 @@ fn credential_response(
         secrets_manager_id: &'a str,
         pinned_secrets_manager_id: Option<&'a str>,
         metadata: &'a serde_json::Map<String, serde_json::Value>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        secrets: Option<Exposed<'a>>,
+        secrets: Exposed<'a>,
         #[serde(serialize_with = "crate::time::serialize_opt_unix_rfc3339")]
         expires_at: Option<i64>,
         needs_reauth: bool,
@@ -578,7 +581,7 @@ fn credential_response(
         secrets_manager_id: &record.location.store_id,
         pinned_secrets_manager_id: record.pinned_manager.as_deref(),
         metadata: &record.metadata,
-        secrets: secrets.map(Exposed),
+        secrets: Exposed(secrets, only),
         expires_at: record.expires_at,
         needs_reauth: record.needs_reauth,
         reference: reference(record),
