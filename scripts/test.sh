@@ -29,5 +29,7 @@ if cargo tree --locked -e normal -i aws-lc-sys >/dev/null 2>&1 || cargo tree --l
 fi
 
 # --- tests -----------------------------------------------------------------------------------
+log "benchmarks compile and run once (criterion test mode)"
+cargo test --locked --benches
 log "cargo test"
-cargo test --locked --all-targets -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
+cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
