@@ -30,6 +30,6 @@ fi
 
 # --- tests -----------------------------------------------------------------------------------
 log "benchmarks compile and run once (criterion test mode)"
-cargo test --locked --benches
+cargo test --locked --bench cache
 log "cargo test"
 cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"

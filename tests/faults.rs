@@ -440,3 +440,125 @@ async fn a_write_that_landed_but_was_never_recorded_does_not_wedge_the_credentia
     );
     assert_eq!(d.get(&id).await.3["secrets"]["token"], "v2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_503_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), |c| {
+        common::set(c, "server", "request_timeout", "500ms");
+        common::set(c, "backends", "timeout", "60s");
+    })
+    .await;
+    let id = d.create(json!({"token": "t"})).await;
+    let r = send(
+        &d.socket,
+        Method::PATCH,
+        &format!("/v1/credentials/{id}"),
+        &[],
+        Some(br#"{"metadata":{}}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    d.set(HANG);
+    let r = send(
+        &d.socket,
+        Method::GET,
+        &format!("/v1/credentials/{id}"),
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (r.status.as_u16(), body["error"]["code"].as_str()),
+        (503, Some("request_timeout"))
+    );
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_concurrency_limit_are_shed_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), |c| {
+        common::set(c, "server", "max_concurrent_requests", 2);
+        common::set(c, "server", "request_timeout", "60s");
+        common::set(c, "backends", "timeout", "60s");
+    })
+    .await;
+    let id = d.create(json!({"token": "t"})).await;
+    let r = send(
+        &d.socket,
+        Method::PATCH,
+        &format!("/v1/credentials/{id}"),
+        &[],
+        Some(br#"{"metadata":{}}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    d.set(HANG);
+    // Two reads hold both permits while the store hangs.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (socket, id) = (d.socket.clone(), id.clone());
+            tokio::spawn(async move {
+                send(
+                    &socket,
+                    Method::GET,
+                    &format!("/v1/credentials/{id}"),
+                    &[],
+                    None,
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let r = send(&d.socket, Method::GET, "/healthz", &[], None)
+            .await
+            .unwrap();
+        if r.status == 503 {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(body["error"]["code"], "overloaded");
+            assert!(r.headers.contains_key("retry-after"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third request was never shed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), |c| {
+        common::set(c, "server", "header_read_timeout", "300ms")
+    })
+    .await;
+    let mut stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // The server closes the connection (hyper answers 408 or just closes): read sees EOF.
+    tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut out))
+        .await
+        .expect("slowloris connection was never closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
