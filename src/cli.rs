@@ -53,6 +53,8 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    // reqwest (Vault) is built without a default crypto provider: use ring, the one TLS stack.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
@@ -125,11 +127,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+const THIRD_PARTY_CAP: &str =
+    "rustify=warn,vaultrs=warn,reqwest=warn,hyper=warn,hyper_util=warn,h2=warn,\
+     rustls=warn,aws_smithy_runtime=warn,aws_smithy_http_client=warn,aws_smithy_runtime_api=warn,\
+     aws_sdk_secretsmanager=warn,aws_sdk_sts=warn,aws_config=warn";
+
 fn init_logging(config: &Config) {
-    let filter = std::env::var("CREDPROXY_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let level = std::env::var("CREDPROXY_LOG").unwrap_or_else(|_| config.log.level.clone());
+    // SDKs and HTTP stacks may log request and response bodies at debug and trace level,
+    // and those bodies carry secrets: they are capped whatever level is asked for.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},{THIRD_PARTY_CAP}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{THIRD_PARTY_CAP}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::routing::{route, Route};
 use crate::secret::SecretFields;
 use crate::store::{
-    CredentialRecord, JournalEntry, Location, MetadataStore, OAuthDescription, StoreError,
+    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, OAuthDescription,
+    StoreError,
 };
 
 /// Largest metadata object accepted, serialised.
@@ -494,7 +495,7 @@ impl Service {
                     name: &name,
                     value: &secrets,
                     expected_version: None,
-                    idempotency_key: &format!("{id}-1"),
+                    idempotency_key: &write_token(),
                 }),
             )
             .await;
@@ -622,7 +623,7 @@ impl Service {
             .await
         } else {
             let caps = target_backend.describe().capabilities;
-            let idempotency_key = format!("{id}-{}", next.row_version);
+            let idempotency_key = write_token();
             let put = |expected_version| {
                 self.call(
                     &target.store_id,
@@ -640,18 +641,24 @@ impl Service {
             } else {
                 None
             };
+            // Marks a version that may land without being recorded (a timeout, a crash).
+            let intent = self
+                .journal_kind(JournalKind::Version, id, &target.store_id, &loc.name)
+                .await?;
             let version = match put(expected).await {
                 Err(BackendError::Conflict) => {
-                    // The store moved past the recorded version. If the row is unchanged, the
-                    // newer version is one nobody refers to (an earlier write that landed but
-                    // was never recorded, e.g. a timeout or a crash), so writing over it loses
-                    // nothing. Otherwise another writer won.
+                    // The store moved past the recorded version. If an earlier write of ours
+                    // left an unrecorded version (its intent is still journaled) and the row
+                    // is unchanged, writing over that version loses nothing. Otherwise
+                    // someone else wrote to the store: report the conflict, never overwrite.
                     let fresh = self
                         .store
                         .get_credential(id)
                         .await?
                         .ok_or(ServiceError::NotFound)?;
-                    if fresh.row_version != current.row_version {
+                    let ours = self.earlier_intents(id, intent).await?;
+                    if fresh.row_version != current.row_version || ours.is_empty() {
+                        let _ = self.store.journal_remove(intent).await;
                         return Err(ServiceError::Conflict);
                     }
                     put(None).await
@@ -663,6 +670,14 @@ impl Service {
             self.store
                 .update_credential(&next, current.row_version, None)
                 .await?;
+            for entry in self
+                .earlier_intents(id, intent)
+                .await?
+                .into_iter()
+                .chain([intent])
+            {
+                self.store.journal_remove(entry).await?;
+            }
             self.cache.replace(
                 id,
                 Loaded {
@@ -697,7 +712,7 @@ impl Service {
                     name: &name,
                     value,
                     expected_version: None,
-                    idempotency_key: &format!("{id}-{}", next.row_version),
+                    idempotency_key: &write_token(),
                 }),
             )
             .await
@@ -719,6 +734,7 @@ impl Service {
         };
         let abandoned = JournalEntry {
             id: 0,
+            kind: JournalKind::Copy,
             credential_id: id.clone(),
             store_id: current.location.store_id.clone(),
             name: current.location.name.clone(),
@@ -767,6 +783,7 @@ impl Service {
         // For a read-only store only the reference goes; `settle` never deletes there.
         let abandoned = JournalEntry {
             id: 0,
+            kind: JournalKind::Copy,
             credential_id: id.to_owned(),
             store_id: current.location.store_id.clone(),
             name: current.location.name.clone(),
@@ -794,10 +811,22 @@ impl Service {
         store_id: &str,
         name: &str,
     ) -> Result<i64, ServiceError> {
+        self.journal_kind(JournalKind::Copy, credential_id, store_id, name)
+            .await
+    }
+
+    async fn journal_kind(
+        &self,
+        kind: JournalKind,
+        credential_id: &str,
+        store_id: &str,
+        name: &str,
+    ) -> Result<i64, ServiceError> {
         Ok(self
             .store
             .journal_add(&JournalEntry {
                 id: 0,
+                kind,
                 credential_id: credential_id.to_owned(),
                 store_id: store_id.to_owned(),
                 name: name.to_owned(),
@@ -806,10 +835,43 @@ impl Service {
             .await?)
     }
 
+    /// Version intents of `credential_id` other than `current`: writes that may have landed
+    /// unrecorded.
+    async fn earlier_intents(
+        &self,
+        credential_id: &str,
+        current: i64,
+    ) -> Result<Vec<i64>, ServiceError> {
+        Ok(self
+            .store
+            .journal_list()
+            .await?
+            .into_iter()
+            .filter(|e| {
+                e.kind == JournalKind::Version
+                    && e.credential_id == credential_id
+                    && e.id != current
+            })
+            .map(|e| e.id)
+            .collect())
+    }
+
     /// Deletes a journaled copy unless a credential refers to it, then clears the entry. A
     /// failure leaves the entry for the sweeper. Caller holds the credential's lock.
     async fn settle(&self, runtime: &Runtime, entry: &JournalEntry) -> bool {
         let settled = async {
+            if entry.kind == JournalKind::Version {
+                // Never a reason to delete anything; dropped once its credential is gone.
+                if self
+                    .store
+                    .get_credential(&entry.credential_id)
+                    .await?
+                    .is_none()
+                {
+                    self.store.journal_remove(entry.id).await?;
+                }
+                return Ok::<bool, ServiceError>(true);
+            }
             if self
                 .store
                 .location_in_use(&entry.store_id, &entry.name)
@@ -942,4 +1004,10 @@ fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
         _ => None,
     }
     .ok_or_else(|| ServiceError::Invalid("`expires_at` must be RFC 3339 or Unix seconds".into()))
+}
+
+/// A fresh idempotency token per logical write (AWS wants 32-64 characters). A token reused
+/// for a different value is an error there, so it is never derived from the row version.
+fn write_token() -> String {
+    uuid::Uuid::new_v4().to_string()
 }

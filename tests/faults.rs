@@ -321,6 +321,7 @@ async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
             .store
             .journal_add(&JournalEntry {
                 id: 0,
+                kind: credproxy::store::JournalKind::Copy,
                 credential_id: credential.into(),
                 store_id: "local".into(),
                 name,

@@ -1,6 +1,10 @@
 //! The `Backend` trait every secrets store implements, its error enum, and the registry of
 //! configured stores. One file (and, for external managers, one cargo feature) per store type.
 
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "hashicorp")]
+pub mod hashicorp;
 pub mod local;
 
 use std::collections::HashMap;
@@ -169,18 +173,32 @@ impl Registry {
 /// Checks a manager's type-specific keys. Each backend owns the keys it accepts; a type whose
 /// backend is not compiled in is refused here, naming the cargo feature.
 pub fn validate_settings(manager: &ManagerConfig) -> Result<(), ConfigError> {
-    Err(ConfigError::BackendNotBuilt {
-        id: manager.id.clone(),
-        kind: manager.kind.as_str(),
-    })
+    match manager.kind {
+        #[cfg(feature = "aws")]
+        ManagerKind::Aws => aws::parse_settings(manager).map(drop),
+        #[cfg(feature = "hashicorp")]
+        ManagerKind::Hashicorp => hashicorp::parse_settings(manager).map(drop),
+        _ => Err(not_built(manager)),
+    }
 }
 
-/// Builds the backend for a validated manager.
-pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
-    Err(ConfigError::BackendNotBuilt {
+fn not_built(manager: &ManagerConfig) -> ConfigError {
+    ConfigError::BackendNotBuilt {
         id: manager.id.clone(),
         kind: manager.kind.as_str(),
-    })
+    }
+}
+
+/// Builds the backend for a validated manager. Reads the access details it refers to
+/// (environment variables, files) now.
+pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+    match manager.kind {
+        #[cfg(feature = "aws")]
+        ManagerKind::Aws => aws::AwsBackend::build(manager).await,
+        #[cfg(feature = "hashicorp")]
+        ManagerKind::Hashicorp => hashicorp::HashicorpBackend::build(manager).await,
+        _ => Err(not_built(manager)),
+    }
 }
 
 /// One entry of `GET /v1/secretsmanagers/instructions`.

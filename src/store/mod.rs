@@ -73,10 +73,39 @@ pub struct CredentialRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalEntry {
     pub id: i64,
+    pub kind: JournalKind,
     pub credential_id: String,
     pub store_id: String,
     pub name: String,
     pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalKind {
+    /// A whole copy (a new name, or the old name after a move or delete): delete it unless a
+    /// credential refers to it.
+    Copy,
+    /// A new version under the credential's own name that may have landed without being
+    /// recorded: it lets the next write replace that version instead of reporting a
+    /// conflict. Cleared by the next successful write.
+    Version,
+}
+
+impl JournalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalKind::Copy => "copy",
+            JournalKind::Version => "version",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        if s == "version" {
+            JournalKind::Version
+        } else {
+            JournalKind::Copy
+        }
+    }
 }
 
 /// One sealed version in the local encrypted store.

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    CredentialRecord, JournalEntry, Location, MetadataStore, SealedRecord, SealedSummary,
-    StoreError, SCHEMA_VERSION,
+    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, SealedRecord,
+    SealedSummary, StoreError, SCHEMA_VERSION,
 };
 
 const SCHEMA_V1: &str = r#"
@@ -32,6 +32,7 @@ CREATE TABLE credentials (
 CREATE INDEX credentials_location ON credentials (store_id, store_name);
 CREATE TABLE journal (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL DEFAULT 'copy',
     credential_id TEXT NOT NULL,
     store_id      TEXT NOT NULL,
     name          TEXT NOT NULL,
@@ -166,12 +167,13 @@ fn sealed_from_row(row: &Row<'_>) -> rusqlite::Result<SealedRecord> {
 
 fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, StoreError> {
     conn.execute(
-        "INSERT INTO journal (credential_id, store_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             entry.credential_id,
             entry.store_id,
             entry.name,
-            entry.created_at
+            entry.created_at,
+            entry.kind.as_str()
         ],
     )
     .map_err(db_err)?;
@@ -346,13 +348,14 @@ impl MetadataStore for SqliteStore {
         self.with(|c| {
             let mut stmt = c
                 .prepare(
-                    "SELECT id, credential_id, store_id, name, created_at FROM journal ORDER BY id",
+                    "SELECT id, credential_id, store_id, name, created_at, kind FROM journal ORDER BY id",
                 )
                 .map_err(db_err)?;
             let rows = stmt
                 .query_map([], |r| {
                     Ok(JournalEntry {
                         id: r.get(0)?,
+                        kind: JournalKind::parse(&r.get::<_, String>(5)?),
                         credential_id: r.get(1)?,
                         store_id: r.get(2)?,
                         name: r.get(3)?,
@@ -568,6 +571,7 @@ mod tests {
         let j = store
             .journal_add(&JournalEntry {
                 id: 0,
+                kind: JournalKind::Copy,
                 credential_id: "a".into(),
                 store_id: "local".into(),
                 name: "Production/a".into(),

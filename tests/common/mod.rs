@@ -2,6 +2,8 @@
 //! its Unix socket, and kills it by pid when the test ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

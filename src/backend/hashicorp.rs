@@ -1,0 +1,502 @@
+//! HashiCorp Vault and OpenBao (`type = "hashicorp"`), KV v2 by default (KV v1 supported).
+//! Writes use KV v2 check-and-set on the version read, so a concurrent writer is detected;
+//! the reference records the KV version. Authentication (token, or AppRole with renewal and
+//! re-login) runs in a background task, never on the request path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequest, SetSecretRequestOptions};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use super::{
+    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest, SecretSummary,
+    Versioned,
+};
+use crate::config::{ConfigError, ManagerConfig, SecretRef};
+use crate::secret::{SecretFields, SecretString};
+
+/// Upper bound on one HTTP call to Vault, below the daemon's backend timeout by default.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Re-login back-off bounds after a failed login.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Most keys walked when listing what the mount holds.
+const LIST_WALK_LIMIT: usize = 10_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashicorpSettings {
+    pub address: String,
+    pub namespace: Option<String>,
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    #[serde(default = "default_kv_version")]
+    pub kv_version: u8,
+    /// PEM file of the CA that signed Vault's certificate.
+    pub ca_file: Option<String>,
+    pub token: Option<SecretRef>,
+    pub approle: Option<AppRoleSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleSettings {
+    pub role_id: SecretRef,
+    pub secret_id: SecretRef,
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_kv_version() -> u8 {
+    2
+}
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+fn invalid(manager: &ManagerConfig, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: format!("secrets_manager `{}`.{key}", manager.id),
+        reason: reason.into(),
+    }
+}
+
+pub fn parse_settings(manager: &ManagerConfig) -> Result<HashicorpSettings, ConfigError> {
+    let s: HashicorpSettings = manager
+        .settings
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| invalid(manager, "", e.message().to_owned()))?;
+    if !(s.address.starts_with("https://") || s.address.starts_with("http://"))
+        || url_invalid(&s.address)
+    {
+        return Err(invalid(manager, "address", "must be an http(s) URL"));
+    }
+    if !matches!(s.kv_version, 1 | 2) {
+        return Err(invalid(manager, "kv_version", "1 or 2"));
+    }
+    if s.mount.is_empty() || s.mount.contains("..") {
+        return Err(invalid(manager, "mount", "must name a KV mount"));
+    }
+    if s.token.is_some() == s.approle.is_some() {
+        return Err(invalid(
+            manager,
+            "token",
+            "give exactly one of token or approle",
+        ));
+    }
+    Ok(s)
+}
+
+fn url_invalid(s: &str) -> bool {
+    s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+enum Auth {
+    Token(SecretString),
+    AppRole {
+        role_id: SecretString,
+        secret_id: SecretString,
+        mount: String,
+    },
+}
+
+pub struct HashicorpBackend {
+    id: String,
+    settings: HashicorpSettings,
+    auth: Auth,
+    client: ArcSwap<VaultClient>,
+    /// Wakes the auth task early: a request was refused with 403 (a revoked or expired token).
+    relogin: Arc<Notify>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for HashicorpBackend {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+fn classify(e: ClientError) -> BackendError {
+    match e {
+        ClientError::APIError { code: 404, .. } => BackendError::NotFound,
+        ClientError::APIError { code, errors }
+            if code == 400 && errors.iter().any(|m| m.contains("check-and-set")) =>
+        {
+            BackendError::Conflict
+        }
+        ClientError::APIError {
+            code: 401 | 403, ..
+        } => BackendError::Denied("Vault refused the token".into()),
+        ClientError::APIError { code: 429, .. } => BackendError::Throttled { retry_after: None },
+        ClientError::APIError { code, .. } if code >= 500 => {
+            BackendError::Transient(format!("Vault answered {code}"))
+        }
+        ClientError::APIError { code, .. } => {
+            BackendError::Permanent(format!("Vault answered {code}"))
+        }
+        ClientError::RestClientError { .. } => BackendError::Transient("cannot reach Vault".into()),
+        ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
+            BackendError::NotFound
+        }
+        other => BackendError::Permanent(format!("Vault client error: {other}")),
+    }
+}
+
+impl HashicorpBackend {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+        // reqwest is built without a default crypto provider; this one is ring. Installing
+        // twice is harmless (the first wins).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let settings = parse_settings(manager)?;
+        let key = |k: &str| format!("secrets_manager `{}`.{k}", manager.id);
+        let auth = match (&settings.token, &settings.approle) {
+            (Some(token), _) => Auth::Token(token.resolve(&key("token"))?),
+            (_, Some(a)) => Auth::AppRole {
+                role_id: a.role_id.resolve(&key("approle.role_id"))?,
+                secret_id: a.secret_id.resolve(&key("approle.secret_id"))?,
+                mount: a.mount.clone(),
+            },
+            _ => unreachable!("parse_settings requires one"),
+        };
+        let initial = match &auth {
+            Auth::Token(t) => t.clone(),
+            Auth::AppRole { .. } => SecretString::from(""),
+        };
+        let client = make_client(&settings, &initial)
+            .map_err(|e| invalid(manager, "address", e.to_string()))?;
+        let backend = Arc::new(HashicorpBackend {
+            id: manager.id.clone(),
+            settings,
+            auth,
+            client: ArcSwap::from_pointee(client),
+            relogin: Arc::new(Notify::new()),
+            task: std::sync::Mutex::new(None),
+        });
+        if matches!(backend.auth, Auth::AppRole { .. }) {
+            // One attempt now so the first requests find a token; failures are retried in
+            // the background instead of stopping the daemon.
+            if let Err(e) = backend.login().await {
+                tracing::warn!(manager = %backend.id, error = %e, "Vault AppRole login failed; retrying in the background");
+            }
+        }
+        let task = tokio::spawn(auth_loop(
+            Arc::downgrade(&backend),
+            Arc::clone(&backend.relogin),
+        ));
+        *backend.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(backend)
+    }
+
+    /// AppRole login; swaps in a client carrying the new token. Returns the lease.
+    async fn login(&self) -> Result<Duration, BackendError> {
+        let Auth::AppRole {
+            role_id,
+            secret_id,
+            mount,
+        } = &self.auth
+        else {
+            return Err(BackendError::Permanent("not an AppRole manager".into()));
+        };
+        let anonymous = self.client.load_full();
+        let info =
+            vaultrs::auth::approle::login(&*anonymous, mount, role_id.expose(), secret_id.expose())
+                .await
+                .map_err(classify)?;
+        let token = SecretString::new(info.client_token);
+        let client = make_client(&self.settings, &token)
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+        self.client.store(Arc::new(client));
+        tracing::info!(manager = %self.id, lease_seconds = info.lease_duration, "logged in to Vault with AppRole");
+        Ok(Duration::from_secs(info.lease_duration))
+    }
+
+    /// Renews the current token; returns the new lease, or `None` if it does not expire.
+    async fn renew(&self) -> Result<Option<Duration>, BackendError> {
+        let client = self.client.load_full();
+        let lookup = vaultrs::token::lookup_self(&*client)
+            .await
+            .map_err(classify)?;
+        if lookup.ttl == 0 {
+            return Ok(None);
+        }
+        if lookup.renewable != Some(true) {
+            return Ok(Some(Duration::from_secs(lookup.ttl)));
+        }
+        let info = vaultrs::token::renew_self(&*client, None)
+            .await
+            .map_err(classify)?;
+        Ok(Some(Duration::from_secs(info.lease_duration)))
+    }
+
+    fn mount(&self) -> &str {
+        &self.settings.mount
+    }
+
+    fn after_error(&self, e: BackendError) -> BackendError {
+        if matches!(e, BackendError::Denied(_)) {
+            self.relogin.notify_one();
+        }
+        e
+    }
+}
+
+fn make_client(
+    settings: &HashicorpSettings,
+    token: &SecretString,
+) -> Result<VaultClient, ClientError> {
+    let mut builder = VaultClientSettingsBuilder::default();
+    builder
+        .address(&settings.address)
+        .token(token.expose())
+        .timeout(Some(HTTP_TIMEOUT))
+        .verify(true)
+        .namespace(settings.namespace.clone());
+    if let Some(ca) = &settings.ca_file {
+        builder.ca_certs(vec![ca.clone()]);
+    } else {
+        builder.ca_certs(vec![]);
+    }
+    let settings = builder
+        .build()
+        .map_err(|_| ClientError::InvalidLoginMethodError)?;
+    VaultClient::new(settings)
+}
+
+/// Keeps the token alive: renew at two thirds of its lease; when renewal fails (or a request
+/// was refused), log in again with AppRole, backing off while Vault is unreachable.
+async fn auth_loop(backend: Weak<HashicorpBackend>, relogin: Arc<Notify>) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let Some(b) = backend.upgrade() else { return };
+        let next = match b.renew().await {
+            Ok(Some(lease)) => {
+                backoff = RETRY_MIN;
+                lease.mul_f64(2.0 / 3.0).max(Duration::from_secs(1))
+            }
+            // A token that never expires (e.g. a root token): only a refusal wakes us.
+            Ok(None) => Duration::from_secs(3600),
+            Err(e) => match &b.auth {
+                Auth::Token(_) => {
+                    tracing::warn!(manager = %b.id, error = %e, "Vault token renewal failed");
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    backoff
+                }
+                Auth::AppRole { .. } => match b.login().await {
+                    Ok(lease) => {
+                        backoff = RETRY_MIN;
+                        lease.mul_f64(2.0 / 3.0).max(Duration::from_secs(1))
+                    }
+                    Err(e) => {
+                        tracing::warn!(manager = %b.id, error = %e, "Vault AppRole login failed");
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                        backoff
+                    }
+                },
+            },
+        };
+        // Hold only the weak reference while waiting, so dropping the backend ends the task.
+        drop(b);
+        let relogin_wanted = {
+            tokio::select! {
+                _ = tokio::time::sleep(next) => false,
+                _ = relogin.notified() => true,
+            }
+        };
+        if relogin_wanted {
+            let Some(b) = backend.upgrade() else { return };
+            if let Auth::AppRole { .. } = b.auth {
+                if let Err(e) = b.login().await {
+                    tracing::warn!(manager = %b.id, error = %e, "Vault AppRole re-login failed");
+                    drop(b);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+fn fields_from_value(data: serde_json::Value) -> Result<SecretFields, BackendError> {
+    let serde_json::Value::Object(map) = data else {
+        return Err(BackendError::Permanent(
+            "Vault secret data is not an object".into(),
+        ));
+    };
+    let mut fields = SecretFields::new();
+    for (k, v) in map {
+        match v {
+            serde_json::Value::String(s) => fields.insert(k, SecretString::new(s)),
+            _ => {
+                return Err(BackendError::Permanent(
+                    "Vault secret has a non-string field".into(),
+                ))
+            }
+        }
+    }
+    Ok(fields)
+}
+
+fn value_from_fields(fields: &SecretFields) -> HashMap<&str, &str> {
+    // Exposed on purpose: this is the payload written to Vault.
+    fields.iter().map(|(k, v)| (k, v.expose())).collect()
+}
+
+#[async_trait]
+impl Backend for HashicorpBackend {
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            id: self.id.clone(),
+            kind: "hashicorp",
+            capabilities: Capabilities {
+                read_only: false,
+                compare_and_swap: self.settings.kv_version == 2,
+            },
+        }
+    }
+
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+        let client = self.client.load_full();
+        if self.settings.kv_version == 1 {
+            let data: serde_json::Value = vaultrs::kv1::get(&*client, self.mount(), name)
+                .await
+                .map_err(|e| self.after_error(classify(e)))?;
+            return Ok(Versioned {
+                value: fields_from_value(data)?,
+                version: "1".into(),
+                expires_in: None,
+            });
+        }
+        let version = version
+            .map(|v| v.parse::<u64>().map_err(|_| BackendError::NotFound))
+            .transpose()?;
+        let endpoint = ReadSecretRequest::builder()
+            .mount(self.mount())
+            .path(name)
+            .version(version)
+            .build()
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+        let response = vaultrs::api::exec_with_result(&*client, endpoint)
+            .await
+            .map_err(|e| self.after_error(classify(e)))?;
+        Ok(Versioned {
+            value: fields_from_value(response.data)?,
+            version: response.metadata.version.to_string(),
+            expires_in: None,
+        })
+    }
+
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+        let client = self.client.load_full();
+        let data = value_from_fields(request.value);
+        if self.settings.kv_version == 1 {
+            vaultrs::kv1::set(&*client, self.mount(), request.name, &data)
+                .await
+                .map_err(|e| self.after_error(classify(e)))?;
+            return Ok("1".into());
+        }
+        let payload =
+            serde_json::to_value(&data).map_err(|e| BackendError::Permanent(e.to_string()))?;
+        let mut builder = SetSecretRequest::builder();
+        builder.mount(self.mount()).path(request.name).data(payload);
+        if let Some(expected) = request.expected_version {
+            let cas = expected
+                .parse::<u32>()
+                .map_err(|_| BackendError::Conflict)?;
+            builder.options(SetSecretRequestOptions { cas });
+        }
+        let endpoint = builder
+            .build()
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+        let written = vaultrs::api::exec_with_result(&*client, endpoint)
+            .await
+            .map_err(|e| self.after_error(classify(e)))?;
+        Ok(written.version.to_string())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+        let client = self.client.load_full();
+        let result = if self.settings.kv_version == 1 {
+            vaultrs::kv1::delete(&*client, self.mount(), name).await
+        } else {
+            vaultrs::kv2::delete_metadata(&*client, self.mount(), name).await
+        };
+        match result.map_err(classify) {
+            Ok(()) | Err(BackendError::NotFound) => Ok(()),
+            Err(e) => Err(self.after_error(e)),
+        }
+    }
+
+    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+        let client = self.client.load_full();
+        // LIST is one folder deep: walk the tree breadth-first, in order.
+        let mut folders = std::collections::VecDeque::from([String::new()]);
+        let mut leaves = Vec::new();
+        while let Some(folder) = folders.pop_front() {
+            let keys = if self.settings.kv_version == 1 {
+                vaultrs::kv1::list(&*client, self.mount(), &folder)
+                    .await
+                    .map(|r| r.data.keys)
+            } else {
+                vaultrs::kv2::list(&*client, self.mount(), &folder).await
+            };
+            let mut keys = match keys.map_err(classify) {
+                Ok(k) => k,
+                Err(BackendError::NotFound) => Vec::new(),
+                Err(e) => return Err(self.after_error(e)),
+            };
+            keys.sort();
+            for key in keys {
+                let full = format!("{folder}{key}");
+                if key.ends_with('/') {
+                    folders.push_back(full);
+                } else if request
+                    .query
+                    .as_ref()
+                    .is_none_or(|q| full.contains(q.as_str()))
+                {
+                    leaves.push(full);
+                }
+            }
+            if leaves.len() > LIST_WALK_LIMIT {
+                break;
+            }
+        }
+        leaves.sort();
+        let more = leaves.len() > request.offset + request.limit;
+        let mut items = Vec::new();
+        for name in leaves.into_iter().skip(request.offset).take(request.limit) {
+            let (created_at, updated_at) = if self.settings.kv_version == 2 {
+                match vaultrs::kv2::read_metadata(&*client, self.mount(), &name).await {
+                    Ok(m) => (
+                        crate::time::parse_rfc3339(&m.created_time).map(crate::time::from_unix),
+                        crate::time::parse_rfc3339(&m.updated_time).map(crate::time::from_unix),
+                    ),
+                    Err(_) => (None, None),
+                }
+            } else {
+                (None, None)
+            };
+            items.push(SecretSummary {
+                id: format!("{}/{}", self.mount(), name),
+                name,
+                description: String::new(),
+                created_at,
+                updated_at,
+            });
+        }
+        Ok(Page { items, more })
+    }
+}

@@ -1,0 +1,565 @@
+//! AWS Secrets Manager (moto) and Vault (OpenBao dev server) through the daemon's socket, each
+//! checked directly in the store as well.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::peers::{self, bao, Peer};
+use common::{contains_bytes, Daemon};
+use hyper::Method;
+use serde_json::json;
+
+fn table(pairs: &[(&str, toml::Value)]) -> toml::Value {
+    toml::Value::Table(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+    )
+}
+
+fn file_ref(dir: &Path, name: &str, value: &str) -> toml::Value {
+    let path = dir.join(name);
+    std::fs::write(&path, value).unwrap();
+    table(&[("file", path.display().to_string().into())])
+}
+
+fn aws_manager(dir: &Path, moto: &Peer) -> toml::Value {
+    table(&[
+        ("id", "aws".into()),
+        ("type", "aws".into()),
+        ("region", "us-east-1".into()),
+        ("endpoint", moto.url().into()),
+        ("access_key_id", file_ref(dir, "aws-key-id", "testing")),
+        ("secret_access_key", file_ref(dir, "aws-secret", "testing")),
+    ])
+}
+
+fn vault_manager(dir: &Path, openbao: &Peer) -> toml::Value {
+    table(&[
+        ("id", "vault".into()),
+        ("type", "hashicorp".into()),
+        ("address", openbao.url().into()),
+        ("token", file_ref(dir, "vault-token", peers::BAO_ROOT_TOKEN)),
+    ])
+}
+
+fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
+    let envs: toml::Table = environments
+        .iter()
+        .map(|(e, m)| ((*e).to_owned(), toml::Value::from(*m)))
+        .collect();
+    common::set(c, "routing", "environments", envs);
+}
+
+async fn vault_data(openbao: &Peer, name: &str) -> (u16, serde_json::Value) {
+    let (status, body) = bao(
+        openbao,
+        reqwest::Method::GET,
+        &format!("/v1/secret/data/{name}"),
+        None,
+    )
+    .await;
+    (status, body["data"].clone())
+}
+
+#[tokio::test]
+async fn routing_sends_each_environment_to_its_manager_and_the_rest_to_the_local_store() {
+    let (moto, openbao) = (peers::moto().await, peers::openbao().await);
+    let canary = "CANARY-routing-5d1e";
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
+        );
+        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
+    })
+    .await;
+
+    let prod = d
+        .create(
+            "Production",
+            json!({"access_token": format!("{canary}-prod")}),
+        )
+        .await;
+    let sandbox = d
+        .create(
+            "Sandbox",
+            json!({"access_token": format!("{canary}-sandbox")}),
+        )
+        .await;
+    let staging = d
+        .create(
+            "Staging",
+            json!({"access_token": format!("{canary}-staging")}),
+        )
+        .await;
+
+    let (status, data) = vault_data(&openbao, &format!("credproxy/Production/{prod}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(data["data"]["access_token"], format!("{canary}-prod"));
+    assert_eq!(data["metadata"]["version"], 1);
+
+    let aws = peers::aws_client(&moto).await;
+    let secret = aws
+        .get_secret_value()
+        .secret_id(format!("credproxy/Sandbox/{sandbox}"))
+        .send()
+        .await
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(secret.secret_string().unwrap()).unwrap();
+    assert_eq!(stored["access_token"], format!("{canary}-sandbox"));
+
+    for (id, manager) in [(&prod, "vault"), (&sandbox, "aws"), (&staging, "local")] {
+        let (status, body) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(
+            (status, body["secrets_manager_id"].as_str()),
+            (200, Some(manager)),
+            "{body}"
+        );
+    }
+    // Neither store's secret reached the metadata database; the local one is sealed there.
+    for file in common::all_files(&d.dir.path().join("data")) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !contains_bytes(&bytes, canary.as_bytes()),
+            "{} holds a secret",
+            file.display()
+        );
+    }
+    assert!(!d.logs().contains(canary));
+}
+
+#[tokio::test]
+async fn pinning_overrides_the_environment_and_a_pin_change_moves_the_secret() {
+    let (moto, openbao) = (peers::moto().await, peers::openbao().await);
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
+        );
+        route(c, &[("Production", "vault")]);
+    })
+    .await;
+    let (status, created) = d
+        .call(
+            Method::POST,
+            "/v1/credentials",
+            Some(json!({"environment": "Production", "integration_type": "x", "secrets_manager_id": "aws", "secrets": {"k": "pinned"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["secrets_manager_id"], "aws");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let aws = peers::aws_client(&moto).await;
+    let name = format!("credproxy/Production/{id}");
+    assert!(aws.get_secret_value().secret_id(&name).send().await.is_ok());
+    assert_eq!(
+        vault_data(&openbao, &name).await.0,
+        404,
+        "not in the environment's manager"
+    );
+
+    // Unpin: the chain now says vault, so the secret moves there and leaves AWS.
+    let (status, patched) = d
+        .call(
+            Method::PATCH,
+            &format!("/v1/credentials/{id}"),
+            Some(json!({"secrets_manager_id": null})),
+        )
+        .await;
+    assert_eq!(
+        (status, patched["secrets_manager_id"].as_str()),
+        (200, Some("vault")),
+        "{patched}"
+    );
+    let (status, data) = vault_data(&openbao, &name).await;
+    assert_eq!((status, data["data"]["k"].as_str()), (200, Some("pinned")));
+    assert!(
+        aws.get_secret_value()
+            .secret_id(&name)
+            .send()
+            .await
+            .is_err(),
+        "the old copy is deleted"
+    );
+    let (_, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(body["secrets"]["k"], "pinned");
+}
+
+#[tokio::test]
+async fn round_trips_advance_versions_and_delete_removes_the_secret() {
+    let (moto, openbao) = (peers::moto().await, peers::openbao().await);
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
+        );
+        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
+    })
+    .await;
+    let aws = peers::aws_client(&moto).await;
+    for env in ["Production", "Sandbox"] {
+        let id = d.create(env, json!({"a": "1", "b": "x"})).await;
+        let name = format!("credproxy/{env}/{id}");
+        let (_, first) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        let (status, patched) = d
+            .call(
+                Method::PATCH,
+                &format!("/v1/credentials/{id}"),
+                Some(json!({"secrets": {"a": "2"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{patched}");
+        assert_ne!(
+            patched["reference"]["version"], first["reference"]["version"],
+            "{env}: version advances"
+        );
+        let (_, body) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(body["secrets"], json!({"a": "2", "b": "x"}));
+        if env == "Production" {
+            assert_eq!(
+                vault_data(&openbao, &name).await.1["metadata"]["version"],
+                2
+            );
+        } else {
+            let v = aws
+                .get_secret_value()
+                .secret_id(&name)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                Some(patched["reference"]["version"].as_str().unwrap()),
+                v.version_id()
+            );
+        }
+        let (status, _) = d
+            .call(Method::DELETE, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(status, 204);
+        if env == "Production" {
+            let (status, _) = bao(
+                &openbao,
+                reqwest::Method::GET,
+                &format!("/v1/secret/metadata/{name}"),
+                None,
+            )
+            .await;
+            assert_eq!(status, 404, "every version is gone from Vault");
+        } else {
+            assert!(
+                aws.get_secret_value()
+                    .secret_id(&name)
+                    .send()
+                    .await
+                    .is_err(),
+                "gone from AWS"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn listing_shows_what_each_store_holds_with_paging() {
+    let (moto, openbao) = (peers::moto().await, peers::openbao().await);
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
+        );
+        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
+    })
+    .await;
+    // Something credproxy did not write, too.
+    bao(
+        &openbao,
+        reqwest::Method::POST,
+        "/v1/secret/data/other/app",
+        Some(json!({"data": {"x": "y"}})),
+    )
+    .await;
+    for _ in 0..3 {
+        d.create("Production", json!({"k": "v"})).await;
+        d.create("Sandbox", json!({"k": "v"})).await;
+    }
+    for manager in ["vault", "aws"] {
+        let reply = d
+            .call_raw(Method::GET, &format!("/v1/secretsmanagers/secrets?secretsmanager_id={manager}&query=credproxy&limit=2"), &[], None)
+            .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(page.len(), 2, "{manager}: {page:?}");
+        assert_eq!(reply.headers["x-next-offset"], "2");
+        assert!(page
+            .iter()
+            .all(|p| p["name"].as_str().unwrap().starts_with("credproxy/")));
+        assert!(
+            page.iter().all(|p| p["created_at"].is_string()),
+            "{manager}: {page:?}"
+        );
+        let (_, rest) = d
+            .call(Method::GET, &format!("/v1/secretsmanagers/secrets?secretsmanager_id={manager}&query=credproxy&limit=2&offset=2"), None)
+            .await;
+        assert_eq!(rest.as_array().unwrap().len(), 1, "{manager}: {rest}");
+    }
+    let (_, all) = d
+        .call(
+            Method::GET,
+            "/v1/secretsmanagers/secrets?secretsmanager_id=vault",
+            None,
+        )
+        .await;
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "other/app"),
+        "the manager's own content: {all}"
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_goes_down_serves_stale_then_503_and_cold_reads_fail_fast() {
+    let (mut openbao, moto) = (peers::openbao().await, peers::moto().await);
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![vault_manager(dir, &openbao), aws_manager(dir, &moto)]),
+        );
+        route(c, &[("Production", "vault")]);
+        common::set(c, "cache", "ttl", "1s");
+        common::set(c, "cache", "stale_if_error", "8s");
+        common::set(c, "backends", "timeout", "1s");
+    })
+    .await;
+    let warm = d.create("Production", json!({"k": "warm"})).await;
+    let cold = d.create("Production", json!({"k": "cold"})).await;
+    // A metadata-only change drops the cached copy without touching the store.
+    d.call(
+        Method::PATCH,
+        &format!("/v1/credentials/{cold}"),
+        Some(json!({"metadata": {"n": 1}})),
+    )
+    .await;
+    openbao.kill();
+
+    let reply = d
+        .call_raw(Method::GET, &format!("/v1/credentials/{cold}"), &[], None)
+        .await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.headers.contains_key("retry-after"));
+
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let reply = d
+            .call_raw(Method::GET, &format!("/v1/credentials/{warm}"), &[], None)
+            .await;
+        assert_eq!(reply.status, 200, "served from cache until the grace ends");
+        if reply.headers["cache-status"] == "stale" {
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(body["secrets"]["k"], "warm");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let reply = d
+            .call_raw(Method::GET, &format!("/v1/credentials/{warm}"), &[], None)
+            .await;
+        if reply.status == 503 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "stale past the grace");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = d.metrics_text().await;
+    assert!(
+        text.contains("manager=\"vault\",operation=\"get\",outcome=\"unavailable\"")
+            || text.contains("manager=\"vault\",operation=\"get\",outcome=\"timeout\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_concurrent_writer_in_vault_is_a_conflict_not_an_overwrite() {
+    let openbao = peers::openbao().await;
+    let d = Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![vault_manager(dir, &openbao)]),
+        );
+        route(c, &[("Production", "vault")]);
+    })
+    .await;
+    let id = d.create("Production", json!({"token": "mine"})).await;
+    let name = format!("credproxy/Production/{id}");
+    // Someone else writes version 2 behind credproxy's back.
+    bao(
+        &openbao,
+        reqwest::Method::POST,
+        &format!("/v1/secret/data/{name}"),
+        Some(json!({"data": {"token": "theirs"}})),
+    )
+    .await;
+    let (status, body) = d
+        .call(
+            Method::PATCH,
+            &format!("/v1/credentials/{id}"),
+            Some(json!({"secrets": {"token": "new"}})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+    let (_, data) = vault_data(&openbao, &name).await;
+    assert_eq!(data["data"]["token"], "theirs", "not silently overwritten");
+}
+
+async fn setup_approle(openbao: &Peer, token_ttl: &str) -> (String, String) {
+    use reqwest::Method as M;
+    bao(
+        openbao,
+        M::POST,
+        "/v1/sys/auth/approle",
+        Some(json!({"type": "approle"})),
+    )
+    .await;
+    let policy =
+        r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#;
+    let (status, _) = bao(
+        openbao,
+        M::PUT,
+        "/v1/sys/policies/acl/credproxy",
+        Some(json!({"policy": policy})),
+    )
+    .await;
+    assert!(status < 300);
+    let (status, _) = bao(
+        openbao,
+        M::POST,
+        "/v1/auth/approle/role/credproxy",
+        Some(
+            json!({"token_policies": ["credproxy"], "token_ttl": token_ttl, "token_max_ttl": "1h"}),
+        ),
+    )
+    .await;
+    assert!(status < 300);
+    let (_, role) = bao(
+        openbao,
+        M::GET,
+        "/v1/auth/approle/role/credproxy/role-id",
+        None,
+    )
+    .await;
+    let (_, secret) = bao(
+        openbao,
+        M::POST,
+        "/v1/auth/approle/role/credproxy/secret-id",
+        Some(json!({})),
+    )
+    .await;
+    (
+        role["data"]["role_id"].as_str().unwrap().to_owned(),
+        secret["data"]["secret_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn approle_logs_in_renews_and_recovers_from_a_revoked_token() {
+    let openbao = peers::openbao().await;
+    let (role_id, secret_id) = setup_approle(&openbao, "3s").await;
+    let d = Daemon::start(|c, dir| {
+        let approle = table(&[
+            ("role_id", file_ref(dir, "role-id", &role_id)),
+            ("secret_id", file_ref(dir, "secret-id", &secret_id)),
+        ]);
+        let manager = table(&[
+            ("id", "vault".into()),
+            ("type", "hashicorp".into()),
+            ("address", openbao.url().into()),
+            ("approle", approle),
+        ]);
+        c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
+        route(c, &[("Production", "vault")]);
+        common::set(c, "cache", "ttl", "100ms");
+    })
+    .await;
+    let id = d.create("Production", json!({"k": "approle"})).await;
+
+    // Past several 3-second token lifetimes: renewal (or re-login) keeps reads working.
+    let until = std::time::Instant::now() + Duration::from_secs(7);
+    while std::time::Instant::now() < until {
+        let (status, body) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(
+            (status, body["secrets"]["k"].as_str()),
+            (200, Some("approle")),
+            "{body}\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Revoke every token but root's: the daemon must log in again by itself.
+    let (_, accessors) = bao(
+        &openbao,
+        reqwest::Method::from_bytes(b"LIST").unwrap(),
+        "/v1/auth/token/accessors",
+        None,
+    )
+    .await;
+    let (_, me) = bao(
+        &openbao,
+        reqwest::Method::GET,
+        "/v1/auth/token/lookup-self",
+        None,
+    )
+    .await;
+    for accessor in accessors["data"]["keys"].as_array().unwrap() {
+        if accessor != &me["data"]["accessor"] {
+            bao(
+                &openbao,
+                reqwest::Method::POST,
+                "/v1/auth/token/revoke-accessor",
+                Some(json!({"accessor": accessor})),
+            )
+            .await;
+        }
+    }
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, _) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered:\n{}",
+            d.logs()
+        );
+    }
+    assert!(d.logs().contains("logged in to Vault with AppRole"));
+}

@@ -1,0 +1,160 @@
+//! Real test peers: a moto server (AWS Secrets Manager) and an OpenBao dev server, each on a
+//! free loopback port, stopped by pid when dropped. `scripts/test.sh` installs them and names
+//! their binaries in `CREDPROXY_TEST_MOTO` and `CREDPROXY_TEST_BAO`.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, DEADLINE};
+
+fn peer_binary(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run the suite with scripts/test.sh, which installs the test peers"
+        )
+    })
+}
+
+pub struct Peer {
+    child: Child,
+    pub port: u16,
+    pub log: tempfile::NamedTempFile,
+}
+
+impl Peer {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the peer now (to simulate an outage).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// reqwest is built without a default crypto provider (one TLS stack: ring).
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+async fn wait_http(peer: &mut Peer, path: &str) {
+    let started = Instant::now();
+    let client = http_client();
+    loop {
+        if let Some(status) = peer.child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(peer.log.path()).unwrap_or_default();
+            panic!("test peer exited early ({status}):\n{log}");
+        }
+        if let Ok(r) = client.get(format!("{}{path}", peer.url())).send().await {
+            if r.status().as_u16() < 500 {
+                return;
+            }
+        }
+        assert!(started.elapsed() < DEADLINE, "test peer not ready in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spawn(binary: &str, args: &[String]) -> (Child, tempfile::NamedTempFile) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    (child, log)
+}
+
+/// A moto server speaking the Secrets Manager API.
+pub async fn moto() -> Peer {
+    let port = free_port();
+    let (child, log) = spawn(
+        &peer_binary("CREDPROXY_TEST_MOTO"),
+        &[
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+    );
+    let mut peer = Peer { child, port, log };
+    wait_http(&mut peer, "/moto-api/").await;
+    peer
+}
+
+pub const BAO_ROOT_TOKEN: &str = "root-token-for-tests";
+
+/// An OpenBao dev server: KV v2 at `secret/`, root token `BAO_ROOT_TOKEN`.
+pub async fn openbao() -> Peer {
+    let port = free_port();
+    let (child, log) = spawn(
+        &peer_binary("CREDPROXY_TEST_BAO"),
+        &[
+            "server".into(),
+            "-dev".into(),
+            format!("-dev-root-token-id={BAO_ROOT_TOKEN}"),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+            "-dev-no-store-token".into(),
+        ],
+    );
+    let mut peer = Peer { child, port, log };
+    wait_http(&mut peer, "/v1/sys/health").await;
+    peer
+}
+
+/// A call to OpenBao's HTTP API as root: what the tests use to check the store directly.
+pub async fn bao(
+    peer: &Peer,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = http_client()
+        .request(method, format!("{}{path}", peer.url()))
+        .header("X-Vault-Token", BAO_ROOT_TOKEN);
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An AWS SDK client for moto, to check the store directly.
+pub async fn aws_client(peer: &Peer) -> aws_sdk_secretsmanager::Client {
+    let config = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+        .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
+        .endpoint_url(peer.url())
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
+        .build();
+    aws_sdk_secretsmanager::Client::from_conf(config)
+}
