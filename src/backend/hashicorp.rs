@@ -229,15 +229,21 @@ impl HashicorpBackend {
         let lookup = vaultrs::token::lookup_self(&*client)
             .await
             .map_err(classify)?;
-        if lookup.ttl == 0 {
+        tracing::debug!(manager = %self.id, ttl = lookup.ttl, renewable = ?lookup.renewable, "Vault token looked up");
+        // Only a token without an expiry time never expires; a ttl of 0 on an expiring token
+        // means less than a second is left.
+        if lookup.expire_time.is_none() {
             return Ok(None);
         }
-        if lookup.renewable != Some(true) {
+        // Only a token that says it is not renewable is left alone; some servers omit the
+        // field on lookup.
+        if lookup.renewable == Some(false) {
             return Ok(Some(Duration::from_secs(lookup.ttl)));
         }
         let info = vaultrs::token::renew_self(&*client, None)
             .await
             .map_err(classify)?;
+        tracing::debug!(manager = %self.id, lease_seconds = info.lease_duration, "renewed the Vault token");
         Ok(Some(Duration::from_secs(info.lease_duration)))
     }
 
@@ -281,6 +287,7 @@ async fn auth_loop(backend: Weak<HashicorpBackend>, relogin: Arc<Notify>) {
     let mut backoff = RETRY_MIN;
     loop {
         let Some(b) = backend.upgrade() else { return };
+        tracing::trace!(manager = %b.id, "Vault auth check");
         let next = match b.renew().await {
             Ok(Some(lease)) => {
                 backoff = RETRY_MIN;
