@@ -568,3 +568,67 @@ async fn approle_logs_in_renews_and_recovers_from_a_revoked_token() {
     }
     assert!(d.logs().contains("logged in to Vault with AppRole"));
 }
+
+#[tokio::test]
+async fn aws_assumes_the_configured_role() {
+    let moto = peers::moto().await;
+    let d = Daemon::start(|c, dir| {
+        let mut manager = aws_manager(dir, &moto);
+        manager.as_table_mut().unwrap().insert(
+            "role_arn".into(),
+            "arn:aws:iam::123456789012:role/credproxy".into(),
+        );
+        c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
+        common::set(c, "routing", "default", "aws");
+    })
+    .await;
+    let id = d.create("Production", json!({"k": "via-role"})).await;
+    let aws = peers::aws_client(&moto).await;
+    let secret = aws
+        .get_secret_value()
+        .secret_id(format!("credproxy/Production/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(secret.secret_string().unwrap().contains("via-role"));
+    let (status, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, body["secrets"]["k"].as_str()),
+        (200, Some("via-role"))
+    );
+}
+
+#[test]
+fn manager_settings_are_validated_by_their_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (body, expected) in [
+        ("type = \"aws\"\n", "region"),
+        ("type = \"aws\"\nregion = \"x\"\nregoin = \"y\"\n", "regoin"),
+        (
+            "type = \"aws\"\nregion = \"x\"\naccess_key_id = { env = \"A\" }\n",
+            "secret_access_key",
+        ),
+        (
+            "type = \"hashicorp\"\naddress = \"http://v\"\n",
+            "exactly one of token or approle",
+        ),
+        (
+            "type = \"hashicorp\"\naddress = \"vault:8200\"\ntoken = { env = \"T\" }\n",
+            "address",
+        ),
+        (
+            "type = \"hashicorp\"\naddress = \"http://v\"\ntoken = \"inline-secret\"\n",
+            "never written inline",
+        ),
+    ] {
+        std::fs::write(&path, format!("[[secrets_manager]]\nid = \"m\"\n{body}")).unwrap();
+        let out = common::run_cli(&["check-config", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{body}");
+        assert!(err.contains(expected), "{body}: {err}");
+        assert!(!err.contains("inline-secret"), "{err}");
+    }
+}

@@ -110,18 +110,11 @@ fn check_config_accepts_the_shipped_example_and_names_bad_keys() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("capacityy"));
 
-    std::fs::write(
-        &bad,
-        "[[secrets_manager]]\nid = \"v\"\ntype = \"hashicorp\"\n",
-    )
-    .unwrap();
+    std::fs::write(&bad, "[[secrets_manager]]\nid = \"v\"\ntype = \"azure\"\n").unwrap();
     let out = run_cli(&["check-config", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("not built") || err.contains("hashicorp"),
-        "{err}"
-    );
+    assert!(err.contains("not built") && err.contains("azure"), "{err}");
 
     let out = run_cli(&["check-config", "--config", "/nonexistent/credproxy.toml"]);
     assert_eq!(out.status.code(), Some(2));

@@ -39,24 +39,13 @@ pub struct AwsSettings {
     pub kms_key_id: Option<String>,
 }
 
-fn invalid(manager: &ManagerConfig, key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: format!("secrets_manager `{}`.{key}", manager.id),
-        reason: reason.into(),
-    }
-}
-
 pub fn parse_settings(manager: &ManagerConfig) -> Result<AwsSettings, ConfigError> {
-    let settings: AwsSettings = manager
-        .settings
-        .clone()
-        .try_into()
-        .map_err(|e: toml::de::Error| invalid(manager, "", e.message().to_owned()))?;
+    let settings: AwsSettings = super::parse_table(manager)?;
     if settings.region.is_empty() {
-        return Err(invalid(manager, "region", "must not be empty"));
+        return Err(super::setting_error(manager, "region", "must not be empty"));
     }
     if settings.access_key_id.is_some() != settings.secret_access_key.is_some() {
-        return Err(invalid(
+        return Err(super::setting_error(
             manager,
             "access_key_id",
             "give both access_key_id and secret_access_key, or neither to use the default chain",
@@ -64,12 +53,16 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<AwsSettings, ConfigErro
     }
     if let Some(ep) = &settings.endpoint {
         if !(ep.starts_with("https://") || ep.starts_with("http://")) {
-            return Err(invalid(manager, "endpoint", "must be an http(s) URL"));
+            return Err(super::setting_error(
+                manager,
+                "endpoint",
+                "must be an http(s) URL",
+            ));
         }
     }
     if let Some(days) = settings.recovery_window_days {
         if !(7..=30).contains(&days) {
-            return Err(invalid(
+            return Err(super::setting_error(
                 manager,
                 "recovery_window_days",
                 "AWS accepts 7 to 30",
@@ -78,7 +71,11 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<AwsSettings, ConfigErro
     }
     if let Some(role) = &settings.role_arn {
         if !role.starts_with("arn:") {
-            return Err(invalid(manager, "role_arn", "must be an IAM role ARN"));
+            return Err(super::setting_error(
+                manager,
+                "role_arn",
+                "must be an IAM role ARN",
+            ));
         }
     }
     Ok(settings)
@@ -110,11 +107,9 @@ impl AwsBackend {
         if let (Some(key_id), Some(secret)) = (&settings.access_key_id, &settings.secret_access_key)
         {
             let key_id =
-                key_id.resolve(&format!("secrets_manager `{}`.access_key_id", manager.id))?;
-            let secret = secret.resolve(&format!(
-                "secrets_manager `{}`.secret_access_key",
-                manager.id
-            ))?;
+                key_id.resolve(&format!("secrets_manager.{}.access_key_id", manager.id))?;
+            let secret =
+                secret.resolve(&format!("secrets_manager.{}.secret_access_key", manager.id))?;
             // The SDK keeps its own copy; it needs the plain strings to sign requests.
             loader = loader.credentials_provider(Credentials::new(
                 key_id.expose(),

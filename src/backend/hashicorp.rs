@@ -64,32 +64,29 @@ fn default_approle_mount() -> String {
     "approle".into()
 }
 
-fn invalid(manager: &ManagerConfig, key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: format!("secrets_manager `{}`.{key}", manager.id),
-        reason: reason.into(),
-    }
-}
-
 pub fn parse_settings(manager: &ManagerConfig) -> Result<HashicorpSettings, ConfigError> {
-    let s: HashicorpSettings = manager
-        .settings
-        .clone()
-        .try_into()
-        .map_err(|e: toml::de::Error| invalid(manager, "", e.message().to_owned()))?;
+    let s: HashicorpSettings = super::parse_table(manager)?;
     if !(s.address.starts_with("https://") || s.address.starts_with("http://"))
         || url_invalid(&s.address)
     {
-        return Err(invalid(manager, "address", "must be an http(s) URL"));
+        return Err(super::setting_error(
+            manager,
+            "address",
+            "must be an http(s) URL",
+        ));
     }
     if !matches!(s.kv_version, 1 | 2) {
-        return Err(invalid(manager, "kv_version", "1 or 2"));
+        return Err(super::setting_error(manager, "kv_version", "1 or 2"));
     }
     if s.mount.is_empty() || s.mount.contains("..") {
-        return Err(invalid(manager, "mount", "must name a KV mount"));
+        return Err(super::setting_error(
+            manager,
+            "mount",
+            "must name a KV mount",
+        ));
     }
     if s.token.is_some() == s.approle.is_some() {
-        return Err(invalid(
+        return Err(super::setting_error(
             manager,
             "token",
             "give exactly one of token or approle",
@@ -161,7 +158,7 @@ impl HashicorpBackend {
         // twice is harmless (the first wins).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let settings = parse_settings(manager)?;
-        let key = |k: &str| format!("secrets_manager `{}`.{k}", manager.id);
+        let key = |k: &str| format!("secrets_manager.{}.{k}", manager.id);
         let auth = match (&settings.token, &settings.approle) {
             (Some(token), _) => Auth::Token(token.resolve(&key("token"))?),
             (_, Some(a)) => Auth::AppRole {
@@ -176,7 +173,7 @@ impl HashicorpBackend {
             Auth::AppRole { .. } => SecretString::from(""),
         };
         let client = make_client(&settings, &initial)
-            .map_err(|e| invalid(manager, "address", e.to_string()))?;
+            .map_err(|e| super::setting_error(manager, "address", e.to_string()))?;
         let backend = Arc::new(HashicorpBackend {
             id: manager.id.clone(),
             settings,

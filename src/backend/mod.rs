@@ -182,6 +182,37 @@ pub fn validate_settings(manager: &ManagerConfig) -> Result<(), ConfigError> {
     }
 }
 
+/// A rejected manager setting, keyed `secrets_manager.{id}.{key}`.
+#[allow(dead_code)] // unused when no external backend is compiled in
+pub(crate) fn setting_error(
+    manager: &ManagerConfig,
+    key: &str,
+    reason: impl Into<String>,
+) -> ConfigError {
+    let key = if key.is_empty() {
+        format!("secrets_manager.{}", manager.id)
+    } else {
+        format!("secrets_manager.{}.{key}", manager.id)
+    };
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Deserialises a manager's type-specific keys into the backend's own settings type (which
+/// rejects unknown keys).
+#[allow(dead_code)] // unused when no external backend is compiled in
+pub(crate) fn parse_table<T: serde::de::DeserializeOwned>(
+    manager: &ManagerConfig,
+) -> Result<T, ConfigError> {
+    manager
+        .settings
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| setting_error(manager, "", e.message().to_owned()))
+}
+
 fn not_built(manager: &ManagerConfig) -> ConfigError {
     ConfigError::BackendNotBuilt {
         id: manager.id.clone(),
