@@ -54,6 +54,18 @@ fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
     common::set(c, "routing", "environments", envs);
 }
 
+/// A daemon with both managers configured and these environment routes.
+async fn with_both(moto: &Peer, openbao: &Peer, routes: &[(&str, &str)]) -> Daemon {
+    Daemon::start(|c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![aws_manager(dir, moto), vault_manager(dir, openbao)]),
+        );
+        route(c, routes);
+    })
+    .await
+}
+
 async fn vault_data(openbao: &Peer, name: &str) -> (u16, serde_json::Value) {
     let (status, body) = bao(
         openbao,
@@ -69,13 +81,11 @@ async fn vault_data(openbao: &Peer, name: &str) -> (u16, serde_json::Value) {
 async fn routing_sends_each_environment_to_its_manager_and_the_rest_to_the_local_store() {
     let (moto, openbao) = (peers::moto().await, peers::openbao().await);
     let canary = "CANARY-routing-5d1e";
-    let d = Daemon::start(|c, dir| {
-        c.insert(
-            "secrets_manager".into(),
-            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
-        );
-        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
-    })
+    let d = with_both(
+        &moto,
+        &openbao,
+        &[("Production", "vault"), ("Sandbox", "aws")],
+    )
     .await;
 
     let prod = d
@@ -137,14 +147,7 @@ async fn routing_sends_each_environment_to_its_manager_and_the_rest_to_the_local
 #[tokio::test]
 async fn pinning_overrides_the_environment_and_a_pin_change_moves_the_secret() {
     let (moto, openbao) = (peers::moto().await, peers::openbao().await);
-    let d = Daemon::start(|c, dir| {
-        c.insert(
-            "secrets_manager".into(),
-            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
-        );
-        route(c, &[("Production", "vault")]);
-    })
-    .await;
+    let d = with_both(&moto, &openbao, &[("Production", "vault")]).await;
     let (status, created) = d
         .call(
             Method::POST,
@@ -196,13 +199,11 @@ async fn pinning_overrides_the_environment_and_a_pin_change_moves_the_secret() {
 #[tokio::test]
 async fn round_trips_advance_versions_and_delete_removes_the_secret() {
     let (moto, openbao) = (peers::moto().await, peers::openbao().await);
-    let d = Daemon::start(|c, dir| {
-        c.insert(
-            "secrets_manager".into(),
-            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
-        );
-        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
-    })
+    let d = with_both(
+        &moto,
+        &openbao,
+        &[("Production", "vault"), ("Sandbox", "aws")],
+    )
     .await;
     let aws = peers::aws_client(&moto).await;
     for env in ["Production", "Sandbox"] {
@@ -273,13 +274,11 @@ async fn round_trips_advance_versions_and_delete_removes_the_secret() {
 #[tokio::test]
 async fn listing_shows_what_each_store_holds_with_paging() {
     let (moto, openbao) = (peers::moto().await, peers::openbao().await);
-    let d = Daemon::start(|c, dir| {
-        c.insert(
-            "secrets_manager".into(),
-            toml::Value::Array(vec![aws_manager(dir, &moto), vault_manager(dir, &openbao)]),
-        );
-        route(c, &[("Production", "vault"), ("Sandbox", "aws")]);
-    })
+    let d = with_both(
+        &moto,
+        &openbao,
+        &[("Production", "vault"), ("Sandbox", "aws")],
+    )
     .await;
     // Something credproxy did not write, too.
     bao(

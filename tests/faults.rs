@@ -157,6 +157,25 @@ impl InProcess {
     }
 }
 
+impl InProcess {
+    /// Creates a credential, then drops it from the cache with a metadata-only change (which
+    /// does not touch the store), so the next read goes to the store.
+    async fn create_cold(&self, secrets: serde_json::Value) -> String {
+        let id = self.create(secrets).await;
+        let r = send(
+            &self.socket,
+            Method::PATCH,
+            &format!("/v1/credentials/{id}"),
+            &[],
+            Some(br#"{"metadata":{}}"#.to_vec()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        id
+    }
+}
+
 impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
@@ -245,18 +264,7 @@ async fn cold_read_of_a_hanging_store_is_a_bounded_503() {
         common::set(c, "backends", "timeout", "300ms")
     })
     .await;
-    let id = d.create(json!({"token": "t"})).await;
-    // A metadata-only change invalidates the cache entry without touching the store.
-    let r = send(
-        &d.socket,
-        Method::PATCH,
-        &format!("/v1/credentials/{id}"),
-        &[],
-        Some(br#"{"metadata":{"x":1}}"#.to_vec()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
+    let id = d.create_cold(json!({"token": "t"})).await;
     d.set(HANG);
     let (status, _, retry_after, body) = d.get(&id).await;
     assert_eq!(status, 503, "{body}");
@@ -450,17 +458,7 @@ async fn a_request_past_its_deadline_gets_503_request_timeout() {
         common::set(c, "backends", "timeout", "60s");
     })
     .await;
-    let id = d.create(json!({"token": "t"})).await;
-    let r = send(
-        &d.socket,
-        Method::PATCH,
-        &format!("/v1/credentials/{id}"),
-        &[],
-        Some(br#"{"metadata":{}}"#.to_vec()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
+    let id = d.create_cold(json!({"token": "t"})).await;
     d.set(HANG);
     let r = send(
         &d.socket,
@@ -488,17 +486,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_with_503() {
         common::set(c, "backends", "timeout", "60s");
     })
     .await;
-    let id = d.create(json!({"token": "t"})).await;
-    let r = send(
-        &d.socket,
-        Method::PATCH,
-        &format!("/v1/credentials/{id}"),
-        &[],
-        Some(br#"{"metadata":{}}"#.to_vec()),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
+    let id = d.create_cold(json!({"token": "t"})).await;
     d.set(HANG);
     // Two reads hold both permits while the store hangs.
     let held: Vec<_> = (0..2)
