@@ -168,13 +168,16 @@ fn ok_json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     )
 }
 
-/// The route a request is for, for metric labels.
-pub fn classify_route(method: &Method, path: &str) -> RouteId {
-    classify(method, path).0
+/// A request's route and credential id, worked out once per request: the connection layer
+/// labels metrics with it and the handler dispatches on it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub route: RouteId,
+    pub id: Option<String>,
 }
 
 /// Splits a path into the route and its credential id.
-fn classify(method: &Method, path: &str) -> (RouteId, Option<String>) {
+pub fn classify(method: &Method, path: &str) -> Target {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let route = match (method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => RouteId::Health,
@@ -199,25 +202,14 @@ fn classify(method: &Method, path: &str) -> (RouteId, Option<String>) {
         | RouteId::CredentialRefresh => segments.get(2).map(|s| s.to_string()),
         _ => None,
     };
-    (route, id)
+    Target { route, id }
 }
 
+/// Whether some method serves `path` (so another method gets 405, not 404).
 fn known_path(path: &str) -> bool {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    matches!(
-        segments.as_slice(),
-        ["healthz"]
-            | ["readyz"]
-            | ["v1", "credentials"]
-            | ["v1", "credentials", _]
-            | ["v1", "credentials", _, "refresh"]
-            | ["v1", "secretsmanagers"]
-            | ["v1", "secretsmanagers", "instructions"]
-            | ["v1", "secretsmanagers", "secrets"]
-            | ["v1", "routing"]
-            | ["v1", "migrations"]
-            | ["v1", "reload"]
-    )
+    [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
+        .iter()
+        .any(|m| classify(m, path).route != RouteId::Unknown)
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
@@ -247,9 +239,10 @@ struct Audit {
 pub async fn handle(
     app: &Arc<App>,
     caller: Caller,
+    target: Target,
     request: Request<Incoming>,
-) -> (RouteId, Response<Body>) {
-    let (route, id) = classify(request.method(), request.uri().path());
+) -> Response<Body> {
+    let Target { route, id } = target;
     let mut audit = Audit {
         credential: id.clone(),
         fields: None,
@@ -283,7 +276,7 @@ pub async fn handle(
             "access"
         );
     }
-    (route, response)
+    response
 }
 
 async fn dispatch(

@@ -182,11 +182,13 @@ fn serve_api<S, T>(
         let mut api = api.clone();
         async move {
             let started = Instant::now();
-            let route = api::classify_route(request.method(), request.uri().path());
+            let target = api::classify(request.method(), request.uri().path());
+            let route = target.route;
             let response = match admit(&app, &request, transport) {
                 Err(e) => e.into_response(),
                 Ok(caller) => {
                     request.extensions_mut().insert(caller);
+                    request.extensions_mut().insert(target);
                     match api.ready().await {
                         Ok(ready) => match ready.call(request).await {
                             Ok(r) => r,
@@ -293,14 +295,17 @@ fn middleware_error(e: tower::BoxError) -> ApiError {
     }
 }
 
-async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, mut request: Request<Incoming>) -> Response<Body> {
     let caller = request
         .extensions()
         .get::<Caller>()
         .copied()
         .unwrap_or(Caller::Tcp);
-    let (_, response) = api::handle(app, caller, request).await;
-    response
+    let target = match request.extensions_mut().remove::<api::Target>() {
+        Some(t) => t,
+        None => api::classify(request.method(), request.uri().path()),
+    };
+    api::handle(app, caller, target, request).await
 }
 
 fn serve_metrics<S>(app: &Arc<App>, graceful: &GracefulShutdown, stream: S)
@@ -322,10 +327,10 @@ where
                     );
                     r
                 }
-                (&hyper::Method::GET, "/healthz") => {
-                    api::handle(&app, Caller::Tcp, request).await.1
+                (&hyper::Method::GET, "/healthz" | "/readyz") => {
+                    let target = api::classify(request.method(), request.uri().path());
+                    api::handle(&app, Caller::Tcp, target, request).await
                 }
-                (&hyper::Method::GET, "/readyz") => api::handle(&app, Caller::Tcp, request).await.1,
                 _ => ApiError::not_found_route().into_response(),
             };
             Ok::<_, Infallible>(response)
