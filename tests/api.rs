@@ -428,14 +428,9 @@ async fn metrics_pass_promtool_and_count_requests() {
 #[tokio::test]
 async fn pinning_is_recorded_and_can_be_removed() {
     let d = Daemon::start(|_, _| {}).await;
-    let (status, created) = d
-        .call(
-            Method::POST,
-            "/v1/credentials",
-            Some(json!({"environment": "Production", "integration_type": "x", "secrets_manager_id": "local", "secrets": {"a": "b"}})),
-        )
+    let created = d
+        .create_pinned("Production", "local", json!({"a": "b"}))
         .await;
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["pinned_secrets_manager_id"], "local");
     let id = created["id"].as_str().unwrap();
     let (status, patched) = d

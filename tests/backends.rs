@@ -148,14 +148,9 @@ async fn routing_sends_each_environment_to_its_manager_and_the_rest_to_the_local
 async fn pinning_overrides_the_environment_and_a_pin_change_moves_the_secret() {
     let (moto, openbao) = (peers::moto().await, peers::openbao().await);
     let d = with_both(&moto, &openbao, &[("Production", "vault")]).await;
-    let (status, created) = d
-        .call(
-            Method::POST,
-            "/v1/credentials",
-            Some(json!({"environment": "Production", "integration_type": "x", "secrets_manager_id": "aws", "secrets": {"k": "pinned"}})),
-        )
+    let created = d
+        .create_pinned("Production", "aws", json!({"k": "pinned"}))
         .await;
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["secrets_manager_id"], "aws");
     let id = created["id"].as_str().unwrap().to_owned();
     let aws = peers::aws_client(&moto).await;

@@ -176,6 +176,14 @@ impl InProcess {
     }
 }
 
+/// Stores a credential with a daemon that then stops, so the next one starts with a cold cache.
+async fn created_in_an_earlier_run(dir: &Path, secrets: serde_json::Value) -> String {
+    let earlier = InProcess::start(dir, |_| {}).await;
+    let id = earlier.create(secrets).await;
+    earlier.stop().await;
+    id
+}
+
 impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
@@ -187,9 +195,7 @@ impl Drop for InProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_cold_reads_cost_one_store_read() {
     let dir = tempfile::tempdir().unwrap();
-    let first = InProcess::start(dir.path(), |_| {}).await;
-    let id = first.create(json!({"token": "cold"})).await;
-    first.stop().await;
+    let id = created_in_an_earlier_run(dir.path(), json!({"token": "cold"})).await;
 
     // A fresh process has an empty cache; the store answers slowly so the reads overlap.
     let daemon = Arc::new(InProcess::start(dir.path(), |_| {}).await);
@@ -298,9 +304,7 @@ async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
     use credproxy::store::JournalEntry;
 
     let dir = tempfile::tempdir().unwrap();
-    let first = InProcess::start(dir.path(), |_| {}).await;
-    let kept = first.create(json!({"token": "kept"})).await;
-    first.stop().await;
+    let kept = created_in_an_earlier_run(dir.path(), json!({"token": "kept"})).await;
 
     // What a crash between "write the secret" and "record the credential" leaves behind: a
     // sealed copy nobody refers to, and its journal entry. Plus a stale entry that points at a
@@ -370,9 +374,7 @@ async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_a_request_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let first = InProcess::start(dir.path(), |_| {}).await;
-    let id = first.create(json!({"token": "in-flight"})).await;
-    first.stop().await;
+    let id = created_in_an_earlier_run(dir.path(), json!({"token": "in-flight"})).await;
 
     let mut d = InProcess::start(dir.path(), |_| {}).await;
     d.set(SLOW);

@@ -190,6 +190,24 @@ impl Daemon {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Creates a credential pinned to `manager`; returns the whole answer.
+    pub async fn create_pinned(&self, environment: &str, manager: &str, secrets: Value) -> Value {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/v1/credentials",
+                Some(serde_json::json!({
+                    "environment": environment,
+                    "integration_type": "x",
+                    "secrets_manager_id": manager,
+                    "secrets": secrets,
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
     pub async fn metrics_text(&self) -> String {
         let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
