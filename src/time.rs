@@ -8,6 +8,14 @@ pub fn now_unix() -> i64 {
     to_unix(SystemTime::now())
 }
 
+/// Milliseconds, for leases (which outlive a process but not a second's rounding).
+pub fn now_unix_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(_) => 0,
+    }
+}
+
 pub fn to_unix(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,

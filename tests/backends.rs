@@ -3,56 +3,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::peers::{self, bao, Peer};
-use common::{contains_bytes, Daemon};
+use common::peers::{self, aws_manager, bao, vault_manager, Peer};
+use common::{contains_bytes, file_ref, route, table, Daemon};
 use hyper::Method;
 use serde_json::json;
-
-fn table(pairs: &[(&str, toml::Value)]) -> toml::Value {
-    toml::Value::Table(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect(),
-    )
-}
-
-fn file_ref(dir: &Path, name: &str, value: &str) -> toml::Value {
-    let path = dir.join(name);
-    std::fs::write(&path, value).unwrap();
-    table(&[("file", path.display().to_string().into())])
-}
-
-fn aws_manager(dir: &Path, moto: &Peer) -> toml::Value {
-    table(&[
-        ("id", "aws".into()),
-        ("type", "aws".into()),
-        ("region", "us-east-1".into()),
-        ("endpoint", moto.url().into()),
-        ("access_key_id", file_ref(dir, "aws-key-id", "testing")),
-        ("secret_access_key", file_ref(dir, "aws-secret", "testing")),
-    ])
-}
-
-fn vault_manager(dir: &Path, openbao: &Peer) -> toml::Value {
-    table(&[
-        ("id", "vault".into()),
-        ("type", "hashicorp".into()),
-        ("address", openbao.url().into()),
-        ("token", file_ref(dir, "vault-token", peers::BAO_ROOT_TOKEN)),
-    ])
-}
-
-fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
-    let envs: toml::Table = environments
-        .iter()
-        .map(|(e, m)| ((*e).to_owned(), toml::Value::from(*m)))
-        .collect();
-    common::set(c, "routing", "environments", envs);
-}
 
 /// A daemon with both managers configured and these environment routes.
 async fn with_both(moto: &Peer, openbao: &Peer, routes: &[(&str, &str)]) -> Daemon {

@@ -249,6 +249,24 @@ impl Keyring {
         .ok_or_else(|| tampered(record))
     }
 
+    /// Seals `plaintext` the way local-store versions are sealed, for other records that must
+    /// never be stored in the clear (a token response awaiting write-back).
+    pub fn seal_record(&self, name: &str, version: i64, plaintext: &[u8]) -> SealedRecord {
+        let (wrapped_key, ciphertext) = self.seal(name, version, plaintext);
+        SealedRecord {
+            name: name.to_owned(),
+            version,
+            key_id: self.current.id.clone(),
+            wrapped_key,
+            ciphertext,
+            created_at: crate::time::now_unix(),
+        }
+    }
+
+    pub fn open_record(&self, record: &SealedRecord) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        self.open(record)
+    }
+
     /// Re-wraps a record's data key under the current master key; the ciphertext is untouched.
     fn rewrap(&self, record: &SealedRecord) -> Result<SealedRecord, BackendError> {
         let dek = self.unwrap_dek(record)?;

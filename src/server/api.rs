@@ -147,6 +147,12 @@ impl From<ServiceError> for ApiError {
                 retry_after: Some(Duration::from_secs(1)),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "metadata_unavailable", "the metadata store is unavailable; retry later")
             },
+            NeedsReauth => ApiError::new(StatusCode::CONFLICT, "needs_reauth", "the token endpoint rejected the refresh token and the access token has expired; the user must authorise again and the new tokens be stored with PATCH"),
+            NotRefreshable(detail) => ApiError::new(StatusCode::CONFLICT, "not_refreshable", "the credential cannot be refreshed").with_detail(detail),
+            TokenUnavailable { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", "the access token has expired and could not be refreshed yet; retry later")
+            },
             NotImplemented(what) => ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", "this operation is not available in this build").with_detail(what),
         }
     }
@@ -346,7 +352,22 @@ async fn dispatch(
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }
-        RouteId::CredentialRefresh => Err(ServiceError::NotImplemented("OAuth refresh").into()),
+        RouteId::CredentialRefresh => {
+            let outcome = service
+                .force_refresh(&caller, &id.unwrap_or_default())
+                .await?;
+            let record = outcome.record();
+            Ok(ok_json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "id": record.id,
+                    "refreshed": matches!(outcome, crate::service::Refreshed::Done(_)),
+                    "expires_at": record.expires_at.map(crate::time::rfc3339),
+                    "secrets_manager_id": record.location.store_id,
+                    "reference": reference(record),
+                }),
+            ))
+        }
         RouteId::Managers => {
             require(app, &caller, Action::Read)?;
             let runtime = service.runtime();

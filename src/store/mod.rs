@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,6 +46,19 @@ pub struct OAuthDescription {
     pub client_id: String,
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// `basic`: HTTP Basic with the client id and secret (RFC 6749's preferred way); `body`: both in
+/// the form body, for token endpoints that accept only that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Basic,
+    Body,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,4 +218,37 @@ pub trait MetadataStore: Send + Sync + 'static {
         record: &SealedRecord,
         old_key_id: &str,
     ) -> Result<(), StoreError>;
+
+    /// Takes the lease `key` for `holder` if it is free, expired, or already `holder`'s, for
+    /// `ttl` from now. Serialises OAuth refreshers across processes sharing the database.
+    async fn lease_acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// Gives the lease up if `holder` still has it.
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Saves a sealed token response before it is written back, so a crash in between does
+    /// not lose a rotated refresh token. One per credential; replaces any earlier one.
+    async fn pending_token_put(
+        &self,
+        credential_id: &str,
+        sealed: &SealedRecord,
+    ) -> Result<(), StoreError>;
+    async fn pending_token_get(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<SealedRecord>, StoreError>;
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), StoreError>;
+
+    /// OAuth credentials not marked for re-authorisation whose token expires at or before
+    /// `before` (Unix seconds), soonest first.
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, StoreError>;
+    async fn count_needs_reauth(&self) -> Result<u64, StoreError>;
 }

@@ -49,6 +49,26 @@ CREATE TABLE local_secrets (
 );
 "#;
 
+/// Version 2: OAuth refresh leases and sealed token responses awaiting write-back.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE leases (
+    key           TEXT PRIMARY KEY,
+    holder        TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE TABLE oauth_pending (
+    credential_id TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    key_id        TEXT NOT NULL,
+    wrapped_key   BLOB NOT NULL,
+    ciphertext    BLOB NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+CREATE INDEX credentials_oauth_due ON credentials (expires_at)
+    WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL;
+"#;
+
 pub struct SqliteStore {
     // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
     conn: Arc<Mutex<Connection>>,
@@ -86,9 +106,16 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        if version == 0 {
+        if version < SCHEMA_VERSION {
+            // Each step in one transaction with the version bump: a crash mid-upgrade leaves
+            // the previous version intact.
             let tx = conn.unchecked_transaction().map_err(db_err)?;
-            tx.execute_batch(SCHEMA_V1).map_err(db_err)?;
+            if version < 1 {
+                tx.execute_batch(SCHEMA_V1).map_err(db_err)?;
+            }
+            if version < 2 {
+                tx.execute_batch(SCHEMA_V2).map_err(db_err)?;
+            }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
@@ -290,6 +317,11 @@ impl MetadataStore for SqliteStore {
                 return Err(StoreError::Conflict);
             }
             let journal_id = journal_insert(&tx, &abandoned)?;
+            tx.execute(
+                "DELETE FROM oauth_pending WHERE credential_id = ?1",
+                params![id],
+            )
+            .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(journal_id)
         })
@@ -537,6 +569,139 @@ impl MetadataStore for SqliteStore {
         })
         .await
     }
+
+    async fn lease_acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        let holder = holder.to_owned();
+        let now = crate::time::now_unix_ms();
+        let until = now + ttl.as_millis() as i64;
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO leases (key, holder, expires_at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
+                 WHERE leases.expires_at_ms <= ?4 OR leases.holder = excluded.holder",
+                params![key, holder, until, now],
+            )
+            .map(|changed| changed == 1)
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        let holder = holder.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM leases WHERE key = ?1 AND holder = ?2",
+                params![key, holder],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn pending_token_put(
+        &self,
+        credential_id: &str,
+        sealed: &SealedRecord,
+    ) -> Result<(), StoreError> {
+        let id = credential_id.to_owned();
+        let r = sealed.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO oauth_pending \
+                 (credential_id, name, version, key_id, wrapped_key, ciphertext, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    r.name,
+                    r.version,
+                    r.key_id,
+                    r.wrapped_key,
+                    r.ciphertext,
+                    r.created_at
+                ],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn pending_token_get(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<SealedRecord>, StoreError> {
+        let id = credential_id.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at \
+                 FROM oauth_pending WHERE credential_id = ?1",
+                params![id],
+                sealed_from_row,
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), StoreError> {
+        let id = credential_id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM oauth_pending WHERE credential_id = ?1",
+                params![id],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.with(move |c| {
+            let sql = format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
+                 WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
+                 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![before, limit as i64], credential_from_row)
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(db_err)??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count_needs_reauth(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM credentials WHERE needs_reauth != 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(db_err)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -599,6 +764,110 @@ mod tests {
                 .row_version,
             2
         );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        store.create_credential(&record("a"), 0).await.unwrap();
+        assert!(store
+            .lease_acquire("k", "h", std::time::Duration::from_secs(5))
+            .await
+            .unwrap());
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_holder_until_released_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let one = SqliteStore::open(&path).unwrap();
+        // A second connection stands in for a second process.
+        let two = SqliteStore::open(&path).unwrap();
+        let long = std::time::Duration::from_secs(30);
+        assert!(one.lease_acquire("c1", "p1", long).await.unwrap());
+        assert!(!two.lease_acquire("c1", "p2", long).await.unwrap());
+        assert!(
+            two.lease_acquire("c2", "p2", long).await.unwrap(),
+            "per key"
+        );
+        assert!(
+            one.lease_acquire("c1", "p1", long).await.unwrap(),
+            "re-entrant"
+        );
+        two.lease_release("c1", "p2").await.unwrap();
+        assert!(
+            !two.lease_acquire("c1", "p2", long).await.unwrap(),
+            "only the holder releases"
+        );
+        one.lease_release("c1", "p1").await.unwrap();
+        assert!(two
+            .lease_acquire("c1", "p2", std::time::Duration::ZERO)
+            .await
+            .unwrap());
+        // An expired lease (its holder crashed) is taken over.
+        assert!(one.lease_acquire("c1", "p1", long).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn pending_token_answers_are_kept_per_credential_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let mut r = record("a");
+        r.oauth = Some(crate::store::OAuthDescription {
+            token_url: "https://t".into(),
+            client_id: "c".into(),
+            scopes: vec![],
+            client_auth: Default::default(),
+        });
+        r.expires_at = Some(100);
+        store.create_credential(&r, 0).await.unwrap();
+        let sealed = SealedRecord {
+            name: "oauth-pending:a".into(),
+            version: 1,
+            key_id: "k".into(),
+            wrapped_key: vec![1],
+            ciphertext: vec![2],
+            created_at: 5,
+        };
+        store.pending_token_put("a", &sealed).await.unwrap();
+        store
+            .pending_token_put(
+                "a",
+                &SealedRecord {
+                    version: 2,
+                    ..sealed.clone()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pending_token_get("a").await.unwrap().unwrap().version,
+            2
+        );
+        assert_eq!(store.oauth_due(100, 10).await.unwrap().len(), 1);
+        assert!(store.oauth_due(99, 10).await.unwrap().is_empty());
+        let abandoned = JournalEntry {
+            id: 0,
+            kind: JournalKind::Copy,
+            credential_id: "a".into(),
+            store_id: "local".into(),
+            name: "n".into(),
+            created_at: 1,
+        };
+        store.delete_credential("a", 1, &abandoned).await.unwrap();
+        assert!(store.pending_token_get("a").await.unwrap().is_none());
     }
 
     #[tokio::test]

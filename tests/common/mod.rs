@@ -2,6 +2,7 @@
 //! its Unix socket, and kills it by pid when the test ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod inprocess;
 pub mod peers;
 
 use std::net::SocketAddr;
@@ -223,6 +224,14 @@ impl Daemon {
         body.to_owned()
     }
 
+    /// The value of one sample, e.g. `credproxy_oauth_refreshes_total{outcome="success"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+    }
+
     /// SIGTERM and wait for the exit status.
     pub async fn terminate(&mut self) -> ExitStatus {
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
@@ -285,4 +294,30 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
 
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A TOML table from pairs.
+pub fn table(pairs: &[(&str, toml::Value)]) -> toml::Value {
+    toml::Value::Table(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+    )
+}
+
+/// A `{file = ...}` secret reference to a new file holding `value`.
+pub fn file_ref(dir: &Path, name: &str, value: &str) -> toml::Value {
+    let path = dir.join(name);
+    std::fs::write(&path, value).unwrap();
+    table(&[("file", path.display().to_string().into())])
+}
+
+/// Sets `[routing] environments`.
+pub fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
+    let envs: toml::Table = environments
+        .iter()
+        .map(|(e, m)| ((*e).to_owned(), toml::Value::from(*m)))
+        .collect();
+    set(c, "routing", "environments", envs);
 }

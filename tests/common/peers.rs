@@ -1,12 +1,15 @@
-//! Real test peers: a moto server (AWS Secrets Manager) and an OpenBao dev server, each on a
+//! Real test peers: a moto server (AWS Secrets Manager), an OpenBao dev server, and an OAuth 2
+//! authorization server (`tests/peers/oauth-server`, @node-oauth/oauth2-server), each on a
 //! free loopback port, stopped by pid when dropped. `scripts/test.sh` installs them and names
-//! their binaries in `CREDPROXY_TEST_MOTO` and `CREDPROXY_TEST_BAO`.
+//! them in `CREDPROXY_TEST_MOTO`, `CREDPROXY_TEST_BAO` and `CREDPROXY_TEST_NODE_PATH`.
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, DEADLINE};
+use std::path::Path;
+
+use super::{file_ref, free_port, table, DEADLINE};
 
 fn peer_binary(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -69,9 +72,18 @@ async fn wait_http(peer: &mut Peer, path: &str) {
 }
 
 fn spawn(binary: &str, args: &[String]) -> (Child, tempfile::NamedTempFile) {
+    spawn_with_env(binary, args, &[])
+}
+
+fn spawn_with_env(
+    binary: &str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> (Child, tempfile::NamedTempFile) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(binary)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.reopen().unwrap())
         .stderr(log.reopen().unwrap())
@@ -117,6 +129,93 @@ pub async fn openbao() -> Peer {
     peer
 }
 
+/// The OAuth 2 server: rotating refresh tokens, family revocation on reuse, access tokens that
+/// live `access_lifetime` seconds unless a grant says otherwise.
+pub async fn oauth_server(access_lifetime: u64) -> Peer {
+    let port = free_port();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/peers/oauth-server/server.js"
+    );
+    let (child, log) = spawn_with_env(
+        "node",
+        &[
+            script.into(),
+            "--port".into(),
+            port.to_string(),
+            "--access-lifetime".into(),
+            access_lifetime.to_string(),
+        ],
+        &[("NODE_PATH", peer_binary("CREDPROXY_TEST_NODE_PATH"))],
+    );
+    let mut peer = Peer { child, port, log };
+    wait_http(&mut peer, "/admin/stats").await;
+    peer
+}
+
+/// A JSON call to the OAuth server's admin API.
+pub async fn oauth_admin(
+    peer: &Peer,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut request = http_client().request(method, format!("{}{path}", peer.url()));
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let response = request.send().await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+/// Registers `client_id` and issues a first grant: `(access_token, refresh_token)`.
+pub async fn oauth_grant(
+    peer: &Peer,
+    client_id: &str,
+    client_secret: &str,
+    access_lifetime: u64,
+) -> (String, String) {
+    oauth_admin(
+        peer,
+        reqwest::Method::POST,
+        "/admin/clients",
+        Some(serde_json::json!({"client_id": client_id, "client_secret": client_secret})),
+    )
+    .await;
+    let g = oauth_admin(
+        peer,
+        reqwest::Method::POST,
+        "/admin/grant",
+        Some(serde_json::json!({"client_id": client_id, "access_lifetime": access_lifetime})),
+    )
+    .await;
+    (
+        g["access_token"].as_str().unwrap().to_owned(),
+        g["refresh_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+pub async fn oauth_stats(peer: &Peer) -> serde_json::Value {
+    oauth_admin(peer, reqwest::Method::GET, "/admin/stats", None).await
+}
+
+/// Whether the server accepts `access_token` at its protected resource right now.
+pub async fn oauth_token_valid(peer: &Peer, access_token: &str) -> bool {
+    http_client()
+        .get(format!("{}/resource", peer.url()))
+        .bearer_auth(access_token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+}
+
 /// A call to OpenBao's HTTP API as root: what the tests use to check the store directly.
 pub async fn bao(
     peer: &Peer,
@@ -157,4 +256,26 @@ pub async fn aws_client(peer: &Peer) -> aws_sdk_secretsmanager::Client {
         )
         .build();
     aws_sdk_secretsmanager::Client::from_conf(config)
+}
+
+/// `[[secrets_manager]]` `aws` pointing at a moto server.
+pub fn aws_manager(dir: &Path, moto: &Peer) -> toml::Value {
+    table(&[
+        ("id", "aws".into()),
+        ("type", "aws".into()),
+        ("region", "us-east-1".into()),
+        ("endpoint", moto.url().into()),
+        ("access_key_id", file_ref(dir, "aws-key-id", "testing")),
+        ("secret_access_key", file_ref(dir, "aws-secret", "testing")),
+    ])
+}
+
+/// `[[secrets_manager]]` `vault` pointing at an OpenBao dev server as root.
+pub fn vault_manager(dir: &Path, openbao: &Peer) -> toml::Value {
+    table(&[
+        ("id", "vault".into()),
+        ("type", "hashicorp".into()),
+        ("address", openbao.url().into()),
+        ("token", file_ref(dir, "vault-token", BAO_ROOT_TOKEN)),
+    ])
 }

@@ -6,6 +6,8 @@
 //! metadata row (compare-and-swap on its version) in the same transaction that settles the
 //! journal, then delete what was abandoned.
 
+mod refresh;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
@@ -15,7 +17,10 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+pub use refresh::{Refreshed, Trigger};
+
 use crate::access::{Action, Caller, Policy};
+use crate::backend::local::Keyring;
 use crate::backend::{Backend, BackendError, ListRequest, Page, PutRequest, Registry};
 use crate::cache::{Cache, CacheStatus, Entry, LoadFailure, Loaded};
 use crate::config::{is_valid_name, Config};
@@ -23,8 +28,8 @@ use crate::metrics::Metrics;
 use crate::routing::{route, Route};
 use crate::secret::SecretFields;
 use crate::store::{
-    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, OAuthDescription,
-    StoreError,
+    ClientAuth, CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore,
+    OAuthDescription, StoreError,
 };
 
 /// Largest metadata object accepted, serialised.
@@ -59,6 +64,15 @@ pub enum ServiceError {
     SecretMissing { store: String },
     #[error("metadata store: {0}")]
     Metadata(String),
+    #[error("the refresh token was rejected; the credential needs re-authorisation")]
+    NeedsReauth,
+    #[error("the credential cannot be refreshed: {0}")]
+    NotRefreshable(String),
+    #[error("the access token expired and could not be refreshed: {detail}")]
+    TokenUnavailable {
+        detail: String,
+        retry_after: Duration,
+    },
     #[error("not implemented yet: {0}")]
     NotImplemented(&'static str),
 }
@@ -141,6 +155,8 @@ pub struct OAuthInput {
     /// RFC 3339 or Unix seconds.
     #[serde(default)]
     pub expires_at: Option<serde_json::Value>,
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
 }
 
 /// `PATCH /v1/credentials/{id}`. `secrets_manager_id: null` unpins.
@@ -196,6 +212,8 @@ pub struct Service {
     cache: Cache<ServiceError>,
     metrics: Arc<Metrics>,
     locks: KeyedLocks,
+    keys: Arc<Keyring>,
+    oauth: refresh::OAuthState,
 }
 
 /// What a write answers: never the secrets.
@@ -205,7 +223,13 @@ pub struct WriteOutcome {
 }
 
 impl Service {
-    pub fn new(runtime: Runtime, store: Arc<dyn MetadataStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        store: Arc<dyn MetadataStore>,
+        metrics: Arc<Metrics>,
+        keys: Arc<Keyring>,
+    ) -> Self {
+        let oauth = refresh::OAuthState::new(&runtime.config.oauth);
         let c = &runtime.config.cache;
         let cache = Cache::new(
             c.ttl,
@@ -219,6 +243,8 @@ impl Service {
             cache,
             metrics,
             locks: KeyedLocks::default(),
+            keys,
+            oauth,
         }
     }
 
@@ -303,7 +329,7 @@ impl Service {
         if !self.allows(caller, Action::Read, Some(&entry.loaded.record.environment)) {
             return Err(ServiceError::Forbidden);
         }
-        Ok((entry, status))
+        self.checked_token(id, entry, status).await
     }
 
     fn loader(
@@ -560,6 +586,10 @@ impl Service {
         if let Some(e) = new_expiry {
             next.expires_at = Some(e);
         }
+        if request.secrets.is_some() {
+            // New secrets are how a user re-authorises: refreshing may be tried again.
+            next.needs_reauth = false;
+        }
         next.row_version += 1;
         next.updated_at = crate::time::now_unix();
 
@@ -622,72 +652,90 @@ impl Service {
             )
             .await
         } else {
-            let caps = target_backend.describe().capabilities;
-            let idempotency_key = write_token();
-            let put = |expected_version| {
-                self.call(
-                    &target.store_id,
-                    "put",
-                    target_backend.put(PutRequest {
-                        name: &loc.name,
-                        value: &value,
-                        expected_version,
-                        idempotency_key: &idempotency_key,
-                    }),
-                )
-            };
-            let expected = if caps.compare_and_swap {
-                loc.version.as_deref()
-            } else {
-                None
-            };
-            // Marks a version that may land without being recorded (a timeout, a crash).
-            let intent = self
-                .journal_kind(JournalKind::Version, id, &target.store_id, &loc.name)
+            let next = self
+                .write_same_store(&current, next, &target_backend, value)
                 .await?;
-            let version = match put(expected).await {
-                Err(BackendError::Conflict) => {
-                    // The store moved past the recorded version. If an earlier write of ours
-                    // left an unrecorded version (its intent is still journaled) and the row
-                    // is unchanged, writing over that version loses nothing. Otherwise
-                    // someone else wrote to the store: report the conflict, never overwrite.
-                    let fresh = self
-                        .store
-                        .get_credential(id)
-                        .await?
-                        .ok_or(ServiceError::NotFound)?;
-                    let ours = self.earlier_intents(id, intent).await?;
-                    if fresh.row_version != current.row_version || ours.is_empty() {
-                        let _ = self.store.journal_remove(intent).await;
-                        return Err(ServiceError::Conflict);
-                    }
-                    put(None).await
-                }
-                other => other,
-            }
-            .map_err(|e| backend_failure(&target.store_id, e))?;
-            next.location.version = Some(version);
-            self.store
-                .update_credential(&next, current.row_version, None)
-                .await?;
-            for entry in self
-                .earlier_intents(id, intent)
-                .await?
-                .into_iter()
-                .chain([intent])
-            {
-                self.store.journal_remove(entry).await?;
-            }
-            self.cache.replace(
-                id,
-                Loaded {
-                    record: Arc::new(next.clone()),
-                    secrets: value,
-                    valid_until: next.expires_at.map(crate::time::from_unix),
-                },
-            );
             Ok(WriteOutcome { record: next })
         }
+    }
+
+    /// Writes a new version of a credential's secret to the store it is already in (with
+    /// compare-and-swap on the recorded version where the store has it), then switches the
+    /// row from `current` to `next` and replaces the cached entry. Caller holds the lock.
+    async fn write_same_store(
+        &self,
+        current: &CredentialRecord,
+        mut next: CredentialRecord,
+        backend: &Arc<dyn Backend>,
+        value: SecretFields,
+    ) -> Result<CredentialRecord, ServiceError> {
+        let id = current.id.as_str();
+        let loc = &current.location;
+        let caps = backend.describe().capabilities;
+        let idempotency_key = write_token();
+        let put = |expected_version| {
+            self.call(
+                &loc.store_id,
+                "put",
+                backend.put(PutRequest {
+                    name: &loc.name,
+                    value: &value,
+                    expected_version,
+                    idempotency_key: &idempotency_key,
+                }),
+            )
+        };
+        let expected = if caps.compare_and_swap {
+            loc.version.as_deref()
+        } else {
+            None
+        };
+        // Marks a version that may land without being recorded (a timeout, a crash).
+        let intent = self
+            .journal_kind(JournalKind::Version, id, &loc.store_id, &loc.name)
+            .await?;
+        let version = match put(expected).await {
+            Err(BackendError::Conflict) => {
+                // The store moved past the recorded version. If an earlier write of ours
+                // left an unrecorded version (its intent is still journaled) and the row
+                // is unchanged, writing over that version loses nothing. Otherwise
+                // someone else wrote to the store: report the conflict, never overwrite.
+                let fresh = self
+                    .store
+                    .get_credential(id)
+                    .await?
+                    .ok_or(ServiceError::NotFound)?;
+                let ours = self.earlier_intents(id, intent).await?;
+                if fresh.row_version != current.row_version || ours.is_empty() {
+                    let _ = self.store.journal_remove(intent).await;
+                    return Err(ServiceError::Conflict);
+                }
+                put(None).await
+            }
+            other => other,
+        }
+        .map_err(|e| backend_failure(&loc.store_id, e))?;
+        next.location.version = Some(version);
+        self.store
+            .update_credential(&next, current.row_version, None)
+            .await?;
+        for entry in self
+            .earlier_intents(id, intent)
+            .await?
+            .into_iter()
+            .chain([intent])
+        {
+            self.store.journal_remove(entry).await?;
+        }
+        self.cache.replace(
+            id,
+            Loaded {
+                record: Arc::new(next.clone()),
+                secrets: value,
+                valid_until: next.expires_at.map(crate::time::from_unix),
+            },
+        );
+        Ok(next)
     }
 
     /// Copies a credential to another store, verifies the copy, switches the recorded
@@ -974,17 +1022,7 @@ fn check_metadata(m: &serde_json::Map<String, serde_json::Value>) -> Result<(), 
 }
 
 fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
-    let url_ok = (o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
-        && o.token_url.len() <= 2048
-        && !o
-            .token_url
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control());
-    if !url_ok {
-        return Err(ServiceError::Invalid(
-            "`oauth.token_url` must be an http(s) URL".into(),
-        ));
-    }
+    check_token_url(&o.token_url)?;
     if o.client_id.is_empty() || o.client_id.len() > 512 {
         return Err(ServiceError::Invalid(
             "`oauth.client_id` must be 1-512 characters".into(),
@@ -994,7 +1032,35 @@ fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
         token_url: o.token_url,
         client_id: o.client_id,
         scopes: o.scopes,
+        client_auth: o.client_auth.unwrap_or_default(),
     })
+}
+
+/// The client secret and refresh token go to this URL: HTTPS only, except to this host itself
+/// (a local token endpoint or a test server), and no credentials or fragment in the URL.
+fn check_token_url(raw: &str) -> Result<(), ServiceError> {
+    let invalid = |why: &str| ServiceError::Invalid(format!("`oauth.token_url` {why}"));
+    if raw.len() > 2048 {
+        return Err(invalid("is longer than 2048 characters"));
+    }
+    let url = url::Url::parse(raw).map_err(|_| invalid("is not a valid URL"))?;
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(invalid("must not carry credentials or a fragment"));
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(invalid(
+            "must use https (plain http only to a loopback address)",
+        )),
+        _ => Err(invalid("must be an https URL")),
+    }
 }
 
 fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
