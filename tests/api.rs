@@ -103,17 +103,7 @@ async fn a_restarted_daemon_reads_from_the_store_then_caches() {
     let mut d = Daemon::start(|_, _| {}).await;
     let id = d.create("Sandbox", json!({"api_key": "k-1"})).await;
     assert!(d.terminate().await.success());
-    let mut config: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
-    common::set(
-        &mut config,
-        "metrics",
-        "listen",
-        format!("127.0.0.1:{}", common::free_port()),
-    );
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-    let mut again = Daemon::spawn(dir, config, &[]);
-    again.wait_ready().await;
+    let again = d.restart(|_| {}).await;
     let first = again
         .call_raw(Method::GET, &format!("/v1/credentials/{id}"), &[], None)
         .await;

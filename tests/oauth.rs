@@ -204,16 +204,16 @@ async fn fifty_concurrent_reads_of_an_expiring_token_make_one_token_request() {
     let server = peers::oauth_server(3600).await;
     // No background refresher to speak of: the reads must do it.
     let d = Arc::new(Daemon::start(|c, _| fast_refresh(c, "1h")).await);
-    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 2).await;
-    let id = create_oauth(&d, &server, "Production", &tokens, 2).await;
-    // A 2-second token is due 1 second before it expires; the server answers slowly so every
-    // read arrives while the refresh is in flight.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 5).await;
+    let id = create_oauth(&d, &server, "Production", &tokens, 5).await;
+    // A 5-second token is due 2.5 seconds before it expires; the server answers slowly so
+    // every read arrives while the refresh is in flight.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     oauth_admin(
         &server,
         reqwest::Method::POST,
         "/admin/mode",
-        Some(json!({"delay_ms": 500})),
+        Some(json!({"delay_ms": 300})),
     )
     .await;
 
@@ -229,10 +229,17 @@ async fn fifty_concurrent_reads_of_an_expiring_token_make_one_token_request() {
     }
     let stats = oauth_stats(&server).await;
     assert_eq!(stat(&stats, "token_requests"), 1, "{stats}");
-    assert_eq!(seen.len(), 1, "every reader got the one new token");
-    let token = seen.into_iter().next().unwrap();
-    assert_ne!(token, tokens.0);
-    assert!(oauth_token_valid(&server, &token).await);
+    // Readers wait for the refresh up to a budget, then take the still-valid current token: on
+    // a loaded machine some may get the old one, but nobody gets a third.
+    assert!(seen.len() <= 2, "{seen:?}");
+    assert!(
+        seen.iter().any(|t| *t != tokens.0),
+        "the refresh was handed out"
+    );
+    for token in &seen {
+        assert!(oauth_token_valid(&server, token).await);
+    }
+    assert_ne!(access_token(&d, &id).await, tokens.0);
 }
 
 /// Two daemons on one SQLite database, both refreshing in the background and on read, with
@@ -631,4 +638,73 @@ async fn refresh_keeps_every_token_out_of_logs_metrics_and_files() {
             );
         }
     }
+}
+
+/// kill -9 while the token request is in flight: the server rotated the refresh token but the
+/// answer never arrived. After the restart the spent token is tried exactly once, refused, and
+/// the credential marked for re-authorisation; nothing retries it after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_the_token_request_costs_one_refused_try_and_no_loop() {
+    let server = peers::oauth_server(3600).await;
+    let mut d = Daemon::start(|c, _| fast_refresh(c, "100ms")).await;
+    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
+    let id = create_oauth(&d, &server, "Production", &tokens, 3600).await;
+    oauth_admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/mode",
+        Some(json!({"delay_ms": 1000})),
+    )
+    .await;
+
+    let socket = d.socket.clone();
+    let path = format!("/v1/credentials/{id}/refresh");
+    let forced = tokio::spawn(async move {
+        credproxy::client::send(&socket, Method::POST, &path, &[], None).await
+    });
+    wait_for("the token request to reach the server", || async {
+        stat(&oauth_stats(&server).await, "token_requests") == 1
+    })
+    .await;
+    d.kill().await;
+    assert!(
+        forced.await.unwrap().is_err(),
+        "the caller saw the connection drop"
+    );
+    wait_for("the server to finish the rotation", || async {
+        stat(&oauth_stats(&server).await, "issued") == 1
+    })
+    .await;
+    oauth_admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/mode",
+        Some(json!({"delay_ms": 0})),
+    )
+    .await;
+
+    let d = d.restart(|_| {}).await;
+    let (status, body) = d
+        .call(Method::POST, &format!("/v1/credentials/{id}/refresh"), None)
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("needs_reauth")),
+        "{body}"
+    );
+    let (status, body) = read(&d, &id).await;
+    assert_eq!(
+        status, 200,
+        "the current token is still served while valid: {body}"
+    );
+    assert_eq!(body["needs_reauth"], true);
+    // Background passes and more forced refreshes send nothing more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = d
+        .call(Method::POST, &format!("/v1/credentials/{id}/refresh"), None)
+        .await;
+    assert_eq!(status, 409);
+    let stats = oauth_stats(&server).await;
+    assert_eq!(stat(&stats, "token_requests"), 2, "{stats}");
+    assert_eq!(stat(&stats, "invalid_grant"), 1, "{stats}");
 }

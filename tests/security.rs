@@ -91,23 +91,16 @@ async fn rules_limit_environments_and_writes() {
     assert_eq!(status, 403, "listing a manager is an admin call");
 
     // The same database, now with a read-only rule for Sandbox.
-    let mut config: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&writer.config_path).unwrap()).unwrap();
-    config.insert(
-        "access".into(),
-        toml::Value::Array(vec![access_rule(uid, &["Sandbox"], false)]),
-    );
-    common::set(
-        &mut config,
-        "metrics",
-        "listen",
-        format!("127.0.0.1:{}", common::free_port()),
-    );
     let mut writer = writer;
     assert!(writer.terminate().await.success());
-    let dir = std::mem::replace(&mut writer.dir, tempfile::tempdir().unwrap());
-    let mut reader = Daemon::spawn(dir, config, &[]);
-    reader.wait_ready().await;
+    let reader = writer
+        .restart(|config| {
+            config.insert(
+                "access".into(),
+                toml::Value::Array(vec![access_rule(uid, &["Sandbox"], false)]),
+            );
+        })
+        .await;
     let (status, body) = reader
         .call(Method::GET, &format!("/v1/credentials/{sandbox}"), None)
         .await;

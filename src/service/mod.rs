@@ -308,7 +308,7 @@ impl Service {
     /// Resolves a credential, from the cache when fresh. Access is checked against the
     /// credential's environment before anything is returned.
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {

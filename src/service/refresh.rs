@@ -31,6 +31,9 @@ const PENDING_EXPIRES_AT: &str = "expires_at";
 
 /// How many refreshes one background pass starts at most; the rest wait for the next pass.
 const SCAN_BATCH: usize = 1000;
+/// How long a refresh lease lasts unless renewed. Short, so a crashed holder blocks others
+/// only briefly; the holder renews it every third of that while it works.
+const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How long a lease wait polls at most between tries.
 const LEASE_POLL_MAX: Duration = Duration::from_millis(200);
 
@@ -159,7 +162,7 @@ impl Service {
     /// handed out; if that fails the current token is served while it is still valid, and
     /// an expired one never is.
     pub(super) async fn checked_token(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         entry: Arc<Entry>,
         status: CacheStatus,
@@ -194,7 +197,29 @@ impl Service {
                 Ok((entry, status))
             };
         }
-        match self.refresh(id, record.row_version, Trigger::Read).await {
+        let task = self.spawn_refresh(id, record.row_version, Trigger::Read);
+        let outcome = if expired {
+            task.await
+        } else {
+            // The current token is still good: wait a little for the new one, then serve the
+            // current one and let the refresh finish on its own.
+            let runtime = self.runtime.load();
+            let left = Duration::from_millis(
+                (expires_at.saturating_mul(1000) - crate::time::now_unix_ms()).max(0) as u64,
+            );
+            let budget = (runtime.config.server.request_timeout / 2).min(left);
+            match tokio::time::timeout(budget, task).await {
+                Ok(joined) => joined,
+                Err(_) => return Ok((entry, status)),
+            }
+        }
+        .unwrap_or_else(|e| {
+            Err(ServiceError::TokenUnavailable {
+                detail: format!("the refresh task failed: {e}"),
+                retry_after: config.retry_min,
+            })
+        });
+        match outcome {
             Ok(done) => {
                 let fresh = done.record();
                 let cached = self.cache.peek(id).map(|e| e.loaded.record.row_version);
@@ -227,9 +252,22 @@ impl Service {
         }
     }
 
+    /// Runs a refresh in a task of its own: once a token request is sent, nothing — a caller
+    /// giving up, a request deadline — may cancel it before its answer is written back.
+    fn spawn_refresh(
+        self: &Arc<Self>,
+        id: &str,
+        seen_row_version: i64,
+        trigger: Trigger,
+    ) -> tokio::task::JoinHandle<Result<Refreshed, ServiceError>> {
+        let service = Arc::clone(self);
+        let id = id.to_owned();
+        tokio::spawn(async move { service.refresh(&id, seen_row_version, trigger).await })
+    }
+
     /// `POST /v1/credentials/{id}/refresh`: refreshes now, due or not.
     pub async fn force_refresh(
-        &self,
+        self: &Arc<Self>,
         caller: &crate::access::Caller,
         id: &str,
     ) -> Result<Refreshed, ServiceError> {
@@ -248,7 +286,14 @@ impl Service {
         if !self.allows(caller, Action::Write, Some(&record.environment)) {
             return Err(ServiceError::Forbidden);
         }
-        self.refresh(id, record.row_version, Trigger::Forced).await
+        self.spawn_refresh(id, record.row_version, Trigger::Forced)
+            .await
+            .unwrap_or_else(|e| {
+                Err(ServiceError::TokenUnavailable {
+                    detail: format!("the refresh task failed: {e}"),
+                    retry_after: Duration::from_secs(1),
+                })
+            })
     }
 
     /// One pass of the background refresher: refreshes every token inside its window, at
@@ -297,7 +342,15 @@ impl Service {
         let _guard = self.locks.lock(id).await;
         let holder = format!("{}:{}", self.oauth.holder, uuid::Uuid::new_v4());
         self.take_lease(id, &holder).await?;
-        let result = self.refresh_leased(id, seen_row_version, trigger).await;
+        let result = {
+            let work = self.refresh_leased(id, seen_row_version, trigger);
+            let renew = self.renew_lease(id, &holder);
+            tokio::pin!(work, renew);
+            tokio::select! {
+                r = &mut work => r,
+                () = &mut renew => work.await,
+            }
+        };
         if let Err(e) = self.store.lease_release(&lease_key(id), &holder).await {
             tracing::warn!(credential = id, error = %e, "could not release the refresh lease; it expires on its own");
         }
@@ -312,15 +365,30 @@ impl Service {
         result
     }
 
-    /// Longest a refresh can hold its lease: the token request and the store calls of the
-    /// write-back, each bounded by its timeout, with a margin.
-    fn lease_ttl(&self) -> Duration {
-        let runtime = self.runtime.load();
-        runtime.config.oauth.timeout + runtime.config.backend_timeout * 4 + Duration::from_secs(5)
+    /// Keeps the lease while the refresh runs; returns only if it was lost (then the refresh
+    /// carries on: cancelling it mid-request could lose a token answer).
+    async fn renew_lease(&self, id: &str, holder: &str) {
+        loop {
+            tokio::time::sleep(LEASE_TTL / 3).await;
+            match self
+                .store
+                .lease_acquire(&lease_key(id), holder, LEASE_TTL)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(credential = id, "lost the refresh lease while refreshing (stalled longer than its lifetime)");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(credential = id, error = %e, "could not renew the refresh lease")
+                }
+            }
+        }
     }
 
     async fn take_lease(&self, id: &str, holder: &str) -> Result<(), ServiceError> {
-        let ttl = self.lease_ttl();
+        let ttl = LEASE_TTL;
         let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
         let mut pause = Duration::from_millis(10);
         loop {

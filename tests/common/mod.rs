@@ -232,6 +232,30 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
     }
 
+    /// kill -9 and wait for it to be gone.
+    pub async fn kill(&mut self) {
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        self.wait_exit().await;
+    }
+
+    /// Starts the daemon again on the same directory and configuration (edited by `edit`, on
+    /// a fresh metrics port) once this process has exited.
+    pub async fn restart(mut self, edit: impl FnOnce(&mut toml::Table)) -> Daemon {
+        let mut config: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&self.config_path).unwrap()).unwrap();
+        set(
+            &mut config,
+            "metrics",
+            "listen",
+            format!("127.0.0.1:{}", free_port()),
+        );
+        edit(&mut config);
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let mut again = Daemon::spawn(dir, config, &[]);
+        again.wait_ready().await;
+        again
+    }
+
     /// SIGTERM and wait for the exit status.
     pub async fn terminate(&mut self) -> ExitStatus {
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
