@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `keygen` and `get`.
+//! The command line: `serve`, `check-config`, `plan`, `keygen` and `get`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,20 @@ enum Command {
     CheckConfig {
         #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// Show which credentials a configuration would move, and where, without touching
+    /// anything (the metadata database is opened read-only; no manager is contacted).
+    Plan {
+        /// The configuration to plan for (its `store` settings name the database).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The configuration in force now, to recognise read-only managers the new one no
+        /// longer lists.
+        #[arg(long)]
+        current: Option<PathBuf>,
+        /// List every credential id, not only the counts.
+        #[arg(long)]
+        ids: bool,
     },
     /// Write a new random master key (base64, mode 0600). Never overwrites a file.
     Keygen {
@@ -74,6 +88,11 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Plan {
+            config,
+            current,
+            ids,
+        } => plan(config, current, ids),
         Command::Keygen { out } => {
             let key = crate::backend::local::MasterKey::generate();
             match key.write_new(&out) {
@@ -192,4 +211,61 @@ async fn get(socket: PathBuf, path: String) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
+    let load = |p: &PathBuf| {
+        Config::load(p).map_err(|e| {
+            eprintln!("{}: {e}", p.display());
+            ExitCode::from(2)
+        })
+    };
+    let next = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let current = match current.as_ref().map(load).transpose() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let crate::config::DatabaseUrl::Sqlite(db) = &next.store.database;
+    let store = match crate::store::sqlite::SqliteStore::open_read_only(db) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("credproxy: {}: {e}", db.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let read_only = |id: &str| {
+        [Some(&next), current.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.manager(id))
+            .is_some_and(|m| m.kind.is_read_only())
+    };
+    let moves = match runtime().block_on(crate::migrate::plan(&store, &next, &read_only)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if moves.is_empty() {
+        println!("every credential is where {} puts it", path.display());
+        return ExitCode::SUCCESS;
+    }
+    println!("{} credential(s) would move:", moves.len());
+    for ((source, target), n) in crate::migrate::summarize(&moves) {
+        println!("  {source} -> {target}: {n}");
+    }
+    let fallbacks = moves.iter().filter(|m| m.pin_unavailable).count();
+    if fallbacks > 0 {
+        println!("  ({fallbacks} pinned to a manager that is no longer configured; they fall back along the chain)");
+    }
+    if ids {
+        for m in &moves {
+            println!("{} {} -> {}", m.id, m.source, m.target);
+        }
+    }
+    ExitCode::SUCCESS
 }

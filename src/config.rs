@@ -91,6 +91,10 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     oauth: RawOAuth,
+    #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
+    migration: RawMigration,
     #[serde(default, rename = "secrets_manager")]
     secrets_managers: Vec<RawManager>,
     #[serde(default)]
@@ -140,6 +144,10 @@ struct RawStore {
     #[serde(default)]
     previous_master_key_files: Vec<PathBuf>,
     generate_master_key: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    journal_sweep_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    journal_grace: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +165,25 @@ struct RawCache {
 struct RawBackends {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    watch_interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMigration {
+    concurrency: Option<usize>,
+    rate: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    retry_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_max: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +259,8 @@ pub struct Config {
     pub backend_timeout: Duration,
     pub log: LogConfig,
     pub oauth: OAuthConfig,
+    pub reload: ReloadConfig,
+    pub migration: MigrationConfig,
     pub managers: Vec<ManagerConfig>,
     pub routing: RoutingConfig,
     pub access: Vec<AccessRule>,
@@ -276,6 +305,12 @@ pub struct StoreConfig {
     pub master_key_file: PathBuf,
     pub previous_master_key_files: Vec<PathBuf>,
     pub generate_master_key: bool,
+    /// How often abandoned copies are looked for.
+    pub journal_sweep_interval: Duration,
+    /// How old a journal entry must be before the sweeper acts on it: older than any write
+    /// that can still be in flight in a process sharing the database. `None`: derived from
+    /// the request and store timeouts.
+    pub journal_grace: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +323,24 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub capacity: u64,
     pub stale_if_error: Duration,
+}
+
+/// `[reload]`: besides SIGHUP and `POST /v1/reload`, optionally when the file changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadConfig {
+    pub watch: bool,
+    pub watch_interval: Duration,
+}
+
+/// `[migration]`: how credentials are moved when the routing chain changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// Moves in flight at once per store (a move counts against its source and its target).
+    pub concurrency: usize,
+    /// Moves started per second per store; 0 means no limit.
+    pub rate: u32,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
 }
 
 /// How OAuth tokens are refreshed (`[oauth]`).
@@ -374,7 +427,7 @@ impl ManagerKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManagerConfig {
     pub id: String,
     pub kind: ManagerKind,
@@ -521,6 +574,74 @@ impl Config {
     pub fn manager(&self, id: &str) -> Option<&ManagerConfig> {
         self.managers.iter().find(|m| m.id == id)
     }
+
+    /// Settings of `next` that differ from `self` and take effect only after a restart: the
+    /// listeners, the metadata database and keys, and the cache's shape.
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, next);
+        let mut out = Vec::new();
+        let mut check = |changed: bool, key: &'static str| {
+            if changed {
+                out.push(key);
+            }
+        };
+        check(a.server.socket != b.server.socket, "server.socket");
+        check(
+            a.server.socket_mode != b.server.socket_mode,
+            "server.socket_mode",
+        );
+        check(
+            a.server.socket_group != b.server.socket_group,
+            "server.socket_group",
+        );
+        check(
+            a.server
+                .tcp
+                .as_ref()
+                .map(|t| (t.listen, &t.token_file, &t.token_header))
+                != b.server
+                    .tcp
+                    .as_ref()
+                    .map(|t| (t.listen, &t.token_file, &t.token_header)),
+            "server.tcp",
+        );
+        check(
+            a.server.request_timeout != b.server.request_timeout
+                || a.server.header_read_timeout != b.server.header_read_timeout
+                || a.server.max_body_bytes != b.server.max_body_bytes
+                || a.server.max_concurrent_requests != b.server.max_concurrent_requests
+                || a.server.shutdown_grace != b.server.shutdown_grace,
+            "server limits",
+        );
+        check(
+            a.metrics.as_ref().map(|m| m.listen) != b.metrics.as_ref().map(|m| m.listen),
+            "metrics",
+        );
+        check(
+            a.store.database != b.store.database
+                || a.store.data_dir != b.store.data_dir
+                || a.store.master_key_file != b.store.master_key_file
+                || a.store.previous_master_key_files != b.store.previous_master_key_files,
+            "store",
+        );
+        check(
+            a.cache.ttl != b.cache.ttl
+                || a.cache.capacity != b.cache.capacity
+                || a.cache.stale_if_error != b.cache.stale_if_error,
+            "cache",
+        );
+        check(
+            a.log.level != b.log.level
+                || a.log.format != b.log.format
+                || a.log.audit != b.log.audit,
+            "log",
+        );
+        check(
+            a.oauth.max_concurrent != b.oauth.max_concurrent,
+            "oauth.max_concurrent",
+        );
+        out
+    }
 }
 
 fn location(text: &str, e: &toml::de::Error) -> String {
@@ -578,6 +699,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| data_dir.join("master.key")),
         previous_master_key_files: raw.store.previous_master_key_files,
         generate_master_key: raw.store.generate_master_key.unwrap_or(false),
+        journal_sweep_interval: raw
+            .store
+            .journal_sweep_interval
+            .unwrap_or(Duration::from_secs(30)),
+        journal_grace: raw.store.journal_grace,
         database,
         data_dir,
     };
@@ -611,7 +737,38 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    if store.journal_sweep_interval < Duration::from_millis(100) {
+        return Err(invalid(
+            "store.journal_sweep_interval",
+            "must be at least 100ms",
+        ));
+    }
     let oauth = validate_oauth(raw.oauth)?;
+    let reload = ReloadConfig {
+        watch: raw.reload.watch.unwrap_or(false),
+        watch_interval: raw.reload.watch_interval.unwrap_or(Duration::from_secs(5)),
+    };
+    if reload.watch_interval < Duration::from_millis(100) {
+        return Err(invalid("reload.watch_interval", "must be at least 100ms"));
+    }
+    let migration = MigrationConfig {
+        concurrency: raw.migration.concurrency.unwrap_or(4),
+        rate: raw.migration.rate.unwrap_or(50),
+        retry_min: raw.migration.retry_min.unwrap_or(Duration::from_secs(1)),
+        retry_max: raw.migration.retry_max.unwrap_or(Duration::from_secs(300)),
+    };
+    if !(1..=256).contains(&migration.concurrency) {
+        return Err(invalid(
+            "migration.concurrency",
+            "must be between 1 and 256",
+        ));
+    }
+    if migration.retry_min.is_zero() || migration.retry_min > migration.retry_max {
+        return Err(invalid(
+            "migration.retry_min",
+            "must be greater than zero and not above migration.retry_max",
+        ));
+    }
     let managers = validate_managers(raw.secrets_managers)?;
     let routing = validate_routing(raw.routing, &managers)?;
     let access = raw
@@ -630,6 +787,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         backend_timeout,
         log,
         oauth,
+        reload,
+        migration,
         managers,
         routing,
         access,

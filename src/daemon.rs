@@ -16,13 +16,12 @@ use crate::backend::{self, Registry};
 use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_STORE_ID};
 use crate::lifecycle::sd_notify;
 use crate::metrics::Metrics;
+use crate::migrate::Migrator;
+use crate::reload::Reloader;
 use crate::server::{self, App, Listeners};
 use crate::service::{Runtime, Service};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{MetadataStore, StoreError};
-
-/// How often abandoned copies are looked for.
-const JOURNAL_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -126,7 +125,14 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         parts.metrics,
         parts.keys,
     ));
-    Ok(Arc::new(App::new(service, tcp_token)))
+    let migrator = Arc::new(Migrator::new(Arc::clone(&service)));
+    let reloader = Arc::new(Reloader::new(
+        Arc::clone(&service),
+        Arc::clone(&migrator),
+        owner_uid,
+        socket_gid,
+    ));
+    Ok(Arc::new(App::new(service, migrator, reloader, tcp_token)))
 }
 
 pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
@@ -158,7 +164,9 @@ async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
 /// How old a journal entry must be before the sweeper may act on it: older than any write
 /// that could still be in flight (in this or another process sharing the database).
 pub fn journal_grace(config: &Config) -> Duration {
-    config.server.request_timeout + config.backend_timeout * 4 + Duration::from_secs(30)
+    config.store.journal_grace.unwrap_or(
+        config.server.request_timeout + config.backend_timeout * 4 + Duration::from_secs(30),
+    )
 }
 
 /// Runs the daemon until `shutdown` completes. Returns once the socket is removed.
@@ -187,9 +195,11 @@ pub async fn serve_app(
     let mut tasks = JoinSet::new();
     let service = Arc::clone(&app.service);
     let grace = journal_grace(&service.runtime().config);
+    let sweep_interval = service.runtime().config.store.journal_sweep_interval;
     tasks.spawn(sweep_journal_forever(
         Arc::clone(&service),
         grace,
+        sweep_interval,
         stop_rx.clone(),
     ));
     tasks.spawn(rotate_keys(Arc::clone(&service), keys));
@@ -197,7 +207,11 @@ pub async fn serve_app(
         Arc::clone(&service),
         stop_rx.clone(),
     ));
-    tasks.spawn(ignore_sighup(stop_rx));
+    // Also how an interrupted migration resumes: the first pass plans from the database.
+    tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
+    tasks.spawn(reload_on_sighup(Arc::clone(&app.reloader), stop_rx.clone()));
+    let reload = service.runtime().config.reload.clone();
+    tasks.spawn(reload_on_change(Arc::clone(&app.reloader), reload, stop_rx));
 
     app.set_ready(true);
     sd_notify("READY=1");
@@ -228,6 +242,7 @@ pub async fn serve_app(
 async fn sweep_journal_forever(
     service: Arc<Service>,
     grace: Duration,
+    interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -237,7 +252,7 @@ async fn sweep_journal_forever(
             Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(JOURNAL_SWEEP_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
     }
@@ -276,15 +291,49 @@ async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
     }
 }
 
-/// SIGHUP's default action would kill the daemon; until reload lands, say so and keep serving.
-async fn ignore_sighup(mut stop: watch::Receiver<bool>) {
+/// SIGHUP reloads the configuration (`systemctl reload`, `kill -HUP`).
+async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload with POST /v1/reload");
         return;
     };
     loop {
         tokio::select! {
-            Some(()) = hup.recv() => tracing::warn!("SIGHUP received; configuration reload is not available in this version, restart to apply changes"),
+            Some(()) = hup.recv() => {
+                let _ = reloader.reload("SIGHUP").await;
+            }
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// With `reload.watch`, polls the config file and reloads when its content changes (polling
+/// also sees Kubernetes' ConfigMap symlink swaps, which inotify watches on the file miss).
+async fn reload_on_change(
+    reloader: Arc<Reloader>,
+    config: crate::config::ReloadConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    use sha2::Digest;
+    let Some(path) = reloader.path().filter(|_| config.watch) else {
+        return;
+    };
+    let digest = |p: &Path| {
+        std::fs::read(p)
+            .ok()
+            .map(|bytes| sha2::Sha256::digest(&bytes))
+    };
+    let mut seen = digest(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(config.watch_interval) => {}
+            _ = stop.changed() => return,
+        }
+        let now = digest(&path);
+        if now.is_some() && now != seen {
+            // Remembered even if the reload fails, so a broken file is reported once.
+            seen = now;
+            let _ = reloader.reload("file change").await;
         }
     }
 }

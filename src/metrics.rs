@@ -24,7 +24,8 @@ pub struct Metrics {
     pub oauth_refreshes: IntCounterVec,
     pub oauth_time_to_expiry: Histogram,
     pub needs_reauth: IntGauge,
-    pub migrations: IntGaugeVec,
+    pub migration_pending: IntGaugeVec,
+    pub migration_moves: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub access_denied: IntCounter,
     pub journal_pending: IntGauge,
@@ -143,14 +144,25 @@ impl Metrics {
             )
             .unwrap(),
         );
-        let migrations = register(
+        let migration_pending = register(
             r,
             IntGaugeVec::new(
                 Opts::new(
-                    "credproxy_migrations",
-                    "Background credential moves by state (pending, moved, failed).",
+                    "credproxy_migration_pending",
+                    "Credentials waiting to be moved, by source and target store.",
                 ),
-                &["state"],
+                &["source", "target"],
+            )
+            .unwrap(),
+        );
+        let migration_moves = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_migration_moves_total",
+                    "Background move attempts by source, target and outcome (moved, failed).",
+                ),
+                &["source", "target", "outcome"],
             )
             .unwrap(),
         );
@@ -203,9 +215,6 @@ impl Metrics {
         for outcome in crate::oauth::OUTCOMES {
             oauth_refreshes.with_label_values(&[outcome]);
         }
-        for state in ["pending", "moved", "failed"] {
-            migrations.with_label_values(&[state]);
-        }
         for outcome in ["success", "failure"] {
             config_reloads.with_label_values(&[outcome]);
         }
@@ -220,9 +229,10 @@ impl Metrics {
             backend_requests,
             backend_duration,
             oauth_refreshes,
+            migration_pending,
+            migration_moves,
             oauth_time_to_expiry,
             needs_reauth,
-            migrations,
             config_reloads,
             access_denied,
             journal_pending,

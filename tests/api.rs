@@ -392,7 +392,6 @@ async fn metrics_pass_promtool_and_count_requests() {
         "credproxy_backend_request_duration_seconds_bucket",
         "credproxy_oauth_refreshes_total",
         "credproxy_credentials_needing_reauth",
-        "credproxy_migrations{state=\"pending\"}",
         "credproxy_config_reloads_total",
         "credproxy_build_info{version=",
     ] {

@@ -53,11 +53,11 @@ async fn readiness_and_health_answer_on_socket_and_metrics_port() {
 }
 
 #[tokio::test]
-async fn sighup_does_not_kill_the_daemon() {
+async fn sighup_reloads_the_configuration_and_does_not_kill_the_daemon() {
     let d = Daemon::start(|_, _| {}).await;
     unsafe { libc::kill(d.pid(), libc::SIGHUP) };
     let deadline = std::time::Instant::now() + common::DEADLINE;
-    while !d.logs().contains("SIGHUP received") {
+    while !(d.logs().contains("configuration reloaded") && d.logs().contains("SIGHUP")) {
         assert!(std::time::Instant::now() < deadline, "{}", d.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

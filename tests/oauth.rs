@@ -5,52 +5,16 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::inprocess::{InProcess, PASS, WRITES_DOWN};
 use common::peers::{
-    self, aws_manager, oauth_admin, oauth_grant, oauth_stats, oauth_token_valid, vault_manager,
-    Peer,
+    self, aws_manager, oauth_admin, oauth_credential, oauth_grant, oauth_stats, oauth_token_valid,
+    vault_manager, Peer, CLIENT_ID, CLIENT_SECRET,
 };
-use common::{route, set, Daemon, DEADLINE};
+use common::{fast_refresh, now, route, set, Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::{json, Value};
-
-const CLIENT_ID: &str = "credproxy-test-client";
-const CLIENT_SECRET: &str = "CANARY-client-secret-4f1a";
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// Refresh settings sized for tokens that live seconds, not hours.
-fn fast_refresh(c: &mut toml::Table, scan: &str) {
-    set(c, "oauth", "refresh_before", "1m");
-    set(c, "oauth", "jitter", "0s");
-    set(c, "oauth", "scan_interval", scan);
-    set(c, "oauth", "retry_min", "200ms");
-    set(c, "oauth", "retry_max", "1s");
-}
-
-fn oauth_body(server: &Peer, environment: &str, tokens: &(String, String), lifetime: i64) -> Value {
-    json!({
-        "environment": environment,
-        "integration_type": "example-oauth",
-        "secrets": {
-            "access_token": tokens.0,
-            "refresh_token": tokens.1,
-            "client_secret": CLIENT_SECRET,
-        },
-        "oauth": {
-            "token_url": format!("{}/token", server.url()),
-            "client_id": CLIENT_ID,
-            "expires_at": now() + lifetime,
-        },
-    })
-}
 
 async fn create_oauth(
     d: &Daemon,
@@ -63,7 +27,7 @@ async fn create_oauth(
         .call(
             Method::POST,
             "/v1/credentials",
-            Some(oauth_body(server, environment, tokens, lifetime)),
+            Some(oauth_credential(server, environment, tokens, lifetime)),
         )
         .await;
     assert_eq!(status, 201, "{body}");
@@ -466,7 +430,7 @@ async fn refresh_requests_that_cannot_be_served_are_refused_clearly() {
 
     // Client secrets and refresh tokens are never sent in clear over the network.
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
-    let mut body = oauth_body(&server, "Production", &tokens, 3600);
+    let mut body = oauth_credential(&server, "Production", &tokens, 3600);
     for (url, ok) in [
         ("http://oauth.example.com/token", false),
         ("ftp://oauth.example.com/token", false),
@@ -512,7 +476,7 @@ async fn a_token_answer_whose_write_back_failed_is_applied_later_without_asking_
     let d = InProcess::start(dir.path(), |c| fast_refresh(c, "1h")).await;
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
     let id = d
-        .create_json(oauth_body(&server, "Production", &tokens, 3600))
+        .create_json(oauth_credential(&server, "Production", &tokens, 3600))
         .await;
 
     d.set(WRITES_DOWN);
@@ -552,7 +516,7 @@ async fn credentials_in_a_read_only_store_are_never_refreshed() {
     let d = InProcess::start(dir.path(), |c| fast_refresh(c, "100ms")).await;
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
     let id = d
-        .create_json(oauth_body(&server, "Production", &tokens, 2))
+        .create_json(oauth_credential(&server, "Production", &tokens, 2))
         .await;
     d.faulty
         .read_only

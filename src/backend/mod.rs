@@ -165,6 +165,10 @@ impl Registry {
         self.stores.get(id)
     }
 
+    pub fn remove(&mut self, id: &str) -> Option<Arc<dyn Backend>> {
+        self.stores.remove(id)
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.stores.keys().map(String::as_str)
     }

@@ -326,8 +326,16 @@ async fn dispatch(
             if app.audit {
                 audit.fields = Some(secrets.selected_names(fields.as_deref()));
             }
+            let record = &entry.loaded.record;
+            // A pin to a manager removed from the configuration: the credential falls back
+            // along the chain (and is moved there); say so.
+            let pin_unavailable = record.pinned_manager.as_deref().is_some_and(|p| {
+                service
+                    .route_for(&record.environment, Some(p))
+                    .pin_unavailable
+            });
             let mut response =
-                credential_response(&entry.loaded.record, secrets, fields.as_deref());
+                credential_response(record, secrets, fields.as_deref(), pin_unavailable);
             response
                 .headers_mut()
                 .insert("cache-status", HeaderValue::from_static(status.as_str()));
@@ -466,8 +474,28 @@ async fn dispatch(
                 }),
             ))
         }
-        RouteId::Migrations => Err(ServiceError::NotImplemented("background migration").into()),
-        RouteId::Reload => Err(ServiceError::NotImplemented("configuration reload").into()),
+        RouteId::Migrations => {
+            require(app, &caller, Action::Admin)?;
+            let with_ids = query
+                .iter()
+                .any(|(k, v)| k == "ids" && (v == "true" || v == "1"));
+            Ok(ok_json(StatusCode::OK, &app.migrator.status(with_ids)))
+        }
+        RouteId::Reload => {
+            require(app, &caller, Action::Admin)?;
+            match app.reloader.reload("api").await {
+                Ok(report) => Ok(ok_json(StatusCode::OK, &report)),
+                Err(crate::reload::ReloadError::Metadata(_)) => {
+                    Err(ServiceError::Metadata("during reload".into()).into())
+                }
+                Err(e) => Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_config",
+                    "the configuration file was not reloaded; the running configuration stays in force",
+                )
+                .with_detail(e.to_string())),
+            }
+        }
         RouteId::Unknown => Err(unknown_or_method(request.uri().path())),
     }
 }
@@ -566,6 +594,7 @@ fn credential_response(
     record: &CredentialRecord,
     secrets: &SecretFields,
     only: Option<&[String]>,
+    pin_unavailable: bool,
 ) -> Response<Body> {
     struct Exposed<'a>(&'a SecretFields, Option<&'a [String]>);
     impl Serialize for Exposed<'_> {
@@ -581,6 +610,7 @@ fn credential_response(
         integration_type: &'a str,
         secrets_manager_id: &'a str,
         pinned_secrets_manager_id: Option<&'a str>,
+        pin_unavailable: bool,
         metadata: &'a serde_json::Map<String, serde_json::Value>,
         secrets: Exposed<'a>,
         #[serde(serialize_with = "crate::time::serialize_opt_unix_rfc3339")]
@@ -594,6 +624,7 @@ fn credential_response(
         integration_type: &record.integration_type,
         secrets_manager_id: &record.location.store_id,
         pinned_secrets_manager_id: record.pinned_manager.as_deref(),
+        pin_unavailable,
         metadata: &record.metadata,
         secrets: Exposed(secrets, only),
         expires_at: record.expires_at,

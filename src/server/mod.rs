@@ -33,6 +33,8 @@ use api::{ApiError, Body};
 /// Shared state of the request handlers.
 pub struct App {
     pub service: Arc<Service>,
+    pub migrator: Arc<crate::migrate::Migrator>,
+    pub reloader: Arc<crate::reload::Reloader>,
     pub tcp_token: Option<SecretString>,
     pub token_header: HeaderName,
     pub max_body_bytes: usize,
@@ -45,7 +47,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(service: Arc<Service>, tcp_token: Option<SecretString>) -> Self {
+    pub fn new(
+        service: Arc<Service>,
+        migrator: Arc<crate::migrate::Migrator>,
+        reloader: Arc<crate::reload::Reloader>,
+        tcp_token: Option<SecretString>,
+    ) -> Self {
         let runtime = service.runtime();
         let config = &runtime.config;
         let token_header = config
@@ -65,6 +72,8 @@ impl App {
             shutdown_grace: config.server.shutdown_grace,
             ready: AtomicBool::new(false),
             service,
+            migrator,
+            reloader,
         }
     }
 

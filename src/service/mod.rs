@@ -207,13 +207,25 @@ impl KeyedLocks {
 }
 
 pub struct Service {
-    runtime: ArcSwap<Runtime>,
+    runtime: Arc<ArcSwap<Runtime>>,
     store: Arc<dyn MetadataStore>,
     cache: Cache<ServiceError>,
     metrics: Arc<Metrics>,
     locks: KeyedLocks,
     keys: Arc<Keyring>,
     oauth: refresh::OAuthState,
+}
+
+/// What a background move did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveOutcome {
+    Moved,
+    /// Already where the chain says (another process, or a write, moved it).
+    InPlace,
+    /// Deleted meanwhile.
+    Gone,
+    /// The source or target is read-only: never moved.
+    ReadOnly,
 }
 
 /// What a write answers: never the secrets.
@@ -238,7 +250,7 @@ impl Service {
             Some(metrics.cache_evictions.clone()),
         );
         Self {
-            runtime: ArcSwap::from_pointee(runtime),
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             store,
             cache,
             metrics,
@@ -250,6 +262,12 @@ impl Service {
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    /// Puts a reloaded configuration in force. Requests already running finish with the
+    /// runtime they started with.
+    pub fn swap_runtime(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -337,25 +355,49 @@ impl Service {
         id: String,
     ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
         let store = Arc::clone(&self.store);
-        let runtime = self.runtime.load_full();
+        let runtimes = Arc::clone(&self.runtime);
         let metrics = Arc::clone(&self.metrics);
         async move {
-            let record = store
+            let mut record = store
                 .get_credential(&id)
                 .await?
                 .ok_or(ServiceError::NotFound)?;
-            let backend = Self::backend(&runtime, &record.location.store_id)?;
-            let timeout = runtime.config.backend_timeout;
-            let loc = &record.location;
-            let read = call_store(
-                &metrics,
-                timeout,
-                &loc.store_id,
-                "get",
-                backend.get(&loc.name, loc.version.as_deref()),
-            )
-            .await
-            .map_err(|e| backend_failure(&loc.store_id, e))?;
+            let mut attempts = 0;
+            let read = loop {
+                // Loaded per attempt: a reload may have brought the store the row now names.
+                let runtime = runtimes.load();
+                let timeout = runtime.config.backend_timeout;
+                let backend = Self::backend(&runtime, &record.location.store_id)?;
+                let loc = &record.location;
+                let read = call_store(
+                    &metrics,
+                    timeout,
+                    &loc.store_id,
+                    "get",
+                    backend.get(&loc.name, loc.version.as_deref()),
+                )
+                .await;
+                match read {
+                    Ok(read) => break read,
+                    // A move (or write) may have switched the location and deleted the copy
+                    // between reading the row and reading the store: follow the new row.
+                    Err(BackendError::NotFound) if attempts < 3 => {
+                        attempts += 1;
+                        let fresh = store
+                            .get_credential(&id)
+                            .await?
+                            .ok_or(ServiceError::NotFound)?;
+                        if fresh.location == record.location {
+                            return Err(backend_failure(
+                                &record.location.store_id,
+                                BackendError::NotFound,
+                            ));
+                        }
+                        record = fresh;
+                    }
+                    Err(e) => return Err(backend_failure(&record.location.store_id, e)),
+                }
+            };
             let valid_until = earliest(
                 record.expires_at.map(crate::time::from_unix),
                 read.expires_in.map(|d| SystemTime::now() + d),
@@ -809,6 +851,91 @@ impl Service {
             self.settle(runtime, &entry).await;
         }
         Ok(WriteOutcome { record: next })
+    }
+
+    /// Moves one credential to where the routing chain now puts it (background migration):
+    /// read, copy, read back and compare, switch the row with compare-and-swap, delete the
+    /// old copy — each step journaled, under the credential's lock so writes and refreshes in
+    /// this process wait, and a write from another process makes the switch fail and the
+    /// move retry from the newer value.
+    pub async fn migrate_one(&self, id: &str) -> Result<MoveOutcome, ServiceError> {
+        let _guard = self.locks.lock(id).await;
+        let runtime = self.runtime();
+        let Some(current) = self.store.get_credential(id).await? else {
+            return Ok(MoveOutcome::Gone);
+        };
+        let target = route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            &current.environment,
+            current.pinned_manager.as_deref(),
+        );
+        if target.store_id == current.location.store_id {
+            return Ok(MoveOutcome::InPlace);
+        }
+        let source = Self::backend(&runtime, &current.location.store_id)?;
+        let target_backend = Self::backend(&runtime, &target.store_id)?;
+        if source.describe().capabilities.read_only
+            || target_backend.describe().capabilities.read_only
+        {
+            return Ok(MoveOutcome::ReadOnly);
+        }
+        let loc = &current.location;
+        let value = self
+            .call(
+                &loc.store_id,
+                "get",
+                source.get(&loc.name, loc.version.as_deref()),
+            )
+            .await
+            .map_err(|e| backend_failure(&loc.store_id, e))?
+            .value;
+        let mut next = current.clone();
+        next.row_version += 1;
+        next.updated_at = crate::time::now_unix();
+        self.move_to(
+            &runtime,
+            current,
+            next,
+            &target.store_id,
+            &target_backend,
+            &value,
+        )
+        .await?;
+        Ok(MoveOutcome::Moved)
+    }
+
+    /// Drops stores kept after their manager was removed from the configuration once no
+    /// credential and no journal entry refers to them any more. Returns the ids dropped.
+    pub async fn prune_retired(&self) -> Result<Vec<String>, ServiceError> {
+        let runtime = self.runtime();
+        let mut retired = Vec::new();
+        for id in runtime.registry.ids() {
+            if id != crate::config::LOCAL_STORE_ID
+                && runtime.config.manager(id).is_none()
+                && !self.store.store_in_use(id).await?
+            {
+                retired.push(id.to_owned());
+            }
+        }
+        if retired.is_empty() {
+            return Ok(retired);
+        }
+        let mut registry = runtime.registry.clone();
+        for id in &retired {
+            registry.remove(id);
+        }
+        // Only if no reload happened meanwhile; otherwise the next pass prunes.
+        let next = Arc::new(Runtime {
+            config: Arc::clone(&runtime.config),
+            registry,
+            policy: runtime.policy.clone(),
+        });
+        let previous = self.runtime.compare_and_swap(&runtime, next);
+        if !Arc::ptr_eq(&previous, &runtime) {
+            return Ok(Vec::new());
+        }
+        Ok(retired)
     }
 
     pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ServiceError> {

@@ -187,6 +187,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn journal_list(&self) -> Result<Vec<JournalEntry>, StoreError>;
     /// Whether any credential's recorded location is this copy.
     async fn location_in_use(&self, store_id: &str, name: &str) -> Result<bool, StoreError>;
+    /// Whether any credential or journal entry still refers to the store `store_id`.
+    async fn store_in_use(&self, store_id: &str) -> Result<bool, StoreError>;
 
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, StoreError>;
     async fn sealed_get(

@@ -131,6 +131,29 @@ impl SqliteStore {
         })
     }
 
+    /// Opens an existing database for reading only (`credproxy plan`): never creates,
+    /// upgrades or writes it, so it is safe next to a running daemon.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Database(format!(
+                "schema version {version}, this binary reads {SCHEMA_VERSION}; start the daemon once to upgrade it"
+            )));
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -406,6 +429,20 @@ impl MetadataStore for SqliteStore {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1 AND store_name = ?2)",
                 params![store_id, name],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn store_in_use(&self, store_id: &str) -> Result<bool, StoreError> {
+        let store_id = store_id.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1) \
+                 OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1)",
+                params![store_id],
                 |r| r.get::<_, bool>(0),
             )
             .map_err(db_err)

@@ -16,6 +16,23 @@ use serde_json::Value;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// `[oauth]` settings sized for tokens that live seconds, not hours.
+pub fn fast_refresh(c: &mut toml::Table, scan: &str) {
+    set(c, "oauth", "refresh_before", "1m");
+    set(c, "oauth", "jitter", "0s");
+    set(c, "oauth", "scan_interval", scan);
+    set(c, "oauth", "retry_min", "200ms");
+    set(c, "oauth", "retry_max", "1s");
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// A port the OS says is free right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

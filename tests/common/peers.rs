@@ -173,6 +173,33 @@ pub async fn oauth_admin(
     response.json().await.unwrap()
 }
 
+pub const CLIENT_ID: &str = "credproxy-test-client";
+pub const CLIENT_SECRET: &str = "CANARY-client-secret-4f1a";
+
+/// A `POST /v1/credentials` body for an OAuth credential of `server`'s client `CLIENT_ID`
+/// whose access token expires `lifetime` seconds from now.
+pub fn oauth_credential(
+    server: &Peer,
+    environment: &str,
+    tokens: &(String, String),
+    lifetime: i64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "environment": environment,
+        "integration_type": "example-oauth",
+        "secrets": {
+            "access_token": tokens.0,
+            "refresh_token": tokens.1,
+            "client_secret": CLIENT_SECRET,
+        },
+        "oauth": {
+            "token_url": format!("{}/token", server.url()),
+            "client_id": CLIENT_ID,
+            "expires_at": super::now() + lifetime,
+        },
+    })
+}
+
 /// Registers `client_id` and issues a first grant: `(access_token, refresh_token)`.
 pub async fn oauth_grant(
     peer: &Peer,

@@ -1,0 +1,446 @@
+//! Background migration: after a reload (and at every start, which is how an interrupted
+//! migration resumes), plan which credentials are no longer where the routing chain puts
+//! them, and move them with per-store concurrency and rate limits, retrying failures with
+//! back-off. The move of one credential is the service's (`Service::migrate_one`); this
+//! module owns the plan, the pacing and the progress report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{Config, MigrationConfig};
+use crate::routing::route;
+use crate::service::{MoveOutcome, Service, ServiceError};
+use crate::store::{CredentialRecord, MetadataStore, StoreError};
+
+/// Credentials read per page while planning.
+const PLAN_PAGE: usize = 500;
+/// Failures listed in the status at most.
+const MAX_LISTED_FAILURES: usize = 100;
+
+/// One credential that is not where the chain now says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedMove {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    /// Pinned to a manager that is no longer configured: it falls back along the chain.
+    pub pin_unavailable: bool,
+}
+
+/// Where `record` belongs under `config`, if that is not where it is. Read-only stores are
+/// never a source or a target.
+pub fn plan_one(
+    config: &Config,
+    record: &CredentialRecord,
+    read_only: &(dyn Fn(&str) -> bool + Sync),
+) -> Option<PlannedMove> {
+    let target = route(
+        &config.routing,
+        &config.managers,
+        &record.environment,
+        record.pinned_manager.as_deref(),
+    );
+    let source = &record.location.store_id;
+    if &target.store_id == source || read_only(source) || read_only(&target.store_id) {
+        return None;
+    }
+    Some(PlannedMove {
+        id: record.id.clone(),
+        source: source.clone(),
+        target: target.store_id,
+        pin_unavailable: target.pin_unavailable,
+    })
+}
+
+/// The plan for every credential in `store` under `config`.
+pub async fn plan(
+    store: &dyn MetadataStore,
+    config: &Config,
+    read_only: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Vec<PlannedMove>, StoreError> {
+    let mut moves = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_credentials(after.as_deref(), PLAN_PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(moves);
+        };
+        after = Some(last.id.clone());
+        moves.extend(page.iter().filter_map(|r| plan_one(config, r, read_only)));
+    }
+}
+
+/// Counts of a plan by source → target.
+pub fn summarize(moves: &[PlannedMove]) -> BTreeMap<(String, String), usize> {
+    let mut out = BTreeMap::new();
+    for m in moves {
+        *out.entry((m.source.clone(), m.target.clone())).or_insert(0) += 1;
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PairStatus {
+    pub source: String,
+    pub target: String,
+    pub pending: usize,
+    pub moved: u64,
+    pub failed: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureStatus {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub error: String,
+    pub attempts: u32,
+    pub retry_in_seconds: u64,
+}
+
+/// `GET /v1/migrations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationStatus {
+    /// `idle` or `moving`.
+    pub state: &'static str,
+    pub planned_at: Option<String>,
+    pub pending: usize,
+    pub moves: Vec<PairStatus>,
+    pub failures: Vec<FailureStatus>,
+}
+
+struct Failure {
+    source: String,
+    target: String,
+    error: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    moving: bool,
+    planned_at: Option<i64>,
+    /// (source, target) → ids still to move.
+    pending: BTreeMap<(String, String), Vec<String>>,
+    moved: BTreeMap<(String, String), u64>,
+    failures: HashMap<String, Failure>,
+}
+
+/// Limits per store: moves in flight and moves started per second.
+struct StoreLimit {
+    slots: Semaphore,
+    next_start: Mutex<Instant>,
+    interval: Option<Duration>,
+}
+
+impl StoreLimit {
+    fn new(config: &MigrationConfig) -> Self {
+        Self {
+            slots: Semaphore::new(config.concurrency),
+            next_start: Mutex::new(Instant::now()),
+            interval: (config.rate > 0).then(|| Duration::from_secs(1) / config.rate),
+        }
+    }
+
+    /// Waits for this store's next start slot.
+    async fn pace(&self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let at = {
+            let mut next = self.next_start.lock().unwrap_or_else(|p| p.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+pub struct Migrator {
+    service: Arc<Service>,
+    wake: Notify,
+    state: Mutex<State>,
+}
+
+impl Migrator {
+    pub fn new(service: Arc<Service>) -> Self {
+        Self {
+            service,
+            wake: Notify::new(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Asks for a new pass (after a reload), showing `planned` as pending until it starts so
+    /// that nobody reads "idle" in between.
+    pub fn wake(&self, planned: &[PlannedMove]) {
+        {
+            let mut state = self.state();
+            state.pending.clear();
+            for m in planned {
+                state
+                    .pending
+                    .entry((m.source.clone(), m.target.clone()))
+                    .or_default()
+                    .push(m.id.clone());
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self, with_ids: bool) -> MigrationStatus {
+        let state = self.state();
+        let now = Instant::now();
+        let mut pairs: BTreeMap<(String, String), PairStatus> = BTreeMap::new();
+        let mut entry = |k: &(String, String)| {
+            pairs
+                .entry(k.clone())
+                .or_insert_with(|| PairStatus {
+                    source: k.0.clone(),
+                    target: k.1.clone(),
+                    pending: 0,
+                    moved: 0,
+                    failed: 0,
+                    ids: with_ids.then(Vec::new),
+                })
+                .clone()
+        };
+        for k in state.pending.keys().chain(state.moved.keys()) {
+            entry(k);
+        }
+        for (k, ids) in &state.pending {
+            let p = pairs.get_mut(k).expect("entry made above");
+            p.pending = ids.len();
+            if let Some(list) = p.ids.as_mut() {
+                list.extend(ids.iter().cloned());
+            }
+        }
+        for (k, n) in &state.moved {
+            pairs.get_mut(k).expect("entry made above").moved = *n;
+        }
+        let mut failures: Vec<FailureStatus> = state
+            .failures
+            .iter()
+            .map(|(id, f)| FailureStatus {
+                id: id.clone(),
+                source: f.source.clone(),
+                target: f.target.clone(),
+                error: f.error.clone(),
+                attempts: f.attempts,
+                retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),
+            })
+            .collect();
+        for f in &failures {
+            if let Some(p) = pairs.get_mut(&(f.source.clone(), f.target.clone())) {
+                p.failed += 1;
+            }
+        }
+        failures.sort_by(|a, b| a.id.cmp(&b.id));
+        failures.truncate(MAX_LISTED_FAILURES);
+        MigrationStatus {
+            state: if state.moving { "moving" } else { "idle" },
+            planned_at: state.planned_at.map(crate::time::rfc3339),
+            pending: state.pending.values().map(Vec::len).sum(),
+            moves: pairs.into_values().collect(),
+            failures,
+        }
+    }
+
+    /// Plans and moves until `stop`; re-plans on every wake and when a failed move is due.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let retry = match self.pass(&stop).await {
+                Ok(retry) => retry,
+                Err(e) => {
+                    tracing::warn!(error = %e, "migration pass failed; will retry");
+                    Some(self.service.runtime().config.migration.retry_min)
+                }
+            };
+            if *stop.borrow() {
+                return;
+            }
+            let sleep = retry.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One plan and the moves it calls for. Returns when the earliest failed move may be
+    /// retried, if any failed.
+    async fn pass(&self, stop: &watch::Receiver<bool>) -> Result<Option<Duration>, ServiceError> {
+        let runtime = self.service.runtime();
+        let config = Arc::clone(&runtime.config);
+        let read_only = |id: &str| {
+            runtime
+                .registry
+                .get(id)
+                .is_some_and(|b| b.describe().capabilities.read_only)
+        };
+        let moves = plan(self.service.metadata().as_ref(), &config, &read_only).await?;
+        let metrics = self.service.metrics();
+        {
+            let mut state = self.state();
+            for key in state.pending.keys() {
+                metrics
+                    .migration_pending
+                    .with_label_values(&[&key.0, &key.1])
+                    .set(0);
+            }
+            state.pending.clear();
+            for m in &moves {
+                state
+                    .pending
+                    .entry((m.source.clone(), m.target.clone()))
+                    .or_default()
+                    .push(m.id.clone());
+            }
+            state
+                .failures
+                .retain(|id, _| moves.iter().any(|m| &m.id == id));
+            for (key, ids) in &state.pending {
+                metrics
+                    .migration_pending
+                    .with_label_values(&[&key.0, &key.1])
+                    .set(ids.len() as i64);
+            }
+            state.planned_at = Some(crate::time::now_unix());
+            state.moving = !moves.is_empty();
+        }
+        if !moves.is_empty() {
+            for ((source, target), n) in summarize(&moves) {
+                tracing::info!(%source, %target, credentials = n, "moving credentials to where the routing chain now puts them");
+            }
+        }
+
+        let limits: HashMap<String, StoreLimit> = moves
+            .iter()
+            .flat_map(|m| [m.source.clone(), m.target.clone()])
+            .map(|id| (id, StoreLimit::new(&config.migration)))
+            .collect();
+        let now = Instant::now();
+        let due: Vec<&PlannedMove> = {
+            let state = self.state();
+            moves
+                .iter()
+                .filter(|m| state.failures.get(&m.id).is_none_or(|f| f.retry_at <= now))
+                .collect()
+        };
+        let parallel = config.migration.concurrency * limits.len().max(1);
+        futures::stream::iter(due)
+            .for_each_concurrent(parallel, |m| {
+                let limits = &limits;
+                let migration = &config.migration;
+                async move {
+                    if *stop.borrow() {
+                        return;
+                    }
+                    let (a, b) = (&limits[&m.source], &limits[&m.target]);
+                    // Both permits, always in the same order, so two moves never deadlock.
+                    let (first, second) = if m.source <= m.target { (a, b) } else { (b, a) };
+                    let Ok(_p1) = first.slots.acquire().await else {
+                        return;
+                    };
+                    let Ok(_p2) = second.slots.acquire().await else {
+                        return;
+                    };
+                    a.pace().await;
+                    b.pace().await;
+                    let result = self.service.migrate_one(&m.id).await;
+                    self.record(m, result, migration);
+                }
+            })
+            .await;
+
+        let (next_retry, done) = {
+            let mut state = self.state();
+            state.moving = false;
+            let next_retry = state
+                .failures
+                .values()
+                .map(|f| f.retry_at.saturating_duration_since(Instant::now()))
+                .min();
+            (next_retry, state.pending.values().all(Vec::is_empty))
+        };
+        if done {
+            match self.service.prune_retired().await {
+                Ok(dropped) if !dropped.is_empty() => {
+                    tracing::info!(stores = ?dropped, "removed managers hold no credentials any more; released them")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not check removed managers"),
+            }
+        }
+        Ok(next_retry)
+    }
+
+    fn record(
+        &self,
+        m: &PlannedMove,
+        result: Result<MoveOutcome, ServiceError>,
+        config: &MigrationConfig,
+    ) {
+        let metrics = self.service.metrics();
+        let key = (m.source.clone(), m.target.clone());
+        let mut state = self.state();
+        let outcome = match result {
+            Ok(outcome) => {
+                state.failures.remove(&m.id);
+                if let Some(ids) = state.pending.get_mut(&key) {
+                    ids.retain(|id| id != &m.id);
+                    metrics
+                        .migration_pending
+                        .with_label_values(&[&key.0, &key.1])
+                        .set(ids.len() as i64);
+                }
+                if outcome == MoveOutcome::Moved {
+                    *state.moved.entry(key.clone()).or_insert(0) += 1;
+                    "moved"
+                } else {
+                    return;
+                }
+            }
+            Err(e) => {
+                let attempts = state.failures.get(&m.id).map(|f| f.attempts).unwrap_or(0) + 1;
+                let step = config
+                    .retry_min
+                    .saturating_mul(1u32 << (attempts - 1).min(16))
+                    .min(config.retry_max);
+                let wait = step.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                tracing::warn!(credential = %m.id, source = %m.source, target = %m.target,
+                    attempts, retry_in = ?wait, error = %e, "move failed; the credential stays readable where it is");
+                state.failures.insert(
+                    m.id.clone(),
+                    Failure {
+                        source: m.source.clone(),
+                        target: m.target.clone(),
+                        error: e.to_string(),
+                        attempts,
+                        retry_at: Instant::now() + wait,
+                    },
+                );
+                "failed"
+            }
+        };
+        metrics
+            .migration_moves
+            .with_label_values(&[&key.0, &key.1, outcome])
+            .inc();
+    }
+}
