@@ -717,7 +717,11 @@ async fn plan_shows_the_moves_without_touching_anything() {
 
     let out = common::run_cli(&["plan", "--config", next_path.to_str().unwrap(), "--ids"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("3 credential(s) would move"), "{text}");
     assert!(text.contains("local -> vault: 3"), "{text}");
     for (id, _) in &prod {
