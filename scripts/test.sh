@@ -11,6 +11,7 @@ apt_packages=()
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)          # promtool check metrics
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)      # unit hardening check
 command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)               # the OAuth test server
+command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)             # test service-account keys
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -209,7 +209,19 @@ pub async fn serve_app(
     ));
     // Also how an interrupted migration resumes: the first pass plans from the database.
     tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
-    tasks.spawn(reload_on_sighup(Arc::clone(&app.reloader), stop_rx.clone()));
+    // Installed before READY: a SIGHUP that arrives before its handler would kill the process.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => {
+            tasks.spawn(reload_on_sighup(
+                Arc::clone(&app.reloader),
+                hup,
+                stop_rx.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /v1/reload")
+        }
+    }
     let reload = service.runtime().config.reload.clone();
     tasks.spawn(reload_on_change(Arc::clone(&app.reloader), reload, stop_rx));
 
@@ -292,11 +304,11 @@ async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
 }
 
 /// SIGHUP reloads the configuration (`systemctl reload`, `kill -HUP`).
-async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; reload with POST /v1/reload");
-        return;
-    };
+async fn reload_on_sighup(
+    reloader: Arc<Reloader>,
+    mut hup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             Some(()) = hup.recv() => {

@@ -3,9 +3,17 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
+#[cfg(feature = "composio")]
+pub mod composio;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 #[cfg(feature = "hashicorp")]
 pub mod hashicorp;
 pub mod local;
+#[cfg(any(feature = "azure", feature = "gcp"))]
+pub mod names;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +45,10 @@ pub enum BackendError {
     ReadOnly,
     #[error("store refused the request: {0}")]
     Permanent(String),
+    /// The store answered, but what it holds must not be handed out (a masked value, an
+    /// account that is not active). The reason names no secret.
+    #[error("{0}")]
+    Unusable(String),
 }
 
 impl BackendError {
@@ -59,6 +71,7 @@ impl BackendError {
             BackendError::Conflict => "conflict",
             BackendError::ReadOnly => "read_only",
             BackendError::Permanent(_) => "error",
+            BackendError::Unusable(_) => "unusable",
         }
     }
 }
@@ -182,6 +195,13 @@ pub fn validate_settings(manager: &ManagerConfig) -> Result<(), ConfigError> {
         ManagerKind::Aws => aws::parse_settings(manager).map(drop),
         #[cfg(feature = "hashicorp")]
         ManagerKind::Hashicorp => hashicorp::parse_settings(manager).map(drop),
+        #[cfg(feature = "composio")]
+        ManagerKind::Composio => composio::parse_settings(manager).map(drop),
+        #[cfg(feature = "gcp")]
+        ManagerKind::Gcp => gcp::parse_settings(manager).map(drop),
+        #[cfg(feature = "azure")]
+        ManagerKind::Azure => azure::parse_settings(manager).map(drop),
+        #[allow(unreachable_patterns)] // reachable when a backend's feature is off
         _ => Err(not_built(manager)),
     }
 }
@@ -232,6 +252,13 @@ pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigEr
         ManagerKind::Aws => aws::AwsBackend::build(manager).await,
         #[cfg(feature = "hashicorp")]
         ManagerKind::Hashicorp => hashicorp::HashicorpBackend::build(manager).await,
+        #[cfg(feature = "composio")]
+        ManagerKind::Composio => composio::ComposioBackend::build(manager).await,
+        #[cfg(feature = "gcp")]
+        ManagerKind::Gcp => gcp::GcpBackend::build(manager).await,
+        #[cfg(feature = "azure")]
+        ManagerKind::Azure => azure::AzureBackend::build(manager).await,
+        #[allow(unreachable_patterns)] // reachable when a backend's feature is off
         _ => Err(not_built(manager)),
     }
 }
@@ -265,8 +292,10 @@ pub fn instructions() -> Vec<Instruction> {
         i(Azure, "tenant_id", "Tenant id (optional)", "The Microsoft Entra tenant of the app registration; omit with client_id and client_secret to use managed identity."),
         i(Azure, "client_id", "Client id (optional)", "The app registration's application (client) id, granted the Key Vault Secrets Officer role."),
         i(Azure, "client_secret", "Client secret (optional)", "A client secret of that app registration, as { env } or { file }."),
+        i(Azure, "purge_on_delete", "Purge on delete (optional)", "true to purge a deleted secret at once (needs the purge permission); otherwise Key Vault keeps it soft-deleted for its retention period."),
         i(Gcp, "project_id", "Project id", "The Google Cloud project that holds the secrets."),
         i(Gcp, "credentials", "Service account key (optional)", "A service-account JSON key with roles/secretmanager.admin, as { env } or { file }; omit to use the default chain (workload identity)."),
+        i(Gcp, "endpoint", "Endpoint (optional)", "A regional or Private Service Connect endpoint; omit for https://secretmanager.googleapis.com."),
         i(Hashicorp, "address", "Vault address", "The Vault or OpenBao URL, e.g. https://vault.internal:8200."),
         i(Hashicorp, "mount", "KV mount", "The KV secrets engine mount (KV v2 by default), e.g. secret."),
         i(Hashicorp, "token", "Token (optional)", "A Vault token with a policy on the prefix, as { env } or { file }; or use approle."),

@@ -75,6 +75,8 @@ pub enum ServiceError {
     },
     #[error("not implemented yet: {0}")]
     NotImplemented(&'static str),
+    #[error("store `{store}` holds this credential in a state that cannot be used: {reason}")]
+    Unusable { store: String, reason: String },
 }
 
 impl LoadFailure for ServiceError {
@@ -111,6 +113,7 @@ fn backend_failure(store: &str, e: BackendError) -> ServiceError {
             detail: e.to_string(),
             retry_after: UNAVAILABLE_RETRY_AFTER,
         },
+        BackendError::Unusable(reason) => ServiceError::Unusable { store, reason },
         e @ (BackendError::Denied(_) | BackendError::Permanent(_)) => ServiceError::StoreFailed {
             store,
             detail: e.to_string(),

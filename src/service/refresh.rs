@@ -422,16 +422,16 @@ impl Service {
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        let Some(oauth) = record.oauth.clone() else {
-            return Err(ServiceError::NotRefreshable(
-                "the credential has no `oauth` description".into(),
-            ));
-        };
         if self.is_read_only(&record.location.store_id) {
             return Err(ServiceError::ReadOnly {
                 store: record.location.store_id.clone(),
             });
         }
+        let Some(oauth) = record.oauth.clone() else {
+            return Err(ServiceError::NotRefreshable(
+                "the credential has no `oauth` description".into(),
+            ));
+        };
         if let Some(done) = self.apply_pending(&record).await? {
             return Ok(Refreshed::Done(done));
         }

@@ -2,6 +2,7 @@
 //! its Unix socket, and kills it by pid when the test ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod fakes;
 pub mod inprocess;
 pub mod peers;
 

@@ -1,0 +1,329 @@
+//! Composio (`type = "composio"`): read-only. A credential is registered by reference to a
+//! connected account; a read fetches `GET /api/v3/connected_accounts/{id}` and maps the
+//! account's `state.val` to secret fields for its auth scheme. Composio refreshes its own
+//! tokens: credproxy never writes, refreshes or moves anything here, and honours `expires_in`
+//! so a cached token is not served past it. Masked values and accounts that are not ACTIVE are
+//! errors, never handed out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, SecretSummary, Versioned,
+};
+use crate::config::{ConfigError, ManagerConfig, SecretRef};
+use crate::secret::{SecretFields, SecretString};
+
+const DEFAULT_BASE_URL: &str = "https://backend.composio.dev";
+/// Largest answer read; a connected account is a few KiB.
+const MAX_BODY: usize = 1024 * 1024;
+/// Accounts fetched per page when listing.
+const LIST_PAGE: usize = 100;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposioSettings {
+    pub api_key: SecretRef,
+    pub base_url: Option<String>,
+}
+
+pub fn parse_settings(manager: &ManagerConfig) -> Result<ComposioSettings, ConfigError> {
+    let settings: ComposioSettings = super::parse_table(manager)?;
+    if let Some(url) = &settings.base_url {
+        if url::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "https" | "http")) {
+            return Err(super::setting_error(
+                manager,
+                "base_url",
+                "must be an http(s) URL",
+            ));
+        }
+    }
+    Ok(settings)
+}
+
+pub struct ComposioBackend {
+    id: String,
+    http: reqwest::Client,
+    base: String,
+    api_key: SecretString,
+}
+
+impl ComposioBackend {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+        let settings = parse_settings(manager)?;
+        let api_key = settings
+            .api_key
+            .resolve(&format!("secrets_manager.{}.api_key", manager.id))?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(3))
+            .user_agent(concat!("credproxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| super::setting_error(manager, "", format!("HTTP client: {e}")))?;
+        Ok(Arc::new(Self {
+            id: manager.id.clone(),
+            http,
+            base: settings
+                .base_url
+                .unwrap_or_else(|| DEFAULT_BASE_URL.into())
+                .trim_end_matches('/')
+                .to_owned(),
+            api_key,
+        }))
+    }
+
+    async fn call(&self, path_and_query: &str) -> Result<Value, BackendError> {
+        let response = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .header("x-api-key", self.api_key.expose())
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    BackendError::Timeout
+                } else {
+                    BackendError::Transient(format!("Composio unreachable: {}", e.without_url()))
+                }
+            })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+            .map(Duration::from_secs);
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| BackendError::Transient(format!("Composio: {}", e.without_url())))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(BackendError::Permanent("Composio answer too large".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        // Error bodies carry a message and a slug, never account secrets.
+        let slug = || {
+            serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["slug"].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        match status.as_u16() {
+            200 => serde_json::from_slice(&body)
+                .map_err(|_| BackendError::Permanent("Composio answered with invalid JSON".into())),
+            404 => Err(BackendError::NotFound),
+            401 | 403 => Err(BackendError::Denied(format!(
+                "Composio refused the API key (HTTP {status}) {}",
+                slug()
+            ))),
+            429 => Err(BackendError::Throttled { retry_after }),
+            s if s >= 500 => Err(BackendError::Transient(format!("Composio HTTP {s}"))),
+            s => Err(BackendError::Permanent(format!(
+                "Composio HTTP {s} {}",
+                slug()
+            ))),
+        }
+    }
+}
+
+/// A value Composio masked instead of returning: `abcd...`, `REDACTED`, `****`.
+fn is_masked(v: &str) -> bool {
+    v.ends_with("...") || v.eq_ignore_ascii_case("redacted") || v.contains("****")
+}
+
+/// The secret fields of a connected account, by auth scheme.
+fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), BackendError> {
+    let status = account["status"].as_str().unwrap_or("UNKNOWN");
+    if status != "ACTIVE" {
+        return Err(BackendError::Unusable(format!(
+            "the Composio connected account is {status}, not ACTIVE; the user must reconnect it in Composio"
+        )));
+    }
+    let state = &account["state"];
+    let scheme = state["authScheme"]
+        .as_str()
+        .or_else(|| account["auth_config"]["auth_scheme"].as_str())
+        .unwrap_or("");
+    let val = state["val"]
+        .as_object()
+        .ok_or_else(|| BackendError::Permanent("Composio account has no state.val".into()))?;
+    let wanted: &[&str] = match scheme {
+        "OAUTH2" => &["access_token", "token_type", "scope", "id_token"],
+        "OAUTH1" => &["oauth_token", "oauth_token_secret"],
+        "API_KEY" => &["api_key", "generic_api_key"],
+        "BEARER_TOKEN" => &["token", "bearer_token"],
+        "BASIC" | "BASIC_WITH_JWT" => &["username", "password"],
+        other => {
+            return Err(BackendError::Unusable(format!(
+                "Composio auth scheme `{}` is not supported",
+                if other.len() <= 32 { other } else { "?" }
+            )))
+        }
+    };
+    let mut fields = SecretFields::new();
+    for name in wanted {
+        let Some(v) = val.get(*name).and_then(Value::as_str) else {
+            continue;
+        };
+        if is_masked(v) {
+            return Err(BackendError::Unusable(format!(
+                "Composio returned `{name}` masked; turn off secret masking for the project or use an auth config with your own OAuth app"
+            )));
+        }
+        fields.insert(*name, SecretString::new(v.to_owned()));
+    }
+    if fields.is_empty() {
+        return Err(BackendError::Unusable(format!(
+            "the Composio account has no credential fields for scheme {scheme}"
+        )));
+    }
+    let expires_in = match &val.get("expires_in") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .map(Duration::from_secs);
+    Ok((fields, expires_in))
+}
+
+/// RFC 3986 unreserved characters stay as they are; everything else is escaped.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, PATH_SEGMENT).to_string()
+}
+
+#[async_trait]
+impl Backend for ComposioBackend {
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            id: self.id.clone(),
+            kind: "composio",
+            capabilities: Capabilities {
+                read_only: true,
+                compare_and_swap: false,
+            },
+        }
+    }
+
+    async fn get(&self, name: &str, _version: Option<&str>) -> Result<Versioned, BackendError> {
+        let account = self
+            .call(&format!("/api/v3/connected_accounts/{}", encode(name)))
+            .await?;
+        let (value, expires_in) = fields_of(&account)?;
+        Ok(Versioned {
+            value,
+            version: account["updated_at"].as_str().unwrap_or("0").to_owned(),
+            expires_in,
+        })
+    }
+
+    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+        let mut skipped = 0;
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v3/connected_accounts?limit={LIST_PAGE}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={}", encode(c)));
+            }
+            let page = self.call(&path).await?;
+            for item in page["items"].as_array().into_iter().flatten() {
+                let id = item["id"].as_str().unwrap_or_default();
+                let toolkit = item["toolkit"]["slug"].as_str().unwrap_or_default();
+                if let Some(q) = &request.query {
+                    if !id.contains(q.as_str()) && !toolkit.contains(q.as_str()) {
+                        continue;
+                    }
+                }
+                if skipped < request.offset {
+                    skipped += 1;
+                    continue;
+                }
+                if items.len() == request.limit {
+                    return Ok(Page { items, more: true });
+                }
+                let time = |k: &str| {
+                    item[k]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                };
+                items.push(SecretSummary {
+                    id: id.to_owned(),
+                    name: id.to_owned(),
+                    description: format!(
+                        "{toolkit} ({})",
+                        item["status"].as_str().unwrap_or("UNKNOWN")
+                    ),
+                    created_at: time("created_at"),
+                    updated_at: time("updated_at"),
+                });
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) if !c.is_empty() => cursor = Some(c.to_owned()),
+                _ => return Ok(Page { items, more: false }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn account(status: &str, scheme: &str, val: Value) -> Value {
+        json!({"id": "ca_1", "status": status, "state": {"authScheme": scheme, "val": val}})
+    }
+
+    #[test]
+    fn maps_each_scheme_and_refuses_masked_or_inactive_accounts() {
+        let (f, exp) = fields_of(&account(
+            "ACTIVE",
+            "OAUTH2",
+            json!({"access_token": "at", "refresh_token": "rt", "expires_in": 3600, "status": "ACTIVE"}),
+        ))
+        .unwrap();
+        assert_eq!(f.get("access_token").unwrap().expose(), "at");
+        assert!(
+            f.get("refresh_token").is_none(),
+            "Composio refreshes; never handed out"
+        );
+        assert_eq!(exp, Some(Duration::from_secs(3600)));
+        let (f, _) = fields_of(&account("ACTIVE", "API_KEY", json!({"api_key": "k"}))).unwrap();
+        assert_eq!(f.get("api_key").unwrap().expose(), "k");
+        let (f, _) = fields_of(&account(
+            "ACTIVE",
+            "BASIC",
+            json!({"username": "u", "password": "p"}),
+        ))
+        .unwrap();
+        assert_eq!(f.len(), 2);
+        for masked in ["abcd...", "REDACTED", "ab****yz"] {
+            let e = fields_of(&account(
+                "ACTIVE",
+                "OAUTH2",
+                json!({"access_token": masked}),
+            ))
+            .unwrap_err();
+            assert!(matches!(e, BackendError::Unusable(_)), "{masked}");
+            assert!(!e.to_string().contains(masked));
+        }
+        let e =
+            fields_of(&account("EXPIRED", "OAUTH2", json!({"access_token": "at"}))).unwrap_err();
+        assert!(e.to_string().contains("EXPIRED"));
+    }
+}
