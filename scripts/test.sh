@@ -12,6 +12,7 @@ command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)          # pro
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)      # unit hardening check
 command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)               # the OAuth test server
 command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)             # test service-account keys
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql) # fleet mode
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -43,6 +44,10 @@ if ! cmp -s tests/peers/oauth-server/package-lock.json "$oauth/package-lock.json
   (cd "$oauth" && npm ci --silent --no-audit --no-fund)
 fi
 export CREDPROXY_TEST_NODE_PATH="$PWD/$oauth/node_modules"
+
+# PostgreSQL (fleet mode): Debian's server binaries; each test starts its own cluster.
+CREDPROXY_TEST_PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")"
+export CREDPROXY_TEST_PG_BIN
 
 # --- gates -----------------------------------------------------------------------------------
 log "cargo fmt --check"

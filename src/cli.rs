@@ -228,7 +228,10 @@ fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let crate::config::DatabaseUrl::Sqlite(db) = &next.store.database;
+    let crate::config::DatabaseUrl::Sqlite(db) = &next.store.database else {
+        eprintln!("credproxy: plan reads SQLite databases; with PostgreSQL use GET /v1/migrations after a reload");
+        return ExitCode::FAILURE;
+    };
     let store = match crate::store::sqlite::SqliteStore::open_read_only(db) {
         Ok(s) => s,
         Err(e) => {

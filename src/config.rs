@@ -140,6 +140,8 @@ struct RawMetrics {
 struct RawStore {
     data_dir: Option<PathBuf>,
     url: Option<String>,
+    /// The PostgreSQL password, never inside the URL.
+    password: Option<SecretRef>,
     master_key_file: Option<PathBuf>,
     #[serde(default)]
     previous_master_key_files: Vec<PathBuf>,
@@ -316,6 +318,12 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     Sqlite(PathBuf),
+    /// A `postgres://user@host/db?sslmode=…` URL without a password, and where to read the
+    /// password from.
+    Postgres {
+        url: String,
+        password: Option<SecretRef>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -575,6 +583,27 @@ impl Config {
         self.managers.iter().find(|m| m.id == id)
     }
 
+    /// A digest of what decides where credentials belong (managers' ids, types and prefixes,
+    /// and the routing): instances sharing a database move credentials only while they all
+    /// agree on it.
+    pub fn routing_hash(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for m in &self.managers {
+            h.update(format!("m\0{}\0{}\0{}\0", m.id, m.kind.as_str(), m.prefix));
+        }
+        h.update(format!("d\0{:?}\0", self.routing.default));
+        let mut envs: Vec<_> = self.routing.environments.iter().collect();
+        envs.sort();
+        for (env, id) in envs {
+            h.update(format!("e\0{env}\0{id}\0"));
+        }
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Settings of `next` that differ from `self` and take effect only after a restart: the
     /// listeners, the metadata database and keys, and the cache's shape.
     pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
@@ -683,10 +712,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
                 DatabaseUrl::Sqlite(PathBuf::from(path))
             } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                return Err(invalid(
-                    "store.url",
-                    "PostgreSQL metadata stores are not built into this binary",
-                ));
+                if !cfg!(feature = "postgres") {
+                    return Err(invalid(
+                        "store.url",
+                        "PostgreSQL metadata stores are not built into this binary (cargo feature `postgres`)",
+                    ));
+                }
+                let parsed = url::Url::parse(url)
+                    .map_err(|_| invalid("store.url", "not a valid postgres:// URL"))?;
+                if parsed.password().is_some() || parsed.query_pairs().any(|(k, _)| k == "password")
+                {
+                    // Refused without quoting the URL: it holds a secret.
+                    return Err(invalid(
+                        "store.url",
+                        "must not contain the password; give it as store.password = { env = \"VAR\" } or { file = \"/path\" }",
+                    ));
+                }
+                DatabaseUrl::Postgres {
+                    url: url.to_owned(),
+                    password: raw.store.password.clone(),
+                }
             } else {
                 return Err(invalid("store.url", "expected sqlite:PATH"));
             }

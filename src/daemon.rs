@@ -71,9 +71,32 @@ pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
     Ok(Keyring::new(current, previous))
 }
 
-pub fn open_store(config: &Config) -> Result<Arc<dyn MetadataStore>, StoreError> {
+pub async fn open_store(config: &Config) -> Result<Arc<dyn MetadataStore>, StartError> {
     match &config.store.database {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        #[cfg(feature = "postgres")]
+        DatabaseUrl::Postgres { url, password } => {
+            let url = match password {
+                Some(p) => {
+                    let password = p.resolve("store.password")?;
+                    let mut u = url::Url::parse(url).map_err(|_| ConfigError::Invalid {
+                        key: "store.url".into(),
+                        reason: "not a valid postgres:// URL".into(),
+                    })?;
+                    let _ = u.set_password(Some(password.expose()));
+                    crate::secret::SecretString::new(u.to_string())
+                }
+                None => crate::secret::SecretString::new(url.clone()),
+            };
+            Ok(Arc::new(
+                crate::store::postgres::PostgresStore::open(url.expose()).await?,
+            ))
+        }
+        #[cfg(not(feature = "postgres"))]
+        DatabaseUrl::Postgres { .. } => Err(StartError::Config(ConfigError::Invalid {
+            key: "store.url".into(),
+            reason: "PostgreSQL is not built into this binary".into(),
+        })),
     }
 }
 
@@ -84,7 +107,7 @@ pub async fn build(config: Config) -> Result<Parts, StartError> {
         addr: config.store.data_dir.display().to_string(),
         source: e,
     })?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let keys = Arc::new(load_keyring(&config)?);
     let mut registry = Registry::new();
     registry.insert(
@@ -195,6 +218,31 @@ pub async fn serve_app(
     let mut tasks = JoinSet::new();
     let service = Arc::clone(&app.service);
     let grace = journal_grace(&service.runtime().config);
+    if let Err(e) = service.heartbeat().await {
+        tracing::warn!(error = %e, "could not register this instance in the metadata database");
+    }
+    service
+        .metrics()
+        .instance_info
+        .with_label_values(&[service.instance_id()])
+        .set(1);
+    {
+        let (service, mut stop) = (Arc::clone(&service), stop_rx.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::service::HEARTBEAT_INTERVAL) => {}
+                    _ = stop.changed() => {
+                        service.leave_fleet().await;
+                        return;
+                    }
+                }
+                if let Err(e) = service.heartbeat().await {
+                    tracing::debug!(error = %e, "instance heartbeat failed");
+                }
+            }
+        });
+    }
     let sweep_interval = service.runtime().config.store.journal_sweep_interval;
     tasks.spawn(sweep_journal_forever(
         Arc::clone(&service),
@@ -207,6 +255,10 @@ pub async fn serve_app(
         Arc::clone(&service),
         stop_rx.clone(),
     ));
+    {
+        let (service, stop) = (Arc::clone(&service), stop_rx.clone());
+        tasks.spawn(async move { service.follow_invalidations(stop).await });
+    }
     // Also how an interrupted migration resumes: the first pass plans from the database.
     tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub oauth_time_to_expiry: Histogram,
     pub needs_reauth: IntGauge,
     pub migration_pending: IntGaugeVec,
+    pub invalidations: IntCounterVec,
+    pub instance_info: IntGaugeVec,
+    pub lease_waits: IntCounter,
+    pub move_claims: IntCounterVec,
     pub migration_moves: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub access_denied: IntCounter,
@@ -155,6 +159,50 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let invalidations = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_cache_invalidations_received_total",
+                    "Cache invalidations received from other instances (credential) and full flushes after a lost connection (all).",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+        );
+        let instance_info = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "credproxy_instance_info",
+                    "This instance's id among those sharing the metadata database; always 1.",
+                ),
+                &["instance"],
+            )
+            .unwrap(),
+        );
+        let lease_waits = register(
+            r,
+            IntCounter::new(
+                "credproxy_refresh_lease_waits_total",
+                "Refreshes that waited for another instance's refresh lease.",
+            )
+            .unwrap(),
+        );
+        let move_claims = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_migration_claims_total",
+                    "Move claims: taken by this instance, or busy (another instance moves it).",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        for outcome in ["taken", "busy"] {
+            move_claims.with_label_values(&[outcome]);
+        }
         let migration_moves = register(
             r,
             IntCounterVec::new(
@@ -231,6 +279,10 @@ impl Metrics {
             oauth_refreshes,
             migration_pending,
             migration_moves,
+            invalidations,
+            instance_info,
+            lease_waits,
+            move_claims,
             oauth_time_to_expiry,
             needs_reauth,
             config_reloads,

@@ -20,6 +20,11 @@ use crate::store::{CredentialRecord, MetadataStore, StoreError};
 
 /// Credentials read per page while planning.
 const PLAN_PAGE: usize = 500;
+/// When moves another instance claimed are looked at again (a crashed claimant's claim has
+/// expired by then).
+const CLAIM_RECHECK: Duration = Duration::from_secs(6);
+/// How soon the fleet is asked again while instances disagree on the configuration.
+const FLEET_RECHECK: Duration = Duration::from_secs(2);
 /// Failures listed in the status at most.
 const MAX_LISTED_FAILURES: usize = 100;
 
@@ -109,7 +114,8 @@ pub struct FailureStatus {
 /// `GET /v1/migrations`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationStatus {
-    /// `idle` or `moving`.
+    /// `idle`, `moving`, or `waiting_for_fleet` (instances sharing the database run different
+    /// routing configurations; nothing moves until they agree).
     pub state: &'static str,
     pub planned_at: Option<String>,
     pub pending: usize,
@@ -128,6 +134,10 @@ struct Failure {
 #[derive(Default)]
 struct State {
     moving: bool,
+    /// Other routing configurations live instances run (moves wait until it is 0).
+    waiting_for: usize,
+    /// Some moves were claimed by another instance during this pass.
+    recheck: bool,
     planned_at: Option<i64>,
     /// (source, target) → ids still to move.
     pending: BTreeMap<(String, String), Vec<String>>,
@@ -252,7 +262,13 @@ impl Migrator {
         failures.sort_by(|a, b| a.id.cmp(&b.id));
         failures.truncate(MAX_LISTED_FAILURES);
         MigrationStatus {
-            state: if state.moving { "moving" } else { "idle" },
+            state: if state.waiting_for > 0 {
+                "waiting_for_fleet"
+            } else if state.moving {
+                "moving"
+            } else {
+                "idle"
+            },
             planned_at: state.planned_at.map(crate::time::rfc3339),
             pending: state.pending.values().map(Vec::len).sum(),
             moves: pairs.into_values().collect(),
@@ -287,6 +303,20 @@ impl Migrator {
     async fn pass(&self, stop: &watch::Receiver<bool>) -> Result<Option<Duration>, ServiceError> {
         let runtime = self.service.runtime();
         let config = Arc::clone(&runtime.config);
+        // Instances sharing the database move only what they all agree on: during a rolling
+        // config change, one that runs the old routing would move credentials straight back.
+        let configs = self
+            .service
+            .metadata()
+            .live_config_hashes(crate::service::INSTANCE_LIVENESS)
+            .await?;
+        let mine = config.routing_hash();
+        let disagree = configs.iter().filter(|h| **h != mine).count();
+        self.state().waiting_for = disagree;
+        if disagree > 0 {
+            tracing::info!(other_configurations = disagree, "waiting for every instance to run this routing configuration before moving credentials");
+            return Ok(Some(FLEET_RECHECK));
+        }
         let read_only = |id: &str| {
             runtime
                 .registry
@@ -322,6 +352,7 @@ impl Migrator {
             }
             state.planned_at = Some(crate::time::now_unix());
             state.moving = !moves.is_empty();
+            state.recheck = false;
         }
         if !moves.is_empty() {
             for ((source, target), n) in summarize(&moves) {
@@ -371,10 +402,12 @@ impl Migrator {
         let (next_retry, done) = {
             let mut state = self.state();
             state.moving = false;
+            let recheck = state.recheck.then_some(CLAIM_RECHECK);
             let next_retry = state
                 .failures
                 .values()
                 .map(|f| f.retry_at.saturating_duration_since(Instant::now()))
+                .chain(recheck)
                 .min();
             (next_retry, state.pending.values().all(Vec::is_empty))
         };
@@ -400,6 +433,12 @@ impl Migrator {
         let key = (m.source.clone(), m.target.clone());
         let mut state = self.state();
         let outcome = match result {
+            Ok(MoveOutcome::Claimed) => {
+                // Another instance holds it: it stays pending here, and is looked at again
+                // once a crashed claimant's claim would have expired.
+                state.recheck = true;
+                return;
+            }
             Ok(outcome) => {
                 state.failures.remove(&m.id);
                 if let Some(ids) = state.pending.get_mut(&key) {
@@ -409,11 +448,12 @@ impl Migrator {
                         .with_label_values(&[&key.0, &key.1])
                         .set(ids.len() as i64);
                 }
-                if outcome == MoveOutcome::Moved {
-                    *state.moved.entry(key.clone()).or_insert(0) += 1;
-                    "moved"
-                } else {
-                    return;
+                match outcome {
+                    MoveOutcome::Moved => {
+                        *state.moved.entry(key.clone()).or_insert(0) += 1;
+                        "moved"
+                    }
+                    _ => return,
                 }
             }
             Err(e) => {

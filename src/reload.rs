@@ -160,6 +160,10 @@ impl Reloader {
             registry,
             policy,
         });
+        // Others must see the new configuration before anyone moves for it.
+        if let Err(e) = self.service.heartbeat().await {
+            tracing::warn!(error = %e, "could not record the new configuration for the fleet");
+        }
         self.migrator.wake(&planned);
         Ok(report)
     }

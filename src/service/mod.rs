@@ -217,7 +217,13 @@ pub struct Service {
     locks: KeyedLocks,
     keys: Arc<Keyring>,
     oauth: refresh::OAuthState,
+    /// This process among the instances sharing the metadata database.
+    instance: String,
 }
+
+/// How often an instance says it is alive, and after how long without that it is not.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub const INSTANCE_LIVENESS: Duration = Duration::from_secs(10);
 
 /// What a background move did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +235,13 @@ pub enum MoveOutcome {
     Gone,
     /// The source or target is read-only: never moved.
     ReadOnly,
+    /// Another instance is moving it.
+    Claimed,
 }
+
+/// How long a move claim lasts unless renewed (it is, while the move runs): a crashed
+/// mover's claims are taken over after this.
+const MOVE_CLAIM_TTL: Duration = Duration::from_secs(5);
 
 /// What a write answers: never the secrets.
 #[derive(Debug, Clone)]
@@ -260,11 +272,26 @@ impl Service {
             locks: KeyedLocks::default(),
             keys,
             oauth,
+            instance: uuid::Uuid::new_v4().to_string(),
         }
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    /// Records this instance as alive with the routing configuration it runs now.
+    pub async fn heartbeat(&self) -> Result<(), ServiceError> {
+        let hash = self.runtime.load().config.routing_hash();
+        Ok(self.store.instance_heartbeat(&self.instance, &hash).await?)
+    }
+
+    pub async fn leave_fleet(&self) {
+        let _ = self.store.instance_remove(&self.instance).await;
     }
 
     /// Puts a reloaded configuration in force. Requests already running finish with the
@@ -286,6 +313,35 @@ impl Service {
             .load()
             .policy
             .allows(caller, action, environment)
+    }
+
+    /// Keeps this instance's cache coherent with others sharing the metadata database: drops
+    /// what they changed, everything after a lost connection. Runs until `stop`.
+    pub async fn follow_invalidations(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(mut changes) = self.store.invalidations() else {
+            return;
+        };
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let change = tokio::select! {
+                c = changes.recv() => c,
+                _ = stop.changed() => return,
+            };
+            match change {
+                Ok(crate::store::Invalidation::Credential(id)) => {
+                    self.metrics
+                        .invalidations
+                        .with_label_values(&["credential"])
+                        .inc();
+                    self.cache.invalidate(&id);
+                }
+                Ok(crate::store::Invalidation::All) | Err(RecvError::Lagged(_)) => {
+                    self.metrics.invalidations.with_label_values(&["all"]).inc();
+                    self.cache.invalidate_all();
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
     }
 
     pub fn refresh_cache_gauge(&self) {
@@ -863,6 +919,35 @@ impl Service {
     /// move retry from the newer value.
     pub async fn migrate_one(&self, id: &str) -> Result<MoveOutcome, ServiceError> {
         let _guard = self.locks.lock(id).await;
+        // One mover per credential across every process sharing the database: a claim that
+        // expires on its own if its holder dies, so another instance takes the move over.
+        let claim = format!("move:{id}");
+        let holder = uuid::Uuid::new_v4().to_string();
+        if !self
+            .store
+            .lease_acquire(&claim, &holder, MOVE_CLAIM_TTL)
+            .await?
+        {
+            self.metrics.move_claims.with_label_values(&["busy"]).inc();
+            return Ok(MoveOutcome::Claimed);
+        }
+        self.metrics.move_claims.with_label_values(&["taken"]).inc();
+        let moved = {
+            let work = self.migrate_claimed(id);
+            let renew = self.renew_lease(&claim, &holder, MOVE_CLAIM_TTL);
+            tokio::pin!(work, renew);
+            tokio::select! {
+                r = &mut work => r,
+                () = &mut renew => work.await,
+            }
+        };
+        if let Err(e) = self.store.lease_release(&claim, &holder).await {
+            tracing::debug!(credential = id, error = %e, "could not release a move claim; it expires");
+        }
+        moved
+    }
+
+    async fn migrate_claimed(&self, id: &str) -> Result<MoveOutcome, ServiceError> {
         let runtime = self.runtime();
         let Some(current) = self.store.get_credential(id).await? else {
             return Ok(MoveOutcome::Gone);

@@ -344,7 +344,8 @@ impl Service {
         self.take_lease(id, &holder).await?;
         let result = {
             let work = self.refresh_leased(id, seen_row_version, trigger);
-            let renew = self.renew_lease(id, &holder);
+            let key = lease_key(id);
+            let renew = self.renew_lease(&key, &holder, LEASE_TTL);
             tokio::pin!(work, renew);
             tokio::select! {
                 r = &mut work => r,
@@ -365,24 +366,21 @@ impl Service {
         result
     }
 
-    /// Keeps the lease while the refresh runs; returns only if it was lost (then the refresh
-    /// carries on: cancelling it mid-request could lose a token answer).
-    async fn renew_lease(&self, id: &str, holder: &str) {
+    /// Keeps a lease while its work runs; returns only if it was lost (the work carries on:
+    /// cancelling a refresh mid-request could lose a token answer).
+    pub(super) async fn renew_lease(&self, key: &str, holder: &str, ttl: Duration) {
         loop {
-            tokio::time::sleep(LEASE_TTL / 3).await;
-            match self
-                .store
-                .lease_acquire(&lease_key(id), holder, LEASE_TTL)
-                .await
-            {
+            tokio::time::sleep(ttl / 3).await;
+            match self.store.lease_acquire(key, holder, ttl).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!(credential = id, "lost the refresh lease while refreshing (stalled longer than its lifetime)");
+                    tracing::warn!(
+                        lease = key,
+                        "lost a lease while working (stalled longer than its lifetime)"
+                    );
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(credential = id, error = %e, "could not renew the refresh lease")
-                }
+                Err(e) => tracing::warn!(lease = key, error = %e, "could not renew a lease"),
             }
         }
     }
@@ -398,6 +396,9 @@ impl Service {
                 .await?
             {
                 return Ok(());
+            }
+            if pause == Duration::from_millis(10) {
+                self.metrics.lease_waits.inc();
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ServiceError::TokenUnavailable {

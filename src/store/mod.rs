@@ -5,13 +5,15 @@
 //! Nothing here ever holds a plaintext secret: the local store's rows are sealed before they
 //! reach this layer.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -140,10 +142,24 @@ pub struct SealedSummary {
     pub updated_at: i64,
 }
 
+/// A change another instance made, for this instance's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Credential(String),
+    /// Changes may have been missed (a lost connection): drop everything.
+    All,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Changes made by other instances sharing the database, for stores that can announce
+    /// them (PostgreSQL). `None` for a store only this process writes... or that cannot tell.
+    fn invalidations(&self) -> Option<tokio::sync::broadcast::Receiver<Invalidation>> {
+        None
+    }
 
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError>;
 
@@ -253,4 +269,13 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, StoreError>;
     async fn count_needs_reauth(&self) -> Result<u64, StoreError>;
+
+    /// Records that instance `id` is alive and runs the routing configuration `config_hash`.
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError>;
+    async fn instance_remove(&self, id: &str) -> Result<(), StoreError>;
+    /// The distinct routing configurations of instances seen within `max_age`.
+    async fn live_config_hashes(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError>;
 }

@@ -69,6 +69,15 @@ CREATE INDEX credentials_oauth_due ON credentials (expires_at)
     WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL;
 "#;
 
+/// Version 3: instances sharing the database and the routing configuration each runs.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE instances (
+    id           TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+);
+"#;
+
 pub struct SqliteStore {
     // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
     conn: Arc<Mutex<Connection>>,
@@ -115,6 +124,9 @@ impl SqliteStore {
             }
             if version < 2 {
                 tx.execute_batch(SCHEMA_V2).map_err(db_err)?;
+            }
+            if version < 3 {
+                tx.execute_batch(SCHEMA_V3).map_err(db_err)?;
             }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(db_err)?;
@@ -723,6 +735,50 @@ impl MetadataStore for SqliteStore {
                 out.push(row.map_err(db_err)??);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError> {
+        let (id, hash) = (id.to_owned(), config_hash.to_owned());
+        let now = crate::time::now_unix_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO instances (id, config_hash, heartbeat_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET config_hash = excluded.config_hash, heartbeat_ms = excluded.heartbeat_ms",
+                params![id, hash, now],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn instance_remove(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            c.execute("DELETE FROM instances WHERE id = ?1", [id])
+                .map(|_| ())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn live_config_hashes(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let since = crate::time::now_unix_ms() - max_age.as_millis() as i64;
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT DISTINCT config_hash FROM instances WHERE heartbeat_ms >= ?1",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([since], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
         })
         .await
     }

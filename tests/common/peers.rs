@@ -306,3 +306,141 @@ pub fn vault_manager(dir: &Path, openbao: &Peer) -> toml::Value {
         ("token", file_ref(dir, "vault-token", BAO_ROOT_TOKEN)),
     ])
 }
+
+/// A PostgreSQL server of its own (Debian's binaries, `CREDPROXY_TEST_PG_BIN`) on a free
+/// loopback port, with its data and socket directory in a temporary directory; run as the
+/// `postgres` user when the tests run as root (PostgreSQL refuses root). Stopped by the pid
+/// in its pid file.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: std::path::PathBuf,
+}
+
+fn as_postgres_user(command: &mut Command) -> Command {
+    if unsafe { libc::geteuid() } != 0 {
+        return std::mem::replace(command, Command::new("true"));
+    }
+    let mut wrapped = Command::new("runuser");
+    wrapped
+        .args(["-u", "postgres", "--"])
+        .arg(command.get_program());
+    wrapped.args(command.get_args());
+    wrapped
+}
+
+impl Postgres {
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let mut command = Command::new(self.bin.join("pg_ctl"));
+        command
+            .args(["-D", self.data().to_str().unwrap()])
+            .args(args);
+        let out = as_postgres_user(&mut command)
+            .stdin(Stdio::null())
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn start(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("postgres.log");
+        self.pg_ctl(&[
+            "-o",
+            &options,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
+    }
+
+    /// Stops the server at once, by the pid in its pid file (SIGQUIT: immediate shutdown).
+    pub fn stop(&self) {
+        let pid_file = self.data().join("postmaster.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGQUIT) };
+            let started = Instant::now();
+            while pid_file.exists() && started.elapsed() < DEADLINE {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub async fn postgres() -> Postgres {
+    let bin = std::path::PathBuf::from(peer_binary("CREDPROXY_TEST_PG_BIN"));
+    let dir = tempfile::tempdir().unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        let uid = users_uid("postgres");
+        std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
+    }
+    let pg = Postgres {
+        port: free_port(),
+        bin,
+        dir,
+    };
+    let mut initdb = Command::new(pg.bin.join("initdb"));
+    initdb.args([
+        "-D",
+        pg.data().to_str().unwrap(),
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "--no-sync",
+    ]);
+    let out = as_postgres_user(&mut initdb)
+        .stdin(Stdio::null())
+        .output()
+        .expect("initdb");
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.start();
+    pg
+}
+
+fn users_uid(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "no user `postgres`: install Debian's postgresql package"
+    );
+    unsafe { (*pw).pw_uid }
+}

@@ -1,0 +1,931 @@
+//! PostgreSQL metadata store for fleet mode: many credproxy instances share one database.
+//! A small connection pool, TLS through rustls when the URL asks for it (`sslmode=require`
+//! or stronger), the schema created or upgraded at start under an advisory lock (so instances
+//! starting together do not race), and every change of a credential row announced with
+//! `NOTIFY` so the other instances drop their cached copy.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
+
+use super::{
+    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, MetadataStore,
+    SealedRecord, SealedSummary, StoreError, SCHEMA_VERSION,
+};
+
+/// The channel that carries invalidations.
+const CHANNEL: &str = "credproxy_invalidate";
+/// Key of the advisory lock held while the schema is created or upgraded.
+const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
+const POOL_SIZE: usize = 8;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS credproxy_schema (version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    id               TEXT PRIMARY KEY,
+    environment      TEXT NOT NULL,
+    integration_type TEXT NOT NULL,
+    metadata         TEXT NOT NULL,
+    oauth            TEXT,
+    pinned_manager   TEXT,
+    store_id         TEXT NOT NULL,
+    store_name       TEXT NOT NULL,
+    store_version    TEXT,
+    expires_at       BIGINT,
+    needs_reauth     BOOLEAN NOT NULL DEFAULT FALSE,
+    row_version      BIGINT NOT NULL,
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS credentials_location ON credentials (store_id, store_name);
+CREATE INDEX IF NOT EXISTS credentials_oauth_due ON credentials (expires_at)
+    WHERE oauth IS NOT NULL AND NOT needs_reauth AND expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal (
+    id            BIGSERIAL PRIMARY KEY,
+    kind          TEXT NOT NULL DEFAULT 'copy',
+    credential_id TEXT NOT NULL,
+    store_id      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    created_at    BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS local_secrets (
+    name        TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    key_id      TEXT NOT NULL,
+    wrapped_key BYTEA NOT NULL,
+    ciphertext  BYTEA NOT NULL,
+    created_at  BIGINT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    key           TEXT PRIMARY KEY,
+    holder        TEXT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id           TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS oauth_pending (
+    credential_id TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    version       BIGINT NOT NULL,
+    key_id        TEXT NOT NULL,
+    wrapped_key   BYTEA NOT NULL,
+    ciphertext    BYTEA NOT NULL,
+    created_at    BIGINT NOT NULL
+);
+"#;
+
+const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
+     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
+
+/// The database's clock in milliseconds: leases compare times from many hosts.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    // The server's message names tables and constraints, never values.
+    StoreError::Database(match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    })
+}
+
+fn unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+struct Pool {
+    config: Config,
+    tls: Tls,
+    idle: Mutex<Vec<Client>>,
+    slots: tokio::sync::Semaphore,
+}
+
+/// A pooled connection; goes back to the pool when dropped, unless it broke.
+struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if !client.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(client);
+            }
+        }
+    }
+}
+
+async fn connect(
+    config: &Config,
+    tls: &Tls,
+) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
+    macro_rules! spawn_connection {
+        ($connect:expr) => {{
+            let (client, connection) = $connect.await.map_err(db_err)?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "PostgreSQL connection closed");
+                }
+            });
+            Ok((client, task))
+        }};
+    }
+    match tls {
+        Tls::None => spawn_connection!(config.connect(NoTls)),
+        Tls::Rustls(t) => spawn_connection!(config.connect(t.clone())),
+    }
+}
+
+impl Pool {
+    async fn get(&self) -> Result<Conn<'_>, StoreError> {
+        let slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Database("pool closed".into()))?;
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match idle.pop() {
+                    Some(c) if c.is_closed() => continue,
+                    other => break other,
+                }
+            }
+        };
+        let client = match idle {
+            Some(c) => c,
+            None => connect(&self.config, &self.tls).await?.0,
+        };
+        Ok(Conn {
+            pool: self,
+            client: Some(client),
+            _slot: slot,
+        })
+    }
+}
+
+pub struct PostgresStore {
+    pool: Arc<Pool>,
+    invalidations: broadcast::Sender<Invalidation>,
+    /// Tags this instance's own notifications, which it does not need to act on.
+    origin: String,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn tls_for(config: &Config) -> Result<Tls, StoreError> {
+    use tokio_postgres::config::SslMode;
+    match config.get_ssl_mode() {
+        SslMode::Disable | SslMode::Prefer => Ok(Tls::None),
+        _ => {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = rustls::ClientConfig::with_platform_verifier()
+                .map_err(|e| StoreError::Database(format!("TLS set-up: {e}")))?;
+            Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+                client,
+            )))
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects, creates or upgrades the schema (under an advisory lock), and starts the
+    /// invalidation listener.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|_| StoreError::Database("store.url is not a valid PostgreSQL URL".into()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("credproxy");
+        let tls = tls_for(&config)?;
+        let pool = Arc::new(Pool {
+            config,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(POOL_SIZE),
+        });
+        {
+            let mut conn = pool.get().await?;
+            let tx = conn.transaction().await.map_err(db_err)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                .await
+                .map_err(db_err)?;
+            tx.batch_execute(SCHEMA).await.map_err(db_err)?;
+            let version: Option<i64> = tx
+                .query_opt("SELECT version FROM credproxy_schema", &[])
+                .await
+                .map_err(db_err)?
+                .map(|r| r.get(0));
+            match version {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::SchemaTooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE credproxy_schema SET version = $1",
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO credproxy_schema (version) VALUES ($1)",
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().await.map_err(db_err)?;
+        }
+        let (invalidations, _) = broadcast::channel(4096);
+        let origin = uuid::Uuid::new_v4().simple().to_string();
+        let listener = tokio::spawn(listen(
+            Arc::clone(&pool),
+            invalidations.clone(),
+            origin.clone(),
+        ));
+        Ok(Self {
+            pool,
+            invalidations,
+            origin,
+            listener,
+        })
+    }
+
+    fn notify_payload(&self, id: &str) -> String {
+        format!("{}:{id}", self.origin)
+    }
+}
+
+/// Holds a connection that LISTENs for invalidations; reconnects with back-off, and asks for
+/// a full cache flush after every reconnect, since notifications sent meanwhile are lost.
+async fn listen(pool: Arc<Pool>, out: broadcast::Sender<Invalidation>, origin: String) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let connected = match &pool.tls {
+            Tls::None => pool.config.connect(NoTls).await.map(|(c, conn)| {
+                (
+                    c,
+                    Box::pin(listen_on(conn, out.clone(), origin.clone()))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+                )
+            }),
+            Tls::Rustls(t) => pool.config.connect(t.clone()).await.map(|(c, conn)| {
+                (
+                    c,
+                    Box::pin(listen_on(conn, out.clone(), origin.clone()))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+                )
+            }),
+        };
+        match connected {
+            Ok((client, driver)) => {
+                let driver = tokio::spawn(driver);
+                if client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    backoff = Duration::from_millis(100);
+                    if !first {
+                        tracing::warn!("reconnected to PostgreSQL; flushing the cache, since invalidations may have been missed");
+                        let _ = out.send(Invalidation::All);
+                    }
+                    first = false;
+                }
+                let _ = driver.await;
+                drop(client);
+                // Cached entries keep being served meanwhile (nobody can write while the
+                // database is unreachable); the flush comes once we listen again.
+                tracing::warn!("lost the PostgreSQL invalidation connection; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %db_err(e), retry_in = ?backoff, "cannot connect the invalidation listener");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen_on<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    out: broadcast::Sender<Invalidation>,
+    origin: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    use futures::StreamExt;
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notification(n)) => {
+                if let Some((from, id)) = n.payload().split_once(':') {
+                    if from != origin {
+                        let _ = out.send(Invalidation::Credential(id.to_owned()));
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn credential_from_row(row: &Row) -> Result<CredentialRecord, StoreError> {
+    let id: String = row.get(0);
+    let metadata: String = row.get(3);
+    let oauth: Option<String> = row.get(4);
+    Ok(CredentialRecord {
+        metadata: serde_json::from_str(&metadata)
+            .map_err(|_| StoreError::Corrupt(format!("metadata of {id}")))?,
+        oauth: oauth
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(|_| StoreError::Corrupt(format!("oauth of {id}")))?,
+        environment: row.get(1),
+        integration_type: row.get(2),
+        pinned_manager: row.get(5),
+        location: Location {
+            store_id: row.get(6),
+            name: row.get(7),
+            version: row.get(8),
+        },
+        expires_at: row.get(9),
+        needs_reauth: row.get(10),
+        row_version: row.get(11),
+        created_at: row.get(12),
+        updated_at: row.get(13),
+        id,
+    })
+}
+
+fn sealed_from_row(row: &Row) -> SealedRecord {
+    SealedRecord {
+        name: row.get(0),
+        version: row.get(1),
+        key_id: row.get(2),
+        wrapped_key: row.get(3),
+        ciphertext: row.get(4),
+        created_at: row.get(5),
+    }
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+async fn journal_insert(
+    tx: &tokio_postgres::Transaction<'_>,
+    e: &JournalEntry,
+) -> Result<i64, StoreError> {
+    tx.query_one(
+        "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES ($1,$2,$3,$4,$5) RETURNING id",
+        &[&e.credential_id, &e.store_id, &e.name, &e.created_at, &e.kind.as_str()],
+    )
+    .await
+    .map(|r| r.get(0))
+    .map_err(db_err)
+}
+
+#[async_trait]
+impl MetadataStore for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.pool
+            .get()
+            .await?
+            .batch_execute("SELECT 1")
+            .await
+            .map_err(db_err)
+    }
+
+    fn invalidations(&self) -> Option<broadcast::Receiver<Invalidation>> {
+        Some(self.invalidations.subscribe())
+    }
+
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        conn.query_opt(
+            &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(credential_from_row)
+        .transpose()
+    }
+
+    async fn create_credential(
+        &self,
+        r: &CredentialRecord,
+        journal_id: i64,
+    ) -> Result<(), StoreError> {
+        let metadata = json_text(&r.metadata)?;
+        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let inserted = tx
+            .execute(
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
+                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                  &r.location.store_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at],
+            )
+            .await;
+        match inserted {
+            Err(e) if unique_violation(&e) => return Err(StoreError::AlreadyExists),
+            other => other.map_err(db_err)?,
+        };
+        tx.execute("DELETE FROM journal WHERE id = $1", &[&journal_id])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn update_credential(
+        &self,
+        r: &CredentialRecord,
+        expected_row_version: i64,
+        abandoned: Option<&JournalEntry>,
+    ) -> Result<Option<i64>, StoreError> {
+        let metadata = json_text(&r.metadata)?;
+        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let changed = tx
+            .execute(
+                "UPDATE credentials SET environment=$2, integration_type=$3, metadata=$4, oauth=$5, \
+                 pinned_manager=$6, store_id=$7, store_name=$8, store_version=$9, expires_at=$10, \
+                 needs_reauth=$11, row_version=$12, updated_at=$13 WHERE id=$1 AND row_version=$14",
+                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                  &r.location.store_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version],
+            )
+            .await
+            .map_err(db_err)?;
+        if changed == 0 {
+            return Err(StoreError::Conflict);
+        }
+        let journal_id = match abandoned {
+            Some(e) => Some(journal_insert(&tx, e).await?),
+            None => None,
+        };
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.notify_payload(&r.id)],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(journal_id)
+    }
+
+    async fn delete_credential(
+        &self,
+        id: &str,
+        expected_row_version: i64,
+        abandoned: &JournalEntry,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let changed = tx
+            .execute(
+                "DELETE FROM credentials WHERE id = $1 AND row_version = $2",
+                &[&id, &expected_row_version],
+            )
+            .await
+            .map_err(db_err)?;
+        if changed == 0 {
+            return Err(StoreError::Conflict);
+        }
+        let journal_id = journal_insert(&tx, abandoned).await?;
+        tx.execute("DELETE FROM oauth_pending WHERE credential_id = $1", &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.notify_payload(id)],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(journal_id)
+    }
+
+    async fn list_credentials(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        conn.query(
+            &format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > $1 ORDER BY id LIMIT $2"
+            ),
+            &[&after.unwrap_or(""), &(limit as i64)],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(credential_from_row)
+        .collect()
+    }
+
+    async fn count_credentials(&self) -> Result<u64, StoreError> {
+        let conn = self.pool.get().await?;
+        let n: i64 = conn
+            .query_one("SELECT COUNT(*) FROM credentials", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn journal_add(&self, e: &JournalEntry) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let id = journal_insert(&tx, e).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(id)
+    }
+
+    async fn journal_remove(&self, id: i64) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute("DELETE FROM journal WHERE id = $1", &[&id])
+            .await
+            .map(drop)
+            .map_err(db_err)
+    }
+
+    async fn journal_list(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query(
+                "SELECT id, credential_id, store_id, name, created_at, kind FROM journal ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| JournalEntry {
+                id: r.get(0),
+                credential_id: r.get(1),
+                store_id: r.get(2),
+                name: r.get(3),
+                created_at: r.get(4),
+                kind: JournalKind::parse(r.get::<_, &str>(5)),
+            })
+            .collect())
+    }
+
+    async fn location_in_use(&self, store_id: &str, name: &str) -> Result<bool, StoreError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
+            &[&store_id, &name],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn store_in_use(&self, store_id: &str) -> Result<bool, StoreError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
+             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
+            &[&store_id],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query_opt(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                 WHERE name = $1 ORDER BY version DESC LIMIT 1",
+                &[&name],
+            )
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(sealed_from_row))
+    }
+
+    async fn sealed_get(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<SealedRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query_opt(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                 WHERE name = $1 AND version = $2",
+                &[&name, &version],
+            )
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(sealed_from_row))
+    }
+
+    async fn sealed_insert(&self, r: &SealedRecord) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        match conn
+            .execute(
+                "INSERT INTO local_secrets (name, version, key_id, wrapped_key, ciphertext, created_at) \
+                 VALUES ($1,$2,$3,$4,$5,$6)",
+                &[&r.name, &r.version, &r.key_id, &r.wrapped_key, &r.ciphertext, &r.created_at],
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if unique_violation(&e) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM local_secrets WHERE name = $1 AND version < $2",
+            &[&name, &keep_from],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn sealed_delete(&self, name: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute("DELETE FROM local_secrets WHERE name = $1", &[&name])
+            .await
+            .map(drop)
+            .map_err(db_err)
+    }
+
+    async fn sealed_list(
+        &self,
+        query: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<SealedSummary>, bool), StoreError> {
+        let pattern = format!(
+            "%{}%",
+            query
+                .unwrap_or("")
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT name, MAX(version), MIN(created_at), MAX(created_at) FROM local_secrets \
+                 WHERE name LIKE $1 GROUP BY name ORDER BY name LIMIT $2 OFFSET $3",
+                &[&pattern, &(limit as i64 + 1), &(offset as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut items: Vec<SealedSummary> = rows
+            .iter()
+            .map(|r| SealedSummary {
+                name: r.get(0),
+                latest_version: r.get(1),
+                created_at: r.get(2),
+                updated_at: r.get(3),
+            })
+            .collect();
+        let more = items.len() > limit;
+        items.truncate(limit);
+        Ok((items, more))
+    }
+
+    async fn sealed_with_other_key(
+        &self,
+        current_key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
+                 WHERE key_id != $1 LIMIT $2",
+                &[&current_key_id, &(limit as i64)],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(sealed_from_row)
+            .collect())
+    }
+
+    async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "UPDATE local_secrets SET key_id = $3, wrapped_key = $4 \
+             WHERE name = $1 AND version = $2 AND key_id = $5",
+            &[&r.name, &r.version, &r.key_id, &r.wrapped_key, &old_key_id],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn lease_acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let conn = self.pool.get().await?;
+        let ttl = ttl.as_millis() as i64;
+        conn.execute(
+            &format!(
+                "INSERT INTO leases (key, holder, expires_at_ms) VALUES ($1, $2, {NOW_MS} + $3) \
+                 ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms \
+                 WHERE leases.expires_at_ms <= {NOW_MS} OR leases.holder = EXCLUDED.holder"
+            ),
+            &[&key, &holder, &ttl],
+        )
+        .await
+        .map(|n| n == 1)
+        .map_err(db_err)
+    }
+
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM leases WHERE key = $1 AND holder = $2",
+            &[&key, &holder],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn pending_token_put(
+        &self,
+        credential_id: &str,
+        r: &SealedRecord,
+    ) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "INSERT INTO oauth_pending (credential_id, name, version, key_id, wrapped_key, ciphertext, created_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (credential_id) DO UPDATE SET \
+             name = EXCLUDED.name, version = EXCLUDED.version, key_id = EXCLUDED.key_id, \
+             wrapped_key = EXCLUDED.wrapped_key, ciphertext = EXCLUDED.ciphertext, created_at = EXCLUDED.created_at",
+            &[&credential_id, &r.name, &r.version, &r.key_id, &r.wrapped_key, &r.ciphertext, &r.created_at],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn pending_token_get(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<SealedRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query_opt(
+                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM oauth_pending \
+                 WHERE credential_id = $1",
+                &[&credential_id],
+            )
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(sealed_from_row))
+    }
+
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM oauth_pending WHERE credential_id = $1",
+            &[&credential_id],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, StoreError> {
+        let conn = self.pool.get().await?;
+        conn.query(
+            &format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
+                 AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+            ),
+            &[&before, &(limit as i64)],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(credential_from_row)
+        .collect()
+    }
+
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            &format!(
+                "INSERT INTO instances (id, config_hash, heartbeat_ms) VALUES ($1, $2, {NOW_MS}) \
+                 ON CONFLICT (id) DO UPDATE SET config_hash = EXCLUDED.config_hash, heartbeat_ms = EXCLUDED.heartbeat_ms"
+            ),
+            &[&id, &config_hash],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn instance_remove(&self, id: &str) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute("DELETE FROM instances WHERE id = $1", &[&id])
+            .await
+            .map(drop)
+            .map_err(db_err)
+    }
+
+    async fn live_config_hashes(&self, max_age: Duration) -> Result<Vec<String>, StoreError> {
+        let conn = self.pool.get().await?;
+        let age = max_age.as_millis() as i64;
+        Ok(conn
+            .query(
+                &format!("SELECT DISTINCT config_hash FROM instances WHERE heartbeat_ms >= {NOW_MS} - $1"),
+                &[&age],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn count_needs_reauth(&self) -> Result<u64, StoreError> {
+        let conn = self.pool.get().await?;
+        let n: i64 = conn
+            .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok(n as u64)
+    }
+}

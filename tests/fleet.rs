@@ -1,0 +1,612 @@
+//! Fleet mode: the metadata store on a real PostgreSQL (Debian's server, started per test on
+//! a free port), the same store suite as SQLite, and several daemons sharing one database.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::peers::{self, vault_manager};
+use common::{fast_refresh, set, Daemon, DEADLINE};
+use credproxy::store::postgres::PostgresStore;
+use credproxy::store::sqlite::SqliteStore;
+use credproxy::store::{
+    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, SealedRecord, StoreError,
+};
+use hyper::Method;
+use serde_json::json;
+
+fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
+    CredentialRecord {
+        id: id.into(),
+        environment: "Production".into(),
+        integration_type: "github".into(),
+        metadata: serde_json::Map::from_iter([("team".to_owned(), json!("core"))]),
+        oauth: expires_at.map(|_| credproxy::store::OAuthDescription {
+            token_url: "https://t.example/token".into(),
+            client_id: "c".into(),
+            scopes: vec!["a".into()],
+            client_auth: Default::default(),
+        }),
+        pinned_manager: None,
+        location: Location {
+            store_id: "local".into(),
+            name: format!("Production/{id}"),
+            version: Some("1".into()),
+        },
+        expires_at,
+        needs_reauth: false,
+        row_version: 1,
+        created_at: 10,
+        updated_at: 10,
+    }
+}
+
+fn copy(id: &str, store: &str) -> JournalEntry {
+    JournalEntry {
+        id: 0,
+        kind: JournalKind::Copy,
+        credential_id: id.into(),
+        store_id: store.into(),
+        name: format!("n/{id}"),
+        created_at: 1,
+    }
+}
+
+fn sealed(name: &str, version: i64) -> SealedRecord {
+    SealedRecord {
+        name: name.into(),
+        version,
+        key_id: "k1".into(),
+        wrapped_key: vec![1, 2, 3],
+        ciphertext: vec![version as u8; 8],
+        created_at: version,
+    }
+}
+
+/// What every metadata store must do. `other` is a second handle on the same database, as
+/// another process would hold.
+async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore>) {
+    store.ping().await.unwrap();
+    // Credentials: create (settling its journal entry), read, compare-and-swap, delete.
+    let j = store.journal_add(&copy("a", "local")).await.unwrap();
+    store
+        .create_credential(&record("a", None), j)
+        .await
+        .unwrap();
+    assert!(store.journal_list().await.unwrap().is_empty());
+    assert!(matches!(
+        store.create_credential(&record("a", None), 0).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(
+        other.get_credential("a").await.unwrap().unwrap(),
+        record("a", None)
+    );
+    let mut next = record("a", None);
+    next.row_version = 2;
+    next.location.store_id = "vault".into();
+    let abandoned = store
+        .update_credential(&next, 1, Some(&copy("a", "local")))
+        .await
+        .unwrap();
+    assert!(abandoned.is_some());
+    assert!(matches!(
+        other.update_credential(&next, 1, None).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(store
+        .location_in_use("vault", "Production/a")
+        .await
+        .unwrap());
+    assert!(!store
+        .location_in_use("local", "Production/a")
+        .await
+        .unwrap());
+    assert!(store.store_in_use("vault").await.unwrap());
+    assert!(
+        store.store_in_use("local").await.unwrap(),
+        "journal refers to it"
+    );
+    for e in store.journal_list().await.unwrap() {
+        store.journal_remove(e.id).await.unwrap();
+    }
+    assert!(!store.store_in_use("local").await.unwrap());
+    // Listing in id order, paged.
+    for id in ["b", "c", "d"] {
+        store
+            .create_credential(&record(id, Some(100)), 0)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.count_credentials().await.unwrap(), 4);
+    let page: Vec<String> = store
+        .list_credentials(Some("a"), 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(page, ["b", "c"]);
+    // OAuth due list and re-authorisation count.
+    assert_eq!(store.oauth_due(100, 10).await.unwrap().len(), 3);
+    assert!(store.oauth_due(99, 10).await.unwrap().is_empty());
+    let mut reauth = record("b", Some(100));
+    reauth.needs_reauth = true;
+    reauth.row_version = 2;
+    store.update_credential(&reauth, 1, None).await.unwrap();
+    assert_eq!(store.count_needs_reauth().await.unwrap(), 1);
+    assert_eq!(store.oauth_due(100, 10).await.unwrap().len(), 2);
+    // Delete journals the copy and drops a pending token answer, atomically.
+    store
+        .pending_token_put("c", &sealed("oauth-pending:c", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.pending_token_get("c").await.unwrap().unwrap().version,
+        1
+    );
+    store
+        .pending_token_put("c", &sealed("oauth-pending:c", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_token_get("c").await.unwrap().unwrap().version,
+        2
+    );
+    assert!(matches!(
+        store.delete_credential("c", 7, &copy("c", "local")).await,
+        Err(StoreError::Conflict)
+    ));
+    store
+        .delete_credential("c", 1, &copy("c", "local"))
+        .await
+        .unwrap();
+    assert!(store.get_credential("c").await.unwrap().is_none());
+    assert!(store.pending_token_get("c").await.unwrap().is_none());
+    assert_eq!(store.journal_list().await.unwrap().len(), 1);
+    // Leases: one holder at a time across handles; expiry hands it over.
+    let long = Duration::from_secs(30);
+    assert!(store.lease_acquire("l", "p1", long).await.unwrap());
+    assert!(!other.lease_acquire("l", "p2", long).await.unwrap());
+    assert!(
+        store.lease_acquire("l", "p1", long).await.unwrap(),
+        "renewal"
+    );
+    other.lease_release("l", "p2").await.unwrap();
+    assert!(!other.lease_acquire("l", "p2", long).await.unwrap());
+    store.lease_release("l", "p1").await.unwrap();
+    assert!(other
+        .lease_acquire("l", "p2", Duration::ZERO)
+        .await
+        .unwrap());
+    assert!(
+        store.lease_acquire("l", "p1", long).await.unwrap(),
+        "expired lease taken over"
+    );
+    // Sealed rows of the local store.
+    store.sealed_insert(&sealed("s/x", 1)).await.unwrap();
+    assert!(matches!(
+        other.sealed_insert(&sealed("s/x", 1)).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    store.sealed_insert(&sealed("s/x", 2)).await.unwrap();
+    store.sealed_insert(&sealed("s/y_z", 1)).await.unwrap();
+    assert_eq!(
+        store.sealed_latest("s/x").await.unwrap().unwrap().version,
+        2
+    );
+    assert_eq!(
+        store.sealed_get("s/x", 1).await.unwrap().unwrap(),
+        sealed("s/x", 1)
+    );
+    store.sealed_prune("s/x", 2).await.unwrap();
+    assert!(store.sealed_get("s/x", 1).await.unwrap().is_none());
+    let (items, more) = store.sealed_list(None, 0, 1).await.unwrap();
+    assert_eq!((items.len(), more), (1, true));
+    let (items, _) = store.sealed_list(Some("_"), 0, 10).await.unwrap();
+    assert_eq!(items.len(), 1, "`_` is matched literally");
+    assert_eq!(
+        store.sealed_with_other_key("k2", 10).await.unwrap().len(),
+        2
+    );
+    let mut rewrapped = sealed("s/x", 2);
+    rewrapped.key_id = "k2".into();
+    store.sealed_rewrap(&rewrapped, "k1").await.unwrap();
+    assert_eq!(
+        store.sealed_latest("s/x").await.unwrap().unwrap().key_id,
+        "k2"
+    );
+    store.sealed_delete("s/x").await.unwrap();
+    assert!(store.sealed_latest("s/x").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_suite_passes_on_sqlite_and_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    let sqlite: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&path).unwrap());
+    store_suite(sqlite, Arc::new(SqliteStore::open(&path).unwrap())).await;
+
+    let pg = peers::postgres().await;
+    // Two instances starting at once: the schema is created once, under the advisory lock.
+    let url = pg.url();
+    let (a, b) = tokio::join!(PostgresStore::open(&url), PostgresStore::open(&url));
+    let (a, b): (Arc<dyn MetadataStore>, Arc<dyn MetadataStore>) =
+        (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+    let mut changes = b.invalidations().expect("PostgreSQL announces changes");
+    store_suite(Arc::clone(&a), Arc::clone(&b)).await;
+    // b heard about a's changes (not its own).
+    let started = Instant::now();
+    let mut heard = Vec::new();
+    while heard.len() < 2 && started.elapsed() < DEADLINE {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(100), changes.recv()).await {
+            heard.push(c);
+        }
+    }
+    assert!(
+        heard.contains(&credproxy::store::Invalidation::Credential("a".into())),
+        "{heard:?}"
+    );
+}
+
+/// Three daemons sharing one PostgreSQL database and one master key.
+async fn fleet(
+    pg: &peers::Postgres,
+    edit: impl Fn(&mut toml::Table, &std::path::Path),
+) -> Vec<Daemon> {
+    let key_dir = tempfile::tempdir().unwrap().keep();
+    let key = key_dir.join("master.key");
+    assert!(common::run_cli(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(
+            Daemon::start(|c, dir| {
+                set(c, "store", "url", pg.url());
+                set(c, "store", "master_key_file", key.display().to_string());
+                set(c, "store", "generate_master_key", false);
+                edit(c, dir);
+            })
+            .await,
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_instance_is_seen_by_the_others_within_a_second() {
+    let pg = peers::postgres().await;
+    let ds = fleet(&pg, |c, _| set(c, "cache", "ttl", "1h")).await;
+    let id = ds[0].create("Production", json!({"api_key": "v1"})).await;
+    for d in &ds[1..] {
+        let (status, body) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!((status, &body["secrets"]["api_key"]), (200, &json!("v1")));
+    }
+    let mut worst = Duration::ZERO;
+    for round in 2..=6 {
+        let value = format!("v{round}");
+        let writer = &ds[round % 3];
+        let (status, _) = writer
+            .call(
+                Method::PATCH,
+                &format!("/v1/credentials/{id}"),
+                Some(json!({"secrets": {"api_key": value}})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let written = Instant::now();
+        for d in &ds {
+            loop {
+                let (_, body) = d
+                    .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+                    .await;
+                if body["secrets"]["api_key"] == value.as_str() {
+                    break;
+                }
+                assert!(
+                    written.elapsed() < Duration::from_secs(1),
+                    "stale after a second: {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        worst = worst.max(written.elapsed());
+    }
+    eprintln!("three instances: a write was visible everywhere within {worst:?} (worst of 5)");
+    let received = ds[1]
+        .metric(r#"credproxy_cache_invalidations_received_total{kind="credential"}"#)
+        .await;
+    assert!(received >= 3.0, "{received}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_refresh_a_rotating_token_once_per_expiry() {
+    const RUN: Duration = Duration::from_secs(10);
+    let pg = peers::postgres().await;
+    let server = peers::oauth_server(2).await;
+    let ds = fleet(&pg, |c, _| fast_refresh(c, "100ms")).await;
+    let tokens = peers::oauth_grant(&server, peers::CLIENT_ID, peers::CLIENT_SECRET, 2).await;
+    let (status, body) = ds[0]
+        .call(
+            Method::POST,
+            "/v1/credentials",
+            Some(peers::oauth_credential(&server, "Production", &tokens, 2)),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    let (mut reads, mut rejected) = (0, 0);
+    while started.elapsed() < RUN {
+        for d in &ds {
+            let (status, body) = d
+                .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+                .await;
+            assert_eq!(status, 200, "{body}");
+            reads += 1;
+            if !peers::oauth_token_valid(&server, body["secrets"]["access_token"].as_str().unwrap())
+                .await
+            {
+                rejected += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let stats = peers::oauth_stats(&server).await;
+    let requests = stats["token_requests"].as_u64().unwrap();
+    eprintln!(
+        "three instances, {:.1}s: {reads} reads, {requests} token requests, {} issued, {rejected} rejected tokens",
+        started.elapsed().as_secs_f64(),
+        stats["issued"]
+    );
+    assert_eq!(stats["invalid_grant"], 0, "{stats}");
+    assert_eq!(stats["reuse_detected"], 0, "{stats}");
+    assert_eq!(requests, stats["issued"].as_u64().unwrap());
+    assert!(
+        requests as f64 <= started.elapsed().as_secs_f64() + 2.0,
+        "{stats}"
+    );
+    assert!(requests >= 4, "{stats}");
+    assert_eq!(rejected, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_a_migration_and_a_killed_one_loses_nothing() {
+    let pg = peers::postgres().await;
+    let openbao = peers::openbao().await;
+    let mut ds = fleet(&pg, |c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![vault_manager(dir, &openbao)]),
+        );
+        set(c, "migration", "rate", 100);
+        set(c, "migration", "concurrency", 4);
+        set(c, "migration", "retry_min", "100ms");
+        set(c, "migration", "retry_max", "1s");
+        set(c, "store", "journal_grace", "2s");
+        set(c, "store", "journal_sweep_interval", "200ms");
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push((
+            ds[i % 3]
+                .create("Production", json!({"api_key": format!("v{i}")}))
+                .await,
+            format!("v{i}"),
+        ));
+    }
+    for d in &ds {
+        let mut c: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+        set(&mut c, "routing", "default", "vault");
+        std::fs::write(&d.config_path, toml::to_string(&c).unwrap()).unwrap();
+    }
+    for d in &ds {
+        let (status, body) = d.call(Method::POST, "/v1/reload", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut killed = ds.remove(2);
+    killed.kill().await;
+
+    let started = Instant::now();
+    loop {
+        let mut pending = 0;
+        for d in &ds {
+            let (_, m) = d.call(Method::GET, "/v1/migrations", None).await;
+            pending += m["pending"].as_u64().unwrap_or(0);
+        }
+        let in_vault = vault_count(&openbao).await;
+        if pending == 0 && in_vault == 1000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE * 2,
+            "pending {pending}, in vault {in_vault}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut moved = Vec::new();
+    for d in &ds {
+        let text = d.metrics_text().await;
+        let n: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"credproxy_migration_moves_total{outcome="moved",source="local",target="vault"} "#)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        moved.push(n);
+    }
+    eprintln!("moves per surviving instance: {moved:?} (the killed one's count died with it)");
+    assert!(
+        moved.iter().all(|n| *n > 0.0),
+        "both survivors took a share: {moved:?}"
+    );
+    assert!(
+        moved.iter().sum::<f64>() <= 1000.0,
+        "no credential moved twice by the survivors"
+    );
+    for (id, value) in ids.iter().step_by(7) {
+        let (status, body) = ds[0]
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(
+            (
+                status,
+                &body["secrets"]["api_key"],
+                &body["secrets_manager_id"]
+            ),
+            (200, &json!(value), &json!("vault"))
+        );
+    }
+    // Copies a killed mover left behind are swept: OpenBao holds exactly one per credential.
+    let started = Instant::now();
+    while vault_count(&openbao).await != 1000 {
+        assert!(started.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn vault_count(openbao: &peers::Peer) -> usize {
+    let (status, body) = peers::bao(
+        openbao,
+        reqwest::Method::from_bytes(b"LIST").unwrap(),
+        "/v1/secret/metadata/credproxy/Production",
+        None,
+    )
+    .await;
+    if status == 404 {
+        return 0;
+    }
+    body["data"]["keys"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_ride_out_a_database_restart() {
+    let pg = peers::postgres().await;
+    let ds = fleet(&pg, |c, _| set(c, "cache", "stale_if_error", "1m")).await;
+    let id = ds[0]
+        .create("Production", json!({"api_key": "before"}))
+        .await;
+    for d in &ds {
+        assert_eq!(
+            d.call(Method::GET, &format!("/v1/credentials/{id}"), None)
+                .await
+                .0,
+            200
+        );
+    }
+    pg.stop();
+    // Cached reads keep being answered while the database is down.
+    for d in &ds {
+        let (status, body) = d
+            .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+            .await;
+        assert_eq!(
+            (status, &body["secrets"]["api_key"]),
+            (200, &json!("before")),
+            "{body}"
+        );
+    }
+    pg.start();
+    // Writes work again, and every instance flushed its cache after reconnecting.
+    let started = Instant::now();
+    loop {
+        let (status, _) = ds[1]
+            .call(
+                Method::PATCH,
+                &format!("/v1/credentials/{id}"),
+                Some(json!({"secrets": {"api_key": "after"}})),
+            )
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for d in &ds {
+        let started = Instant::now();
+        loop {
+            let (_, body) = d
+                .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+                .await;
+            if body["secrets"]["api_key"] == "after" {
+                break;
+            }
+            assert!(started.elapsed() < DEADLINE, "{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let flushes = d
+            .metric(r#"credproxy_cache_invalidations_received_total{kind="all"}"#)
+            .await;
+        assert!(flushes >= 1.0, "flushed after the lost connection");
+    }
+}
+
+/// During a rolling config change, nothing moves until every live instance runs the new
+/// routing: an instance still on the old one would move credentials straight back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_wait_until_every_instance_runs_the_new_routing() {
+    let pg = peers::postgres().await;
+    let openbao = peers::openbao().await;
+    let mut ds = fleet(&pg, |c, dir| {
+        c.insert(
+            "secrets_manager".into(),
+            toml::Value::Array(vec![vault_manager(dir, &openbao)]),
+        );
+        set(c, "migration", "rate", 0);
+    })
+    .await;
+    // A stopped instance leaves the fleet and does not hold the others back.
+    let mut stopped = ds.remove(2);
+    assert!(stopped.terminate().await.success());
+    for i in 0..20 {
+        ds[0]
+            .create("Production", json!({"api_key": format!("v{i}")}))
+            .await;
+    }
+    let reload = |d: &Daemon| {
+        let mut c: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+        set(&mut c, "routing", "default", "vault");
+        std::fs::write(&d.config_path, toml::to_string(&c).unwrap()).unwrap();
+        let socket = d.socket.clone();
+        async move {
+            let r = credproxy::client::send(&socket, Method::POST, "/v1/reload", &[], None)
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+    };
+    reload(&ds[0]).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let (_, m) = ds[0].call(Method::GET, "/v1/migrations", None).await;
+        if m["pending"] == 20 {
+            assert_eq!(m["state"], "waiting_for_fleet", "{m}");
+        }
+        assert_eq!(
+            vault_count(&openbao).await,
+            0,
+            "nothing moves while the fleet disagrees"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    reload(&ds[1]).await;
+    let started = Instant::now();
+    while vault_count(&openbao).await != 20 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "moves resumed once all agreed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
