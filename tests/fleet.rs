@@ -445,9 +445,11 @@ async fn three_instances_share_a_migration_and_a_killed_one_loses_nothing() {
         moved.push(n);
     }
     eprintln!("moves per surviving instance: {moved:?} (the killed one's count died with it)");
+    // Which instance moves what depends on timing (the killed one took some before it died);
+    // that no credential was moved twice is checked below in OpenBao itself.
     assert!(
-        moved.iter().all(|n| *n > 0.0),
-        "both survivors took a share: {moved:?}"
+        moved.iter().sum::<f64>() > 0.0,
+        "the survivors finished: {moved:?}"
     );
     assert!(
         moved.iter().sum::<f64>() <= 1000.0,
@@ -466,6 +468,26 @@ async fn three_instances_share_a_migration_and_a_killed_one_loses_nothing() {
             (200, &json!(value), &json!("vault"))
         );
     }
+    // Moved once: a second copy to the same name makes version 2. Only the moves the killed
+    // instance had in flight (at most its concurrency, 4) may have been copied again.
+    let mut copied_twice = 0;
+    for (id, _) in &ids {
+        let (status, meta) = peers::bao(
+            &openbao,
+            reqwest::Method::GET,
+            &format!("/v1/secret/metadata/credproxy/Production/{id}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        if meta["data"]["current_version"] != 1 {
+            copied_twice += 1;
+        }
+    }
+    assert!(
+        copied_twice <= 4,
+        "{copied_twice} credentials were copied more than once"
+    );
     // Copies a killed mover left behind are swept: OpenBao holds exactly one per credential.
     let started = Instant::now();
     while vault_count(&openbao).await != 1000 {
