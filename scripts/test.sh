@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs every test peer it needs, then runs the
 # format and lint gates and every test. `.ci/run` calls exactly this.
+#
+#   scripts/test.sh                      everything
+#   scripts/test.sh -- CMD [ARGS...]     install the peers, then run CMD with their variables,
+#                                        e.g. scripts/test.sh -- cargo test --test fleet
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +52,11 @@ export CREDPROXY_TEST_NODE_PATH="$PWD/$oauth/node_modules"
 # PostgreSQL (fleet mode): Debian's server binaries; each test starts its own cluster.
 CREDPROXY_TEST_PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")"
 export CREDPROXY_TEST_PG_BIN
+
+if [ "${1:-}" = "--" ]; then
+  shift
+  exec "$@"
+fi
 
 # --- gates -----------------------------------------------------------------------------------
 log "cargo fmt --check"
