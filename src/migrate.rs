@@ -114,8 +114,9 @@ pub struct FailureStatus {
 /// `GET /v1/migrations`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationStatus {
-    /// `idle`, `moving`, or `waiting_for_fleet` (instances sharing the database run different
-    /// routing configurations; nothing moves until they agree).
+    /// `idle`, `pending` (planned, not started), `moving`, or `waiting_for_fleet` (instances
+    /// sharing the database run different routing configurations; nothing moves until they
+    /// agree).
     pub state: &'static str,
     pub planned_at: Option<String>,
     pub pending: usize,
@@ -266,6 +267,9 @@ impl Migrator {
                 "waiting_for_fleet"
             } else if state.moving {
                 "moving"
+            } else if state.pending.values().any(|ids| !ids.is_empty()) {
+                // Planned by a reload; the pass has not started (or is backing off).
+                "pending"
             } else {
                 "idle"
             },

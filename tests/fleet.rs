@@ -610,11 +610,11 @@ async fn moves_wait_until_every_instance_runs_the_new_routing() {
     };
     reload(&ds[0]).await;
     let started = Instant::now();
+    let mut saw_waiting = false;
     while started.elapsed() < Duration::from_secs(3) {
         let (_, m) = ds[0].call(Method::GET, "/v1/migrations", None).await;
-        if m["pending"] == 20 {
-            assert_eq!(m["state"], "waiting_for_fleet", "{m}");
-        }
+        saw_waiting |= m["state"] == "waiting_for_fleet";
+        assert_eq!(m["pending"], 20, "{m}");
         assert_eq!(
             vault_count(&openbao).await,
             0,
@@ -622,6 +622,7 @@ async fn moves_wait_until_every_instance_runs_the_new_routing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(saw_waiting, "the status says why nothing moves");
     reload(&ds[1]).await;
     let started = Instant::now();
     while vault_count(&openbao).await != 20 {
