@@ -462,11 +462,7 @@ impl Migrator {
             }
             Err(e) => {
                 let attempts = state.failures.get(&m.id).map(|f| f.attempts).unwrap_or(0) + 1;
-                let step = config
-                    .retry_min
-                    .saturating_mul(1u32 << (attempts - 1).min(16))
-                    .min(config.retry_max);
-                let wait = step.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                let wait = crate::time::backoff(config.retry_min, config.retry_max, attempts);
                 tracing::warn!(credential = %m.id, source = %m.source, target = %m.target,
                     attempts, retry_in = ?wait, error = %e, "move failed; the credential stays readable where it is");
                 state.failures.insert(

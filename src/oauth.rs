@@ -302,12 +302,7 @@ impl Backoff {
     ) -> Duration {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let failures = entries.get(id).map(|e| e.0).unwrap_or(0).saturating_add(1);
-        let exp = config
-            .retry_min
-            .saturating_mul(1u32 << (failures - 1).min(16))
-            .min(config.retry_max);
-        // Between half and all of the exponential step, so failing credentials spread out.
-        let jittered = exp.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        let jittered = crate::time::backoff(config.retry_min, config.retry_max, failures);
         let wait = retry_after
             .map(|r| r.min(config.retry_max))
             .unwrap_or(Duration::ZERO)

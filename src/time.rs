@@ -16,6 +16,15 @@ pub fn now_unix_ms() -> i64 {
     }
 }
 
+/// The wait before retry number `attempt` (1-based): `min` doubling up to `max`, then a random
+/// point between half and all of it, so many things failing together do not retry together.
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let step = min
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(max);
+    step.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
 pub fn to_unix(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
