@@ -154,7 +154,6 @@ impl From<ServiceError> for ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", "the access token has expired and could not be refreshed yet; retry later")
             },
             Unusable { reason, .. } => ApiError::new(StatusCode::CONFLICT, "credential_unusable", "the secrets manager holds this credential in a state that cannot be handed out").with_detail(reason),
-            NotImplemented(what) => ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", "this operation is not available in this build").with_detail(what),
         }
     }
 }

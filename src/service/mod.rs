@@ -73,8 +73,6 @@ pub enum ServiceError {
         detail: String,
         retry_after: Duration,
     },
-    #[error("not implemented yet: {0}")]
-    NotImplemented(&'static str),
     #[error("store `{store}` holds this credential in a state that cannot be used: {reason}")]
     Unusable { store: String, reason: String },
 }
