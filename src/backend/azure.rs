@@ -455,8 +455,7 @@ impl Backend for AzureBackend {
 
     async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
         let mut pager = self.client.list_secret_properties(None).map_err(classify)?;
-        let mut items = Vec::new();
-        let mut skipped = 0;
+        let mut window = super::Window::new(&request);
         while let Some(props) = pager.try_next().await.map_err(classify)? {
             let id = props.id.clone().unwrap_or_default();
             let vault_name = id
@@ -466,32 +465,21 @@ impl Backend for AzureBackend {
                 .unwrap_or_default()
                 .to_owned();
             let name = names::decode(&vault_name).unwrap_or_else(|| vault_name.clone());
-            if request
-                .query
-                .as_ref()
-                .is_some_and(|q| !name.contains(q.as_str()))
-            {
-                continue;
-            }
-            if skipped < request.offset {
-                skipped += 1;
-                continue;
-            }
-            if items.len() == request.limit {
-                return Ok(Page { items, more: true });
-            }
             let attrs = props.attributes.as_ref();
             let at = |t: Option<time::OffsetDateTime>| {
                 t.map(|t| crate::time::from_unix(t.unix_timestamp()))
             };
-            items.push(SecretSummary {
+            let full = window.offer(&name.clone(), || SecretSummary {
                 id: vault_name,
                 name,
                 description: props.content_type.clone().unwrap_or_default(),
                 created_at: at(attrs.and_then(|a| a.created)),
                 updated_at: at(attrs.and_then(|a| a.updated)),
             });
+            if let Some(page) = full {
+                return Ok(page);
+            }
         }
-        Ok(Page { items, more: false })
+        Ok(window.finish())
     }
 }

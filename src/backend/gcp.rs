@@ -281,8 +281,7 @@ impl Backend for GcpBackend {
     }
 
     async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
-        let mut items = Vec::new();
-        let mut skipped = 0;
+        let mut window = super::Window::new(&request);
         let mut token = String::new();
         loop {
             let mut call = self
@@ -302,21 +301,7 @@ impl Backend for GcpBackend {
                     .unwrap_or_default()
                     .to_owned();
                 let name = names::decode(&id).unwrap_or_else(|| id.clone());
-                if request
-                    .query
-                    .as_ref()
-                    .is_some_and(|q| !name.contains(q.as_str()))
-                {
-                    continue;
-                }
-                if skipped < request.offset {
-                    skipped += 1;
-                    continue;
-                }
-                if items.len() == request.limit {
-                    return Ok(Page { items, more: true });
-                }
-                items.push(SecretSummary {
+                let full = window.offer(&name.clone(), || SecretSummary {
                     id,
                     name,
                     description: String::new(),
@@ -325,9 +310,12 @@ impl Backend for GcpBackend {
                         .map(|t| crate::time::from_unix(t.seconds())),
                     updated_at: None,
                 });
+                if let Some(page) = full {
+                    return Ok(page);
+                }
             }
             if page.next_page_token.is_empty() {
-                return Ok(Page { items, more: false });
+                return Ok(window.finish());
             }
             token = page.next_page_token;
         }

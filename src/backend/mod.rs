@@ -117,6 +117,63 @@ pub struct SecretSummary {
     pub updated_at: Option<SystemTime>,
 }
 
+/// Applies a listing request's query, offset and limit to entries a store hands over in its
+/// own pages, for stores that cannot filter or skip on their side.
+#[allow(dead_code)] // unused when no backend that needs it is compiled in
+pub(crate) struct Window<'a> {
+    request: &'a ListRequest,
+    skipped: usize,
+    items: Vec<SecretSummary>,
+}
+
+#[allow(dead_code)]
+impl<'a> Window<'a> {
+    pub(crate) fn new(request: &'a ListRequest) -> Self {
+        Self {
+            request,
+            skipped: 0,
+            items: Vec::new(),
+        }
+    }
+
+    /// Offers the entry named `name` (built only if it is kept). `Some(page)` once the page is
+    /// full and the store has more.
+    pub(crate) fn offer(
+        &mut self,
+        name: &str,
+        entry: impl FnOnce() -> SecretSummary,
+    ) -> Option<Page> {
+        if self
+            .request
+            .query
+            .as_ref()
+            .is_some_and(|q| !name.contains(q.as_str()))
+        {
+            return None;
+        }
+        if self.skipped < self.request.offset {
+            self.skipped += 1;
+            return None;
+        }
+        if self.items.len() == self.request.limit {
+            return Some(Page {
+                items: std::mem::take(&mut self.items),
+                more: true,
+            });
+        }
+        self.items.push(entry());
+        None
+    }
+
+    /// The page once the store has no more.
+    pub(crate) fn finish(self) -> Page {
+        Page {
+            items: self.items,
+            more: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Page {
     pub items: Vec<SecretSummary>,
