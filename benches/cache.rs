@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use credproxy::backend::local::{Keyring, LocalBackend, MasterKey};
-use credproxy::backend::{Backend, PutRequest};
 use credproxy::cache::{Cache, LoadFailure, Loaded};
+use credproxy::manager::local::{Keyring, LocalManager, MasterKey};
+use credproxy::manager::{PutRequest, SecretsManager};
+use credproxy::metadata::sqlite::SqliteMetadata;
+use credproxy::metadata::{CredentialRecord, Location};
 use credproxy::secret::{SecretFields, SecretString};
-use credproxy::store::sqlite::SqliteStore;
-use credproxy::store::{CredentialRecord, Location};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 #[derive(Clone, Debug)]
@@ -44,7 +44,7 @@ fn loaded() -> Loaded {
             oauth: None,
             pinned_manager: None,
             location: Location {
-                store_id: "local".into(),
+                manager_id: "local".into(),
                 name: "Production/c".into(),
                 version: Some("1".into()),
             },
@@ -84,8 +84,8 @@ fn benches(c: &mut Criterion) {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).unwrap());
-    let local = LocalBackend::new(Arc::new(Keyring::new(MasterKey::generate(), vec![])), store);
+    let store = Arc::new(SqliteMetadata::open(&dir.path().join("bench.db")).unwrap());
+    let local = LocalManager::new(Arc::new(Keyring::new(MasterKey::generate(), vec![])), store);
     let value = fields();
     rt.block_on(local.put(PutRequest {
         name: "Production/c",

@@ -15,8 +15,8 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
+use crate::metadata::CredentialRecord;
 use crate::secret::SecretFields;
-use crate::store::CredentialRecord;
 
 /// What a load produces: the credential's metadata and its secret fields.
 #[derive(Debug, Clone)]
@@ -247,8 +247,8 @@ fn make_entry(loaded: Loaded, ttl: Duration, grace: Duration) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metadata::Location;
     use crate::secret::SecretString;
-    use crate::store::Location;
     use std::sync::atomic::AtomicUsize;
 
     #[derive(Debug, Clone, PartialEq)]
@@ -275,7 +275,7 @@ mod tests {
                 oauth: None,
                 pinned_manager: None,
                 location: Location {
-                    store_id: "local".into(),
+                    manager_id: "local".into(),
                     name: "n".into(),
                     version: None,
                 },

@@ -94,7 +94,7 @@ pub fn main() -> ExitCode {
             ids,
         } => plan(config, current, ids),
         Command::Keygen { out } => {
-            let key = crate::backend::local::MasterKey::generate();
+            let key = crate::manager::local::MasterKey::generate();
             match key.write_new(&out) {
                 Ok(()) => {
                     println!("wrote master key {} to {}", key.id(), out.display());
@@ -232,7 +232,7 @@ fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
         eprintln!("credproxy: plan reads SQLite databases; with PostgreSQL use GET /v1/migrations after a reload");
         return ExitCode::FAILURE;
     };
-    let store = match crate::store::sqlite::SqliteStore::open_read_only(db) {
+    let store = match crate::metadata::sqlite::SqliteMetadata::open_read_only(db) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("credproxy: {}: {e}", db.display());

@@ -33,7 +33,7 @@ pub const DEFAULT_REFRESH_SCAN_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
 pub const DEFAULT_REFRESH_RETRY_MAX: Duration = Duration::from_secs(300);
 /// The id the local encrypted store answers to in routing, references and the API.
-pub const LOCAL_STORE_ID: &str = "local";
+pub const LOCAL_MANAGER_ID: &str = "local";
 
 /// Why a configuration was refused. Every variant names the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -979,7 +979,7 @@ fn validate_managers(raw: Vec<RawManager>) -> Result<Vec<ManagerConfig>, ConfigE
                 "use letters, digits, `-`, `_` and `.` (at most 128)",
             ));
         }
-        if id == LOCAL_STORE_ID {
+        if id == LOCAL_MANAGER_ID {
             return Err(invalid(
                 key("id"),
                 "`local` is reserved for the local encrypted store",
@@ -1010,7 +1010,7 @@ fn validate_managers(raw: Vec<RawManager>) -> Result<Vec<ManagerConfig>, ConfigE
             prefix,
             settings: m.settings,
         };
-        crate::backend::validate_settings(&manager)?;
+        crate::manager::validate_settings(&manager)?;
         out.push(manager);
     }
     Ok(out)
@@ -1022,7 +1022,7 @@ fn validate_routing(
 ) -> Result<RoutingConfig, ConfigError> {
     let check =
         |key: String, id: &str| -> Result<(), ConfigError> {
-            if id == LOCAL_STORE_ID {
+            if id == LOCAL_MANAGER_ID {
                 return Ok(());
             }
             let m = managers.iter().find(|m| m.id == id).ok_or_else(|| {

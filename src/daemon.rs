@@ -11,17 +11,17 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::access::Policy;
-use crate::backend::local::{KeyError, Keyring, LocalBackend, MasterKey};
-use crate::backend::{self, Registry};
-use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_STORE_ID};
+use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_MANAGER_ID};
 use crate::lifecycle::sd_notify;
+use crate::manager::local::{KeyError, Keyring, LocalManager, MasterKey};
+use crate::manager::{self, Registry};
+use crate::metadata::sqlite::SqliteMetadata;
+use crate::metadata::{Metadata, MetadataError};
 use crate::metrics::Metrics;
 use crate::migrate::Migrator;
 use crate::reload::Reloader;
 use crate::server::{self, App, Listeners};
 use crate::service::{Runtime, Service};
-use crate::store::sqlite::SqliteStore;
-use crate::store::{MetadataStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,7 +30,7 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] MetadataError),
     #[error(transparent)]
     Socket(#[from] server::unix::SocketError),
     #[error("cannot listen on {addr}: {source}")]
@@ -43,7 +43,7 @@ pub enum StartError {
 /// The parts a daemon is made of, built but not yet serving. Tests swap stores in `registry`.
 pub struct Parts {
     pub config: Arc<Config>,
-    pub store: Arc<dyn MetadataStore>,
+    pub metadata: Arc<dyn Metadata>,
     pub keys: Arc<Keyring>,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
@@ -71,9 +71,9 @@ pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
     Ok(Keyring::new(current, previous))
 }
 
-pub async fn open_store(config: &Config) -> Result<Arc<dyn MetadataStore>, StartError> {
+pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartError> {
     match &config.store.database {
-        DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteMetadata::open(path)?)),
         #[cfg(feature = "postgres")]
         DatabaseUrl::Postgres { url, password } => {
             let url = match password {
@@ -89,7 +89,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn MetadataStore>, Start
                 None => crate::secret::SecretString::new(url.clone()),
             };
             Ok(Arc::new(
-                crate::store::postgres::PostgresStore::open(url.expose()).await?,
+                crate::metadata::postgres::PostgresMetadata::open(url.expose()).await?,
             ))
         }
         #[cfg(not(feature = "postgres"))]
@@ -107,19 +107,19 @@ pub async fn build(config: Config) -> Result<Parts, StartError> {
         addr: config.store.data_dir.display().to_string(),
         source: e,
     })?;
-    let store = open_store(&config).await?;
+    let metadata = open_metadata(&config).await?;
     let keys = Arc::new(load_keyring(&config)?);
     let mut registry = Registry::new();
     registry.insert(
-        LOCAL_STORE_ID,
-        Arc::new(LocalBackend::new(Arc::clone(&keys), Arc::clone(&store))),
+        LOCAL_MANAGER_ID,
+        Arc::new(LocalManager::new(Arc::clone(&keys), Arc::clone(&metadata))),
     );
     for manager in &config.managers {
-        registry.insert(manager.id.clone(), backend::build(manager).await?);
+        registry.insert(manager.id.clone(), manager::build(manager).await?);
     }
     Ok(Parts {
         config,
-        store,
+        metadata,
         keys,
         registry,
         metrics: Arc::new(Metrics::new()),
@@ -144,7 +144,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
     };
     let service = Arc::new(Service::new(
         runtime,
-        parts.store,
+        parts.metadata,
         parts.metrics,
         parts.keys,
     ));
@@ -344,7 +344,7 @@ async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver
 }
 
 async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
-    let local = LocalBackend::new(keys, Arc::clone(service.metadata()));
+    let local = LocalManager::new(keys, Arc::clone(service.metadata()));
     match local.rotate().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(

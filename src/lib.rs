@@ -2,13 +2,14 @@
 //! manager and hands them to local workers over a Unix socket at the moment they are needed.
 
 pub mod access;
-pub mod backend;
 pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod lifecycle;
+pub mod manager;
+pub mod metadata;
 pub mod metrics;
 pub mod migrate;
 pub mod oauth;
@@ -17,5 +18,4 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod service;
-pub mod store;
 pub mod time;

@@ -14,9 +14,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{Config, MigrationConfig};
+use crate::metadata::{CredentialRecord, Metadata, MetadataError};
 use crate::routing::route;
 use crate::service::{MoveOutcome, Service, ServiceError};
-use crate::store::{CredentialRecord, MetadataStore, StoreError};
 
 /// Credentials read per page while planning.
 const PLAN_PAGE: usize = 500;
@@ -51,24 +51,24 @@ pub fn plan_one(
         &record.environment,
         record.pinned_manager.as_deref(),
     );
-    let source = &record.location.store_id;
-    if &target.store_id == source || read_only(source) || read_only(&target.store_id) {
+    let source = &record.location.manager_id;
+    if &target.manager_id == source || read_only(source) || read_only(&target.manager_id) {
         return None;
     }
     Some(PlannedMove {
         id: record.id.clone(),
         source: source.clone(),
-        target: target.store_id,
+        target: target.manager_id,
         pin_unavailable: target.pin_unavailable,
     })
 }
 
 /// The plan for every credential in `store` under `config`.
 pub async fn plan(
-    store: &dyn MetadataStore,
+    store: &dyn Metadata,
     config: &Config,
     read_only: &(dyn Fn(&str) -> bool + Sync),
-) -> Result<Vec<PlannedMove>, StoreError> {
+) -> Result<Vec<PlannedMove>, MetadataError> {
     let mut moves = Vec::new();
     let mut after: Option<String> = None;
     loop {

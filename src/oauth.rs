@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::OAuthConfig;
+use crate::metadata::{ClientAuth, CredentialRecord, OAuthDescription};
 use crate::secret::SecretString;
-use crate::store::{ClientAuth, CredentialRecord, OAuthDescription};
 
 /// Label values of `credproxy_oauth_refreshes_total{outcome}`.
 pub const OUTCOMES: [&str; 7] = [
@@ -336,7 +336,7 @@ impl Default for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Location;
+    use crate::metadata::Location;
 
     fn config() -> OAuthConfig {
         OAuthConfig {
@@ -359,7 +359,7 @@ mod tests {
             oauth: None,
             pinned_manager: None,
             location: Location {
-                store_id: "local".into(),
+                manager_id: "local".into(),
                 name: String::new(),
                 version: None,
             },

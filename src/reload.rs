@@ -9,9 +9,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::access::Policy;
-use crate::backend::{self, Registry};
-use crate::config::{Config, ConfigError, LOCAL_STORE_ID};
+use crate::config::{Config, ConfigError, LOCAL_MANAGER_ID};
 use crate::lifecycle::sd_notify_reloading;
+use crate::manager::{self, Registry};
 use crate::migrate::Migrator;
 use crate::service::{Runtime, Service};
 
@@ -21,7 +21,7 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("metadata store: {0}")]
+    #[error("metadata database: {0}")]
     Metadata(String),
 }
 
@@ -100,11 +100,11 @@ impl Reloader {
 
         // Everything is built before anything switches.
         let mut registry = Registry::new();
-        if let Some(local) = current.registry.get(LOCAL_STORE_ID) {
-            registry.insert(LOCAL_STORE_ID, Arc::clone(local));
+        if let Some(local) = current.registry.get(LOCAL_MANAGER_ID) {
+            registry.insert(LOCAL_MANAGER_ID, Arc::clone(local));
         }
         for manager in &next.managers {
-            registry.insert(manager.id.clone(), backend::build(manager).await?);
+            registry.insert(manager.id.clone(), manager::build(manager).await?);
         }
         let mut report = ReloadReport {
             managers_added: Vec::new(),
@@ -124,7 +124,7 @@ impl Reloader {
         // A removed manager still holding credentials stays, read-only in effect (no route
         // leads to it), until the migrator has moved them out.
         for id in current.registry.ids() {
-            if id == LOCAL_STORE_ID || next.manager(id).is_some() {
+            if id == LOCAL_MANAGER_ID || next.manager(id).is_some() {
                 continue;
             }
             if current.config.manager(id).is_some() {
@@ -133,7 +133,7 @@ impl Reloader {
             let in_use = self
                 .service
                 .metadata()
-                .store_in_use(id)
+                .manager_in_use(id)
                 .await
                 .map_err(|e| ReloadError::Metadata(e.to_string()))?;
             if in_use {

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::config::{ManagerConfig, RoutingConfig, LOCAL_STORE_ID};
+use crate::config::{ManagerConfig, RoutingConfig, LOCAL_MANAGER_ID};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -19,7 +19,7 @@ pub enum RouteReason {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub store_id: String,
+    pub manager_id: String,
     pub reason: RouteReason,
     /// The credential is pinned to a manager that is no longer configured; it fell back.
     pub pin_unavailable: bool,
@@ -37,9 +37,9 @@ pub fn route(
     environment: &str,
     pin: Option<&str>,
 ) -> Route {
-    let known = |id: &str| id == LOCAL_STORE_ID || managers.iter().any(|m| m.id == id);
+    let known = |id: &str| id == LOCAL_MANAGER_ID || managers.iter().any(|m| m.id == id);
     let writable = |id: &str| {
-        id == LOCAL_STORE_ID
+        id == LOCAL_MANAGER_ID
             || managers
                 .iter()
                 .any(|m| m.id == id && !m.kind.is_read_only())
@@ -48,7 +48,7 @@ pub fn route(
     if let Some(pin) = pin {
         if known(pin) {
             return Route {
-                store_id: pin.to_owned(),
+                manager_id: pin.to_owned(),
                 reason: RouteReason::Pinned,
                 pin_unavailable: false,
             };
@@ -65,13 +65,13 @@ pub fn route(
     for (candidate, reason) in chain {
         if let Some(id) = candidate {
             if writable(id) {
-                let reason = if id == LOCAL_STORE_ID {
+                let reason = if id == LOCAL_MANAGER_ID {
                     RouteReason::Local
                 } else {
                     reason
                 };
                 return Route {
-                    store_id: id.clone(),
+                    manager_id: id.clone(),
                     reason,
                     pin_unavailable,
                 };
@@ -79,7 +79,7 @@ pub fn route(
         }
     }
     Route {
-        store_id: LOCAL_STORE_ID.to_owned(),
+        manager_id: LOCAL_MANAGER_ID.to_owned(),
         reason: RouteReason::Local,
         pin_unavailable,
     }
@@ -120,7 +120,7 @@ mod tests {
         let (r, m) = setup();
         let route = route(&r, &m, "Production", Some("aws"));
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("aws", RouteReason::Pinned)
         );
     }
@@ -130,7 +130,7 @@ mod tests {
         let (r, m) = setup();
         let route = route(&r, &m, "Production", None);
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("vault", RouteReason::Environment)
         );
     }
@@ -140,7 +140,7 @@ mod tests {
         let (r, m) = setup();
         let route = route(&r, &m, "Sandbox", None);
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("aws", RouteReason::Default)
         );
     }
@@ -151,11 +151,11 @@ mod tests {
         r.default = None;
         let route = route(&r, &m, "Sandbox", None);
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("local", RouteReason::Local)
         );
         let route = super::route(&RoutingConfig::default(), &[], "Production", None);
-        assert_eq!(route.store_id, "local");
+        assert_eq!(route.manager_id, "local");
     }
 
     #[test]
@@ -163,7 +163,7 @@ mod tests {
         let (mut r, m) = setup();
         let pinned = route(&r, &m, "Sandbox", Some("composio"));
         assert_eq!(
-            (pinned.store_id.as_str(), pinned.reason),
+            (pinned.manager_id.as_str(), pinned.reason),
             ("composio", RouteReason::Pinned)
         );
 
@@ -171,7 +171,7 @@ mod tests {
         r.environments.insert("Staging".into(), "composio".into());
         let route = route(&r, &m, "Staging", None);
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("local", RouteReason::Local)
         );
     }
@@ -180,7 +180,7 @@ mod tests {
     fn pin_to_a_removed_manager_falls_back_and_says_so() {
         let (r, m) = setup();
         let route = route(&r, &m, "Production", Some("gone"));
-        assert_eq!(route.store_id, "vault");
+        assert_eq!(route.manager_id, "vault");
         assert!(route.pin_unavailable);
     }
 
@@ -190,7 +190,7 @@ mod tests {
         r.environments.insert("Dev".into(), "local".into());
         let route = route(&r, &m, "Dev", None);
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("local", RouteReason::Local)
         );
     }
@@ -200,7 +200,7 @@ mod tests {
         let (r, m) = setup();
         let route = route(&r, &m, "Production", Some("local"));
         assert_eq!(
-            (route.store_id.as_str(), route.reason),
+            (route.manager_id.as_str(), route.reason),
             ("local", RouteReason::Pinned)
         );
     }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::inprocess::*;
-use credproxy::backend::{Backend, PutRequest};
 use credproxy::client::send;
 use credproxy::config::Config;
+use credproxy::manager::{PutRequest, SecretsManager};
 use hyper::Method;
 use serde_json::json;
 
@@ -121,9 +121,9 @@ async fn cold_read_of_a_hanging_store_is_a_bounded_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
-    use credproxy::backend::local::LocalBackend;
+    use credproxy::manager::local::LocalManager;
+    use credproxy::metadata::JournalEntry;
     use credproxy::secret::{SecretFields, SecretString};
-    use credproxy::store::JournalEntry;
 
     let dir = tempfile::tempdir().unwrap();
     let kept = created_in_an_earlier_run(dir.path(), json!({"token": "kept"})).await;
@@ -134,7 +134,7 @@ async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
     let config =
         Config::parse(&toml::to_string(&common::base_config(dir.path())).unwrap()).unwrap();
     let parts = credproxy::daemon::build(config).await.unwrap();
-    let local = LocalBackend::new(Arc::clone(&parts.keys), Arc::clone(&parts.store));
+    let local = LocalManager::new(Arc::clone(&parts.keys), Arc::clone(&parts.metadata));
     let mut value = SecretFields::new();
     value.insert("token", SecretString::from("orphan"));
     local
@@ -152,12 +152,12 @@ async fn copies_left_by_a_crash_are_removed_and_referenced_ones_kept() {
         (kept.as_str(), format!("Production/{kept}")),
     ] {
         parts
-            .store
+            .metadata
             .journal_add(&JournalEntry {
                 id: 0,
-                kind: credproxy::store::JournalKind::Copy,
+                kind: credproxy::metadata::JournalKind::Copy,
                 credential_id: credential.into(),
-                store_id: "local".into(),
+                manager_id: "local".into(),
                 name,
                 created_at: long_ago,
             })

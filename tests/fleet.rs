@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::peers::{self, vault_manager};
 use common::{fast_refresh, set, Daemon, DEADLINE};
-use credproxy::store::postgres::PostgresStore;
-use credproxy::store::sqlite::SqliteStore;
-use credproxy::store::{
-    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, SealedRecord, StoreError,
+use credproxy::metadata::postgres::PostgresMetadata;
+use credproxy::metadata::sqlite::SqliteMetadata;
+use credproxy::metadata::{
+    CredentialRecord, JournalEntry, JournalKind, Location, Metadata, MetadataError, SealedRecord,
 };
 use hyper::Method;
 use serde_json::json;
@@ -22,7 +22,7 @@ fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
         environment: "Production".into(),
         integration_type: "github".into(),
         metadata: serde_json::Map::from_iter([("team".to_owned(), json!("core"))]),
-        oauth: expires_at.map(|_| credproxy::store::OAuthDescription {
+        oauth: expires_at.map(|_| credproxy::metadata::OAuthDescription {
             token_url: "https://t.example/token".into(),
             client_id: "c".into(),
             scopes: vec!["a".into()],
@@ -30,7 +30,7 @@ fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
         }),
         pinned_manager: None,
         location: Location {
-            store_id: "local".into(),
+            manager_id: "local".into(),
             name: format!("Production/{id}"),
             version: Some("1".into()),
         },
@@ -47,7 +47,7 @@ fn copy(id: &str, store: &str) -> JournalEntry {
         id: 0,
         kind: JournalKind::Copy,
         credential_id: id.into(),
-        store_id: store.into(),
+        manager_id: store.into(),
         name: format!("n/{id}"),
         created_at: 1,
     }
@@ -66,7 +66,7 @@ fn sealed(name: &str, version: i64) -> SealedRecord {
 
 /// What every metadata store must do. `other` is a second handle on the same database, as
 /// another process would hold.
-async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore>) {
+async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     store.ping().await.unwrap();
     // Credentials: create (settling its journal entry), read, compare-and-swap, delete.
     let j = store.journal_add(&copy("a", "local")).await.unwrap();
@@ -77,7 +77,7 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
     assert!(store.journal_list().await.unwrap().is_empty());
     assert!(matches!(
         store.create_credential(&record("a", None), 0).await,
-        Err(StoreError::AlreadyExists)
+        Err(MetadataError::AlreadyExists)
     ));
     assert_eq!(
         other.get_credential("a").await.unwrap().unwrap(),
@@ -85,7 +85,7 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
     );
     let mut next = record("a", None);
     next.row_version = 2;
-    next.location.store_id = "vault".into();
+    next.location.manager_id = "vault".into();
     let abandoned = store
         .update_credential(&next, 1, Some(&copy("a", "local")))
         .await
@@ -93,7 +93,7 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
     assert!(abandoned.is_some());
     assert!(matches!(
         other.update_credential(&next, 1, None).await,
-        Err(StoreError::Conflict)
+        Err(MetadataError::Conflict)
     ));
     assert!(store
         .location_in_use("vault", "Production/a")
@@ -103,15 +103,15 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
         .location_in_use("local", "Production/a")
         .await
         .unwrap());
-    assert!(store.store_in_use("vault").await.unwrap());
+    assert!(store.manager_in_use("vault").await.unwrap());
     assert!(
-        store.store_in_use("local").await.unwrap(),
+        store.manager_in_use("local").await.unwrap(),
         "journal refers to it"
     );
     for e in store.journal_list().await.unwrap() {
         store.journal_remove(e.id).await.unwrap();
     }
-    assert!(!store.store_in_use("local").await.unwrap());
+    assert!(!store.manager_in_use("local").await.unwrap());
     // Listing in id order, paged.
     for id in ["b", "c", "d"] {
         store
@@ -156,7 +156,7 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
     );
     assert!(matches!(
         store.delete_credential("c", 7, &copy("c", "local")).await,
-        Err(StoreError::Conflict)
+        Err(MetadataError::Conflict)
     ));
     store
         .delete_credential("c", 1, &copy("c", "local"))
@@ -188,7 +188,7 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
     store.sealed_insert(&sealed("s/x", 1)).await.unwrap();
     assert!(matches!(
         other.sealed_insert(&sealed("s/x", 1)).await,
-        Err(StoreError::AlreadyExists)
+        Err(MetadataError::AlreadyExists)
     ));
     store.sealed_insert(&sealed("s/x", 2)).await.unwrap();
     store.sealed_insert(&sealed("s/y_z", 1)).await.unwrap();
@@ -225,14 +225,14 @@ async fn store_suite(store: Arc<dyn MetadataStore>, other: Arc<dyn MetadataStore
 async fn the_store_suite_passes_on_sqlite_and_postgresql() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.db");
-    let sqlite: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&path).unwrap());
-    store_suite(sqlite, Arc::new(SqliteStore::open(&path).unwrap())).await;
+    let sqlite: Arc<dyn Metadata> = Arc::new(SqliteMetadata::open(&path).unwrap());
+    store_suite(sqlite, Arc::new(SqliteMetadata::open(&path).unwrap())).await;
 
     let pg = peers::postgres().await;
     // Two instances starting at once: the schema is created once, under the advisory lock.
     let url = pg.url();
-    let (a, b) = tokio::join!(PostgresStore::open(&url), PostgresStore::open(&url));
-    let (a, b): (Arc<dyn MetadataStore>, Arc<dyn MetadataStore>) =
+    let (a, b) = tokio::join!(PostgresMetadata::open(&url), PostgresMetadata::open(&url));
+    let (a, b): (Arc<dyn Metadata>, Arc<dyn Metadata>) =
         (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
     let mut changes = b.invalidations().expect("PostgreSQL announces changes");
     store_suite(Arc::clone(&a), Arc::clone(&b)).await;
@@ -245,7 +245,7 @@ async fn the_store_suite_passes_on_sqlite_and_postgresql() {
         }
     }
     assert!(
-        heard.contains(&credproxy::store::Invalidation::Credential("a".into())),
+        heard.contains(&credproxy::metadata::Invalidation::Credential("a".into())),
         "{heard:?}"
     );
 }

@@ -15,10 +15,10 @@ use zeroize::Zeroizing;
 
 use super::App;
 use crate::access::{Action, Caller};
-use crate::backend::{instructions, ListRequest};
+use crate::manager::{instructions, ListRequest};
+use crate::metadata::CredentialRecord;
 use crate::secret::SecretFields;
 use crate::service::{CreateRequest, PatchRequest, ServiceError};
-use crate::store::CredentialRecord;
 
 pub type Body = Full<Bytes>;
 
@@ -141,7 +141,7 @@ impl From<ServiceError> for ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the secrets manager is unavailable and no cached value can be served; retry later")
             },
-            StoreFailed { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "store_error", "the secrets manager refused the request; see the daemon's log"),
+            ManagerFailed { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "store_error", "the secrets manager refused the request; see the daemon's log"),
             SecretMissing { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "secret_missing", "the credential's secret is missing from its secrets manager"),
             Metadata(_) => ApiError {
                 retry_after: Some(Duration::from_secs(1)),
@@ -371,7 +371,7 @@ async fn dispatch(
                     "id": record.id,
                     "refreshed": matches!(outcome, crate::service::Refreshed::Done(_)),
                     "expires_at": record.expires_at.map(crate::time::rfc3339),
-                    "secrets_manager_id": record.location.store_id,
+                    "secrets_manager_id": record.location.manager_id,
                     "reference": reference(record),
                 }),
             ))
@@ -398,7 +398,7 @@ async fn dispatch(
                 })
                 .collect();
             managers.push(serde_json::json!({
-                "id": crate::config::LOCAL_STORE_ID, "type": "local", "prefix": "",
+                "id": crate::config::LOCAL_MANAGER_ID, "type": "local", "prefix": "",
                 "read_only": false, "compare_and_swap": true,
             }));
             Ok(ok_json(StatusCode::OK, &managers))
@@ -468,9 +468,9 @@ async fn dispatch(
             Ok(ok_json(
                 StatusCode::OK,
                 &serde_json::json!({
-                    "default": routing.default.as_deref().unwrap_or(crate::config::LOCAL_STORE_ID),
+                    "default": routing.default.as_deref().unwrap_or(crate::config::LOCAL_MANAGER_ID),
                     "environments": routing.environments,
-                    "fallback": crate::config::LOCAL_STORE_ID,
+                    "fallback": crate::config::LOCAL_MANAGER_ID,
                 }),
             ))
         }
@@ -582,7 +582,7 @@ fn write_response(status: StatusCode, record: &CredentialRecord) -> Response<Bod
         status,
         &serde_json::json!({
             "id": record.id,
-            "secrets_manager_id": record.location.store_id,
+            "secrets_manager_id": record.location.manager_id,
             "reference": reference(record),
             "pinned_secrets_manager_id": record.pinned_manager,
         }),
@@ -622,7 +622,7 @@ fn credential_response(
         id: &record.id,
         environment: &record.environment,
         integration_type: &record.integration_type,
-        secrets_manager_id: &record.location.store_id,
+        secrets_manager_id: &record.location.manager_id,
         pinned_secrets_manager_id: record.pinned_manager.as_deref(),
         pin_unavailable,
         metadata: &record.metadata,

@@ -20,17 +20,17 @@ use tokio::time::Instant;
 pub use refresh::{Refreshed, Trigger};
 
 use crate::access::{Action, Caller, Policy};
-use crate::backend::local::Keyring;
-use crate::backend::{Backend, BackendError, ListRequest, Page, PutRequest, Registry};
 use crate::cache::{Cache, CacheStatus, Entry, LoadFailure, Loaded};
 use crate::config::{is_valid_name, Config};
+use crate::manager::local::Keyring;
+use crate::manager::{ListRequest, ManagerError, Page, PutRequest, Registry, SecretsManager};
+use crate::metadata::{
+    ClientAuth, CredentialRecord, JournalEntry, JournalKind, Location, Metadata, MetadataError,
+    OAuthDescription,
+};
 use crate::metrics::Metrics;
 use crate::routing::{route, Route};
 use crate::secret::SecretFields;
-use crate::store::{
-    ClientAuth, CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore,
-    OAuthDescription, StoreError,
-};
 
 /// Largest metadata object accepted, serialised.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
@@ -48,21 +48,21 @@ pub enum ServiceError {
     Invalid(String),
     #[error("the credential changed concurrently")]
     Conflict,
-    #[error("store `{store}` is read-only")]
-    ReadOnly { store: String },
+    #[error("secrets manager `{manager}` is read-only")]
+    ReadOnly { manager: String },
     #[error("no secrets manager `{0}` is configured")]
     UnknownManager(String),
-    #[error("store `{store}` unavailable: {detail}")]
+    #[error("secrets manager `{manager}` unavailable: {detail}")]
     Unavailable {
-        store: String,
+        manager: String,
         detail: String,
         retry_after: Duration,
     },
-    #[error("store `{store}` refused the request: {detail}")]
-    StoreFailed { store: String, detail: String },
-    #[error("the secret recorded for this credential is missing from store `{store}`")]
-    SecretMissing { store: String },
-    #[error("metadata store: {0}")]
+    #[error("secrets manager `{manager}` refused the request: {detail}")]
+    ManagerFailed { manager: String, detail: String },
+    #[error("the secret recorded for this credential is missing from secrets manager `{manager}`")]
+    SecretMissing { manager: String },
+    #[error("metadata database: {0}")]
     Metadata(String),
     #[error("the refresh token was rejected; the credential needs re-authorisation")]
     NeedsReauth,
@@ -73,8 +73,8 @@ pub enum ServiceError {
         detail: String,
         retry_after: Duration,
     },
-    #[error("store `{store}` holds this credential in a state that cannot be used: {reason}")]
-    Unusable { store: String, reason: String },
+    #[error("secrets manager `{manager}` holds this credential in a state that cannot be used: {reason}")]
+    Unusable { manager: String, reason: String },
 }
 
 impl LoadFailure for ServiceError {
@@ -86,34 +86,34 @@ impl LoadFailure for ServiceError {
     }
 }
 
-impl From<StoreError> for ServiceError {
-    fn from(e: StoreError) -> Self {
+impl From<MetadataError> for ServiceError {
+    fn from(e: MetadataError) -> Self {
         match e {
-            StoreError::Conflict => ServiceError::Conflict,
+            MetadataError::Conflict => ServiceError::Conflict,
             other => ServiceError::Metadata(other.to_string()),
         }
     }
 }
 
-fn backend_failure(store: &str, e: BackendError) -> ServiceError {
-    let store = store.to_owned();
+fn manager_failure(manager: &str, e: ManagerError) -> ServiceError {
+    let manager = manager.to_owned();
     match e {
-        BackendError::Conflict => ServiceError::Conflict,
-        BackendError::ReadOnly => ServiceError::ReadOnly { store },
-        BackendError::NotFound => ServiceError::SecretMissing { store },
-        BackendError::Throttled { retry_after } => ServiceError::Unavailable {
-            store,
+        ManagerError::Conflict => ServiceError::Conflict,
+        ManagerError::ReadOnly => ServiceError::ReadOnly { manager },
+        ManagerError::NotFound => ServiceError::SecretMissing { manager },
+        ManagerError::Throttled { retry_after } => ServiceError::Unavailable {
+            manager,
             detail: "throttled".into(),
             retry_after: retry_after.unwrap_or(UNAVAILABLE_RETRY_AFTER),
         },
-        e @ (BackendError::Transient(_) | BackendError::Timeout) => ServiceError::Unavailable {
-            store,
+        e @ (ManagerError::Transient(_) | ManagerError::Timeout) => ServiceError::Unavailable {
+            manager,
             detail: e.to_string(),
             retry_after: UNAVAILABLE_RETRY_AFTER,
         },
-        BackendError::Unusable(reason) => ServiceError::Unusable { store, reason },
-        e @ (BackendError::Denied(_) | BackendError::Permanent(_)) => ServiceError::StoreFailed {
-            store,
+        ManagerError::Unusable(reason) => ServiceError::Unusable { manager, reason },
+        e @ (ManagerError::Denied(_) | ManagerError::Permanent(_)) => ServiceError::ManagerFailed {
+            manager,
             detail: e.to_string(),
         },
     }
@@ -209,7 +209,7 @@ impl KeyedLocks {
 
 pub struct Service {
     runtime: Arc<ArcSwap<Runtime>>,
-    store: Arc<dyn MetadataStore>,
+    metadata: Arc<dyn Metadata>,
     cache: Cache<ServiceError>,
     metrics: Arc<Metrics>,
     locks: KeyedLocks,
@@ -250,7 +250,7 @@ pub struct WriteOutcome {
 impl Service {
     pub fn new(
         runtime: Runtime,
-        store: Arc<dyn MetadataStore>,
+        metadata: Arc<dyn Metadata>,
         metrics: Arc<Metrics>,
         keys: Arc<Keyring>,
     ) -> Self {
@@ -264,7 +264,7 @@ impl Service {
         );
         Self {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
-            store,
+            metadata,
             cache,
             metrics,
             locks: KeyedLocks::default(),
@@ -285,11 +285,14 @@ impl Service {
     /// Records this instance as alive with the routing configuration it runs now.
     pub async fn heartbeat(&self) -> Result<(), ServiceError> {
         let hash = self.runtime.load().config.routing_hash();
-        Ok(self.store.instance_heartbeat(&self.instance, &hash).await?)
+        Ok(self
+            .metadata
+            .instance_heartbeat(&self.instance, &hash)
+            .await?)
     }
 
     pub async fn leave_fleet(&self) {
-        let _ = self.store.instance_remove(&self.instance).await;
+        let _ = self.metadata.instance_remove(&self.instance).await;
     }
 
     /// Puts a reloaded configuration in force. Requests already running finish with the
@@ -302,8 +305,8 @@ impl Service {
         &self.metrics
     }
 
-    pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
-        &self.store
+    pub fn metadata(&self) -> &Arc<dyn Metadata> {
+        &self.metadata
     }
 
     pub fn allows(&self, caller: &Caller, action: Action, environment: Option<&str>) -> bool {
@@ -316,7 +319,7 @@ impl Service {
     /// Keeps this instance's cache coherent with others sharing the metadata database: drops
     /// what they changed, everything after a lost connection. Runs until `stop`.
     pub async fn follow_invalidations(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let Some(mut changes) = self.store.invalidations() else {
+        let Some(mut changes) = self.metadata.invalidations() else {
             return;
         };
         use tokio::sync::broadcast::error::RecvError;
@@ -326,14 +329,14 @@ impl Service {
                 _ = stop.changed() => return,
             };
             match change {
-                Ok(crate::store::Invalidation::Credential(id)) => {
+                Ok(crate::metadata::Invalidation::Credential(id)) => {
                     self.metrics
                         .invalidations
                         .with_label_values(&["credential"])
                         .inc();
                     self.cache.invalidate(&id);
                 }
-                Ok(crate::store::Invalidation::All) | Err(RecvError::Lagged(_)) => {
+                Ok(crate::metadata::Invalidation::All) | Err(RecvError::Lagged(_)) => {
                     self.metrics.invalidations.with_label_values(&["all"]).inc();
                     self.cache.invalidate_all();
                 }
@@ -348,29 +351,32 @@ impl Service {
             .set(self.cache.entry_count() as i64);
     }
 
-    fn backend(runtime: &Runtime, store_id: &str) -> Result<Arc<dyn Backend>, ServiceError> {
+    fn manager(
+        runtime: &Runtime,
+        manager_id: &str,
+    ) -> Result<Arc<dyn SecretsManager>, ServiceError> {
         runtime
             .registry
-            .get(store_id)
+            .get(manager_id)
             .cloned()
-            .ok_or_else(|| ServiceError::UnknownManager(store_id.to_owned()))
+            .ok_or_else(|| ServiceError::UnknownManager(manager_id.to_owned()))
     }
 
     /// Runs one store call with the configured timeout and records it in the metrics.
     async fn call<T>(
         &self,
-        store_id: &str,
+        manager_id: &str,
         operation: &'static str,
-        fut: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
+        fut: impl Future<Output = Result<T, ManagerError>>,
+    ) -> Result<T, ManagerError> {
         let timeout = self.runtime.load().config.backend_timeout;
-        call_store(&self.metrics, timeout, store_id, operation, fut).await
+        call_manager(&self.metrics, timeout, manager_id, operation, fut).await
     }
 
-    fn store_name(runtime: &Runtime, store_id: &str, environment: &str, id: &str) -> String {
+    fn secret_name(runtime: &Runtime, manager_id: &str, environment: &str, id: &str) -> String {
         let prefix = runtime
             .config
-            .manager(store_id)
+            .manager(manager_id)
             .map(|m| m.prefix.as_str())
             .unwrap_or("");
         format!("{prefix}{environment}/{id}")
@@ -411,11 +417,11 @@ impl Service {
         &self,
         id: String,
     ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
-        let store = Arc::clone(&self.store);
+        let metadata = Arc::clone(&self.metadata);
         let runtimes = Arc::clone(&self.runtime);
         let metrics = Arc::clone(&self.metrics);
         async move {
-            let mut record = store
+            let mut record = metadata
                 .get_credential(&id)
                 .await?
                 .ok_or(ServiceError::NotFound)?;
@@ -424,12 +430,12 @@ impl Service {
                 // Loaded per attempt: a reload may have brought the store the row now names.
                 let runtime = runtimes.load();
                 let timeout = runtime.config.backend_timeout;
-                let backend = Self::backend(&runtime, &record.location.store_id)?;
+                let backend = Self::manager(&runtime, &record.location.manager_id)?;
                 let loc = &record.location;
-                let read = call_store(
+                let read = call_manager(
                     &metrics,
                     timeout,
-                    &loc.store_id,
+                    &loc.manager_id,
                     "get",
                     backend.get(&loc.name, loc.version.as_deref()),
                 )
@@ -438,21 +444,21 @@ impl Service {
                     Ok(read) => break read,
                     // A move (or write) may have switched the location and deleted the copy
                     // between reading the row and reading the store: follow the new row.
-                    Err(BackendError::NotFound) if attempts < 3 => {
+                    Err(ManagerError::NotFound) if attempts < 3 => {
                         attempts += 1;
-                        let fresh = store
+                        let fresh = metadata
                             .get_credential(&id)
                             .await?
                             .ok_or(ServiceError::NotFound)?;
                         if fresh.location == record.location {
-                            return Err(backend_failure(
-                                &record.location.store_id,
-                                BackendError::NotFound,
+                            return Err(manager_failure(
+                                &record.location.manager_id,
+                                ManagerError::NotFound,
                             ));
                         }
                         record = fresh;
                     }
-                    Err(e) => return Err(backend_failure(&record.location.store_id, e)),
+                    Err(e) => return Err(manager_failure(&record.location.manager_id, e)),
                 }
             };
             let valid_until = earliest(
@@ -471,16 +477,16 @@ impl Service {
     pub async fn list_manager_secrets(
         &self,
         caller: &Caller,
-        store_id: &str,
+        manager_id: &str,
         request: ListRequest,
     ) -> Result<Page, ServiceError> {
         if !self.allows(caller, Action::Admin, None) {
             return Err(ServiceError::Forbidden);
         }
-        let backend = Self::backend(&self.runtime(), store_id)?;
-        self.call(store_id, "list", backend.list(request))
+        let backend = Self::manager(&self.runtime(), manager_id)?;
+        self.call(manager_id, "list", backend.list(request))
             .await
-            .map_err(|e| backend_failure(store_id, e))
+            .map_err(|e| manager_failure(manager_id, e))
     }
 
     pub fn route_for(&self, environment: &str, pin: Option<&str>) -> Route {
@@ -533,7 +539,7 @@ impl Service {
         let runtime = self.runtime();
         let pin = request.secrets_manager_id;
         if let Some(pin) = &pin {
-            Self::backend(&runtime, pin)?;
+            Self::manager(&runtime, pin)?;
         }
         let target = route(
             &runtime.config.routing,
@@ -541,7 +547,7 @@ impl Service {
             &environment,
             pin.as_deref(),
         );
-        let backend = Self::backend(&runtime, &target.store_id)?;
+        let backend = Self::manager(&runtime, &target.manager_id)?;
         let read_only = backend.describe().capabilities.read_only;
         let id = uuid::Uuid::new_v4().to_string();
         let now = crate::time::now_unix();
@@ -553,7 +559,7 @@ impl Service {
             oauth,
             pinned_manager: pin,
             location: Location {
-                store_id: target.store_id.clone(),
+                manager_id: target.manager_id.clone(),
                 name: String::new(),
                 version: None,
             },
@@ -568,7 +574,7 @@ impl Service {
             // Registration by reference: the account lives in the read-only store already.
             if request.secrets.is_some() {
                 return Err(ServiceError::ReadOnly {
-                    store: target.store_id,
+                    manager: target.manager_id,
                 });
             }
             let external_id = request
@@ -580,16 +586,16 @@ impl Service {
                     )
                 })?;
             let read = self
-                .call(&target.store_id, "get", backend.get(&external_id, None))
+                .call(&target.manager_id, "get", backend.get(&external_id, None))
                 .await
                 .map_err(|e| match e {
-                    BackendError::NotFound => {
+                    ManagerError::NotFound => {
                         ServiceError::Invalid("`external_id` does not exist in that manager".into())
                     }
-                    e => backend_failure(&target.store_id, e),
+                    e => manager_failure(&target.manager_id, e),
                 })?;
             record.location.name = external_id;
-            self.store.create_credential(&record, 0).await?;
+            self.metadata.create_credential(&record, 0).await?;
             self.cache.replace(
                 &id,
                 Loaded {
@@ -610,11 +616,11 @@ impl Service {
             ServiceError::Invalid("`secrets` must hold at least one field".into())
         })?;
         let _guard = self.locks.lock(&id).await;
-        let name = Self::store_name(&runtime, &target.store_id, &environment, &id);
-        let journal_id = self.journal(&id, &target.store_id, &name).await?;
+        let name = Self::secret_name(&runtime, &target.manager_id, &environment, &id);
+        let journal_id = self.journal(&id, &target.manager_id, &name).await?;
         let written = self
             .call(
-                &target.store_id,
+                &target.manager_id,
                 "put",
                 backend.put(PutRequest {
                     name: &name,
@@ -629,12 +635,12 @@ impl Service {
             Err(e) => {
                 // The write may have landed anyway (a timeout); the journal entry makes sure
                 // the sweeper removes whatever is there.
-                return Err(backend_failure(&target.store_id, e));
+                return Err(manager_failure(&target.manager_id, e));
             }
         };
         record.location.name = name;
         record.location.version = Some(version);
-        self.store.create_credential(&record, journal_id).await?;
+        self.metadata.create_credential(&record, journal_id).await?;
         self.cache.replace(
             &id,
             Loaded {
@@ -664,7 +670,7 @@ impl Service {
         let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
         let _guard = self.locks.lock(id).await;
         let current = self
-            .store
+            .metadata
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
@@ -675,7 +681,7 @@ impl Service {
         let mut next = current.clone();
         if let Some(pin) = request.secrets_manager_id {
             if let Some(p) = &pin {
-                Self::backend(&runtime, p)?;
+                Self::manager(&runtime, p)?;
             }
             next.pinned_manager = pin;
         }
@@ -698,25 +704,25 @@ impl Service {
             &next.environment,
             next.pinned_manager.as_deref(),
         );
-        let moving = target.store_id != current.location.store_id;
-        let source = Self::backend(&runtime, &current.location.store_id).ok();
+        let moving = target.manager_id != current.location.manager_id;
+        let source = Self::manager(&runtime, &current.location.manager_id).ok();
         let source_read_only = source
             .as_ref()
             .is_some_and(|b| b.describe().capabilities.read_only);
         if source_read_only && (moving || request.secrets.is_some()) {
             return Err(ServiceError::ReadOnly {
-                store: current.location.store_id,
+                manager: current.location.manager_id,
             });
         }
-        let target_backend = Self::backend(&runtime, &target.store_id)?;
+        let target_backend = Self::manager(&runtime, &target.manager_id)?;
         if moving && target_backend.describe().capabilities.read_only {
             return Err(ServiceError::ReadOnly {
-                store: target.store_id,
+                manager: target.manager_id,
             });
         }
 
         if !moving && request.secrets.is_none() {
-            self.store
+            self.metadata
                 .update_credential(&next, current.row_version, None)
                 .await?;
             self.cache.invalidate(id);
@@ -725,16 +731,16 @@ impl Service {
 
         // The new value is the stored one with the patched fields laid over it.
         let source = source
-            .ok_or_else(|| ServiceError::UnknownManager(current.location.store_id.clone()))?;
+            .ok_or_else(|| ServiceError::UnknownManager(current.location.manager_id.clone()))?;
         let loc = &current.location;
         let mut value = self
             .call(
-                &loc.store_id,
+                &loc.manager_id,
                 "get",
                 source.get(&loc.name, loc.version.as_deref()),
             )
             .await
-            .map_err(|e| backend_failure(&loc.store_id, e))?
+            .map_err(|e| manager_failure(&loc.manager_id, e))?
             .value;
         if let Some(patch) = request.secrets {
             value.merge(patch);
@@ -745,14 +751,14 @@ impl Service {
                 &runtime,
                 current,
                 next,
-                &target.store_id,
+                &target.manager_id,
                 &target_backend,
                 &value,
             )
             .await
         } else {
             let next = self
-                .write_same_store(&current, next, &target_backend, value)
+                .write_in_place(&current, next, &target_backend, value)
                 .await?;
             Ok(WriteOutcome { record: next })
         }
@@ -761,11 +767,11 @@ impl Service {
     /// Writes a new version of a credential's secret to the store it is already in (with
     /// compare-and-swap on the recorded version where the store has it), then switches the
     /// row from `current` to `next` and replaces the cached entry. Caller holds the lock.
-    async fn write_same_store(
+    async fn write_in_place(
         &self,
         current: &CredentialRecord,
         mut next: CredentialRecord,
-        backend: &Arc<dyn Backend>,
+        backend: &Arc<dyn SecretsManager>,
         value: SecretFields,
     ) -> Result<CredentialRecord, ServiceError> {
         let id = current.id.as_str();
@@ -774,7 +780,7 @@ impl Service {
         let idempotency_key = write_token();
         let put = |expected_version| {
             self.call(
-                &loc.store_id,
+                &loc.manager_id,
                 "put",
                 backend.put(PutRequest {
                     name: &loc.name,
@@ -791,31 +797,31 @@ impl Service {
         };
         // Marks a version that may land without being recorded (a timeout, a crash).
         let intent = self
-            .journal_kind(JournalKind::Version, id, &loc.store_id, &loc.name)
+            .journal_kind(JournalKind::Version, id, &loc.manager_id, &loc.name)
             .await?;
         let version = match put(expected).await {
-            Err(BackendError::Conflict) => {
+            Err(ManagerError::Conflict) => {
                 // The store moved past the recorded version. If an earlier write of ours
                 // left an unrecorded version (its intent is still journaled) and the row
                 // is unchanged, writing over that version loses nothing. Otherwise
                 // someone else wrote to the store: report the conflict, never overwrite.
                 let fresh = self
-                    .store
+                    .metadata
                     .get_credential(id)
                     .await?
                     .ok_or(ServiceError::NotFound)?;
                 let ours = self.earlier_intents(id, intent).await?;
                 if fresh.row_version != current.row_version || ours.is_empty() {
-                    let _ = self.store.journal_remove(intent).await;
+                    let _ = self.metadata.journal_remove(intent).await;
                     return Err(ServiceError::Conflict);
                 }
                 put(None).await
             }
             other => other,
         }
-        .map_err(|e| backend_failure(&loc.store_id, e))?;
+        .map_err(|e| manager_failure(&loc.manager_id, e))?;
         next.location.version = Some(version);
-        self.store
+        self.metadata
             .update_credential(&next, current.row_version, None)
             .await?;
         for entry in self
@@ -824,7 +830,7 @@ impl Service {
             .into_iter()
             .chain([intent])
         {
-            self.store.journal_remove(entry).await?;
+            self.metadata.journal_remove(entry).await?;
         }
         self.cache.replace(
             id,
@@ -845,11 +851,11 @@ impl Service {
         current: CredentialRecord,
         mut next: CredentialRecord,
         target_id: &str,
-        target: &Arc<dyn Backend>,
+        target: &Arc<dyn SecretsManager>,
         value: &SecretFields,
     ) -> Result<WriteOutcome, ServiceError> {
         let id = current.id.clone();
-        let name = Self::store_name(runtime, target_id, &next.environment, &id);
+        let name = Self::secret_name(runtime, target_id, &next.environment, &id);
         let journal_id = self.journal(&id, target_id, &name).await?;
         let version = self
             .call(
@@ -863,19 +869,19 @@ impl Service {
                 }),
             )
             .await
-            .map_err(|e| backend_failure(target_id, e))?;
+            .map_err(|e| manager_failure(target_id, e))?;
         let copy = self
             .call(target_id, "get", target.get(&name, Some(&version)))
             .await
-            .map_err(|e| backend_failure(target_id, e))?;
+            .map_err(|e| manager_failure(target_id, e))?;
         if &copy.value != value {
-            return Err(ServiceError::StoreFailed {
-                store: target_id.to_owned(),
+            return Err(ServiceError::ManagerFailed {
+                manager: target_id.to_owned(),
                 detail: "read-back after copy differs from what was written".into(),
             });
         }
         next.location = Location {
-            store_id: target_id.to_owned(),
+            manager_id: target_id.to_owned(),
             name,
             version: Some(version),
         };
@@ -883,15 +889,15 @@ impl Service {
             id: 0,
             kind: JournalKind::Copy,
             credential_id: id.clone(),
-            store_id: current.location.store_id.clone(),
+            manager_id: current.location.manager_id.clone(),
             name: current.location.name.clone(),
             created_at: crate::time::now_unix(),
         };
         let old_entry = self
-            .store
+            .metadata
             .update_credential(&next, current.row_version, Some(&abandoned))
             .await?;
-        self.store.journal_remove(journal_id).await?;
+        self.metadata.journal_remove(journal_id).await?;
         self.cache.replace(
             &id,
             Loaded {
@@ -922,7 +928,7 @@ impl Service {
         let claim = format!("move:{id}");
         let holder = uuid::Uuid::new_v4().to_string();
         if !self
-            .store
+            .metadata
             .lease_acquire(&claim, &holder, MOVE_CLAIM_TTL)
             .await?
         {
@@ -939,7 +945,7 @@ impl Service {
                 () = &mut renew => work.await,
             }
         };
-        if let Err(e) = self.store.lease_release(&claim, &holder).await {
+        if let Err(e) = self.metadata.lease_release(&claim, &holder).await {
             tracing::debug!(credential = id, error = %e, "could not release a move claim; it expires");
         }
         moved
@@ -947,7 +953,7 @@ impl Service {
 
     async fn migrate_claimed(&self, id: &str) -> Result<MoveOutcome, ServiceError> {
         let runtime = self.runtime();
-        let Some(current) = self.store.get_credential(id).await? else {
+        let Some(current) = self.metadata.get_credential(id).await? else {
             return Ok(MoveOutcome::Gone);
         };
         let target = route(
@@ -956,11 +962,11 @@ impl Service {
             &current.environment,
             current.pinned_manager.as_deref(),
         );
-        if target.store_id == current.location.store_id {
+        if target.manager_id == current.location.manager_id {
             return Ok(MoveOutcome::InPlace);
         }
-        let source = Self::backend(&runtime, &current.location.store_id)?;
-        let target_backend = Self::backend(&runtime, &target.store_id)?;
+        let source = Self::manager(&runtime, &current.location.manager_id)?;
+        let target_backend = Self::manager(&runtime, &target.manager_id)?;
         if source.describe().capabilities.read_only
             || target_backend.describe().capabilities.read_only
         {
@@ -969,12 +975,12 @@ impl Service {
         let loc = &current.location;
         let value = self
             .call(
-                &loc.store_id,
+                &loc.manager_id,
                 "get",
                 source.get(&loc.name, loc.version.as_deref()),
             )
             .await
-            .map_err(|e| backend_failure(&loc.store_id, e))?
+            .map_err(|e| manager_failure(&loc.manager_id, e))?
             .value;
         let mut next = current.clone();
         next.row_version += 1;
@@ -983,7 +989,7 @@ impl Service {
             &runtime,
             current,
             next,
-            &target.store_id,
+            &target.manager_id,
             &target_backend,
             &value,
         )
@@ -997,9 +1003,9 @@ impl Service {
         let runtime = self.runtime();
         let mut retired = Vec::new();
         for id in runtime.registry.ids() {
-            if id != crate::config::LOCAL_STORE_ID
+            if id != crate::config::LOCAL_MANAGER_ID
                 && runtime.config.manager(id).is_none()
-                && !self.store.store_in_use(id).await?
+                && !self.metadata.manager_in_use(id).await?
             {
                 retired.push(id.to_owned());
             }
@@ -1033,7 +1039,7 @@ impl Service {
         }
         let _guard = self.locks.lock(id).await;
         let current = self
-            .store
+            .metadata
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
@@ -1046,12 +1052,12 @@ impl Service {
             id: 0,
             kind: JournalKind::Copy,
             credential_id: id.to_owned(),
-            store_id: current.location.store_id.clone(),
+            manager_id: current.location.manager_id.clone(),
             name: current.location.name.clone(),
             created_at: crate::time::now_unix(),
         };
         let entry_id = self
-            .store
+            .metadata
             .delete_credential(id, current.row_version, &abandoned)
             .await?;
         self.cache.invalidate(id);
@@ -1069,10 +1075,10 @@ impl Service {
     async fn journal(
         &self,
         credential_id: &str,
-        store_id: &str,
+        manager_id: &str,
         name: &str,
     ) -> Result<i64, ServiceError> {
-        self.journal_kind(JournalKind::Copy, credential_id, store_id, name)
+        self.journal_kind(JournalKind::Copy, credential_id, manager_id, name)
             .await
     }
 
@@ -1080,16 +1086,16 @@ impl Service {
         &self,
         kind: JournalKind,
         credential_id: &str,
-        store_id: &str,
+        manager_id: &str,
         name: &str,
     ) -> Result<i64, ServiceError> {
         Ok(self
-            .store
+            .metadata
             .journal_add(&JournalEntry {
                 id: 0,
                 kind,
                 credential_id: credential_id.to_owned(),
-                store_id: store_id.to_owned(),
+                manager_id: manager_id.to_owned(),
                 name: name.to_owned(),
                 created_at: crate::time::now_unix(),
             })
@@ -1104,7 +1110,7 @@ impl Service {
         current: i64,
     ) -> Result<Vec<i64>, ServiceError> {
         Ok(self
-            .store
+            .metadata
             .journal_list()
             .await?
             .into_iter()
@@ -1124,41 +1130,41 @@ impl Service {
             if entry.kind == JournalKind::Version {
                 // Never a reason to delete anything; dropped once its credential is gone.
                 if self
-                    .store
+                    .metadata
                     .get_credential(&entry.credential_id)
                     .await?
                     .is_none()
                 {
-                    self.store.journal_remove(entry.id).await?;
+                    self.metadata.journal_remove(entry.id).await?;
                 }
                 return Ok::<bool, ServiceError>(true);
             }
             if self
-                .store
-                .location_in_use(&entry.store_id, &entry.name)
+                .metadata
+                .location_in_use(&entry.manager_id, &entry.name)
                 .await?
             {
-                self.store.journal_remove(entry.id).await?;
+                self.metadata.journal_remove(entry.id).await?;
                 return Ok::<bool, ServiceError>(true);
             }
-            let Ok(backend) = Self::backend(runtime, &entry.store_id) else {
+            let Ok(backend) = Self::manager(runtime, &entry.manager_id) else {
                 return Ok(false);
             };
             if backend.describe().capabilities.read_only {
-                self.store.journal_remove(entry.id).await?;
+                self.metadata.journal_remove(entry.id).await?;
                 return Ok(true);
             }
-            self.call(&entry.store_id, "delete", backend.delete(&entry.name))
+            self.call(&entry.manager_id, "delete", backend.delete(&entry.name))
                 .await
-                .map_err(|e| backend_failure(&entry.store_id, e))?;
-            self.store.journal_remove(entry.id).await?;
+                .map_err(|e| manager_failure(&entry.manager_id, e))?;
+            self.metadata.journal_remove(entry.id).await?;
             Ok(true)
         }
         .await;
         match settled {
             Ok(done) => done,
             Err(e) => {
-                tracing::warn!(credential = %entry.credential_id, store = %entry.store_id, error = %e,
+                tracing::warn!(credential = %entry.credential_id, manager = %entry.manager_id, error = %e,
                     "could not remove an abandoned secret copy yet; will retry");
                 false
             }
@@ -1168,7 +1174,7 @@ impl Service {
     /// Settles journal entries older than `min_age` (younger ones may belong to a write in
     /// flight in another process). Returns how many remain.
     pub async fn sweep_journal(&self, min_age: Duration) -> Result<usize, ServiceError> {
-        let entries = self.store.journal_list().await?;
+        let entries = self.metadata.journal_list().await?;
         let runtime = self.runtime();
         let cutoff = crate::time::now_unix() - min_age.as_secs() as i64;
         let mut remaining = 0;
@@ -1187,17 +1193,17 @@ impl Service {
     }
 }
 
-pub(crate) async fn call_store<T>(
+pub(crate) async fn call_manager<T>(
     metrics: &Metrics,
     timeout: Duration,
-    store_id: &str,
+    manager_id: &str,
     operation: &'static str,
-    fut: impl Future<Output = Result<T, BackendError>>,
-) -> Result<T, BackendError> {
+    fut: impl Future<Output = Result<T, ManagerError>>,
+) -> Result<T, ManagerError> {
     let started = Instant::now();
     let result = match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(BackendError::Timeout),
+        Err(_) => Err(ManagerError::Timeout),
     };
     let outcome = match &result {
         Ok(_) => "success",
@@ -1205,14 +1211,14 @@ pub(crate) async fn call_store<T>(
     };
     metrics
         .backend_requests
-        .with_label_values(&[store_id, operation, outcome])
+        .with_label_values(&[manager_id, operation, outcome])
         .inc();
     metrics
         .backend_duration
-        .with_label_values(&[store_id, operation])
+        .with_label_values(&[manager_id, operation])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        tracing::debug!(store = store_id, operation, error = %e, "store call failed");
+        tracing::debug!(manager = manager_id, operation, error = %e, "secrets manager call failed");
     }
     result
 }

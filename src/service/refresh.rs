@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{backend_failure, Service, ServiceError};
-use crate::backend::Backend;
+use super::{manager_failure, Service, ServiceError};
 use crate::cache::{CacheStatus, Entry};
 use crate::config::OAuthConfig;
+use crate::manager::SecretsManager;
+use crate::metadata::{CredentialRecord, MetadataError};
 use crate::oauth::{due_at_ms, Backoff, Grant, OAuthError, TokenClient};
 use crate::secret::{SecretFields, SecretString};
-use crate::store::{CredentialRecord, StoreError};
 
 /// Field names of the sensitive half of an OAuth credential.
 pub const ACCESS_TOKEN: &str = "access_token";
@@ -150,11 +150,11 @@ impl Service {
             && due_at_ms(config, record).is_some_and(|due| crate::time::now_unix_ms() >= due)
     }
 
-    fn is_read_only(&self, store_id: &str) -> bool {
+    fn is_read_only(&self, manager_id: &str) -> bool {
         self.runtime
             .load()
             .registry
-            .get(store_id)
+            .get(manager_id)
             .is_some_and(|b| b.describe().capabilities.read_only)
     }
 
@@ -171,7 +171,7 @@ impl Service {
         let Some(expires_at) = record.expires_at.filter(|_| record.oauth.is_some()) else {
             return Ok((entry, status));
         };
-        if self.is_read_only(&record.location.store_id) {
+        if self.is_read_only(&record.location.manager_id) {
             // Refreshed by its own service; the cache entry already ends at `expires_in`.
             return Ok((entry, status));
         }
@@ -279,7 +279,7 @@ impl Service {
             return Err(ServiceError::Forbidden);
         }
         let record = self
-            .store
+            .metadata
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
@@ -302,12 +302,12 @@ impl Service {
         let config = self.oauth_config();
         let horizon =
             crate::time::now_unix() + (config.refresh_before + config.jitter).as_secs() as i64 + 1;
-        let candidates = self.store.oauth_due(horizon, SCAN_BATCH).await?;
+        let candidates = self.metadata.oauth_due(horizon, SCAN_BATCH).await?;
         let due: Vec<CredentialRecord> = candidates
             .into_iter()
             .filter(|r| {
                 self.is_due(&config, r)
-                    && !self.is_read_only(&r.location.store_id)
+                    && !self.is_read_only(&r.location.manager_id)
                     && self.oauth.backoff.remaining(&r.id).is_none()
             })
             .collect();
@@ -325,7 +325,7 @@ impl Service {
             .buffer_unordered(config.max_concurrent)
             .fold(0usize, |n, done| async move { n + done })
             .await;
-        if let Ok(n) = self.store.count_needs_reauth().await {
+        if let Ok(n) = self.metadata.count_needs_reauth().await {
             self.metrics.needs_reauth.set(n as i64);
         }
         Ok(refreshed)
@@ -352,7 +352,7 @@ impl Service {
                 () = &mut renew => work.await,
             }
         };
-        if let Err(e) = self.store.lease_release(&lease_key(id), &holder).await {
+        if let Err(e) = self.metadata.lease_release(&lease_key(id), &holder).await {
             tracing::warn!(credential = id, error = %e, "could not release the refresh lease; it expires on its own");
         }
         let outcome = match &result {
@@ -371,7 +371,7 @@ impl Service {
     pub(super) async fn renew_lease(&self, key: &str, holder: &str, ttl: Duration) {
         loop {
             tokio::time::sleep(ttl / 3).await;
-            match self.store.lease_acquire(key, holder, ttl).await {
+            match self.metadata.lease_acquire(key, holder, ttl).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(
@@ -391,7 +391,7 @@ impl Service {
         let mut pause = Duration::from_millis(10);
         loop {
             if self
-                .store
+                .metadata
                 .lease_acquire(&lease_key(id), holder, ttl)
                 .await?
             {
@@ -419,13 +419,13 @@ impl Service {
     ) -> Result<Refreshed, ServiceError> {
         let config = self.oauth_config();
         let record = self
-            .store
+            .metadata
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        if self.is_read_only(&record.location.store_id) {
+        if self.is_read_only(&record.location.manager_id) {
             return Err(ServiceError::ReadOnly {
-                store: record.location.store_id.clone(),
+                manager: record.location.manager_id.clone(),
             });
         }
         let Some(oauth) = record.oauth.clone() else {
@@ -447,16 +447,16 @@ impl Service {
         }
 
         let runtime = self.runtime();
-        let backend = Self::backend(&runtime, &record.location.store_id)?;
+        let backend = Self::manager(&runtime, &record.location.manager_id)?;
         let loc = &record.location;
         let value = self
             .call(
-                &loc.store_id,
+                &loc.manager_id,
                 "get",
                 backend.get(&loc.name, loc.version.as_deref()),
             )
             .await
-            .map_err(|e| backend_failure(&loc.store_id, e))?
+            .map_err(|e| manager_failure(&loc.manager_id, e))?
             .value;
         let refresh_token = value.get(REFRESH_TOKEN).cloned().ok_or_else(|| {
             ServiceError::NotRefreshable(format!("the credential has no `{REFRESH_TOKEN}` field"))
@@ -492,7 +492,7 @@ impl Service {
                 self.check_write_rate(&record, &tokens, &config);
                 match self.write_tokens(record, &tokens).await {
                     Ok(done) => {
-                        let _ = self.store.pending_token_delete(id).await;
+                        let _ = self.metadata.pending_token_delete(id).await;
                         self.oauth.backoff.succeeded(id);
                         self.count("success");
                         tracing::info!(credential = id, expires_at = ?done.expires_at,
@@ -535,7 +535,7 @@ impl Service {
     /// its store advises: each refresh is one new secret version there.
     fn check_write_rate(&self, record: &CredentialRecord, tokens: &Tokens, config: &OAuthConfig) {
         let runtime = self.runtime.load();
-        let Some(manager) = runtime.config.manager(&record.location.store_id) else {
+        let Some(manager) = runtime.config.manager(&record.location.manager_id) else {
             return;
         };
         let (Some(advised), Some(expires_at)) =
@@ -572,7 +572,7 @@ impl Service {
             record.row_version,
             &tokens.to_fields().to_json(),
         );
-        if let Err(e) = self.store.pending_token_put(&record.id, &sealed).await {
+        if let Err(e) = self.metadata.pending_token_put(&record.id, &sealed).await {
             // The write-back still runs; only a crash before it would lose the answer.
             tracing::error!(credential = %record.id, error = %e, "could not save the token answer before write-back");
         }
@@ -585,7 +585,7 @@ impl Service {
         record: &CredentialRecord,
     ) -> Result<Option<CredentialRecord>, ServiceError> {
         let id = record.id.as_str();
-        let Some(sealed) = self.store.pending_token_get(id).await? else {
+        let Some(sealed) = self.metadata.pending_token_get(id).await? else {
             return Ok(None);
         };
         let tokens = if sealed.version == record.row_version {
@@ -598,11 +598,11 @@ impl Service {
             None
         };
         let Some(tokens) = tokens else {
-            self.store.pending_token_delete(id).await?;
+            self.metadata.pending_token_delete(id).await?;
             return Ok(None);
         };
         let done = self.write_tokens(record.clone(), &tokens).await?;
-        self.store.pending_token_delete(id).await?;
+        self.metadata.pending_token_delete(id).await?;
         self.oauth.backoff.succeeded(id);
         self.count("recovered");
         tracing::warn!(
@@ -623,16 +623,17 @@ impl Service {
         let mut attempt = 0;
         loop {
             let runtime = self.runtime();
-            let backend: Arc<dyn Backend> = Self::backend(&runtime, &current.location.store_id)?;
+            let backend: Arc<dyn SecretsManager> =
+                Self::manager(&runtime, &current.location.manager_id)?;
             let loc = &current.location;
             let mut value = self
                 .call(
-                    &loc.store_id,
+                    &loc.manager_id,
                     "get",
                     backend.get(&loc.name, loc.version.as_deref()),
                 )
                 .await
-                .map_err(|e| backend_failure(&loc.store_id, e))?
+                .map_err(|e| manager_failure(&loc.manager_id, e))?
                 .value;
             value.insert(ACCESS_TOKEN, tokens.access_token.clone());
             if let Some(r) = &tokens.refresh_token {
@@ -643,11 +644,11 @@ impl Service {
             next.needs_reauth = false;
             next.row_version += 1;
             next.updated_at = crate::time::now_unix();
-            match self.write_same_store(&current, next, &backend, value).await {
+            match self.write_in_place(&current, next, &backend, value).await {
                 Err(ServiceError::Conflict) if attempt < 3 => {
                     attempt += 1;
                     current = self
-                        .store
+                        .metadata
                         .get_credential(&current.id)
                         .await?
                         .ok_or(ServiceError::NotFound)?;
@@ -666,20 +667,20 @@ impl Service {
             next.row_version += 1;
             next.updated_at = crate::time::now_unix();
             match self
-                .store
+                .metadata
                 .update_credential(&next, current.row_version, None)
                 .await
             {
                 Ok(_) => {
                     self.cache.invalidate(&current.id);
-                    if let Ok(n) = self.store.count_needs_reauth().await {
+                    if let Ok(n) = self.metadata.count_needs_reauth().await {
                         self.metrics.needs_reauth.set(n as i64);
                     }
                     return Ok(());
                 }
-                Err(StoreError::Conflict) => {
+                Err(MetadataError::Conflict) => {
                     current = self
-                        .store
+                        .metadata
                         .get_credential(&current.id)
                         .await?
                         .ok_or(ServiceError::NotFound)?;

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use credproxy::backend::{
-    Backend, BackendError, BackendInfo, ListRequest, Page, PutRequest, Versioned,
-};
 use credproxy::client::send;
 use credproxy::config::Config;
+use credproxy::manager::{
+    ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretsManager, Versioned,
+};
 use hyper::Method;
 use serde_json::json;
 
@@ -27,7 +27,7 @@ pub const LAND_THEN_FAIL: u8 = 4;
 pub const WRITES_DOWN: u8 = 5;
 
 pub struct Faulty {
-    pub inner: Arc<dyn Backend>,
+    pub inner: Arc<dyn SecretsManager>,
     pub mode: AtomicU8,
     pub gets: AtomicUsize,
     /// Reports the store as read-only (as Composio is).
@@ -35,9 +35,9 @@ pub struct Faulty {
 }
 
 impl Faulty {
-    async fn fault(&self) -> Result<(), BackendError> {
+    async fn fault(&self) -> Result<(), ManagerError> {
         match self.mode.load(Ordering::SeqCst) {
-            DOWN => Err(BackendError::Transient("injected outage".into())),
+            DOWN => Err(ManagerError::Transient("injected outage".into())),
             HANG => std::future::pending().await,
             SLOW => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -49,37 +49,37 @@ impl Faulty {
 }
 
 #[async_trait]
-impl Backend for Faulty {
-    fn describe(&self) -> BackendInfo {
+impl SecretsManager for Faulty {
+    fn describe(&self) -> ManagerInfo {
         let mut info = self.inner.describe();
         info.capabilities.read_only |= self.read_only.load(Ordering::SeqCst);
         info
     }
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.fault().await?;
         self.inner.get(name, version).await
     }
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         match self.mode.load(Ordering::SeqCst) {
             LAND_THEN_FAIL => {
                 self.inner.put(request).await?;
-                return Err(BackendError::Timeout);
+                return Err(ManagerError::Timeout);
             }
-            WRITES_DOWN => return Err(BackendError::Transient("injected write outage".into())),
+            WRITES_DOWN => return Err(ManagerError::Transient("injected write outage".into())),
             _ => {}
         }
         self.fault().await?;
         self.inner.put(request).await
     }
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         if self.mode.load(Ordering::SeqCst) == WRITES_DOWN {
-            return Err(BackendError::Transient("injected write outage".into()));
+            return Err(ManagerError::Transient("injected write outage".into()));
         }
         self.fault().await?;
         self.inner.delete(name).await
     }
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         self.inner.list(request).await
     }
 }

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    CredentialRecord, JournalEntry, JournalKind, Location, MetadataStore, SealedRecord,
-    SealedSummary, StoreError, SCHEMA_VERSION,
+    CredentialRecord, JournalEntry, JournalKind, Location, Metadata, MetadataError, SealedRecord,
+    SealedSummary, SCHEMA_VERSION,
 };
 
 const SCHEMA_V1: &str = r#"
@@ -78,22 +78,22 @@ CREATE TABLE instances (
 );
 "#;
 
-pub struct SqliteStore {
+pub struct SqliteMetadata {
     // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
     conn: Arc<Mutex<Connection>>,
 }
 
-fn db_err(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+fn db_err(e: rusqlite::Error) -> MetadataError {
+    MetadataError::Database(e.to_string())
 }
 
-impl SqliteStore {
+impl SqliteMetadata {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path) -> Result<Self, MetadataError> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(|e| {
-                    StoreError::Database(format!("cannot create {}: {e}", parent.display()))
+                    MetadataError::Database(format!("cannot create {}: {e}", parent.display()))
                 })?;
             }
         }
@@ -110,7 +110,7 @@ impl SqliteStore {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db_err)?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
+            return Err(MetadataError::SchemaTooNew {
                 found: version,
                 supported: SCHEMA_VERSION,
             });
@@ -145,7 +145,7 @@ impl SqliteStore {
 
     /// Opens an existing database for reading only (`credproxy plan`): never creates,
     /// upgrades or writes it, so it is safe next to a running daemon.
-    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+    pub fn open_read_only(path: &Path) -> Result<Self, MetadataError> {
         let conn = Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -157,7 +157,7 @@ impl SqliteStore {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db_err)?;
         if version != SCHEMA_VERSION {
-            return Err(StoreError::Database(format!(
+            return Err(MetadataError::Database(format!(
                 "schema version {version}, this binary reads {SCHEMA_VERSION}; start the daemon once to upgrade it"
             )));
         }
@@ -166,10 +166,10 @@ impl SqliteStore {
         })
     }
 
-    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn with<T, F>(&self, f: F) -> Result<T, MetadataError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, MetadataError> + Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
@@ -177,24 +177,24 @@ impl SqliteStore {
             f(&mut guard)
         })
         .await
-        .map_err(|e| StoreError::Database(format!("worker failed: {e}")))?
+        .map_err(|e| MetadataError::Database(format!("worker failed: {e}")))?
     }
 }
 
 const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
      store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
 
-fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<Result<CredentialRecord, StoreError>> {
+fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<Result<CredentialRecord, MetadataError>> {
     let metadata: String = row.get(3)?;
     let oauth: Option<String> = row.get(4)?;
     let id: String = row.get(0)?;
     let metadata = match serde_json::from_str(&metadata) {
         Ok(m) => m,
-        Err(_) => return Ok(Err(StoreError::Corrupt(format!("metadata of {id}")))),
+        Err(_) => return Ok(Err(MetadataError::Corrupt(format!("metadata of {id}")))),
     };
     let oauth = match oauth.map(|o| serde_json::from_str(&o)).transpose() {
         Ok(o) => o,
-        Err(_) => return Ok(Err(StoreError::Corrupt(format!("oauth of {id}")))),
+        Err(_) => return Ok(Err(MetadataError::Corrupt(format!("oauth of {id}")))),
     };
     Ok(Ok(CredentialRecord {
         id,
@@ -204,7 +204,7 @@ fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<Result<CredentialRecor
         oauth,
         pinned_manager: row.get(5)?,
         location: Location {
-            store_id: row.get(6)?,
+            manager_id: row.get(6)?,
             name: row.get(7)?,
             version: row.get(8)?,
         },
@@ -227,12 +227,12 @@ fn sealed_from_row(row: &Row<'_>) -> rusqlite::Result<SealedRecord> {
     })
 }
 
-fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, StoreError> {
+fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, MetadataError> {
     conn.execute(
         "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             entry.credential_id,
-            entry.store_id,
+            entry.manager_id,
             entry.name,
             entry.created_at,
             entry.kind.as_str()
@@ -242,18 +242,18 @@ fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, StoreE
     Ok(conn.last_insert_rowid())
 }
 
-fn json_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
+    serde_json::to_string(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
 }
 
 #[async_trait]
-impl MetadataStore for SqliteStore {
-    async fn ping(&self) -> Result<(), StoreError> {
+impl Metadata for SqliteMetadata {
+    async fn ping(&self) -> Result<(), MetadataError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
             .await
     }
 
-    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let id = id.to_owned();
         self.with(move |c| {
             let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1");
@@ -270,7 +270,7 @@ impl MetadataStore for SqliteStore {
         &self,
         record: &CredentialRecord,
         journal_id: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetadataError> {
         let r = record.clone();
         let metadata = json_text(&r.metadata)?;
         let oauth = r.oauth.as_ref().map(json_text).transpose()?;
@@ -280,7 +280,7 @@ impl MetadataStore for SqliteStore {
                 &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
                 params![
                     r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
-                    r.location.store_id, r.location.name, r.location.version, r.expires_at,
+                    r.location.manager_id, r.location.name, r.location.version, r.expires_at,
                     r.needs_reauth as i64, r.row_version, r.created_at, r.updated_at
                 ],
             );
@@ -288,7 +288,7 @@ impl MetadataStore for SqliteStore {
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
-                    return Err(StoreError::AlreadyExists)
+                    return Err(MetadataError::AlreadyExists)
                 }
                 other => other.map_err(db_err)?,
             };
@@ -303,7 +303,7 @@ impl MetadataStore for SqliteStore {
         record: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Option<i64>, MetadataError> {
         let r = record.clone();
         let abandoned = abandoned.cloned();
         let metadata = json_text(&r.metadata)?;
@@ -317,13 +317,13 @@ impl MetadataStore for SqliteStore {
                      needs_reauth=?11, row_version=?12, updated_at=?13 WHERE id=?1 AND row_version=?14",
                     params![
                         r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
-                        r.location.store_id, r.location.name, r.location.version, r.expires_at,
+                        r.location.manager_id, r.location.name, r.location.version, r.expires_at,
                         r.needs_reauth as i64, r.row_version, r.updated_at, expected_row_version
                     ],
                 )
                 .map_err(db_err)?;
             if changed == 0 {
-                return Err(StoreError::Conflict);
+                return Err(MetadataError::Conflict);
             }
             let journal_id = abandoned.as_ref().map(|e| journal_insert(&tx, e)).transpose()?;
             tx.commit().map_err(db_err)?;
@@ -337,7 +337,7 @@ impl MetadataStore for SqliteStore {
         id: &str,
         expected_row_version: i64,
         abandoned: &JournalEntry,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<i64, MetadataError> {
         let id = id.to_owned();
         let abandoned = abandoned.clone();
         self.with(move |c| {
@@ -349,7 +349,7 @@ impl MetadataStore for SqliteStore {
                 )
                 .map_err(db_err)?;
             if changed == 0 {
-                return Err(StoreError::Conflict);
+                return Err(MetadataError::Conflict);
             }
             let journal_id = journal_insert(&tx, &abandoned)?;
             tx.execute(
@@ -367,7 +367,7 @@ impl MetadataStore for SqliteStore {
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<CredentialRecord>, StoreError> {
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let after = after.unwrap_or("").to_owned();
         self.with(move |c| {
             let sql = format!(
@@ -386,7 +386,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn count_credentials(&self) -> Result<u64, StoreError> {
+    async fn count_credentials(&self) -> Result<u64, MetadataError> {
         self.with(|c| {
             c.query_row("SELECT COUNT(*) FROM credentials", [], |r| {
                 r.get::<_, i64>(0)
@@ -397,12 +397,12 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn journal_add(&self, entry: &JournalEntry) -> Result<i64, StoreError> {
+    async fn journal_add(&self, entry: &JournalEntry) -> Result<i64, MetadataError> {
         let entry = entry.clone();
         self.with(move |c| journal_insert(c, &entry)).await
     }
 
-    async fn journal_remove(&self, id: i64) -> Result<(), StoreError> {
+    async fn journal_remove(&self, id: i64) -> Result<(), MetadataError> {
         self.with(move |c| {
             c.execute("DELETE FROM journal WHERE id = ?1", [id])
                 .map(|_| ())
@@ -411,7 +411,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn journal_list(&self) -> Result<Vec<JournalEntry>, StoreError> {
+    async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError> {
         self.with(|c| {
             let mut stmt = c
                 .prepare(
@@ -424,7 +424,7 @@ impl MetadataStore for SqliteStore {
                         id: r.get(0)?,
                         kind: JournalKind::parse(&r.get::<_, String>(5)?),
                         credential_id: r.get(1)?,
-                        store_id: r.get(2)?,
+                        manager_id: r.get(2)?,
                         name: r.get(3)?,
                         created_at: r.get(4)?,
                     })
@@ -435,12 +435,12 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn location_in_use(&self, store_id: &str, name: &str) -> Result<bool, StoreError> {
-        let (store_id, name) = (store_id.to_owned(), name.to_owned());
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
+        let (manager_id, name) = (manager_id.to_owned(), name.to_owned());
         self.with(move |c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1 AND store_name = ?2)",
-                params![store_id, name],
+                params![manager_id, name],
                 |r| r.get::<_, bool>(0),
             )
             .map_err(db_err)
@@ -448,13 +448,13 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn store_in_use(&self, store_id: &str) -> Result<bool, StoreError> {
-        let store_id = store_id.to_owned();
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
+        let manager_id = manager_id.to_owned();
         self.with(move |c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1) \
                  OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1)",
-                params![store_id],
+                params![manager_id],
                 |r| r.get::<_, bool>(0),
             )
             .map_err(db_err)
@@ -462,7 +462,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, StoreError> {
+    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
             c.prepare_cached(
@@ -481,7 +481,7 @@ impl MetadataStore for SqliteStore {
         &self,
         name: &str,
         version: i64,
-    ) -> Result<Option<SealedRecord>, StoreError> {
+    ) -> Result<Option<SealedRecord>, MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
             c.prepare_cached(
@@ -496,7 +496,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn sealed_insert(&self, record: &SealedRecord) -> Result<(), StoreError> {
+    async fn sealed_insert(&self, record: &SealedRecord) -> Result<(), MetadataError> {
         let r = record.clone();
         self.with(move |c| {
             let result = c.execute(
@@ -509,7 +509,7 @@ impl MetadataStore for SqliteStore {
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
-                    Err(StoreError::AlreadyExists)
+                    Err(MetadataError::AlreadyExists)
                 }
                 Err(e) => Err(db_err(e)),
             }
@@ -517,7 +517,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), StoreError> {
+    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
             c.execute(
@@ -530,7 +530,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn sealed_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn sealed_delete(&self, name: &str) -> Result<(), MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
             c.execute("DELETE FROM local_secrets WHERE name = ?1", [name])
@@ -545,7 +545,7 @@ impl MetadataStore for SqliteStore {
         query: Option<&str>,
         offset: usize,
         limit: usize,
-    ) -> Result<(Vec<SealedSummary>, bool), StoreError> {
+    ) -> Result<(Vec<SealedSummary>, bool), MetadataError> {
         let pattern = format!(
             "%{}%",
             query
@@ -583,7 +583,7 @@ impl MetadataStore for SqliteStore {
         &self,
         current_key_id: &str,
         limit: usize,
-    ) -> Result<Vec<SealedRecord>, StoreError> {
+    ) -> Result<Vec<SealedRecord>, MetadataError> {
         let key = current_key_id.to_owned();
         self.with(move |c| {
             let mut stmt = c
@@ -604,7 +604,7 @@ impl MetadataStore for SqliteStore {
         &self,
         record: &SealedRecord,
         old_key_id: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetadataError> {
         let r = record.clone();
         let old = old_key_id.to_owned();
         self.with(move |c| {
@@ -624,7 +624,7 @@ impl MetadataStore for SqliteStore {
         key: &str,
         holder: &str,
         ttl: std::time::Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, MetadataError> {
         let key = key.to_owned();
         let holder = holder.to_owned();
         let now = crate::time::now_unix_ms();
@@ -642,7 +642,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
         let key = key.to_owned();
         let holder = holder.to_owned();
         self.with(move |c| {
@@ -660,7 +660,7 @@ impl MetadataStore for SqliteStore {
         &self,
         credential_id: &str,
         sealed: &SealedRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetadataError> {
         let id = credential_id.to_owned();
         let r = sealed.clone();
         self.with(move |c| {
@@ -687,7 +687,7 @@ impl MetadataStore for SqliteStore {
     async fn pending_token_get(
         &self,
         credential_id: &str,
-    ) -> Result<Option<SealedRecord>, StoreError> {
+    ) -> Result<Option<SealedRecord>, MetadataError> {
         let id = credential_id.to_owned();
         self.with(move |c| {
             c.query_row(
@@ -702,7 +702,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), StoreError> {
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), MetadataError> {
         let id = credential_id.to_owned();
         self.with(move |c| {
             c.execute(
@@ -719,7 +719,7 @@ impl MetadataStore for SqliteStore {
         &self,
         before: i64,
         limit: usize,
-    ) -> Result<Vec<CredentialRecord>, StoreError> {
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
         self.with(move |c| {
             let sql = format!(
                 "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
@@ -739,7 +739,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError> {
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError> {
         let (id, hash) = (id.to_owned(), config_hash.to_owned());
         let now = crate::time::now_unix_ms();
         self.with(move |c| {
@@ -754,7 +754,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn instance_remove(&self, id: &str) -> Result<(), StoreError> {
+    async fn instance_remove(&self, id: &str) -> Result<(), MetadataError> {
         let id = id.to_owned();
         self.with(move |c| {
             c.execute("DELETE FROM instances WHERE id = ?1", [id])
@@ -767,7 +767,7 @@ impl MetadataStore for SqliteStore {
     async fn live_config_hashes(
         &self,
         max_age: std::time::Duration,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<String>, MetadataError> {
         let since = crate::time::now_unix_ms() - max_age.as_millis() as i64;
         self.with(move |c| {
             let mut stmt = c
@@ -783,7 +783,7 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn count_needs_reauth(&self) -> Result<u64, StoreError> {
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
         self.with(|c| {
             c.query_row(
                 "SELECT COUNT(*) FROM credentials WHERE needs_reauth != 0",
@@ -810,7 +810,7 @@ mod tests {
             oauth: None,
             pinned_manager: None,
             location: Location {
-                store_id: "local".into(),
+                manager_id: "local".into(),
                 name: format!("Production/{id}"),
                 version: Some("1".into()),
             },
@@ -825,13 +825,13 @@ mod tests {
     #[tokio::test]
     async fn update_is_compare_and_swap_on_row_version() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let store = SqliteMetadata::open(&dir.path().join("m.db")).unwrap();
         let j = store
             .journal_add(&JournalEntry {
                 id: 0,
                 kind: JournalKind::Copy,
                 credential_id: "a".into(),
-                store_id: "local".into(),
+                manager_id: "local".into(),
                 name: "Production/a".into(),
                 created_at: 1,
             })
@@ -847,7 +847,7 @@ mod tests {
         next.row_version = 2;
         store.update_credential(&next, 1, None).await.unwrap();
         let stale = store.update_credential(&next, 1, None).await.unwrap_err();
-        assert!(matches!(stale, StoreError::Conflict));
+        assert!(matches!(stale, MetadataError::Conflict));
         assert_eq!(
             store
                 .get_credential("a")
@@ -868,7 +868,7 @@ mod tests {
             c.execute_batch(SCHEMA_V1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
         }
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteMetadata::open(&path).unwrap();
         store.create_credential(&record("a"), 0).await.unwrap();
         assert!(store
             .lease_acquire("k", "h", std::time::Duration::from_secs(5))
@@ -885,9 +885,9 @@ mod tests {
     async fn a_lease_has_one_holder_until_released_or_expired() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        let one = SqliteStore::open(&path).unwrap();
+        let one = SqliteMetadata::open(&path).unwrap();
         // A second connection stands in for a second process.
-        let two = SqliteStore::open(&path).unwrap();
+        let two = SqliteMetadata::open(&path).unwrap();
         let long = std::time::Duration::from_secs(30);
         assert!(one.lease_acquire("c1", "p1", long).await.unwrap());
         assert!(!two.lease_acquire("c1", "p2", long).await.unwrap());
@@ -916,9 +916,9 @@ mod tests {
     #[tokio::test]
     async fn pending_token_answers_are_kept_per_credential_and_go_with_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let store = SqliteMetadata::open(&dir.path().join("m.db")).unwrap();
         let mut r = record("a");
-        r.oauth = Some(crate::store::OAuthDescription {
+        r.oauth = Some(crate::metadata::OAuthDescription {
             token_url: "https://t".into(),
             client_id: "c".into(),
             scopes: vec![],
@@ -955,7 +955,7 @@ mod tests {
             id: 0,
             kind: JournalKind::Copy,
             credential_id: "a".into(),
-            store_id: "local".into(),
+            manager_id: "local".into(),
             name: "n".into(),
             created_at: 1,
         };
@@ -967,13 +967,13 @@ mod tests {
     async fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteMetadata::open(&path).unwrap());
         let c = Connection::open(&path).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
-        let err = SqliteStore::open(&path).err().unwrap();
+        let err = SqliteMetadata::open(&path).err().unwrap();
         assert!(
-            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            matches!(err, MetadataError::SchemaTooNew { found: 99, .. }),
             "{err}"
         );
     }
@@ -981,7 +981,7 @@ mod tests {
     #[tokio::test]
     async fn sealed_versions_conflict_and_prune() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let store = SqliteMetadata::open(&dir.path().join("m.db")).unwrap();
         let rec = |v| SealedRecord {
             name: "n".into(),
             version: v,
@@ -993,7 +993,7 @@ mod tests {
         store.sealed_insert(&rec(1)).await.unwrap();
         assert!(matches!(
             store.sealed_insert(&rec(1)).await,
-            Err(StoreError::AlreadyExists)
+            Err(MetadataError::AlreadyExists)
         ));
         store.sealed_insert(&rec(2)).await.unwrap();
         store.sealed_insert(&rec(3)).await.unwrap();

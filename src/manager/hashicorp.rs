@@ -16,8 +16,8 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use super::{
-    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest, SecretSummary,
-    Versioned,
+    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -108,7 +108,7 @@ enum Auth {
     },
 }
 
-pub struct HashicorpBackend {
+pub struct HashicorpManager {
     id: String,
     settings: HashicorpSettings,
     auth: Auth,
@@ -118,7 +118,7 @@ pub struct HashicorpBackend {
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl Drop for HashicorpBackend {
+impl Drop for HashicorpManager {
     fn drop(&mut self) {
         if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
@@ -126,34 +126,34 @@ impl Drop for HashicorpBackend {
     }
 }
 
-fn classify(e: ClientError) -> BackendError {
+fn classify(e: ClientError) -> ManagerError {
     match e {
-        ClientError::APIError { code: 404, .. } => BackendError::NotFound,
+        ClientError::APIError { code: 404, .. } => ManagerError::NotFound,
         ClientError::APIError { code, errors }
             if code == 400 && errors.iter().any(|m| m.contains("check-and-set")) =>
         {
-            BackendError::Conflict
+            ManagerError::Conflict
         }
         ClientError::APIError {
             code: 401 | 403, ..
-        } => BackendError::Denied("Vault refused the token".into()),
-        ClientError::APIError { code: 429, .. } => BackendError::Throttled { retry_after: None },
+        } => ManagerError::Denied("Vault refused the token".into()),
+        ClientError::APIError { code: 429, .. } => ManagerError::Throttled { retry_after: None },
         ClientError::APIError { code, .. } if code >= 500 => {
-            BackendError::Transient(format!("Vault answered {code}"))
+            ManagerError::Transient(format!("Vault answered {code}"))
         }
         ClientError::APIError { code, .. } => {
-            BackendError::Permanent(format!("Vault answered {code}"))
+            ManagerError::Permanent(format!("Vault answered {code}"))
         }
-        ClientError::RestClientError { .. } => BackendError::Transient("cannot reach Vault".into()),
+        ClientError::RestClientError { .. } => ManagerError::Transient("cannot reach Vault".into()),
         ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
-            BackendError::NotFound
+            ManagerError::NotFound
         }
-        other => BackendError::Permanent(format!("Vault client error: {other}")),
+        other => ManagerError::Permanent(format!("Vault client error: {other}")),
     }
 }
 
-impl HashicorpBackend {
-    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+impl HashicorpManager {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         // reqwest is built without a default crypto provider; this one is ring. Installing
         // twice is harmless (the first wins).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -174,7 +174,7 @@ impl HashicorpBackend {
         };
         let client = make_client(&settings, &initial)
             .map_err(|e| super::setting_error(manager, "address", e.to_string()))?;
-        let backend = Arc::new(HashicorpBackend {
+        let backend = Arc::new(HashicorpManager {
             id: manager.id.clone(),
             settings,
             auth,
@@ -198,14 +198,14 @@ impl HashicorpBackend {
     }
 
     /// AppRole login; swaps in a client carrying the new token. Returns the lease.
-    async fn login(&self) -> Result<Duration, BackendError> {
+    async fn login(&self) -> Result<Duration, ManagerError> {
         let Auth::AppRole {
             role_id,
             secret_id,
             mount,
         } = &self.auth
         else {
-            return Err(BackendError::Permanent("not an AppRole manager".into()));
+            return Err(ManagerError::Permanent("not an AppRole manager".into()));
         };
         let anonymous = self.client.load_full();
         let info =
@@ -214,14 +214,14 @@ impl HashicorpBackend {
                 .map_err(classify)?;
         let token = SecretString::new(info.client_token);
         let client = make_client(&self.settings, &token)
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
         self.client.store(Arc::new(client));
         tracing::info!(manager = %self.id, lease_seconds = info.lease_duration, "logged in to Vault with AppRole");
         Ok(Duration::from_secs(info.lease_duration))
     }
 
     /// Renews the current token; returns the new lease, or `None` if it does not expire.
-    async fn renew(&self) -> Result<Option<Duration>, BackendError> {
+    async fn renew(&self) -> Result<Option<Duration>, ManagerError> {
         let client = self.client.load_full();
         let lookup = vaultrs::token::lookup_self(&*client)
             .await
@@ -248,8 +248,8 @@ impl HashicorpBackend {
         &self.settings.mount
     }
 
-    fn after_error(&self, e: BackendError) -> BackendError {
-        if matches!(e, BackendError::Denied(_)) {
+    fn after_error(&self, e: ManagerError) -> ManagerError {
+        if matches!(e, ManagerError::Denied(_)) {
             self.relogin.notify_one();
         }
         e
@@ -280,7 +280,7 @@ fn make_client(
 
 /// Keeps the token alive: renew at two thirds of its lease; when renewal fails (or a request
 /// was refused), log in again with AppRole, backing off while Vault is unreachable.
-async fn auth_loop(backend: Weak<HashicorpBackend>, relogin: Arc<Notify>) {
+async fn auth_loop(backend: Weak<HashicorpManager>, relogin: Arc<Notify>) {
     let mut backoff = RETRY_MIN;
     loop {
         let Some(b) = backend.upgrade() else { return };
@@ -333,9 +333,9 @@ async fn auth_loop(backend: Weak<HashicorpBackend>, relogin: Arc<Notify>) {
     }
 }
 
-fn fields_from_value(data: serde_json::Value) -> Result<SecretFields, BackendError> {
+fn fields_from_value(data: serde_json::Value) -> Result<SecretFields, ManagerError> {
     let serde_json::Value::Object(map) = data else {
-        return Err(BackendError::Permanent(
+        return Err(ManagerError::Permanent(
             "Vault secret data is not an object".into(),
         ));
     };
@@ -344,7 +344,7 @@ fn fields_from_value(data: serde_json::Value) -> Result<SecretFields, BackendErr
         match v {
             serde_json::Value::String(s) => fields.insert(k, SecretString::new(s)),
             _ => {
-                return Err(BackendError::Permanent(
+                return Err(ManagerError::Permanent(
                     "Vault secret has a non-string field".into(),
                 ))
             }
@@ -359,9 +359,9 @@ fn value_from_fields(fields: &SecretFields) -> HashMap<&str, &str> {
 }
 
 #[async_trait]
-impl Backend for HashicorpBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
+impl SecretsManager for HashicorpManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
             id: self.id.clone(),
             kind: "hashicorp",
             capabilities: Capabilities {
@@ -371,7 +371,7 @@ impl Backend for HashicorpBackend {
         }
     }
 
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         let client = self.client.load_full();
         if self.settings.kv_version == 1 {
             let data: serde_json::Value = vaultrs::kv1::get(&*client, self.mount(), name)
@@ -384,14 +384,14 @@ impl Backend for HashicorpBackend {
             });
         }
         let version = version
-            .map(|v| v.parse::<u64>().map_err(|_| BackendError::NotFound))
+            .map(|v| v.parse::<u64>().map_err(|_| ManagerError::NotFound))
             .transpose()?;
         let endpoint = ReadSecretRequest::builder()
             .mount(self.mount())
             .path(name)
             .version(version)
             .build()
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
         let response = vaultrs::api::exec_with_result(&*client, endpoint)
             .await
             .map_err(|e| self.after_error(classify(e)))?;
@@ -402,7 +402,7 @@ impl Backend for HashicorpBackend {
         })
     }
 
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         let client = self.client.load_full();
         let data = value_from_fields(request.value);
         if self.settings.kv_version == 1 {
@@ -412,25 +412,25 @@ impl Backend for HashicorpBackend {
             return Ok("1".into());
         }
         let payload =
-            serde_json::to_value(&data).map_err(|e| BackendError::Permanent(e.to_string()))?;
+            serde_json::to_value(&data).map_err(|e| ManagerError::Permanent(e.to_string()))?;
         let mut builder = SetSecretRequest::builder();
         builder.mount(self.mount()).path(request.name).data(payload);
         if let Some(expected) = request.expected_version {
             let cas = expected
                 .parse::<u32>()
-                .map_err(|_| BackendError::Conflict)?;
+                .map_err(|_| ManagerError::Conflict)?;
             builder.options(SetSecretRequestOptions { cas });
         }
         let endpoint = builder
             .build()
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
         let written = vaultrs::api::exec_with_result(&*client, endpoint)
             .await
             .map_err(|e| self.after_error(classify(e)))?;
         Ok(written.version.to_string())
     }
 
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         let client = self.client.load_full();
         let result = if self.settings.kv_version == 1 {
             vaultrs::kv1::delete(&*client, self.mount(), name).await
@@ -438,12 +438,12 @@ impl Backend for HashicorpBackend {
             vaultrs::kv2::delete_metadata(&*client, self.mount(), name).await
         };
         match result.map_err(classify) {
-            Ok(()) | Err(BackendError::NotFound) => Ok(()),
+            Ok(()) | Err(ManagerError::NotFound) => Ok(()),
             Err(e) => Err(self.after_error(e)),
         }
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let client = self.client.load_full();
         // LIST is one folder deep: walk the tree breadth-first, in order.
         let mut folders = std::collections::VecDeque::from([String::new()]);
@@ -458,7 +458,7 @@ impl Backend for HashicorpBackend {
             };
             let mut keys = match keys.map_err(classify) {
                 Ok(k) => k,
-                Err(BackendError::NotFound) => Vec::new(),
+                Err(ManagerError::NotFound) => Vec::new(),
                 Err(e) => return Err(self.after_error(e)),
             };
             keys.sort();

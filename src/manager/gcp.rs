@@ -14,8 +14,8 @@ use google_cloud_secretmanager_v1::model::{replication, Replication, Secret, Sec
 use serde::Deserialize;
 
 use super::{
-    names, Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest,
-    SecretSummary, Versioned,
+    names, Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::SecretFields;
@@ -59,44 +59,44 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<GcpSettings, ConfigErro
     Ok(settings)
 }
 
-pub struct GcpBackend {
+pub struct GcpManager {
     id: String,
     project: String,
     client: SecretManagerService,
 }
 
-fn classify(e: google_cloud_secretmanager_v1::Error) -> BackendError {
+fn classify(e: google_cloud_secretmanager_v1::Error) -> ManagerError {
     if e.is_timeout() {
-        return BackendError::Timeout;
+        return ManagerError::Timeout;
     }
     if e.http_status_code() == Some(429) {
-        return BackendError::Throttled { retry_after: None };
+        return ManagerError::Throttled { retry_after: None };
     }
     match e.status().map(|s| s.code) {
-        Some(Code::NotFound) => BackendError::NotFound,
+        Some(Code::NotFound) => ManagerError::NotFound,
         Some(Code::PermissionDenied | Code::Unauthenticated) => {
-            BackendError::Denied("Google refused the credentials or the IAM role".into())
+            ManagerError::Denied("Google refused the credentials or the IAM role".into())
         }
-        Some(Code::ResourceExhausted) => BackendError::Throttled { retry_after: None },
+        Some(Code::ResourceExhausted) => ManagerError::Throttled { retry_after: None },
         Some(Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Aborted) => {
-            BackendError::Transient(format!("Google Secret Manager: {e}"))
+            ManagerError::Transient(format!("Google Secret Manager: {e}"))
         }
-        Some(Code::AlreadyExists) => BackendError::Conflict,
+        Some(Code::AlreadyExists) => ManagerError::Conflict,
         _ if e.is_transport() || e.is_io() => {
-            BackendError::Transient(format!("Google Secret Manager unreachable: {e}"))
+            ManagerError::Transient(format!("Google Secret Manager unreachable: {e}"))
         }
-        _ => BackendError::Permanent(format!("Google Secret Manager: {e}")),
+        _ => ManagerError::Permanent(format!("Google Secret Manager: {e}")),
     }
 }
 
 /// Retries a call once after a throttling answer; the daemon's store timeout bounds the wait.
-async fn once_more_if_throttled<T, F, Fut>(mut call: F) -> Result<T, BackendError>
+async fn once_more_if_throttled<T, F, Fut>(mut call: F) -> Result<T, ManagerError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, BackendError>>,
+    Fut: std::future::Future<Output = Result<T, ManagerError>>,
 {
     match call().await {
-        Err(BackendError::Throttled { retry_after }) => {
+        Err(ManagerError::Throttled { retry_after }) => {
             let wait = retry_after.unwrap_or(Duration::from_millis(500));
             tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
             call().await
@@ -105,8 +105,8 @@ where
     }
 }
 
-impl GcpBackend {
-    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+impl GcpManager {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         let settings = parse_settings(manager)?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let fail = |what: &str, e: &dyn std::fmt::Display| {
@@ -139,14 +139,14 @@ impl GcpBackend {
         }))
     }
 
-    fn secret_path(&self, name: &str) -> Result<String, BackendError> {
+    fn secret_path(&self, name: &str) -> Result<String, ManagerError> {
         let id = names::encode(name, MAX_ID).ok_or_else(|| {
-            BackendError::Permanent(format!("name too long for a Google secret id ({MAX_ID})"))
+            ManagerError::Permanent(format!("name too long for a Google secret id ({MAX_ID})"))
         })?;
         Ok(format!("projects/{}/secrets/{id}", self.project))
     }
 
-    async fn add_version(&self, secret: &str, data: &[u8]) -> Result<String, BackendError> {
+    async fn add_version(&self, secret: &str, data: &[u8]) -> Result<String, ManagerError> {
         let payload = SecretPayload::new()
             .set_data(bytes::Bytes::copy_from_slice(data))
             .set_data_crc32c(crc32c::crc32c(data) as i64);
@@ -168,9 +168,9 @@ impl GcpBackend {
 }
 
 #[async_trait]
-impl Backend for GcpBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
+impl SecretsManager for GcpManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
             id: self.id.clone(),
             kind: "gcp",
             capabilities: Capabilities {
@@ -180,7 +180,7 @@ impl Backend for GcpBackend {
         }
     }
 
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         let path = format!(
             "{}/versions/{}",
             self.secret_path(name)?,
@@ -197,16 +197,16 @@ impl Backend for GcpBackend {
         .await?;
         let payload = response
             .payload
-            .ok_or_else(|| BackendError::Permanent("version without payload".into()))?;
+            .ok_or_else(|| ManagerError::Permanent("version without payload".into()))?;
         if let Some(sum) = payload.data_crc32c {
             if crc32c::crc32c(&payload.data) as i64 != sum {
-                return Err(BackendError::Transient(
+                return Err(ManagerError::Transient(
                     "payload checksum mismatch (corrupted in transit)".into(),
                 ));
             }
         }
         let value = SecretFields::from_json(&payload.data)
-            .map_err(|e| BackendError::Permanent(format!("stored value: {e}")))?;
+            .map_err(|e| ManagerError::Permanent(format!("stored value: {e}")))?;
         let number = response
             .name
             .rsplit('/')
@@ -220,11 +220,11 @@ impl Backend for GcpBackend {
         })
     }
 
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         let secret = self.secret_path(request.name)?;
         let data = request.value.to_json();
         let version = match self.add_version(&secret, &data).await {
-            Err(BackendError::NotFound) => {
+            Err(ManagerError::NotFound) => {
                 let id = secret.rsplit('/').next().unwrap_or_default().to_owned();
                 match self
                     .client
@@ -239,7 +239,7 @@ impl Backend for GcpBackend {
                     .map_err(classify)
                 {
                     // Created meanwhile by a racing first write: fine, add to it.
-                    Ok(_) | Err(BackendError::Conflict) => {}
+                    Ok(_) | Err(ManagerError::Conflict) => {}
                     Err(e) => return Err(e),
                 }
                 self.add_version(&secret, &data).await?
@@ -265,7 +265,7 @@ impl Backend for GcpBackend {
         Ok(version)
     }
 
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         let path = self.secret_path(name)?;
         match self
             .client
@@ -275,12 +275,12 @@ impl Backend for GcpBackend {
             .await
             .map_err(classify)
         {
-            Ok(_) | Err(BackendError::NotFound) => Ok(()),
+            Ok(_) | Err(ManagerError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let mut window = super::Window::new(&request);
         let mut token = String::new();
         loop {

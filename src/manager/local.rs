@@ -16,12 +16,12 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{
-    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest, SecretSummary,
-    Versioned,
+    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
-use crate::config::LOCAL_STORE_ID;
+use crate::config::LOCAL_MANAGER_ID;
+use crate::metadata::{Metadata, MetadataError, SealedRecord};
 use crate::secret::SecretFields;
-use crate::store::{MetadataStore, SealedRecord, StoreError};
 
 const NONCE_LEN: usize = 12;
 const KEY_LEN: usize = 32;
@@ -221,9 +221,9 @@ impl Keyring {
         (wrapped, ciphertext)
     }
 
-    fn unwrap_dek(&self, record: &SealedRecord) -> Result<Zeroizing<[u8; KEY_LEN]>, BackendError> {
+    fn unwrap_dek(&self, record: &SealedRecord) -> Result<Zeroizing<[u8; KEY_LEN]>, ManagerError> {
         let master = self.find(&record.key_id).ok_or_else(|| {
-            BackendError::Permanent(format!(
+            ManagerError::Permanent(format!(
                 "local record {} v{} is wrapped by unknown master key {}",
                 record.name, record.version, record.key_id
             ))
@@ -239,7 +239,7 @@ impl Keyring {
         Ok(Zeroizing::new(bytes))
     }
 
-    fn open(&self, record: &SealedRecord) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+    fn open(&self, record: &SealedRecord) -> Result<Zeroizing<Vec<u8>>, ManagerError> {
         let dek = self.unwrap_dek(record)?;
         open_with(
             &dek,
@@ -263,12 +263,12 @@ impl Keyring {
         }
     }
 
-    pub fn open_record(&self, record: &SealedRecord) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+    pub fn open_record(&self, record: &SealedRecord) -> Result<Zeroizing<Vec<u8>>, ManagerError> {
         self.open(record)
     }
 
     /// Re-wraps a record's data key under the current master key; the ciphertext is untouched.
-    fn rewrap(&self, record: &SealedRecord) -> Result<SealedRecord, BackendError> {
+    fn rewrap(&self, record: &SealedRecord) -> Result<SealedRecord, ManagerError> {
         let dek = self.unwrap_dek(record)?;
         let aad = record_aad(&record.name, record.version);
         Ok(SealedRecord {
@@ -283,36 +283,36 @@ impl Keyring {
     }
 }
 
-fn tampered(record: &SealedRecord) -> BackendError {
-    BackendError::Permanent(format!(
+fn tampered(record: &SealedRecord) -> ManagerError {
+    ManagerError::Permanent(format!(
         "local record {} v{} failed authentication (tampered, swapped or wrong key)",
         record.name, record.version
     ))
 }
 
-fn store_error(e: StoreError) -> BackendError {
-    BackendError::Transient(e.to_string())
+fn metadata_error(e: MetadataError) -> ManagerError {
+    ManagerError::Transient(e.to_string())
 }
 
-pub struct LocalBackend {
+pub struct LocalManager {
     keys: Arc<Keyring>,
-    store: Arc<dyn MetadataStore>,
+    metadata: Arc<dyn Metadata>,
 }
 
-impl LocalBackend {
-    pub fn new(keys: Arc<Keyring>, store: Arc<dyn MetadataStore>) -> Self {
-        Self { keys, store }
+impl LocalManager {
+    pub fn new(keys: Arc<Keyring>, metadata: Arc<dyn Metadata>) -> Self {
+        Self { keys, metadata }
     }
 
     /// Re-wraps every data key still wrapped by a previous master key. Returns how many.
-    pub async fn rotate(&self) -> Result<usize, BackendError> {
+    pub async fn rotate(&self) -> Result<usize, ManagerError> {
         let mut done = 0;
         loop {
             let batch = self
-                .store
+                .metadata
                 .sealed_with_other_key(self.keys.current_id(), 256)
                 .await
-                .map_err(store_error)?;
+                .map_err(metadata_error)?;
             if batch.is_empty() {
                 return Ok(done);
             }
@@ -320,10 +320,10 @@ impl LocalBackend {
             for record in &batch {
                 match self.keys.rewrap(record) {
                     Ok(rewrapped) => {
-                        self.store
+                        self.metadata
                             .sealed_rewrap(&rewrapped, &record.key_id)
                             .await
-                            .map_err(store_error)?;
+                            .map_err(metadata_error)?;
                         done += 1;
                         progressed = true;
                     }
@@ -331,7 +331,7 @@ impl LocalBackend {
                 }
             }
             if !progressed {
-                return Err(BackendError::Permanent(
+                return Err(ManagerError::Permanent(
                     "some local records are wrapped by a master key that is not configured".into(),
                 ));
             }
@@ -340,10 +340,10 @@ impl LocalBackend {
 }
 
 #[async_trait]
-impl Backend for LocalBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
-            id: LOCAL_STORE_ID.into(),
+impl SecretsManager for LocalManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
+            id: LOCAL_MANAGER_ID.into(),
             kind: "local",
             capabilities: Capabilities {
                 read_only: false,
@@ -352,19 +352,19 @@ impl Backend for LocalBackend {
         }
     }
 
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         let record = match version {
             Some(v) => {
-                let v: i64 = v.parse().map_err(|_| BackendError::NotFound)?;
-                self.store.sealed_get(name, v).await
+                let v: i64 = v.parse().map_err(|_| ManagerError::NotFound)?;
+                self.metadata.sealed_get(name, v).await
             }
-            None => self.store.sealed_latest(name).await,
+            None => self.metadata.sealed_latest(name).await,
         }
-        .map_err(store_error)?
-        .ok_or(BackendError::NotFound)?;
+        .map_err(metadata_error)?
+        .ok_or(ManagerError::NotFound)?;
         let plaintext = self.keys.open(&record)?;
         let value = SecretFields::from_json(&plaintext)
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
         Ok(Versioned {
             value,
             version: record.version.to_string(),
@@ -372,19 +372,19 @@ impl Backend for LocalBackend {
         })
     }
 
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         let plaintext = request.value.to_json();
         // Optimistic: two writers computing the same next version collide on the primary key.
         for _ in 0..8 {
             let latest = self
-                .store
+                .metadata
                 .sealed_latest(request.name)
                 .await
-                .map_err(store_error)?
+                .map_err(metadata_error)?
                 .map(|r| r.version);
             if let Some(expected) = request.expected_version {
                 if latest.map(|v| v.to_string()).as_deref() != Some(expected) {
-                    return Err(BackendError::Conflict);
+                    return Err(ManagerError::Conflict);
                 }
             }
             let version = latest.unwrap_or(0) + 1;
@@ -397,36 +397,39 @@ impl Backend for LocalBackend {
                 ciphertext,
                 created_at: crate::time::now_unix(),
             };
-            match self.store.sealed_insert(&record).await {
+            match self.metadata.sealed_insert(&record).await {
                 Ok(()) => {
                     // Keep the previous version: a reader that resolved it just before may
                     // still ask for it.
-                    self.store
+                    self.metadata
                         .sealed_prune(request.name, version - 1)
                         .await
-                        .map_err(store_error)?;
+                        .map_err(metadata_error)?;
                     return Ok(version.to_string());
                 }
-                Err(StoreError::AlreadyExists) if request.expected_version.is_some() => {
-                    return Err(BackendError::Conflict)
+                Err(MetadataError::AlreadyExists) if request.expected_version.is_some() => {
+                    return Err(ManagerError::Conflict)
                 }
-                Err(StoreError::AlreadyExists) => continue,
-                Err(e) => return Err(store_error(e)),
+                Err(MetadataError::AlreadyExists) => continue,
+                Err(e) => return Err(metadata_error(e)),
             }
         }
-        Err(BackendError::Conflict)
+        Err(ManagerError::Conflict)
     }
 
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
-        self.store.sealed_delete(name).await.map_err(store_error)
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
+        self.metadata
+            .sealed_delete(name)
+            .await
+            .map_err(metadata_error)
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let (items, more) = self
-            .store
+            .metadata
             .sealed_list(request.query.as_deref(), request.offset, request.limit)
             .await
-            .map_err(store_error)?;
+            .map_err(metadata_error)?;
         Ok(Page {
             items: items
                 .into_iter()
@@ -446,8 +449,8 @@ impl Backend for LocalBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metadata::sqlite::SqliteMetadata;
     use crate::secret::SecretString;
-    use crate::store::sqlite::SqliteStore;
 
     fn fields(v: &str) -> SecretFields {
         let mut f = SecretFields::new();
@@ -455,10 +458,10 @@ mod tests {
         f
     }
 
-    fn setup(dir: &Path) -> (LocalBackend, Arc<SqliteStore>) {
-        let store = Arc::new(SqliteStore::open(&dir.join("m.db")).unwrap());
+    fn setup(dir: &Path) -> (LocalManager, Arc<SqliteMetadata>) {
+        let store = Arc::new(SqliteMetadata::open(&dir.join("m.db")).unwrap());
         let keys = Arc::new(Keyring::new(MasterKey::generate(), vec![]));
-        (LocalBackend::new(keys, store.clone()), store)
+        (LocalManager::new(keys, store.clone()), store)
     }
 
     fn put<'a>(
@@ -515,7 +518,7 @@ mod tests {
             .put(put("P/a", &fields("x"), Some("1")))
             .await
             .unwrap_err();
-        assert!(matches!(conflict, BackendError::Conflict));
+        assert!(matches!(conflict, ManagerError::Conflict));
     }
 
     #[tokio::test]
@@ -541,7 +544,7 @@ mod tests {
         store.sealed_insert(&swapped).await.unwrap();
         assert!(matches!(
             local.get("P/b", None).await,
-            Err(BackendError::Permanent(_))
+            Err(ManagerError::Permanent(_))
         ));
 
         // A flipped ciphertext bit.
@@ -562,11 +565,11 @@ mod tests {
     #[tokio::test]
     async fn rotation_rewraps_under_the_new_key_and_keeps_values() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<SqliteStore> =
-            Arc::new(SqliteStore::open(&dir.path().join("m.db")).unwrap());
+        let store: Arc<SqliteMetadata> =
+            Arc::new(SqliteMetadata::open(&dir.path().join("m.db")).unwrap());
         let old_bytes = [7u8; 32];
         let old = Arc::new(Keyring::new(MasterKey::from_bytes(old_bytes), vec![]));
-        LocalBackend::new(old, store.clone())
+        LocalManager::new(old, store.clone())
             .put(put("P/a", &fields("v"), None))
             .await
             .unwrap();
@@ -576,7 +579,7 @@ mod tests {
             vec![MasterKey::from_bytes(old_bytes)],
         ));
         let new_id = rotated.current_id().to_owned();
-        let local = LocalBackend::new(rotated, store.clone());
+        let local = LocalManager::new(rotated, store.clone());
         assert_eq!(local.rotate().await.unwrap(), 1);
         assert_eq!(
             store.sealed_latest("P/a").await.unwrap().unwrap().key_id,
@@ -591,7 +594,7 @@ mod tests {
             },
             vec![],
         ));
-        let v = LocalBackend::new(only_new, store)
+        let v = LocalManager::new(only_new, store)
             .get("P/a", None)
             .await
             .unwrap();

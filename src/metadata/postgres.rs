@@ -12,8 +12,8 @@ use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
 use super::{
-    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, MetadataStore,
-    SealedRecord, SealedSummary, StoreError, SCHEMA_VERSION,
+    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, Metadata, MetadataError,
+    SealedRecord, SealedSummary, SCHEMA_VERSION,
 };
 
 /// The channel that carries invalidations.
@@ -87,9 +87,9 @@ const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, o
 /// The database's clock in milliseconds: leases compare times from many hosts.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
-fn db_err(e: tokio_postgres::Error) -> StoreError {
+fn db_err(e: tokio_postgres::Error) -> MetadataError {
     // The server's message names tables and constraints, never values.
-    StoreError::Database(match e.as_db_error() {
+    MetadataError::Database(match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     })
@@ -149,7 +149,7 @@ impl Drop for Conn<'_> {
 async fn connect(
     config: &Config,
     tls: &Tls,
-) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
+) -> Result<(Client, tokio::task::JoinHandle<()>), MetadataError> {
     macro_rules! spawn_connection {
         ($connect:expr) => {{
             let (client, connection) = $connect.await.map_err(db_err)?;
@@ -168,12 +168,12 @@ async fn connect(
 }
 
 impl Pool {
-    async fn get(&self) -> Result<Conn<'_>, StoreError> {
+    async fn get(&self) -> Result<Conn<'_>, MetadataError> {
         let slot = self
             .slots
             .acquire()
             .await
-            .map_err(|_| StoreError::Database("pool closed".into()))?;
+            .map_err(|_| MetadataError::Database("pool closed".into()))?;
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             loop {
@@ -195,7 +195,7 @@ impl Pool {
     }
 }
 
-pub struct PostgresStore {
+pub struct PostgresMetadata {
     pool: Arc<Pool>,
     invalidations: broadcast::Sender<Invalidation>,
     /// Tags this instance's own notifications, which it does not need to act on.
@@ -203,13 +203,13 @@ pub struct PostgresStore {
     listener: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for PostgresStore {
+impl Drop for PostgresMetadata {
     fn drop(&mut self) {
         self.listener.abort();
     }
 }
 
-fn tls_for(config: &Config) -> Result<Tls, StoreError> {
+fn tls_for(config: &Config) -> Result<Tls, MetadataError> {
     use tokio_postgres::config::SslMode;
     match config.get_ssl_mode() {
         SslMode::Disable | SslMode::Prefer => Ok(Tls::None),
@@ -217,7 +217,7 @@ fn tls_for(config: &Config) -> Result<Tls, StoreError> {
             use rustls_platform_verifier::ConfigVerifierExt;
             let _ = rustls::crypto::ring::default_provider().install_default();
             let client = rustls::ClientConfig::with_platform_verifier()
-                .map_err(|e| StoreError::Database(format!("TLS set-up: {e}")))?;
+                .map_err(|e| MetadataError::Database(format!("TLS set-up: {e}")))?;
             Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
                 client,
             )))
@@ -225,13 +225,13 @@ fn tls_for(config: &Config) -> Result<Tls, StoreError> {
     }
 }
 
-impl PostgresStore {
+impl PostgresMetadata {
     /// Connects, creates or upgrades the schema (under an advisory lock), and starts the
     /// invalidation listener.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let mut config: Config = url
-            .parse()
-            .map_err(|_| StoreError::Database("store.url is not a valid PostgreSQL URL".into()))?;
+    pub async fn open(url: &str) -> Result<Self, MetadataError> {
+        let mut config: Config = url.parse().map_err(|_| {
+            MetadataError::Database("store.url is not a valid PostgreSQL URL".into())
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -257,7 +257,7 @@ impl PostgresStore {
                 .map(|r| r.get(0));
             match version {
                 Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::SchemaTooNew {
+                    return Err(MetadataError::SchemaTooNew {
                         found: v,
                         supported: SCHEMA_VERSION,
                     })
@@ -379,22 +379,22 @@ async fn listen_on<S, T>(
     }
 }
 
-fn credential_from_row(row: &Row) -> Result<CredentialRecord, StoreError> {
+fn credential_from_row(row: &Row) -> Result<CredentialRecord, MetadataError> {
     let id: String = row.get(0);
     let metadata: String = row.get(3);
     let oauth: Option<String> = row.get(4);
     Ok(CredentialRecord {
         metadata: serde_json::from_str(&metadata)
-            .map_err(|_| StoreError::Corrupt(format!("metadata of {id}")))?,
+            .map_err(|_| MetadataError::Corrupt(format!("metadata of {id}")))?,
         oauth: oauth
             .map(|o| serde_json::from_str(&o))
             .transpose()
-            .map_err(|_| StoreError::Corrupt(format!("oauth of {id}")))?,
+            .map_err(|_| MetadataError::Corrupt(format!("oauth of {id}")))?,
         environment: row.get(1),
         integration_type: row.get(2),
         pinned_manager: row.get(5),
         location: Location {
-            store_id: row.get(6),
+            manager_id: row.get(6),
             name: row.get(7),
             version: row.get(8),
         },
@@ -418,17 +418,17 @@ fn sealed_from_row(row: &Row) -> SealedRecord {
     }
 }
 
-fn json_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
+    serde_json::to_string(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
 }
 
 async fn journal_insert(
     tx: &tokio_postgres::Transaction<'_>,
     e: &JournalEntry,
-) -> Result<i64, StoreError> {
+) -> Result<i64, MetadataError> {
     tx.query_one(
         "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES ($1,$2,$3,$4,$5) RETURNING id",
-        &[&e.credential_id, &e.store_id, &e.name, &e.created_at, &e.kind.as_str()],
+        &[&e.credential_id, &e.manager_id, &e.name, &e.created_at, &e.kind.as_str()],
     )
     .await
     .map(|r| r.get(0))
@@ -436,8 +436,8 @@ async fn journal_insert(
 }
 
 #[async_trait]
-impl MetadataStore for PostgresStore {
-    async fn ping(&self) -> Result<(), StoreError> {
+impl Metadata for PostgresMetadata {
+    async fn ping(&self) -> Result<(), MetadataError> {
         self.pool
             .get()
             .await?
@@ -450,7 +450,7 @@ impl MetadataStore for PostgresStore {
         Some(self.invalidations.subscribe())
     }
 
-    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query_opt(
             &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
@@ -467,7 +467,7 @@ impl MetadataStore for PostgresStore {
         &self,
         r: &CredentialRecord,
         journal_id: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetadataError> {
         let metadata = json_text(&r.metadata)?;
         let oauth = r.oauth.as_ref().map(json_text).transpose()?;
         let mut conn = self.pool.get().await?;
@@ -476,12 +476,12 @@ impl MetadataStore for PostgresStore {
             .execute(
                 &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
                 &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
-                  &r.location.store_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
                   &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at],
             )
             .await;
         match inserted {
-            Err(e) if unique_violation(&e) => return Err(StoreError::AlreadyExists),
+            Err(e) if unique_violation(&e) => return Err(MetadataError::AlreadyExists),
             other => other.map_err(db_err)?,
         };
         tx.execute("DELETE FROM journal WHERE id = $1", &[&journal_id])
@@ -495,7 +495,7 @@ impl MetadataStore for PostgresStore {
         r: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Option<i64>, MetadataError> {
         let metadata = json_text(&r.metadata)?;
         let oauth = r.oauth.as_ref().map(json_text).transpose()?;
         let mut conn = self.pool.get().await?;
@@ -506,13 +506,13 @@ impl MetadataStore for PostgresStore {
                  pinned_manager=$6, store_id=$7, store_name=$8, store_version=$9, expires_at=$10, \
                  needs_reauth=$11, row_version=$12, updated_at=$13 WHERE id=$1 AND row_version=$14",
                 &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
-                  &r.location.store_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
                   &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version],
             )
             .await
             .map_err(db_err)?;
         if changed == 0 {
-            return Err(StoreError::Conflict);
+            return Err(MetadataError::Conflict);
         }
         let journal_id = match abandoned {
             Some(e) => Some(journal_insert(&tx, e).await?),
@@ -533,7 +533,7 @@ impl MetadataStore for PostgresStore {
         id: &str,
         expected_row_version: i64,
         abandoned: &JournalEntry,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<i64, MetadataError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let changed = tx
@@ -544,7 +544,7 @@ impl MetadataStore for PostgresStore {
             .await
             .map_err(db_err)?;
         if changed == 0 {
-            return Err(StoreError::Conflict);
+            return Err(MetadataError::Conflict);
         }
         let journal_id = journal_insert(&tx, abandoned).await?;
         tx.execute("DELETE FROM oauth_pending WHERE credential_id = $1", &[&id])
@@ -564,7 +564,7 @@ impl MetadataStore for PostgresStore {
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<CredentialRecord>, StoreError> {
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query(
             &format!(
@@ -579,7 +579,7 @@ impl MetadataStore for PostgresStore {
         .collect()
     }
 
-    async fn count_credentials(&self) -> Result<u64, StoreError> {
+    async fn count_credentials(&self) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
         let n: i64 = conn
             .query_one("SELECT COUNT(*) FROM credentials", &[])
@@ -589,7 +589,7 @@ impl MetadataStore for PostgresStore {
         Ok(n as u64)
     }
 
-    async fn journal_add(&self, e: &JournalEntry) -> Result<i64, StoreError> {
+    async fn journal_add(&self, e: &JournalEntry) -> Result<i64, MetadataError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let id = journal_insert(&tx, e).await?;
@@ -597,7 +597,7 @@ impl MetadataStore for PostgresStore {
         Ok(id)
     }
 
-    async fn journal_remove(&self, id: i64) -> Result<(), StoreError> {
+    async fn journal_remove(&self, id: i64) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute("DELETE FROM journal WHERE id = $1", &[&id])
             .await
@@ -605,7 +605,7 @@ impl MetadataStore for PostgresStore {
             .map_err(db_err)
     }
 
-    async fn journal_list(&self) -> Result<Vec<JournalEntry>, StoreError> {
+    async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
             .query(
@@ -618,7 +618,7 @@ impl MetadataStore for PostgresStore {
             .map(|r| JournalEntry {
                 id: r.get(0),
                 credential_id: r.get(1),
-                store_id: r.get(2),
+                manager_id: r.get(2),
                 name: r.get(3),
                 created_at: r.get(4),
                 kind: JournalKind::parse(r.get::<_, &str>(5)),
@@ -626,30 +626,30 @@ impl MetadataStore for PostgresStore {
             .collect())
     }
 
-    async fn location_in_use(&self, store_id: &str, name: &str) -> Result<bool, StoreError> {
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query_one(
             "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
-            &[&store_id, &name],
+            &[&manager_id, &name],
         )
         .await
         .map(|r| r.get(0))
         .map_err(db_err)
     }
 
-    async fn store_in_use(&self, store_id: &str) -> Result<bool, StoreError> {
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query_one(
             "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
              OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
-            &[&store_id],
+            &[&manager_id],
         )
         .await
         .map(|r| r.get(0))
         .map_err(db_err)
     }
 
-    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, StoreError> {
+    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
             .query_opt(
@@ -667,7 +667,7 @@ impl MetadataStore for PostgresStore {
         &self,
         name: &str,
         version: i64,
-    ) -> Result<Option<SealedRecord>, StoreError> {
+    ) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
             .query_opt(
@@ -681,7 +681,7 @@ impl MetadataStore for PostgresStore {
             .map(sealed_from_row))
     }
 
-    async fn sealed_insert(&self, r: &SealedRecord) -> Result<(), StoreError> {
+    async fn sealed_insert(&self, r: &SealedRecord) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         match conn
             .execute(
@@ -692,12 +692,12 @@ impl MetadataStore for PostgresStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if unique_violation(&e) => Err(StoreError::AlreadyExists),
+            Err(e) if unique_violation(&e) => Err(MetadataError::AlreadyExists),
             Err(e) => Err(db_err(e)),
         }
     }
 
-    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), StoreError> {
+    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "DELETE FROM local_secrets WHERE name = $1 AND version < $2",
@@ -708,7 +708,7 @@ impl MetadataStore for PostgresStore {
         .map_err(db_err)
     }
 
-    async fn sealed_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn sealed_delete(&self, name: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute("DELETE FROM local_secrets WHERE name = $1", &[&name])
             .await
@@ -721,7 +721,7 @@ impl MetadataStore for PostgresStore {
         query: Option<&str>,
         offset: usize,
         limit: usize,
-    ) -> Result<(Vec<SealedSummary>, bool), StoreError> {
+    ) -> Result<(Vec<SealedSummary>, bool), MetadataError> {
         let pattern = format!(
             "%{}%",
             query
@@ -757,7 +757,7 @@ impl MetadataStore for PostgresStore {
         &self,
         current_key_id: &str,
         limit: usize,
-    ) -> Result<Vec<SealedRecord>, StoreError> {
+    ) -> Result<Vec<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
             .query(
@@ -772,7 +772,7 @@ impl MetadataStore for PostgresStore {
             .collect())
     }
 
-    async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), StoreError> {
+    async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "UPDATE local_secrets SET key_id = $3, wrapped_key = $4 \
@@ -789,7 +789,7 @@ impl MetadataStore for PostgresStore {
         key: &str,
         holder: &str,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
         let ttl = ttl.as_millis() as i64;
         conn.execute(
@@ -805,7 +805,7 @@ impl MetadataStore for PostgresStore {
         .map_err(db_err)
     }
 
-    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "DELETE FROM leases WHERE key = $1 AND holder = $2",
@@ -820,7 +820,7 @@ impl MetadataStore for PostgresStore {
         &self,
         credential_id: &str,
         r: &SealedRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "INSERT INTO oauth_pending (credential_id, name, version, key_id, wrapped_key, ciphertext, created_at) \
@@ -837,7 +837,7 @@ impl MetadataStore for PostgresStore {
     async fn pending_token_get(
         &self,
         credential_id: &str,
-    ) -> Result<Option<SealedRecord>, StoreError> {
+    ) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
             .query_opt(
@@ -851,7 +851,7 @@ impl MetadataStore for PostgresStore {
             .map(sealed_from_row))
     }
 
-    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), StoreError> {
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "DELETE FROM oauth_pending WHERE credential_id = $1",
@@ -866,7 +866,7 @@ impl MetadataStore for PostgresStore {
         &self,
         before: i64,
         limit: usize,
-    ) -> Result<Vec<CredentialRecord>, StoreError> {
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query(
             &format!(
@@ -882,7 +882,7 @@ impl MetadataStore for PostgresStore {
         .collect()
     }
 
-    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError> {
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             &format!(
@@ -896,7 +896,7 @@ impl MetadataStore for PostgresStore {
         .map_err(db_err)
     }
 
-    async fn instance_remove(&self, id: &str) -> Result<(), StoreError> {
+    async fn instance_remove(&self, id: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute("DELETE FROM instances WHERE id = $1", &[&id])
             .await
@@ -904,7 +904,7 @@ impl MetadataStore for PostgresStore {
             .map_err(db_err)
     }
 
-    async fn live_config_hashes(&self, max_age: Duration) -> Result<Vec<String>, StoreError> {
+    async fn live_config_hashes(&self, max_age: Duration) -> Result<Vec<String>, MetadataError> {
         let conn = self.pool.get().await?;
         let age = max_age.as_millis() as i64;
         Ok(conn
@@ -919,7 +919,7 @@ impl MetadataStore for PostgresStore {
             .collect())
     }
 
-    async fn count_needs_reauth(&self) -> Result<u64, StoreError> {
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
         let n: i64 = conn
             .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])

@@ -20,8 +20,8 @@ use futures::TryStreamExt;
 use serde::Deserialize;
 
 use super::{
-    names, Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest,
-    SecretSummary, Versioned,
+    names, Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -220,7 +220,7 @@ impl TokenCredential for Credential {
     }
 }
 
-pub struct AzureBackend {
+pub struct AzureManager {
     id: String,
     client: SecretClient,
     purge_on_delete: bool,
@@ -247,7 +247,7 @@ fn http_client(settings: &AzureSettings, hosts: &[&str]) -> Result<reqwest::Clie
     builder.build().map_err(|e| format!("HTTP client: {e}"))
 }
 
-fn classify(e: azure_core::Error) -> BackendError {
+fn classify(e: azure_core::Error) -> ManagerError {
     use azure_core::error::ErrorKind;
     match e.kind() {
         ErrorKind::HttpResponse {
@@ -255,25 +255,25 @@ fn classify(e: azure_core::Error) -> BackendError {
         } => {
             let code = error_code.clone().unwrap_or_default();
             match *status {
-                StatusCode::NotFound => BackendError::NotFound,
+                StatusCode::NotFound => ManagerError::NotFound,
                 StatusCode::Unauthorized | StatusCode::Forbidden => {
-                    BackendError::Denied(format!("Key Vault refused access ({code})"))
+                    ManagerError::Denied(format!("Key Vault refused access ({code})"))
                 }
-                StatusCode::TooManyRequests => BackendError::Throttled { retry_after: None },
-                StatusCode::Conflict => BackendError::Permanent(format!(
+                StatusCode::TooManyRequests => ManagerError::Throttled { retry_after: None },
+                StatusCode::Conflict => ManagerError::Permanent(format!(
                     "Key Vault conflict ({code}): a deleted secret of that name is awaiting purge"
                 )),
                 s if u16::from(s) >= 500 => {
-                    BackendError::Transient(format!("Key Vault HTTP {}", u16::from(s)))
+                    ManagerError::Transient(format!("Key Vault HTTP {}", u16::from(s)))
                 }
-                s => BackendError::Permanent(format!("Key Vault HTTP {} ({code})", u16::from(s))),
+                s => ManagerError::Permanent(format!("Key Vault HTTP {} ({code})", u16::from(s))),
             }
         }
-        ErrorKind::Credential => BackendError::Denied(format!("Entra ID token: {e}")),
+        ErrorKind::Credential => ManagerError::Denied(format!("Entra ID token: {e}")),
         ErrorKind::Connection | ErrorKind::Io => {
-            BackendError::Transient(format!("Key Vault unreachable: {e}"))
+            ManagerError::Transient(format!("Key Vault unreachable: {e}"))
         }
-        _ => BackendError::Permanent(format!("Key Vault: {e}")),
+        _ => ManagerError::Permanent(format!("Key Vault: {e}")),
     }
 }
 
@@ -284,8 +284,8 @@ fn host_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
-impl AzureBackend {
-    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+impl AzureManager {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         let settings = parse_settings(manager)?;
         let authority = settings
             .authority_host
@@ -347,9 +347,9 @@ impl AzureBackend {
         }))
     }
 
-    fn vault_name(name: &str) -> Result<String, BackendError> {
+    fn vault_name(name: &str) -> Result<String, ManagerError> {
         names::encode(name, MAX_NAME).ok_or_else(|| {
-            BackendError::Permanent(format!(
+            ManagerError::Permanent(format!(
                 "name too long for Key Vault ({MAX_NAME} characters)"
             ))
         })
@@ -363,9 +363,9 @@ fn version_of(id: Option<&str>) -> String {
 }
 
 #[async_trait]
-impl Backend for AzureBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
+impl SecretsManager for AzureManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
             id: self.id.clone(),
             kind: "azure",
             capabilities: Capabilities {
@@ -375,7 +375,7 @@ impl Backend for AzureBackend {
         }
     }
 
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         let vault_name = Self::vault_name(name)?;
         let options = SecretClientGetSecretOptions {
             secret_version: version.map(str::to_owned),
@@ -389,7 +389,7 @@ impl Backend for AzureBackend {
             .into_model()
             .map_err(classify)?;
         let value = SecretFields::from_json(secret.value.as_deref().unwrap_or("").as_bytes())
-            .map_err(|e| BackendError::Permanent(format!("stored value: {e}")))?;
+            .map_err(|e| ManagerError::Permanent(format!("stored value: {e}")))?;
         Ok(Versioned {
             value,
             version: version_of(secret.id.as_deref()),
@@ -397,11 +397,11 @@ impl Backend for AzureBackend {
         })
     }
 
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         let vault_name = Self::vault_name(request.name)?;
         let json = request.value.to_json();
         let value = String::from_utf8(json.to_vec())
-            .map_err(|_| BackendError::Permanent("value is not UTF-8".into()))?;
+            .map_err(|_| ManagerError::Permanent("value is not UTF-8".into()))?;
         let parameters = SetSecretParameters {
             value: Some(value),
             content_type: Some("application/json".into()),
@@ -410,7 +410,7 @@ impl Backend for AzureBackend {
         };
         let body = parameters
             .try_into()
-            .map_err(|e: azure_core::Error| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e: azure_core::Error| ManagerError::Permanent(e.to_string()))?;
         let secret = self
             .client
             .set_secret(&vault_name, body, None)
@@ -421,7 +421,7 @@ impl Backend for AzureBackend {
         Ok(version_of(secret.id.as_deref()))
     }
 
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         let vault_name = Self::vault_name(name)?;
         match self
             .client
@@ -429,7 +429,7 @@ impl Backend for AzureBackend {
             .await
             .map_err(classify)
         {
-            Ok(_) | Err(BackendError::NotFound) => {}
+            Ok(_) | Err(ManagerError::NotFound) => {}
             Err(e) => return Err(e),
         }
         if self.purge_on_delete {
@@ -441,9 +441,9 @@ impl Backend for AzureBackend {
                     .await
                     .map_err(classify)
                 {
-                    Ok(_) | Err(BackendError::NotFound) if attempt > 0 => return Ok(()),
+                    Ok(_) | Err(ManagerError::NotFound) if attempt > 0 => return Ok(()),
                     Ok(_) => return Ok(()),
-                    Err(BackendError::NotFound) | Err(BackendError::Permanent(_)) => {
+                    Err(ManagerError::NotFound) | Err(ManagerError::Permanent(_)) => {
                         tokio::time::sleep(Duration::from_millis(200)).await
                     }
                     Err(e) => return Err(e),
@@ -453,7 +453,7 @@ impl Backend for AzureBackend {
         Ok(())
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let mut pager = self.client.list_secret_properties(None).map_err(classify)?;
         let mut window = super::Window::new(&request);
         while let Some(props) = pager.try_next().await.map_err(classify)? {

@@ -1,4 +1,4 @@
-//! The `Backend` trait every secrets store implements, its error enum, and the registry of
+//! The `SecretsManager` trait every secrets store implements, its error enum, and the registry of
 //! configured stores. One file (and, for external managers, one cargo feature) per store type.
 
 #[cfg(feature = "aws")]
@@ -28,7 +28,7 @@ use crate::secret::SecretFields;
 /// What went wrong talking to a store, classified for decisions (retry, serve stale, 404...).
 /// `detail` strings are for operators' logs only and never reach a response or a metric.
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub enum ManagerError {
     #[error("secret not found")]
     NotFound,
     #[error("access denied by the store: {0}")]
@@ -51,27 +51,27 @@ pub enum BackendError {
     Unusable(String),
 }
 
-impl BackendError {
+impl ManagerError {
     /// Worth retrying later, and worth serving a stale cached value meanwhile.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            BackendError::Transient(_) | BackendError::Timeout | BackendError::Throttled { .. }
+            ManagerError::Transient(_) | ManagerError::Timeout | ManagerError::Throttled { .. }
         )
     }
 
     /// A closed-set label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            BackendError::NotFound => "not_found",
-            BackendError::Denied(_) => "denied",
-            BackendError::Throttled { .. } => "throttled",
-            BackendError::Transient(_) => "unavailable",
-            BackendError::Timeout => "timeout",
-            BackendError::Conflict => "conflict",
-            BackendError::ReadOnly => "read_only",
-            BackendError::Permanent(_) => "error",
-            BackendError::Unusable(_) => "unusable",
+            ManagerError::NotFound => "not_found",
+            ManagerError::Denied(_) => "denied",
+            ManagerError::Throttled { .. } => "throttled",
+            ManagerError::Transient(_) => "unavailable",
+            ManagerError::Timeout => "timeout",
+            ManagerError::Conflict => "conflict",
+            ManagerError::ReadOnly => "read_only",
+            ManagerError::Permanent(_) => "error",
+            ManagerError::Unusable(_) => "unusable",
         }
     }
 }
@@ -188,7 +188,7 @@ pub struct Capabilities {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct BackendInfo {
+pub struct ManagerInfo {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -197,29 +197,29 @@ pub struct BackendInfo {
 
 /// A secrets store. The required core is small; writes default to "read-only".
 #[async_trait]
-pub trait Backend: Send + Sync + 'static {
-    fn describe(&self) -> BackendInfo;
+pub trait SecretsManager: Send + Sync + 'static {
+    fn describe(&self) -> ManagerInfo;
 
     /// Reads `name` at `version`, or the current version when `None`.
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError>;
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError>;
 
     /// Writes a new version and returns its id.
-    async fn put(&self, _request: PutRequest<'_>) -> Result<String, BackendError> {
-        Err(BackendError::ReadOnly)
+    async fn put(&self, _request: PutRequest<'_>) -> Result<String, ManagerError> {
+        Err(ManagerError::ReadOnly)
     }
 
     /// Removes every version of `name`. Deleting what is not there succeeds.
-    async fn delete(&self, _name: &str) -> Result<(), BackendError> {
-        Err(BackendError::ReadOnly)
+    async fn delete(&self, _name: &str) -> Result<(), ManagerError> {
+        Err(ManagerError::ReadOnly)
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError>;
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError>;
 }
 
 /// The configured stores by id, `local` always among them.
 #[derive(Clone, Default)]
 pub struct Registry {
-    stores: HashMap<String, Arc<dyn Backend>>,
+    stores: HashMap<String, Arc<dyn SecretsManager>>,
 }
 
 impl Registry {
@@ -227,15 +227,15 @@ impl Registry {
         Self::default()
     }
 
-    pub fn insert(&mut self, id: impl Into<String>, backend: Arc<dyn Backend>) {
+    pub fn insert(&mut self, id: impl Into<String>, backend: Arc<dyn SecretsManager>) {
         self.stores.insert(id.into(), backend);
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<dyn Backend>> {
+    pub fn get(&self, id: &str) -> Option<&Arc<dyn SecretsManager>> {
         self.stores.get(id)
     }
 
-    pub fn remove(&mut self, id: &str) -> Option<Arc<dyn Backend>> {
+    pub fn remove(&mut self, id: &str) -> Option<Arc<dyn SecretsManager>> {
         self.stores.remove(id)
     }
 
@@ -303,18 +303,18 @@ fn not_built(manager: &ManagerConfig) -> ConfigError {
 
 /// Builds the backend for a validated manager. Reads the access details it refers to
 /// (environment variables, files) now.
-pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
     match manager.kind {
         #[cfg(feature = "aws")]
-        ManagerKind::Aws => aws::AwsBackend::build(manager).await,
+        ManagerKind::Aws => aws::AwsManager::build(manager).await,
         #[cfg(feature = "hashicorp")]
-        ManagerKind::Hashicorp => hashicorp::HashicorpBackend::build(manager).await,
+        ManagerKind::Hashicorp => hashicorp::HashicorpManager::build(manager).await,
         #[cfg(feature = "composio")]
-        ManagerKind::Composio => composio::ComposioBackend::build(manager).await,
+        ManagerKind::Composio => composio::ComposioManager::build(manager).await,
         #[cfg(feature = "gcp")]
-        ManagerKind::Gcp => gcp::GcpBackend::build(manager).await,
+        ManagerKind::Gcp => gcp::GcpManager::build(manager).await,
         #[cfg(feature = "azure")]
-        ManagerKind::Azure => azure::AzureBackend::build(manager).await,
+        ManagerKind::Azure => azure::AzureManager::build(manager).await,
         #[allow(unreachable_patterns)] // reachable when a backend's feature is off
         _ => Err(not_built(manager)),
     }

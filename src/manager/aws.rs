@@ -16,8 +16,8 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use serde::Deserialize;
 
 use super::{
-    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, PutRequest, SecretSummary,
-    Versioned,
+    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::SecretFields;
@@ -81,14 +81,14 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<AwsSettings, ConfigErro
     Ok(settings)
 }
 
-pub struct AwsBackend {
+pub struct AwsManager {
     id: String,
     client: Client,
     settings: AwsSettings,
 }
 
-impl AwsBackend {
-    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+impl AwsManager {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         let settings = parse_settings(manager)?;
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
@@ -134,7 +134,7 @@ impl AwsBackend {
                 .credentials_provider(SharedCredentialsProvider::new(provider))
                 .build();
         }
-        Ok(Arc::new(AwsBackend {
+        Ok(Arc::new(AwsManager {
             id: manager.id.clone(),
             client: Client::new(&sdk_config),
             settings,
@@ -143,7 +143,7 @@ impl AwsBackend {
 }
 
 /// Maps an SDK error to the layer's classification by its error code, never its message.
-fn classify<E, R>(e: SdkError<E, R>) -> BackendError
+fn classify<E, R>(e: SdkError<E, R>) -> ManagerError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
@@ -153,32 +153,32 @@ where
             let code = service.err().code().unwrap_or("Unknown");
             let detail = format!("AWS {code}");
             match code {
-                "ResourceNotFoundException" => BackendError::NotFound,
+                "ResourceNotFoundException" => ManagerError::NotFound,
                 "AccessDeniedException"
                 | "UnrecognizedClientException"
                 | "InvalidSignatureException"
                 | "ExpiredTokenException"
                 | "IncompleteSignature"
-                | "MissingAuthenticationToken" => BackendError::Denied(detail),
+                | "MissingAuthenticationToken" => ManagerError::Denied(detail),
                 "ThrottlingException"
                 | "TooManyRequestsException"
                 | "RequestLimitExceeded"
-                | "LimitExceededException" => BackendError::Throttled { retry_after: None },
+                | "LimitExceededException" => ManagerError::Throttled { retry_after: None },
                 "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
-                    BackendError::Transient(detail)
+                    ManagerError::Transient(detail)
                 }
-                "ResourceExistsException" => BackendError::Conflict,
-                _ => BackendError::Permanent(detail),
+                "ResourceExistsException" => ManagerError::Conflict,
+                _ => ManagerError::Permanent(detail),
             }
         }
-        SdkError::TimeoutError(_) => BackendError::Timeout,
+        SdkError::TimeoutError(_) => ManagerError::Timeout,
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            BackendError::Transient(format!(
+            ManagerError::Transient(format!(
                 "AWS request failed: {}",
                 aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
             ))
         }
-        _ => BackendError::Permanent(format!(
+        _ => ManagerError::Permanent(format!(
             "AWS request failed: {}",
             aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
         )),
@@ -190,9 +190,9 @@ fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<std::time::S
 }
 
 #[async_trait]
-impl Backend for AwsBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
+impl SecretsManager for AwsManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
             id: self.id.clone(),
             kind: "aws",
             capabilities: Capabilities {
@@ -202,7 +202,7 @@ impl Backend for AwsBackend {
         }
     }
 
-    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
         let mut request = self.client.get_secret_value().secret_id(name);
         request = match version {
             Some(v) => request.version_id(v),
@@ -213,9 +213,9 @@ impl Backend for AwsBackend {
         let output = request.send().await.map_err(classify)?;
         let text = output
             .secret_string()
-            .ok_or_else(|| BackendError::Permanent("AWS secret has no SecretString".into()))?;
+            .ok_or_else(|| ManagerError::Permanent("AWS secret has no SecretString".into()))?;
         let value = SecretFields::from_json(text.as_bytes())
-            .map_err(|e| BackendError::Permanent(e.to_string()))?;
+            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
         Ok(Versioned {
             value,
             version: output.version_id().unwrap_or_default().to_owned(),
@@ -223,7 +223,7 @@ impl Backend for AwsBackend {
         })
     }
 
-    async fn put(&self, request: PutRequest<'_>) -> Result<String, BackendError> {
+    async fn put(&self, request: PutRequest<'_>) -> Result<String, ManagerError> {
         let body = request.value.to_json();
         // The SDK needs a String; this copy is not wiped (a limit of the SDK's types).
         let text = String::from_utf8_lossy(&body).into_owned();
@@ -237,7 +237,7 @@ impl Backend for AwsBackend {
             .await;
         match put.map_err(classify) {
             Ok(out) => return Ok(out.version_id().unwrap_or_default().to_owned()),
-            Err(BackendError::NotFound) => {}
+            Err(ManagerError::NotFound) => {}
             Err(e) => return Err(e),
         }
         let mut create = self
@@ -253,7 +253,7 @@ impl Backend for AwsBackend {
         match create.send().await.map_err(classify) {
             Ok(out) => Ok(out.version_id().unwrap_or_default().to_owned()),
             // Another writer created it between our two calls: write a version on top.
-            Err(BackendError::Conflict) => self
+            Err(ManagerError::Conflict) => self
                 .client
                 .put_secret_value()
                 .secret_id(request.name)
@@ -267,19 +267,19 @@ impl Backend for AwsBackend {
         }
     }
 
-    async fn delete(&self, name: &str) -> Result<(), BackendError> {
+    async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         let mut request = self.client.delete_secret().secret_id(name);
         request = match self.settings.recovery_window_days {
             Some(days) => request.recovery_window_in_days(days),
             None => request.force_delete_without_recovery(true),
         };
         match request.send().await.map_err(classify) {
-            Ok(_) | Err(BackendError::NotFound) => Ok(()),
+            Ok(_) | Err(ManagerError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let mut items = Vec::new();
         let mut skipped = 0;
         let mut token: Option<String> = None;

@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Backend, BackendError, BackendInfo, Capabilities, ListRequest, Page, SecretSummary, Versioned,
+    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, SecretSummary, SecretsManager,
+    Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -45,15 +46,15 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<ComposioSettings, Confi
     Ok(settings)
 }
 
-pub struct ComposioBackend {
+pub struct ComposioManager {
     id: String,
     http: reqwest::Client,
     base: String,
     api_key: SecretString,
 }
 
-impl ComposioBackend {
-    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn Backend>, ConfigError> {
+impl ComposioManager {
+    pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         let settings = parse_settings(manager)?;
         let api_key = settings
             .api_key
@@ -77,7 +78,7 @@ impl ComposioBackend {
         }))
     }
 
-    async fn call(&self, path_and_query: &str) -> Result<Value, BackendError> {
+    async fn call(&self, path_and_query: &str) -> Result<Value, ManagerError> {
         let response = self
             .http
             .get(format!("{}{path_and_query}", self.base))
@@ -87,9 +88,9 @@ impl ComposioBackend {
             .await
             .map_err(|e| {
                 if e.is_timeout() {
-                    BackendError::Timeout
+                    ManagerError::Timeout
                 } else {
-                    BackendError::Transient(format!("Composio unreachable: {}", e.without_url()))
+                    ManagerError::Transient(format!("Composio unreachable: {}", e.without_url()))
                 }
             })?;
         let status = response.status();
@@ -103,10 +104,10 @@ impl ComposioBackend {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| BackendError::Transient(format!("Composio: {}", e.without_url())))?
+            .map_err(|e| ManagerError::Transient(format!("Composio: {}", e.without_url())))?
         {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(BackendError::Permanent("Composio answer too large".into()));
+                return Err(ManagerError::Permanent("Composio answer too large".into()));
             }
             body.extend_from_slice(&chunk);
         }
@@ -119,15 +120,15 @@ impl ComposioBackend {
         };
         match status.as_u16() {
             200 => serde_json::from_slice(&body)
-                .map_err(|_| BackendError::Permanent("Composio answered with invalid JSON".into())),
-            404 => Err(BackendError::NotFound),
-            401 | 403 => Err(BackendError::Denied(format!(
+                .map_err(|_| ManagerError::Permanent("Composio answered with invalid JSON".into())),
+            404 => Err(ManagerError::NotFound),
+            401 | 403 => Err(ManagerError::Denied(format!(
                 "Composio refused the API key (HTTP {status}) {}",
                 slug()
             ))),
-            429 => Err(BackendError::Throttled { retry_after }),
-            s if s >= 500 => Err(BackendError::Transient(format!("Composio HTTP {s}"))),
-            s => Err(BackendError::Permanent(format!(
+            429 => Err(ManagerError::Throttled { retry_after }),
+            s if s >= 500 => Err(ManagerError::Transient(format!("Composio HTTP {s}"))),
+            s => Err(ManagerError::Permanent(format!(
                 "Composio HTTP {s} {}",
                 slug()
             ))),
@@ -141,10 +142,10 @@ fn is_masked(v: &str) -> bool {
 }
 
 /// The secret fields of a connected account, by auth scheme.
-fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), BackendError> {
+fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), ManagerError> {
     let status = account["status"].as_str().unwrap_or("UNKNOWN");
     if status != "ACTIVE" {
-        return Err(BackendError::Unusable(format!(
+        return Err(ManagerError::Unusable(format!(
             "the Composio connected account is {status}, not ACTIVE; the user must reconnect it in Composio"
         )));
     }
@@ -155,7 +156,7 @@ fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), Backen
         .unwrap_or("");
     let val = state["val"]
         .as_object()
-        .ok_or_else(|| BackendError::Permanent("Composio account has no state.val".into()))?;
+        .ok_or_else(|| ManagerError::Permanent("Composio account has no state.val".into()))?;
     let wanted: &[&str] = match scheme {
         "OAUTH2" => &["access_token", "token_type", "scope", "id_token"],
         "OAUTH1" => &["oauth_token", "oauth_token_secret"],
@@ -163,7 +164,7 @@ fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), Backen
         "BEARER_TOKEN" => &["token", "bearer_token"],
         "BASIC" | "BASIC_WITH_JWT" => &["username", "password"],
         other => {
-            return Err(BackendError::Unusable(format!(
+            return Err(ManagerError::Unusable(format!(
                 "Composio auth scheme `{}` is not supported",
                 if other.len() <= 32 { other } else { "?" }
             )))
@@ -175,14 +176,14 @@ fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), Backen
             continue;
         };
         if is_masked(v) {
-            return Err(BackendError::Unusable(format!(
+            return Err(ManagerError::Unusable(format!(
                 "Composio returned `{name}` masked; turn off secret masking for the project or use an auth config with your own OAuth app"
             )));
         }
         fields.insert(*name, SecretString::new(v.to_owned()));
     }
     if fields.is_empty() {
-        return Err(BackendError::Unusable(format!(
+        return Err(ManagerError::Unusable(format!(
             "the Composio account has no credential fields for scheme {scheme}"
         )));
     }
@@ -207,9 +208,9 @@ fn encode(s: &str) -> String {
 }
 
 #[async_trait]
-impl Backend for ComposioBackend {
-    fn describe(&self) -> BackendInfo {
-        BackendInfo {
+impl SecretsManager for ComposioManager {
+    fn describe(&self) -> ManagerInfo {
+        ManagerInfo {
             id: self.id.clone(),
             kind: "composio",
             capabilities: Capabilities {
@@ -219,7 +220,7 @@ impl Backend for ComposioBackend {
         }
     }
 
-    async fn get(&self, name: &str, _version: Option<&str>) -> Result<Versioned, BackendError> {
+    async fn get(&self, name: &str, _version: Option<&str>) -> Result<Versioned, ManagerError> {
         let account = self
             .call(&format!("/api/v3/connected_accounts/{}", encode(name)))
             .await?;
@@ -231,7 +232,7 @@ impl Backend for ComposioBackend {
         })
     }
 
-    async fn list(&self, request: ListRequest) -> Result<Page, BackendError> {
+    async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let mut skipped = 0;
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
@@ -319,7 +320,7 @@ mod tests {
                 json!({"access_token": masked}),
             ))
             .unwrap_err();
-            assert!(matches!(e, BackendError::Unusable(_)), "{masked}");
+            assert!(matches!(e, ManagerError::Unusable(_)), "{masked}");
             assert!(!e.to_string().contains(masked));
         }
         let e =
