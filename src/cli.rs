@@ -72,7 +72,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match crate::setup::load(&config) {
             Ok(c) => {
                 println!(
                     "{}: valid ({} secrets manager(s), {} access rule(s), socket {})",
@@ -215,7 +215,7 @@ async fn get(socket: PathBuf, path: String) -> ExitCode {
 
 fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
     let load = |p: &PathBuf| {
-        Config::load(p).map_err(|e| {
+        crate::setup::load(p).map_err(|e| {
             eprintln!("{}: {e}", p.display());
             ExitCode::from(2)
         })
@@ -228,7 +228,7 @@ fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let crate::config::DatabaseUrl::Sqlite(db) = &next.store.database else {
+    let crate::config::DatabaseUrl::Sqlite(db) = &next.storage.database else {
         eprintln!("credproxy: plan reads SQLite databases; with PostgreSQL use GET /v1/migrations after a reload");
         return ExitCode::FAILURE;
     };
@@ -244,7 +244,8 @@ fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
             .into_iter()
             .flatten()
             .find_map(|c| c.manager(id))
-            .is_some_and(|m| m.kind.is_read_only())
+            .and_then(|m| crate::manager::descriptor::find(&m.kind))
+            .is_some_and(|d| d.read_only)
     };
     let moves = match runtime().block_on(crate::migrate::plan(&store, &next, &read_only)) {
         Ok(m) => m,

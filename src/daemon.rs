@@ -33,6 +33,11 @@ pub enum StartError {
     Store(#[from] MetadataError),
     #[error(transparent)]
     Socket(#[from] server::unix::SocketError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -50,8 +55,8 @@ pub struct Parts {
 }
 
 pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
-    let path = &config.store.master_key_file;
-    if !path.exists() && config.store.generate_master_key {
+    let path = &config.storage.master_key_file;
+    if !path.exists() && config.storage.generate_master_key {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| KeyError::Write {
                 path: parent.display().to_string(),
@@ -63,7 +68,7 @@ pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
     }
     let current = MasterKey::load(path)?;
     let previous = config
-        .store
+        .storage
         .previous_master_key_files
         .iter()
         .map(|p| MasterKey::load(p))
@@ -72,7 +77,7 @@ pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
 }
 
 pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartError> {
-    match &config.store.database {
+    match &config.storage.database {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteMetadata::open(path)?)),
         #[cfg(feature = "postgres")]
         DatabaseUrl::Postgres { url, password } => {
@@ -102,9 +107,9 @@ pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartEr
 
 /// Builds everything that does not listen yet.
 pub async fn build(config: Config) -> Result<Parts, StartError> {
-    let config = Arc::new(config);
-    std::fs::create_dir_all(&config.store.data_dir).map_err(|e| StartError::Listen {
-        addr: config.store.data_dir.display().to_string(),
+    let config = Arc::new(crate::setup::check(config)?);
+    std::fs::create_dir_all(&config.storage.data_dir).map_err(|e| StartError::DataDir {
+        path: config.storage.data_dir.display().to_string(),
         source: e,
     })?;
     let metadata = open_metadata(&config).await?;
@@ -187,8 +192,8 @@ async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
 /// How old a journal entry must be before the sweeper may act on it: older than any write
 /// that could still be in flight (in this or another process sharing the database).
 pub fn journal_grace(config: &Config) -> Duration {
-    config.store.journal_grace.unwrap_or(
-        config.server.request_timeout + config.backend_timeout * 4 + Duration::from_secs(30),
+    config.storage.journal_grace.unwrap_or(
+        config.server.request_timeout + config.manager_timeout * 4 + Duration::from_secs(30),
     )
 }
 
@@ -243,7 +248,7 @@ pub async fn serve_app(
             }
         });
     }
-    let sweep_interval = service.runtime().config.store.journal_sweep_interval;
+    let sweep_interval = service.runtime().config.storage.journal_sweep_interval;
     tasks.spawn(sweep_journal_forever(
         Arc::clone(&service),
         grace,
@@ -399,5 +404,25 @@ async fn reload_on_change(
             seen = now;
             let _ = reloader.reload("file change").await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_data_directory_that_cannot_be_made_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let config = Config::parse(&format!(
+            "[store]\ndata_dir = \"{}\"",
+            file.join("data").display()
+        ))
+        .unwrap();
+        let e = build(config).await.err().unwrap().to_string();
+        assert!(e.contains("cannot create the data directory"), "{e}");
+        assert!(!e.contains("listen"), "{e}");
     }
 }

@@ -12,6 +12,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Label values of `credproxy_oauth_refreshes_total{outcome}`.
+pub const OAUTH_OUTCOMES: [&str; 7] = [
+    "success",
+    "recovered",
+    "skipped",
+    "invalid_grant",
+    "rejected",
+    "unavailable",
+    "write_failed",
+];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -260,7 +271,7 @@ impl Metrics {
         for result in ["hit", "miss", "stale"] {
             cache_requests.with_label_values(&[result]);
         }
-        for outcome in crate::oauth::OUTCOMES {
+        for outcome in OAUTH_OUTCOMES {
             oauth_refreshes.with_label_values(&[outcome]);
         }
         for outcome in ["success", "failure"] {

@@ -19,17 +19,6 @@ use crate::config::OAuthConfig;
 use crate::metadata::{ClientAuth, CredentialRecord, OAuthDescription};
 use crate::secret::SecretString;
 
-/// Label values of `credproxy_oauth_refreshes_total{outcome}`.
-pub const OUTCOMES: [&str; 7] = [
-    "success",
-    "recovered",
-    "skipped",
-    "invalid_grant",
-    "rejected",
-    "unavailable",
-    "write_failed",
-];
-
 /// Largest token response read; real ones are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::access::Policy;
-use crate::config::{Config, ConfigError, LOCAL_MANAGER_ID};
+use crate::config::{ConfigError, LOCAL_MANAGER_ID};
 use crate::lifecycle::sd_notify_reloading;
 use crate::manager::{self, Registry};
 use crate::migrate::Migrator;
@@ -96,7 +96,7 @@ impl Reloader {
     async fn reload_inner(&self) -> Result<ReloadReport, ReloadError> {
         let current = self.service.runtime();
         let path = current.config.path.clone().ok_or(ReloadError::NoFile)?;
-        let next = Config::load(&path)?;
+        let next = crate::setup::load(&path)?;
 
         // Everything is built before anything switches.
         let mut registry = Registry::new();
@@ -153,7 +153,7 @@ impl Reloader {
             .map_err(|e| ReloadError::Metadata(e.to_string()))?;
         report.moves_planned = planned.len();
 
-        let config = keep_restart_only(&current.config, next);
+        let config = current.config.keep_restart_only(next);
         let policy = Policy::new(config.access.clone(), self.owner_uid, self.socket_gid);
         self.service.swap_runtime(Runtime {
             config: Arc::new(config),
@@ -167,17 +167,4 @@ impl Reloader {
         self.migrator.wake(&planned);
         Ok(report)
     }
-}
-
-/// The new configuration, with the settings only a restart can change kept at the values the
-/// daemon is running with, so that what the runtime reports is what is in force.
-fn keep_restart_only(current: &Config, mut next: Config) -> Config {
-    next.server = current.server.clone();
-    next.metrics = current.metrics.clone();
-    next.store = current.store.clone();
-    next.cache = current.cache.clone();
-    next.log = current.log.clone();
-    next.oauth.max_concurrent = current.oauth.max_concurrent;
-    next.path = current.path.clone();
-    next
 }

@@ -40,9 +40,10 @@ pub fn route(
     let known = |id: &str| id == LOCAL_MANAGER_ID || managers.iter().any(|m| m.id == id);
     let writable = |id: &str| {
         id == LOCAL_MANAGER_ID
-            || managers
-                .iter()
-                .any(|m| m.id == id && !m.kind.is_read_only())
+            || managers.iter().any(|m| {
+                m.id == id
+                    && crate::manager::descriptor::find(&m.kind).is_some_and(|d| !d.read_only)
+            })
     };
     let mut pin_unavailable = false;
     if let Some(pin) = pin {
@@ -88,12 +89,11 @@ pub fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ManagerKind;
 
-    fn manager(id: &str, kind: ManagerKind) -> ManagerConfig {
+    fn manager(id: &str, kind: &str) -> ManagerConfig {
         ManagerConfig {
             id: id.into(),
-            kind,
+            kind: kind.into(),
             prefix: String::new(),
             settings: Default::default(),
         }
@@ -101,9 +101,9 @@ mod tests {
 
     fn setup() -> (RoutingConfig, Vec<ManagerConfig>) {
         let managers = vec![
-            manager("vault", ManagerKind::Hashicorp),
-            manager("aws", ManagerKind::Aws),
-            manager("composio", ManagerKind::Composio),
+            manager("vault", "hashicorp"),
+            manager("aws", "aws"),
+            manager("composio", "composio"),
         ];
         let mut routing = RoutingConfig {
             default: Some("aws".into()),

@@ -27,10 +27,15 @@ impl SecretString {
         &self.0
     }
 
-    /// Composio and similar stores mask values (`abcd...`, `REDACTED`) rather than return them.
+    /// Whether this is a placeholder a secrets manager handed out instead of the value:
+    /// Composio and similar services mask values (`abcd...`, `REDACTED`, `ab****yz`) unless
+    /// told not to, and a masked value must never be handed to a worker as if it were real.
     pub fn looks_masked(&self) -> bool {
         let v = self.expose();
-        v == "REDACTED" || v.ends_with("...") || v.chars().all(|c| c == '*') && !v.is_empty()
+        v.ends_with("...")
+            || v.eq_ignore_ascii_case("redacted")
+            || v.contains("****")
+            || (!v.is_empty() && v.chars().all(|c| c == '*'))
     }
 }
 
@@ -294,6 +299,9 @@ mod tests {
     fn masked_values_are_recognised() {
         assert!(SecretString::from("REDACTED").looks_masked());
         assert!(SecretString::from("abcd...").looks_masked());
+        assert!(SecretString::from("redacted").looks_masked());
+        assert!(SecretString::from("ab****yz").looks_masked());
+        assert!(SecretString::from("***").looks_masked());
         assert!(!SecretString::from("gho_realtoken").looks_masked());
     }
 }

@@ -582,3 +582,59 @@ fn manager_settings_are_validated_by_their_backend() {
         assert!(!err.contains("inline-secret"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn vault_listing_pages_through_nested_folders_in_name_order() {
+    let (moto, openbao) = (peers::moto().await, peers::openbao().await);
+    let d = with_both(&moto, &openbao, &[]).await;
+    // Folders and leaves interleave in name order: `walk/a-b` sorts before `walk/a/…`.
+    let mut expected = vec![
+        "walk/a-b",
+        "walk/a/x",
+        "walk/a/y/deep",
+        "walk/a/z",
+        "walk/b",
+        "walk/c/d/e",
+        "walk/c/f",
+        "walk/d",
+    ];
+    for name in &expected {
+        bao(
+            &openbao,
+            reqwest::Method::POST,
+            &format!("/v1/secret/data/{name}"),
+            Some(json!({"data": {"x": "y"}})),
+        )
+        .await;
+    }
+    expected.sort();
+    let mut seen = Vec::new();
+    let mut offset = 0;
+    loop {
+        let reply = d
+            .call_raw(
+                Method::GET,
+                &format!("/v1/secretsmanagers/secrets?secretsmanager_id=vault&query=walk/&limit=3&offset={offset}"),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&reply.body).unwrap();
+        assert!(page.iter().all(|p| p["created_at"].is_string()), "{page:?}");
+        seen.extend(page.iter().map(|p| p["name"].as_str().unwrap().to_owned()));
+        match reply.headers.get("x-next-offset") {
+            Some(next) => {
+                assert_eq!(page.len(), 3);
+                offset = next.to_str().unwrap().parse().unwrap();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}

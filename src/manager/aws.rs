@@ -15,9 +15,10 @@ use aws_sdk_secretsmanager::Client;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use serde::Deserialize;
 
+use super::descriptor::{Descriptor, Key};
 use super::{
-    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
-    SecretsManager, Versioned,
+    ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
+    Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::SecretFields;
@@ -38,6 +39,69 @@ pub struct AwsSettings {
     /// KMS key for new secrets; the account's default key when absent.
     pub kms_key_id: Option<String>,
 }
+
+/// The `aws` type, for the table in `descriptor`.
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    kind: "aws",
+    read_only: false,
+    compare_and_swap: false,
+    // AWS advises at most one sustained update per secret every 10 minutes, or versions pile up
+    // faster than they are removed and hit the per-secret version quota.
+    advised_min_write_interval: Some(Duration::from_secs(600)),
+    keys: &[
+    Key {
+        name: "region",
+        required: true,
+        secret: false,
+        label: "AWS region",
+        instructions: "The region of the Secrets Manager endpoint, e.g. eu-west-1.",
+    },
+    Key {
+        name: "endpoint",
+        required: false,
+        secret: false,
+        label: "Endpoint URL (optional)",
+        instructions: "A VPC endpoint or a test server URL; omit for the public regional endpoint.",
+    },
+    Key {
+        name: "access_key_id",
+        required: false,
+        secret: true,
+        label: "Access key id (optional)",
+        instructions: "An IAM user's access key id as { env = \"VAR\" } or { file = \"/path\" }; omit with secret_access_key to use the SDK's default chain (pod identity, instance role).",
+    },
+    Key {
+        name: "secret_access_key",
+        required: false,
+        secret: true,
+        label: "Secret access key (optional)",
+        instructions: "The matching secret access key, as { env } or { file }; never inline.",
+    },
+    Key {
+        name: "role_arn",
+        required: false,
+        secret: false,
+        label: "Role to assume (optional)",
+        instructions: "An IAM role ARN that allows secretsmanager:GetSecretValue, PutSecretValue, CreateSecret, DeleteSecret and ListSecrets on the prefix.",
+    },
+    Key {
+        name: "recovery_window_days",
+        required: false,
+        secret: false,
+        label: "Recovery window (optional)",
+        instructions: "Days (7 to 30) AWS keeps a deleted secret recoverable; omit to delete at once.",
+    },
+    Key {
+        name: "kms_key_id",
+        required: false,
+        secret: false,
+        label: "KMS key (optional)",
+        instructions: "The KMS key id or ARN new secrets are encrypted with; omit for the account's default key.",
+    },
+    ],
+    check_values: |manager| parse_settings(manager).map(drop),
+    build: |manager| Box::pin(AwsManager::build(manager)),
+};
 
 pub fn parse_settings(manager: &ManagerConfig) -> Result<AwsSettings, ConfigError> {
     let settings: AwsSettings = super::parse_table(manager)?;
@@ -192,14 +256,7 @@ fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<std::time::S
 #[async_trait]
 impl SecretsManager for AwsManager {
     fn describe(&self) -> ManagerInfo {
-        ManagerInfo {
-            id: self.id.clone(),
-            kind: "aws",
-            capabilities: Capabilities {
-                read_only: false,
-                compare_and_swap: false,
-            },
-        }
+        DESCRIPTOR.info(&self.id)
     }
 
     async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
@@ -319,5 +376,15 @@ impl SecretsManager for AwsManager {
                 return Ok(Page { items, more: false });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_describes_every_key_the_settings_accept() {
+        crate::manager::descriptor::assert_keys_match::<AwsSettings>(&DESCRIPTOR);
     }
 }

@@ -19,9 +19,10 @@ use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use futures::TryStreamExt;
 use serde::Deserialize;
 
+use super::descriptor::{Descriptor, Key};
 use super::{
-    names, Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
-    SecretsManager, Versioned,
+    names, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
+    Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -48,6 +49,67 @@ pub struct AzureSettings {
     /// Extra CA certificates (PEM) to trust, for private endpoints behind a TLS proxy.
     pub ca_file: Option<std::path::PathBuf>,
 }
+
+/// The `azure` type, for the table in `descriptor`.
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    kind: "azure",
+    read_only: false,
+    compare_and_swap: false,
+    advised_min_write_interval: None,
+    keys: &[
+    Key {
+        name: "vault_url",
+        required: true,
+        secret: false,
+        label: "Key Vault URL",
+        instructions: "The vault's URI from the Azure portal overview, e.g. https://myvault.vault.azure.net.",
+    },
+    Key {
+        name: "tenant_id",
+        required: false,
+        secret: false,
+        label: "Tenant id (optional)",
+        instructions: "The Microsoft Entra tenant of the app registration; omit with client_id and client_secret to use workload or managed identity.",
+    },
+    Key {
+        name: "client_id",
+        required: false,
+        secret: false,
+        label: "Client id (optional)",
+        instructions: "The app registration's application (client) id, granted the Key Vault Secrets Officer role.",
+    },
+    Key {
+        name: "client_secret",
+        required: false,
+        secret: true,
+        label: "Client secret (optional)",
+        instructions: "A client secret of that app registration, as { env } or { file }.",
+    },
+    Key {
+        name: "authority_host",
+        required: false,
+        secret: false,
+        label: "Authority host (optional)",
+        instructions: "The Microsoft Entra authority for sovereign clouds, e.g. https://login.microsoftonline.us; defaults to https://login.microsoftonline.com.",
+    },
+    Key {
+        name: "purge_on_delete",
+        required: false,
+        secret: false,
+        label: "Purge on delete (optional)",
+        instructions: "true to purge a deleted secret at once (needs the purge permission); otherwise Key Vault keeps it soft-deleted for its retention period.",
+    },
+    Key {
+        name: "ca_file",
+        required: false,
+        secret: false,
+        label: "CA file (optional)",
+        instructions: "A PEM file of extra CA certificates to trust, for private endpoints behind a TLS proxy.",
+    },
+    ],
+    check_values: |manager| parse_settings(manager).map(drop),
+    build: |manager| Box::pin(AzureManager::build(manager)),
+};
 
 pub fn parse_settings(manager: &ManagerConfig) -> Result<AzureSettings, ConfigError> {
     let s: AzureSettings = super::parse_table(manager)?;
@@ -365,14 +427,7 @@ fn version_of(id: Option<&str>) -> String {
 #[async_trait]
 impl SecretsManager for AzureManager {
     fn describe(&self) -> ManagerInfo {
-        ManagerInfo {
-            id: self.id.clone(),
-            kind: "azure",
-            capabilities: Capabilities {
-                read_only: false,
-                compare_and_swap: false,
-            },
-        }
+        DESCRIPTOR.info(&self.id)
     }
 
     async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
@@ -481,5 +536,15 @@ impl SecretsManager for AzureManager {
             }
         }
         Ok(window.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_describes_every_key_the_settings_accept() {
+        crate::manager::descriptor::assert_keys_match::<AzureSettings>(&DESCRIPTOR);
     }
 }

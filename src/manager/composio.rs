@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::descriptor::{Descriptor, Key};
 use super::{
-    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, SecretSummary, SecretsManager,
-    Versioned,
+    ListRequest, ManagerError, ManagerInfo, Page, SecretSummary, SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -31,6 +31,32 @@ pub struct ComposioSettings {
     pub api_key: SecretRef,
     pub base_url: Option<String>,
 }
+
+/// The `composio` type, for the table in `descriptor`.
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    kind: "composio",
+    read_only: true,
+    compare_and_swap: false,
+    advised_min_write_interval: None,
+    keys: &[
+    Key {
+        name: "api_key",
+        required: true,
+        secret: true,
+        label: "Composio API key",
+        instructions: "A project API key from the Composio dashboard (Settings, API keys), as { env } or { file }. Composio is read-only: credproxy reads connected accounts and never writes or refreshes them.",
+    },
+    Key {
+        name: "base_url",
+        required: false,
+        secret: false,
+        label: "Base URL (optional)",
+        instructions: "Defaults to https://backend.composio.dev.",
+    },
+    ],
+    check_values: |manager| parse_settings(manager).map(drop),
+    build: |manager| Box::pin(ComposioManager::build(manager)),
+};
 
 pub fn parse_settings(manager: &ManagerConfig) -> Result<ComposioSettings, ConfigError> {
     let settings: ComposioSettings = super::parse_table(manager)?;
@@ -136,11 +162,6 @@ impl ComposioManager {
     }
 }
 
-/// A value Composio masked instead of returning: `abcd...`, `REDACTED`, `****`.
-fn is_masked(v: &str) -> bool {
-    v.ends_with("...") || v.eq_ignore_ascii_case("redacted") || v.contains("****")
-}
-
 /// The secret fields of a connected account, by auth scheme.
 fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), ManagerError> {
     let status = account["status"].as_str().unwrap_or("UNKNOWN");
@@ -175,12 +196,13 @@ fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), Manage
         let Some(v) = val.get(*name).and_then(Value::as_str) else {
             continue;
         };
-        if is_masked(v) {
+        let value = SecretString::new(v.to_owned());
+        if value.looks_masked() {
             return Err(ManagerError::Unusable(format!(
                 "Composio returned `{name}` masked; turn off secret masking for the project or use an auth config with your own OAuth app"
             )));
         }
-        fields.insert(*name, SecretString::new(v.to_owned()));
+        fields.insert(*name, value);
     }
     if fields.is_empty() {
         return Err(ManagerError::Unusable(format!(
@@ -210,14 +232,7 @@ fn encode(s: &str) -> String {
 #[async_trait]
 impl SecretsManager for ComposioManager {
     fn describe(&self) -> ManagerInfo {
-        ManagerInfo {
-            id: self.id.clone(),
-            kind: "composio",
-            capabilities: Capabilities {
-                read_only: true,
-                compare_and_swap: false,
-            },
-        }
+        DESCRIPTOR.info(&self.id)
     }
 
     async fn get(&self, name: &str, _version: Option<&str>) -> Result<Versioned, ManagerError> {
@@ -284,6 +299,11 @@ impl SecretsManager for ComposioManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_descriptor_describes_every_key_the_settings_accept() {
+        crate::manager::descriptor::assert_keys_match::<ComposioSettings>(&DESCRIPTOR);
+    }
     use serde_json::json;
 
     fn account(status: &str, scheme: &str, val: Value) -> Value {

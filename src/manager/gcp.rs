@@ -13,9 +13,10 @@ use google_cloud_secretmanager_v1::client::SecretManagerService;
 use google_cloud_secretmanager_v1::model::{replication, Replication, Secret, SecretPayload};
 use serde::Deserialize;
 
+use super::descriptor::{Descriptor, Key};
 use super::{
-    names, Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
-    SecretsManager, Versioned,
+    names, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
+    Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::SecretFields;
@@ -32,6 +33,40 @@ pub struct GcpSettings {
     /// A private or regional endpoint, or a test server.
     pub endpoint: Option<String>,
 }
+
+/// The `gcp` type, for the table in `descriptor`.
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    kind: "gcp",
+    read_only: false,
+    compare_and_swap: false,
+    // Google allows 2 writes per second per secret (a quota on AddSecretVersion).
+    advised_min_write_interval: Some(Duration::from_millis(500)),
+    keys: &[
+    Key {
+        name: "project_id",
+        required: true,
+        secret: false,
+        label: "Project id",
+        instructions: "The Google Cloud project that holds the secrets.",
+    },
+    Key {
+        name: "credentials",
+        required: false,
+        secret: true,
+        label: "Service account key (optional)",
+        instructions: "A service-account JSON key with roles/secretmanager.admin, as { env } or { file }; omit to use the default chain (workload identity).",
+    },
+    Key {
+        name: "endpoint",
+        required: false,
+        secret: false,
+        label: "Endpoint (optional)",
+        instructions: "A regional or Private Service Connect endpoint; omit for https://secretmanager.googleapis.com.",
+    },
+    ],
+    check_values: |manager| parse_settings(manager).map(drop),
+    build: |manager| Box::pin(GcpManager::build(manager)),
+};
 
 pub fn parse_settings(manager: &ManagerConfig) -> Result<GcpSettings, ConfigError> {
     let settings: GcpSettings = super::parse_table(manager)?;
@@ -170,14 +205,7 @@ impl GcpManager {
 #[async_trait]
 impl SecretsManager for GcpManager {
     fn describe(&self) -> ManagerInfo {
-        ManagerInfo {
-            id: self.id.clone(),
-            kind: "gcp",
-            capabilities: Capabilities {
-                read_only: false,
-                compare_and_swap: false,
-            },
-        }
+        DESCRIPTOR.info(&self.id)
     }
 
     async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
@@ -319,5 +347,15 @@ impl SecretsManager for GcpManager {
             }
             token = page.next_page_token;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_describes_every_key_the_settings_accept() {
+        crate::manager::descriptor::assert_keys_match::<GcpSettings>(&DESCRIPTOR);
     }
 }

@@ -15,9 +15,10 @@ use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequest, SetSecret
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
+use super::descriptor::{Descriptor, Key};
 use super::{
-    Capabilities, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary,
-    SecretsManager, Versioned,
+    ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
+    Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig, SecretRef};
 use crate::secret::{SecretFields, SecretString};
@@ -27,8 +28,9 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Re-login back-off bounds after a failed login.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Most keys walked when listing what the mount holds.
-const LIST_WALK_LIMIT: usize = 10_000;
+/// Most folders one listing request walks: a bound on the LIST calls a single API request
+/// can cause.
+const LIST_FOLDER_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +65,81 @@ fn default_kv_version() -> u8 {
 fn default_approle_mount() -> String {
     "approle".into()
 }
+
+/// The `hashicorp` type, for the table in `descriptor`.
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    kind: "hashicorp",
+    read_only: false,
+    compare_and_swap: true,
+    advised_min_write_interval: None,
+    keys: &[
+    Key {
+        name: "address",
+        required: true,
+        secret: false,
+        label: "Vault address",
+        instructions: "The Vault or OpenBao URL, e.g. https://vault.internal:8200.",
+    },
+    Key {
+        name: "namespace",
+        required: false,
+        secret: false,
+        label: "Namespace (optional)",
+        instructions: "The Vault Enterprise or OpenBao namespace the mount lives in.",
+    },
+    Key {
+        name: "mount",
+        required: false,
+        secret: false,
+        label: "KV mount (optional)",
+        instructions: "The KV secrets engine mount, default secret.",
+    },
+    Key {
+        name: "kv_version",
+        required: false,
+        secret: false,
+        label: "KV version (optional)",
+        instructions: "1 or 2 (default 2); version 2 gives compare-and-swap writes.",
+    },
+    Key {
+        name: "ca_file",
+        required: false,
+        secret: false,
+        label: "CA file (optional)",
+        instructions: "A PEM file of the CA that signed Vault's certificate.",
+    },
+    Key {
+        name: "token",
+        required: false,
+        secret: true,
+        label: "Token (optional)",
+        instructions: "A Vault token with a policy on the prefix, as { env } or { file }; or use approle.",
+    },
+    Key {
+        name: "approle.role_id",
+        required: true,
+        secret: true,
+        label: "AppRole role id",
+        instructions: "The role id (vault read auth/approle/role/NAME/role-id), as { env } or { file }; give approle or token.",
+    },
+    Key {
+        name: "approle.secret_id",
+        required: true,
+        secret: true,
+        label: "AppRole secret id",
+        instructions: "A secret id (vault write -f auth/approle/role/NAME/secret-id), as { env } or { file }.",
+    },
+    Key {
+        name: "approle.mount",
+        required: false,
+        secret: false,
+        label: "AppRole mount (optional)",
+        instructions: "Where the AppRole auth method is mounted, default approle.",
+    },
+    ],
+    check_values: |manager| parse_settings(manager).map(drop),
+    build: |manager| Box::pin(HashicorpManager::build(manager)),
+};
 
 pub fn parse_settings(manager: &ManagerConfig) -> Result<HashicorpSettings, ConfigError> {
     let s: HashicorpSettings = super::parse_table(manager)?;
@@ -153,6 +230,28 @@ fn classify(e: ClientError) -> ManagerError {
 }
 
 impl HashicorpManager {
+    /// The keys of one folder of the mount, sorted; subfolders end with `/`.
+    async fn list_folder(
+        &self,
+        client: &VaultClient,
+        folder: &str,
+    ) -> Result<Vec<String>, ManagerError> {
+        let keys = if self.settings.kv_version == 1 {
+            vaultrs::kv1::list(client, self.mount(), folder)
+                .await
+                .map(|r| r.data.keys)
+        } else {
+            vaultrs::kv2::list(client, self.mount(), folder).await
+        };
+        let mut keys = match keys.map_err(classify) {
+            Ok(k) => k,
+            Err(ManagerError::NotFound) => Vec::new(),
+            Err(e) => return Err(self.after_error(e)),
+        };
+        keys.sort();
+        Ok(keys)
+    }
+
     pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         // reqwest is built without a default crypto provider; this one is ring. Installing
         // twice is harmless (the first wins).
@@ -361,14 +460,10 @@ fn value_from_fields(fields: &SecretFields) -> HashMap<&str, &str> {
 #[async_trait]
 impl SecretsManager for HashicorpManager {
     fn describe(&self) -> ManagerInfo {
-        ManagerInfo {
-            id: self.id.clone(),
-            kind: "hashicorp",
-            capabilities: Capabilities {
-                read_only: false,
-                compare_and_swap: self.settings.kv_version == 2,
-            },
-        }
+        let mut info = DESCRIPTOR.info(&self.id);
+        // KV v1 has no versions to compare.
+        info.capabilities.compare_and_swap = self.settings.kv_version == 2;
+        info
     }
 
     async fn get(&self, name: &str, version: Option<&str>) -> Result<Versioned, ManagerError> {
@@ -445,50 +540,74 @@ impl SecretsManager for HashicorpManager {
 
     async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
         let client = self.client.load_full();
-        // LIST is one folder deep: walk the tree breadth-first, in order.
-        let mut folders = std::collections::VecDeque::from([String::new()]);
-        let mut leaves = Vec::new();
-        while let Some(folder) = folders.pop_front() {
-            let keys = if self.settings.kv_version == 1 {
-                vaultrs::kv1::list(&*client, self.mount(), &folder)
-                    .await
-                    .map(|r| r.data.keys)
-            } else {
-                vaultrs::kv2::list(&*client, self.mount(), &folder).await
+        // LIST answers one folder at a time. Walked depth-first with each folder's keys
+        // sorted, the full names come out sorted (everything in `a/` starts with `a/`), so
+        // the walk stops as soon as it meets one match past the page: that one says "more".
+        struct Folder {
+            path: String,
+            keys: Vec<String>,
+            next: usize,
+        }
+        let mut stack = vec![Folder {
+            keys: self.list_folder(&client, "").await?,
+            path: String::new(),
+            next: 0,
+        }];
+        let (mut walked, mut matched, mut more) = (1, 0, false);
+        let mut names = Vec::new();
+        while let Some(folder) = stack.last_mut() {
+            let Some(key) = folder.keys.get(folder.next) else {
+                stack.pop();
+                continue;
             };
-            let mut keys = match keys.map_err(classify) {
-                Ok(k) => k,
-                Err(ManagerError::NotFound) => Vec::new(),
-                Err(e) => return Err(self.after_error(e)),
-            };
-            keys.sort();
-            for key in keys {
-                let full = format!("{folder}{key}");
-                if key.ends_with('/') {
-                    folders.push_back(full);
-                } else if request
-                    .query
-                    .as_ref()
-                    .is_none_or(|q| full.contains(q.as_str()))
-                {
-                    leaves.push(full);
+            folder.next += 1;
+            let full = format!("{}{key}", folder.path);
+            if key.ends_with('/') {
+                walked += 1;
+                if walked > LIST_FOLDER_LIMIT {
+                    return Err(ManagerError::Permanent(format!(
+                        "listing walked {LIST_FOLDER_LIMIT} folders of the mount without filling the page"
+                    )));
                 }
+                let keys = self.list_folder(&client, &full).await?;
+                stack.push(Folder {
+                    path: full,
+                    keys,
+                    next: 0,
+                });
+                continue;
             }
-            if leaves.len() > LIST_WALK_LIMIT {
+            if request
+                .query
+                .as_ref()
+                .is_some_and(|q| !full.contains(q.as_str()))
+            {
+                continue;
+            }
+            matched += 1;
+            if matched <= request.offset {
+                continue;
+            }
+            if names.len() == request.limit {
+                more = true;
                 break;
             }
+            names.push(full);
         }
-        leaves.sort();
-        let more = leaves.len() > request.offset + request.limit;
-        let mut items = Vec::new();
-        for name in leaves.into_iter().skip(request.offset).take(request.limit) {
+        let mut items = Vec::with_capacity(names.len());
+        for name in names {
             let (created_at, updated_at) = if self.settings.kv_version == 2 {
-                match vaultrs::kv2::read_metadata(&*client, self.mount(), &name).await {
+                match vaultrs::kv2::read_metadata(&*client, self.mount(), &name)
+                    .await
+                    .map_err(classify)
+                {
                     Ok(m) => (
                         crate::time::parse_rfc3339(&m.created_time).map(crate::time::from_unix),
                         crate::time::parse_rfc3339(&m.updated_time).map(crate::time::from_unix),
                     ),
-                    Err(_) => (None, None),
+                    // Deleted between the listing and this read: not there any more.
+                    Err(ManagerError::NotFound) => continue,
+                    Err(e) => return Err(self.after_error(e)),
                 }
             } else {
                 (None, None)
@@ -502,5 +621,15 @@ impl SecretsManager for HashicorpManager {
             });
         }
         Ok(Page { items, more })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_describes_every_key_the_settings_accept() {
+        crate::manager::descriptor::assert_keys_match::<HashicorpSettings>(&DESCRIPTOR);
     }
 }

@@ -1,5 +1,6 @@
-//! The `SecretsManager` trait every secrets store implements, its error enum, and the registry of
-//! configured stores. One file (and, for external managers, one cargo feature) per store type.
+//! The `SecretsManager` trait every place secrets live implements (the external managers and
+//! the local encrypted store), its error enum, the registry of configured managers, and the
+//! table of manager types (`descriptor`). One file and one cargo feature per external type.
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -7,6 +8,7 @@ pub mod aws;
 pub mod azure;
 #[cfg(feature = "composio")]
 pub mod composio;
+pub mod descriptor;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 #[cfg(feature = "hashicorp")]
@@ -22,10 +24,10 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::config::{ConfigError, ManagerConfig, ManagerKind};
+use crate::config::{ConfigError, ManagerConfig};
 use crate::secret::SecretFields;
 
-/// What went wrong talking to a store, classified for decisions (retry, serve stale, 404...).
+/// What went wrong talking to a secrets manager, classified for decisions (retry, serve stale, 404...).
 /// `detail` strings are for operators' logs only and never reach a response or a metric.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -244,25 +246,6 @@ impl Registry {
     }
 }
 
-/// Checks a manager's type-specific keys. Each backend owns the keys it accepts; a type whose
-/// backend is not compiled in is refused here, naming the cargo feature.
-pub fn validate_settings(manager: &ManagerConfig) -> Result<(), ConfigError> {
-    match manager.kind {
-        #[cfg(feature = "aws")]
-        ManagerKind::Aws => aws::parse_settings(manager).map(drop),
-        #[cfg(feature = "hashicorp")]
-        ManagerKind::Hashicorp => hashicorp::parse_settings(manager).map(drop),
-        #[cfg(feature = "composio")]
-        ManagerKind::Composio => composio::parse_settings(manager).map(drop),
-        #[cfg(feature = "gcp")]
-        ManagerKind::Gcp => gcp::parse_settings(manager).map(drop),
-        #[cfg(feature = "azure")]
-        ManagerKind::Azure => azure::parse_settings(manager).map(drop),
-        #[allow(unreachable_patterns)] // reachable when a backend's feature is off
-        _ => Err(not_built(manager)),
-    }
-}
-
 /// A rejected manager setting, keyed `secrets_manager.{id}.{key}`.
 #[allow(dead_code)] // unused when no external backend is compiled in
 pub(crate) fn setting_error(
@@ -294,70 +277,15 @@ pub(crate) fn parse_table<T: serde::de::DeserializeOwned>(
         .map_err(|e: toml::de::Error| setting_error(manager, "", e.message().to_owned()))
 }
 
-fn not_built(manager: &ManagerConfig) -> ConfigError {
-    ConfigError::BackendNotBuilt {
-        id: manager.id.clone(),
-        kind: manager.kind.as_str(),
-    }
+/// Checks a manager's settings against its type's descriptor, without reading any secret.
+pub fn check(manager: &ManagerConfig) -> Result<(), ConfigError> {
+    descriptor::of(manager)?.check(manager)
 }
 
-/// Builds the backend for a validated manager. Reads the access details it refers to
+/// Builds the manager for a configuration entry. Reads the access details it refers to
 /// (environment variables, files) now.
 pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
-    match manager.kind {
-        #[cfg(feature = "aws")]
-        ManagerKind::Aws => aws::AwsManager::build(manager).await,
-        #[cfg(feature = "hashicorp")]
-        ManagerKind::Hashicorp => hashicorp::HashicorpManager::build(manager).await,
-        #[cfg(feature = "composio")]
-        ManagerKind::Composio => composio::ComposioManager::build(manager).await,
-        #[cfg(feature = "gcp")]
-        ManagerKind::Gcp => gcp::GcpManager::build(manager).await,
-        #[cfg(feature = "azure")]
-        ManagerKind::Azure => azure::AzureManager::build(manager).await,
-        #[allow(unreachable_patterns)] // reachable when a backend's feature is off
-        _ => Err(not_built(manager)),
-    }
-}
-
-/// One entry of `GET /v1/secretsmanagers/instructions`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Instruction {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub key: &'static str,
-    pub label: &'static str,
-    pub instructions: &'static str,
-}
-
-/// What each manager type needs in its `[[secrets_manager]]` section, and how to obtain it.
-pub fn instructions() -> Vec<Instruction> {
-    let i = |kind: ManagerKind, key, label, instructions| Instruction {
-        kind: kind.as_str(),
-        key,
-        label,
-        instructions,
-    };
-    use ManagerKind::*;
-    vec![
-        i(Aws, "region", "AWS region", "The region of the Secrets Manager endpoint, e.g. eu-west-1."),
-        i(Aws, "access_key_id", "Access key id (optional)", "An IAM user's access key id as { env = \"VAR\" } or { file = \"/path\" }; omit to use the SDK's default chain (pod identity, instance role)."),
-        i(Aws, "secret_access_key", "Secret access key (optional)", "The matching secret access key, as { env } or { file }; never inline."),
-        i(Aws, "role_arn", "Role to assume (optional)", "An IAM role ARN that allows secretsmanager:GetSecretValue, PutSecretValue, CreateSecret, DeleteSecret and ListSecrets on the prefix."),
-        i(Aws, "endpoint", "Endpoint URL (optional)", "A VPC endpoint or a test server URL; omit for the public regional endpoint."),
-        i(Azure, "vault_url", "Key Vault URL", "The vault's URI from the Azure portal overview, e.g. https://myvault.vault.azure.net."),
-        i(Azure, "tenant_id", "Tenant id (optional)", "The Microsoft Entra tenant of the app registration; omit with client_id and client_secret to use managed identity."),
-        i(Azure, "client_id", "Client id (optional)", "The app registration's application (client) id, granted the Key Vault Secrets Officer role."),
-        i(Azure, "client_secret", "Client secret (optional)", "A client secret of that app registration, as { env } or { file }."),
-        i(Azure, "purge_on_delete", "Purge on delete (optional)", "true to purge a deleted secret at once (needs the purge permission); otherwise Key Vault keeps it soft-deleted for its retention period."),
-        i(Gcp, "project_id", "Project id", "The Google Cloud project that holds the secrets."),
-        i(Gcp, "credentials", "Service account key (optional)", "A service-account JSON key with roles/secretmanager.admin, as { env } or { file }; omit to use the default chain (workload identity)."),
-        i(Gcp, "endpoint", "Endpoint (optional)", "A regional or Private Service Connect endpoint; omit for https://secretmanager.googleapis.com."),
-        i(Hashicorp, "address", "Vault address", "The Vault or OpenBao URL, e.g. https://vault.internal:8200."),
-        i(Hashicorp, "mount", "KV mount", "The KV secrets engine mount (KV v2 by default), e.g. secret."),
-        i(Hashicorp, "token", "Token (optional)", "A Vault token with a policy on the prefix, as { env } or { file }; or use approle."),
-        i(Hashicorp, "approle", "AppRole (optional)", "role_id and secret_id of an AppRole (vault read auth/approle/role/NAME/role-id; vault write -f auth/approle/role/NAME/secret-id), each as { env } or { file }."),
-        i(Composio, "api_key", "Composio API key", "A project API key from the Composio dashboard (Settings → API keys), as { env } or { file }. Composio is read-only: credproxy reads connected accounts and never writes or refreshes them."),
-        i(Composio, "base_url", "Base URL (optional)", "Defaults to https://backend.composio.dev."),
-    ]
+    let descriptor = descriptor::of(manager)?;
+    descriptor.check(manager)?;
+    (descriptor.build)(manager).await
 }

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::App;
 use crate::access::{Action, Caller};
-use crate::manager::{instructions, ListRequest};
+use crate::manager::ListRequest;
 use crate::metadata::CredentialRecord;
 use crate::secret::SecretFields;
 use crate::service::{CreateRequest, PatchRequest, ServiceError};
@@ -390,9 +390,12 @@ async fn dispatch(
                         .map(|b| b.describe().capabilities);
                     serde_json::json!({
                         "id": m.id,
-                        "type": m.kind.as_str(),
+                        "type": m.kind,
                         "prefix": m.prefix,
-                        "read_only": caps.map_or(m.kind.is_read_only(), |c| c.read_only),
+                        "read_only": caps.map_or_else(
+                            || crate::manager::descriptor::find(&m.kind).is_some_and(|d| d.read_only),
+                            |c| c.read_only,
+                        ),
                         "compare_and_swap": caps.is_some_and(|c| c.compare_and_swap),
                     })
                 })
@@ -405,7 +408,10 @@ async fn dispatch(
         }
         RouteId::Instructions => {
             require(app, &caller, Action::Read)?;
-            Ok(ok_json(StatusCode::OK, &instructions()))
+            Ok(ok_json(
+                StatusCode::OK,
+                &crate::manager::descriptor::instructions(),
+            ))
         }
         RouteId::ManagerSecrets => {
             let get = |name: &str| {

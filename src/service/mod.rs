@@ -369,7 +369,7 @@ impl Service {
         operation: &'static str,
         fut: impl Future<Output = Result<T, ManagerError>>,
     ) -> Result<T, ManagerError> {
-        let timeout = self.runtime.load().config.backend_timeout;
+        let timeout = self.runtime.load().config.manager_timeout;
         call_manager(&self.metrics, timeout, manager_id, operation, fut).await
     }
 
@@ -429,7 +429,7 @@ impl Service {
             let read = loop {
                 // Loaded per attempt: a reload may have brought the store the row now names.
                 let runtime = runtimes.load();
-                let timeout = runtime.config.backend_timeout;
+                let timeout = runtime.config.manager_timeout;
                 let backend = Self::manager(&runtime, &record.location.manager_id)?;
                 let loc = &record.location;
                 let read = call_manager(

@@ -538,9 +538,11 @@ impl Service {
         let Some(manager) = runtime.config.manager(&record.location.manager_id) else {
             return;
         };
-        let (Some(advised), Some(expires_at)) =
-            (manager.kind.advised_min_write_interval(), tokens.expires_at)
-        else {
+        let (Some(advised), Some(expires_at)) = (
+            crate::manager::descriptor::find(&manager.kind)
+                .and_then(|d| d.advised_min_write_interval),
+            tokens.expires_at,
+        ) else {
             return;
         };
         let lifetime = Duration::from_secs((expires_at - crate::time::now_unix()).max(0) as u64);

@@ -1,0 +1,443 @@
+//! Turns the raw shape into typed settings: defaults applied, values range-checked, every
+//! refusal naming its key. Only what the file alone can tell is checked here; a manager's
+//! type-specific keys, and the user and group names of access rules, are checked where the
+//! daemon is assembled (`crate::setup`), since they need the rest of the crate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::defaults::*;
+use super::raw::*;
+use super::*;
+
+pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let data_dir = raw
+        .store
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+
+    let server = validate_server(raw.server, &data_dir)?;
+    let metrics = match (raw.metrics.enabled, raw.metrics.listen) {
+        (Some(false), _) => None,
+        (_, Some(listen)) => Some(MetricsConfig { listen }),
+        (_, None) => Some(MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }),
+    };
+
+    let database = match raw.store.url.as_deref() {
+        None => DatabaseUrl::Sqlite(data_dir.join(DEFAULT_DATABASE_NAME)),
+        Some(url) => {
+            if let Some(path) = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+            {
+                if path.is_empty() {
+                    return Err(invalid("store.url", "sqlite URL has no path"));
+                }
+                DatabaseUrl::Sqlite(PathBuf::from(path))
+            } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                if !cfg!(feature = "postgres") {
+                    return Err(invalid(
+                        "store.url",
+                        "PostgreSQL metadata stores are not built into this binary (cargo feature `postgres`)",
+                    ));
+                }
+                let parsed = url::Url::parse(url)
+                    .map_err(|_| invalid("store.url", "not a valid postgres:// URL"))?;
+                if parsed.password().is_some() || parsed.query_pairs().any(|(k, _)| k == "password")
+                {
+                    // Refused without quoting the URL: it holds a secret.
+                    return Err(invalid(
+                        "store.url",
+                        "must not contain the password; give it as store.password = { env = \"VAR\" } or { file = \"/path\" }",
+                    ));
+                }
+                DatabaseUrl::Postgres {
+                    url: url.to_owned(),
+                    password: raw.store.password.clone(),
+                }
+            } else {
+                return Err(invalid("store.url", "expected sqlite:PATH"));
+            }
+        }
+    };
+    let storage = StorageConfig {
+        master_key_file: raw
+            .store
+            .master_key_file
+            .unwrap_or_else(|| data_dir.join(DEFAULT_MASTER_KEY_NAME)),
+        previous_master_key_files: raw.store.previous_master_key_files,
+        generate_master_key: raw.store.generate_master_key.unwrap_or(false),
+        journal_sweep_interval: raw
+            .store
+            .journal_sweep_interval
+            .unwrap_or(DEFAULT_JOURNAL_SWEEP_INTERVAL),
+        journal_grace: raw.store.journal_grace,
+        database,
+        data_dir,
+    };
+
+    let cache = CacheConfig {
+        ttl: raw.cache.ttl.unwrap_or(DEFAULT_CACHE_TTL),
+        capacity: raw.cache.capacity.unwrap_or(DEFAULT_CACHE_CAPACITY),
+        stale_if_error: raw.cache.stale_if_error.unwrap_or(DEFAULT_STALE_IF_ERROR),
+    };
+    if cache.ttl.is_zero() {
+        return Err(invalid("cache.ttl", "must be greater than zero"));
+    }
+    if cache.capacity == 0 {
+        return Err(invalid("cache.capacity", "must be greater than zero"));
+    }
+
+    let manager_timeout = raw.backends.timeout.unwrap_or(DEFAULT_MANAGER_TIMEOUT);
+    if manager_timeout.is_zero() {
+        return Err(invalid("backends.timeout", "must be greater than zero"));
+    }
+
+    let log = LogConfig {
+        level: raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
+        format: raw.log.format.unwrap_or(LogFormat::Text),
+        audit: raw.log.audit.unwrap_or(true),
+    };
+    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        return Err(invalid(
+            "log.level",
+            "not a valid level or filter directive",
+        ));
+    }
+
+    if storage.journal_sweep_interval < MIN_PERIOD {
+        return Err(invalid(
+            "store.journal_sweep_interval",
+            "must be at least 100ms",
+        ));
+    }
+    let oauth = validate_oauth(raw.oauth)?;
+    let reload = ReloadConfig {
+        watch: raw.reload.watch.unwrap_or(false),
+        watch_interval: raw.reload.watch_interval.unwrap_or(DEFAULT_WATCH_INTERVAL),
+    };
+    if reload.watch_interval < MIN_PERIOD {
+        return Err(invalid("reload.watch_interval", "must be at least 100ms"));
+    }
+    let migration = MigrationConfig {
+        concurrency: raw
+            .migration
+            .concurrency
+            .unwrap_or(DEFAULT_MIGRATION_CONCURRENCY),
+        rate: raw.migration.rate.unwrap_or(DEFAULT_MIGRATION_RATE),
+        retry_min: raw
+            .migration
+            .retry_min
+            .unwrap_or(DEFAULT_MIGRATION_RETRY_MIN),
+        retry_max: raw
+            .migration
+            .retry_max
+            .unwrap_or(DEFAULT_MIGRATION_RETRY_MAX),
+    };
+    if !(1..=256).contains(&migration.concurrency) {
+        return Err(invalid(
+            "migration.concurrency",
+            "must be between 1 and 256",
+        ));
+    }
+    if migration.retry_min.is_zero() || migration.retry_min > migration.retry_max {
+        return Err(invalid(
+            "migration.retry_min",
+            "must be greater than zero and not above migration.retry_max",
+        ));
+    }
+    let managers = validate_managers(raw.secrets_managers)?;
+    let routing = validate_routing(raw.routing, &managers)?;
+    let access = raw
+        .access
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| validate_access(i, a))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Config {
+        path: None,
+        server,
+        metrics,
+        storage,
+        cache,
+        manager_timeout,
+        log,
+        oauth,
+        reload,
+        migration,
+        managers,
+        routing,
+        access,
+    })
+}
+
+fn validate_oauth(raw: RawOAuth) -> Result<OAuthConfig, ConfigError> {
+    let o = OAuthConfig {
+        refresh_before: raw.refresh_before.unwrap_or(DEFAULT_REFRESH_BEFORE),
+        jitter: raw.jitter.unwrap_or(DEFAULT_REFRESH_JITTER),
+        max_concurrent: raw.max_concurrent.unwrap_or(DEFAULT_REFRESH_CONCURRENCY),
+        timeout: raw.timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT),
+        scan_interval: raw.scan_interval.unwrap_or(DEFAULT_REFRESH_SCAN_INTERVAL),
+        retry_min: raw.retry_min.unwrap_or(DEFAULT_REFRESH_RETRY_MIN),
+        retry_max: raw.retry_max.unwrap_or(DEFAULT_REFRESH_RETRY_MAX),
+    };
+    if o.refresh_before.is_zero() {
+        return Err(invalid("oauth.refresh_before", "must be greater than zero"));
+    }
+    if !(1..=1024).contains(&o.max_concurrent) {
+        return Err(invalid(
+            "oauth.max_concurrent",
+            "must be between 1 and 1024",
+        ));
+    }
+    if o.timeout.is_zero() {
+        return Err(invalid("oauth.timeout", "must be greater than zero"));
+    }
+    if o.scan_interval < MIN_PERIOD {
+        return Err(invalid("oauth.scan_interval", "must be at least 100ms"));
+    }
+    if o.retry_min.is_zero() || o.retry_min > o.retry_max {
+        return Err(invalid(
+            "oauth.retry_min",
+            "must be greater than zero and not above oauth.retry_max",
+        ));
+    }
+    Ok(o)
+}
+
+fn validate_server(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {
+    let socket = raw
+        .socket
+        .unwrap_or_else(|| data_dir.join(DEFAULT_SOCKET_NAME));
+    // sun_path holds 108 bytes including the terminating NUL.
+    if socket.as_os_str().len() > 107 {
+        return Err(invalid("server.socket", "path is longer than 107 bytes"));
+    }
+    let socket_mode = match raw.socket_mode {
+        None => DEFAULT_SOCKET_MODE,
+        Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "server.socket_mode",
+                    "expected an octal mode such as \"0660\"",
+                )
+            })?,
+    };
+    if socket_mode & 0o002 != 0 {
+        return Err(invalid(
+            "server.socket_mode",
+            "world-writable sockets let any local user connect; use the group instead",
+        ));
+    }
+    let positive = |key: &str, d: Option<Duration>, default: Duration| {
+        let d = d.unwrap_or(default);
+        if d.is_zero() {
+            Err(invalid(key, "must be greater than zero"))
+        } else {
+            Ok(d)
+        }
+    };
+    let tcp = match raw.tcp {
+        None => None,
+        Some(t) => {
+            if !t.listen.ip().is_loopback() {
+                return Err(ConfigError::NotLoopback {
+                    key: "server.tcp.listen".into(),
+                    addr: t.listen,
+                });
+            }
+            let token_header = t
+                .token_header
+                .unwrap_or_else(|| DEFAULT_TOKEN_HEADER.into())
+                .to_ascii_lowercase();
+            if hyper::header::HeaderName::from_bytes(token_header.as_bytes()).is_err() {
+                return Err(invalid(
+                    "server.tcp.token_header",
+                    "not a valid header name",
+                ));
+            }
+            Some(TcpConfig {
+                listen: t.listen,
+                token_file: t.token_file,
+                token_header,
+            })
+        }
+    };
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes < 1024 {
+        return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+    }
+    let max_concurrent_requests = raw
+        .max_concurrent_requests
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS);
+    if max_concurrent_requests == 0 {
+        return Err(invalid(
+            "server.max_concurrent_requests",
+            "must be greater than zero",
+        ));
+    }
+    Ok(ServerConfig {
+        socket,
+        socket_mode,
+        socket_group: raw.socket_group,
+        request_timeout: positive(
+            "server.request_timeout",
+            raw.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT,
+        )?,
+        header_read_timeout: positive(
+            "server.header_read_timeout",
+            raw.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        )?,
+        max_body_bytes,
+        max_concurrent_requests,
+        shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        tcp,
+    })
+}
+
+fn validate_managers(raw: Vec<RawManager>) -> Result<Vec<ManagerConfig>, ConfigError> {
+    let mut out: Vec<ManagerConfig> = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("secrets_manager[{i}].{field}");
+        let id = m.id.ok_or_else(|| invalid(key("id"), "missing"))?;
+        if !is_valid_name(&id) {
+            return Err(invalid(
+                key("id"),
+                "use letters, digits, `-`, `_` and `.` (at most 128)",
+            ));
+        }
+        if id == LOCAL_MANAGER_ID {
+            return Err(invalid(
+                key("id"),
+                "`local` is reserved for the local encrypted store",
+            ));
+        }
+        if out.iter().any(|o| o.id == id) {
+            return Err(invalid(
+                key("id"),
+                format!("`{id}` is used by two managers"),
+            ));
+        }
+        let kind = m.kind.ok_or_else(|| invalid(key("type"), "missing"))?;
+        if kind.is_empty() {
+            return Err(invalid(key("type"), "must not be empty"));
+        }
+        let prefix = m.prefix.unwrap_or_else(|| DEFAULT_PREFIX.into());
+        if prefix.len() > 256 || prefix.chars().any(|c| c.is_control()) {
+            return Err(invalid(key("prefix"), "at most 256 printable characters"));
+        }
+        let manager = ManagerConfig {
+            id,
+            kind,
+            prefix,
+            settings: m.settings,
+        };
+        out.push(manager);
+    }
+    Ok(out)
+}
+
+fn validate_routing(
+    raw: RawRouting,
+    managers: &[ManagerConfig],
+) -> Result<RoutingConfig, ConfigError> {
+    let check = |key: String, id: &str| -> Result<(), ConfigError> {
+        if id == LOCAL_MANAGER_ID {
+            return Ok(());
+        }
+        if !managers.iter().any(|m| m.id == id) {
+            return Err(ConfigError::UnknownManager {
+                key,
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    };
+    if let Some(d) = &raw.default {
+        check("routing.default".into(), d)?;
+    }
+    for (env, id) in &raw.environments {
+        if !is_valid_name(env) {
+            return Err(invalid(
+                format!("routing.environments.{env}"),
+                "not a valid environment name",
+            ));
+        }
+        check(format!("routing.environments.{env}"), id)?;
+    }
+    Ok(RoutingConfig {
+        default: raw.default,
+        environments: raw.environments,
+    })
+}
+
+fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> {
+    let key = |f: &str| format!("access[{i}].{f}");
+    let mut principals = Vec::new();
+    if let Some(uid) = raw.uid {
+        principals.push(Principal::Uid(uid));
+    }
+    if let Some(user) = raw.user {
+        principals.push(Principal::User(user));
+    }
+    if let Some(gid) = raw.gid {
+        principals.push(Principal::Gid(gid));
+    }
+    if let Some(group) = raw.group {
+        principals.push(Principal::Group(group));
+    }
+    if raw.tcp == Some(true) {
+        principals.push(Principal::Tcp);
+    }
+    if principals.len() != 1 {
+        return Err(invalid(
+            format!("access[{i}]"),
+            "name exactly one of uid, user, gid, group or tcp = true",
+        ));
+    }
+    if raw.environments.is_empty() {
+        return Err(invalid(
+            key("environments"),
+            "list at least one environment, or \"*\"",
+        ));
+    }
+    let environments = if raw.environments.iter().any(|e| e == "*") {
+        None
+    } else {
+        for e in &raw.environments {
+            if !is_valid_name(e) {
+                return Err(invalid(
+                    key("environments"),
+                    format!("`{e}` is not a valid environment name"),
+                ));
+            }
+        }
+        Some(raw.environments)
+    };
+    Ok(AccessRule {
+        principal: principals.remove(0),
+        environments,
+        write: raw.write,
+        admin: raw.admin,
+    })
+}
+
+pub(super) fn location(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let content = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!(" (line {line}: `{content}`)")
+        }
+        None => String::new(),
+    }
+}
