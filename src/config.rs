@@ -1064,7 +1064,8 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
         principals.push(Principal::Uid(uid));
     }
     if let Some(user) = &raw.user {
-        let uid = crate::server::unix::lookup_user(user)
+        let uid = crate::sys::lookup_user(user)
+            .map_err(|e| invalid(key("user"), e.to_string()))?
             .ok_or_else(|| invalid(key("user"), format!("no such user `{user}`")))?;
         principals.push(Principal::Uid(uid));
     }
@@ -1072,7 +1073,8 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
         principals.push(Principal::Gid(gid));
     }
     if let Some(group) = &raw.group {
-        let gid = crate::server::unix::lookup_group(group)
+        let gid = crate::sys::lookup_group(group)
+            .map_err(|e| invalid(key("group"), e.to_string()))?
             .ok_or_else(|| invalid(key("group"), format!("no such group `{group}`")))?;
         principals.push(Principal::Gid(gid));
     }

@@ -18,4 +18,5 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod sys;
 pub mod time;

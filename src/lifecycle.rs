@@ -43,13 +43,7 @@ pub fn sd_notify(state: &str) {
 /// Tells systemd a reload started (`Type=notify-reload` wants the monotonic time with it);
 /// `READY=1` ends it.
 pub fn sd_notify_reloading() {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+    let usec = crate::sys::monotonic_time().as_micros();
     sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
