@@ -296,11 +296,7 @@ fn middleware_error(e: tower::BoxError) -> ApiError {
         }
     } else {
         tracing::error!(error = %e, "request failed in middleware");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
+        ApiError::internal()
     }
 }
 

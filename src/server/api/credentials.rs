@@ -9,9 +9,8 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
-use zeroize::Zeroizing;
 
-use super::body::{json_response, ok_json, read_json, Body};
+use super::body::{ok_json, read_json, secret_json, Body};
 use super::{ApiError, Audit, Query};
 use crate::access::Caller;
 use crate::metadata::CredentialRecord;
@@ -173,8 +172,5 @@ fn credential_response(
         needs_reauth: record.needs_reauth,
         reference: reference(record),
     };
-    let mut out = Zeroizing::new(Vec::with_capacity(512));
-    let _ = serde_json::to_writer(&mut *out, &view);
-    // The buffer holds secret values: hand hyper an owner that wipes it when dropped.
-    json_response(StatusCode::OK, Bytes::from_owner(out))
+    secret_json(StatusCode::OK, &view)
 }

@@ -38,6 +38,15 @@ impl ApiError {
         self
     }
 
+    /// A failure on our side that the caller can do nothing about; the log has the cause.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+
     pub fn not_found_route() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -58,6 +67,7 @@ impl ApiError {
         struct Outer<'a> {
             error: Inner<'a>,
         }
+        // Two structs of strings: serialising them cannot fail.
         let body = serde_json::to_vec(&Outer {
             error: Inner {
                 code: self.code,
