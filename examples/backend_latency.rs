@@ -72,7 +72,7 @@ async fn serve(
     let parts = credproxy::daemon::build(config).await.unwrap();
     let keys = Arc::clone(&parts.keys);
     let listeners = credproxy::daemon::bind(&parts.config).await.unwrap();
-    let app = credproxy::daemon::assemble(parts, unsafe { libc::getegid() }).unwrap();
+    let app = credproxy::daemon::assemble(parts, credproxy::sys::effective_ids().1).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let path = socket.clone();
     let task = tokio::spawn(async move {

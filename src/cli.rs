@@ -179,7 +179,7 @@ fn serve(path: PathBuf) -> ExitCode {
     init_logging(&config);
     // Everything the daemon creates (database, WAL, generated key) is private to it; the
     // socket's mode is set explicitly.
-    unsafe { libc::umask(0o077) };
+    crate::sys::set_umask(0o077);
     match runtime().block_on(crate::daemon::serve(
         config,
         crate::lifecycle::shutdown_signal(),

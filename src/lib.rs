@@ -19,4 +19,5 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod setup;
+pub mod sys;
 pub mod time;

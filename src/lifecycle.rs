@@ -24,48 +24,53 @@ pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let Ok(socket) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        socket.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
+    if let Err(e) = notify(&path, state) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
+}
+
+/// Sends `state` to the notification socket at `path` (`@name` for an abstract socket).
+fn notify(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    let socket = UnixDatagram::unbound()?;
+    if let Some(name) = path.as_encoded_bytes().strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        socket.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        socket.send_to(state.as_bytes(), path)?;
+    }
+    Ok(())
 }
 
 /// Tells systemd a reload started (`Type=notify-reload` wants the monotonic time with it);
 /// `READY=1` ends it.
 pub fn sd_notify_reloading() {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+    let usec = crate::sys::monotonic_time().as_micros();
     sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn notifies_the_socket_named_in_the_environment() {
+    fn notifies_the_socket_at_the_path_systemd_names() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let receiver = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        // Tests in this binary run on threads; this variable is read only by sd_notify.
-        std::env::set_var("NOTIFY_SOCKET", &path);
-        super::sd_notify("READY=1");
-        std::env::remove_var("NOTIFY_SOCKET");
+        super::notify(path.as_os_str(), "READY=1").unwrap();
         let mut buf = [0u8; 64];
         let n = receiver.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
+    }
+
+    #[test]
+    fn notifies_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("credproxy-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let receiver = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        super::notify(std::ffi::OsStr::new(&format!("@{name}")), "RELOADING=1").unwrap();
+        let mut buf = [0u8; 64];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"RELOADING=1");
     }
 }

@@ -47,20 +47,18 @@ pub fn check(mut config: Config) -> Result<Config, ConfigError> {
     for (i, rule) in config.access.iter_mut().enumerate() {
         let resolved = match &rule.principal {
             Principal::User(name) => {
-                Principal::Uid(crate::server::unix::lookup_user(name).ok_or_else(|| {
-                    invalid(
-                        format!("access[{i}].user"),
-                        format!("no such user `{name}`"),
-                    )
-                })?)
+                let key = format!("access[{i}].user");
+                let uid = crate::sys::lookup_user(name)
+                    .map_err(|e| invalid(&key, e.to_string()))?
+                    .ok_or_else(|| invalid(&key, format!("no such user `{name}`")))?;
+                Principal::Uid(uid)
             }
             Principal::Group(name) => {
-                Principal::Gid(crate::server::unix::lookup_group(name).ok_or_else(|| {
-                    invalid(
-                        format!("access[{i}].group"),
-                        format!("no such group `{name}`"),
-                    )
-                })?)
+                let key = format!("access[{i}].group");
+                let gid = crate::sys::lookup_group(name)
+                    .map_err(|e| invalid(&key, e.to_string()))?
+                    .ok_or_else(|| invalid(&key, format!("no such group `{name}`")))?;
+                Principal::Gid(gid)
             }
             _ => continue,
         };

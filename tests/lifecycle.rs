@@ -55,7 +55,7 @@ async fn readiness_and_health_answer_on_socket_and_metrics_port() {
 #[tokio::test]
 async fn sighup_reloads_the_configuration_and_does_not_kill_the_daemon() {
     let d = Daemon::start(|_, _| {}).await;
-    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    common::signal(d.pid(), libc::SIGHUP);
     let deadline = std::time::Instant::now() + common::DEADLINE;
     while !(d.logs().contains("configuration reloaded") && d.logs().contains("SIGHUP")) {
         assert!(std::time::Instant::now() < deadline, "{}", d.logs());

@@ -478,7 +478,7 @@ async fn an_invalid_config_on_reload_leaves_the_running_one_in_force() {
     }
     // SIGHUP with a bad file: logged, counted, and the daemon keeps serving.
     std::fs::write(&d.config_path, &bad[0].1).unwrap();
-    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    common::signal(d.pid(), libc::SIGHUP);
     failures += 1.0;
     let started = Instant::now();
     while d

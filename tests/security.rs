@@ -9,7 +9,7 @@ use hyper::Method;
 use serde_json::json;
 
 fn my_ids() -> (u32, u32) {
-    unsafe { (libc::geteuid(), libc::getegid()) }
+    credproxy::sys::effective_ids()
 }
 
 fn access_rule(uid: u32, environments: &[&str], write: bool) -> toml::Value {

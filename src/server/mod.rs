@@ -296,25 +296,34 @@ fn middleware_error(e: tower::BoxError) -> ApiError {
         }
     } else {
         tracing::error!(error = %e, "request failed in middleware");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
+        ApiError::internal()
     }
 }
 
 async fn handle(app: &Arc<App>, mut request: Request<Incoming>) -> Response<Body> {
-    let caller = request
-        .extensions()
-        .get::<Caller>()
-        .copied()
-        .unwrap_or(Caller::Tcp);
+    let caller = match caller_of(&request) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
     let target = match request.extensions_mut().remove::<api::Target>() {
         Some(t) => t,
         None => api::classify(request.method(), request.uri().path()),
     };
     api::handle(app, caller, target, request).await
+}
+
+/// The caller `serve_api` attached after admitting the request. A request without one skipped
+/// admission (a wiring bug): taking it for either transport would apply rules it never passed,
+/// so it is refused.
+fn caller_of<B>(request: &Request<B>) -> Result<Caller, ApiError> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .copied()
+        .ok_or_else(|| {
+            tracing::error!("a request reached the API without a caller identity; refused");
+            ApiError::internal()
+        })
 }
 
 fn serve_metrics<S>(app: &Arc<App>, graceful: &GracefulShutdown, stream: S)
@@ -353,4 +362,85 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use http_body_util::{BodyExt, Empty};
+
+    use super::*;
+
+    async fn app(dir: &Path) -> Arc<App> {
+        let config = crate::config::Config::parse(&format!(
+            r#"
+[server]
+socket = "{dir}/api.sock"
+[store]
+data_dir = "{dir}/data"
+master_key_file = "{dir}/data/master.key"
+generate_master_key = true
+"#,
+            dir = dir.display()
+        ))
+        .unwrap();
+        let parts = crate::daemon::build(config).await.unwrap();
+        crate::daemon::assemble(parts, crate::sys::effective_ids().1).unwrap()
+    }
+
+    /// Sends one GET to `handle` over an in-memory connection, with `caller` attached as
+    /// `serve_api` does after admission, or without one.
+    async fn get(app: &Arc<App>, caller: Option<Caller>, path: &str) -> (StatusCode, Bytes) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let app = Arc::clone(app);
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let app = Arc::clone(&app);
+            async move {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
+                Ok::<_, Infallible>(handle(&app, request).await)
+            }
+        });
+        tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(server), service));
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_caller_identity_is_refused_not_taken_for_tcp() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path()).await;
+        let (status, body) = get(&app, None, "/healthz").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            &body[..],
+            br#"{"error":{"code":"internal","message":"internal error"}}"#
+        );
+        // With an identity the same request is served: the refusal is the missing caller's.
+        for caller in [
+            Caller::Tcp,
+            Caller::Unix {
+                uid: 0,
+                gid: 0,
+                pid: None,
+            },
+        ] {
+            let (status, _) = get(&app, Some(caller), "/healthz").await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
 }

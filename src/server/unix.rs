@@ -1,7 +1,6 @@
 //! The Unix socket: created with an explicit mode and group, never over something that is not a
-//! stale socket of ours; and user/group name lookups for the config.
+//! stale socket of ours.
 
-use std::ffi::CString;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -9,6 +8,10 @@ use std::path::Path;
 use tokio::net::UnixListener;
 
 use crate::config::GroupSpec;
+
+/// Kept at its old path for the daemon; the implementation lives with the crate's other libc
+/// calls.
+pub use crate::sys::effective_ids;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -57,15 +60,17 @@ pub fn bind(
     let gid = match group {
         None => None,
         Some(GroupSpec::Id(g)) => Some(*g),
-        Some(GroupSpec::Name(n)) => {
-            Some(lookup_group(n).ok_or_else(|| SocketError::UnknownGroup(n.clone()))?)
-        }
+        Some(GroupSpec::Name(n)) => Some(
+            crate::sys::lookup_group(n)
+                .map_err(io_err)?
+                .ok_or_else(|| SocketError::UnknownGroup(n.clone()))?,
+        ),
     };
     // Bind with a restrictive umask so the socket is never reachable by others, even briefly,
     // before the chmod below. Start-up is the only place that touches the umask.
-    let previous = unsafe { libc::umask(0o177) };
+    let previous = crate::sys::set_umask(0o177);
     let bound = UnixListener::bind(path);
-    unsafe { libc::umask(previous) };
+    crate::sys::set_umask(previous);
     let listener = bound.map_err(io_err)?;
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err)?;
@@ -78,45 +83,6 @@ pub fn bind(
 pub fn socket_gid(path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.gid())
-}
-
-pub fn lookup_user(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // getpwnam_r is the re-entrant form: safe to call while other threads run.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(pwd.pw_uid)
-}
-
-pub fn lookup_group(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
-}
-
-pub fn effective_ids() -> (u32, u32) {
-    unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
 #[cfg(test)]
@@ -149,12 +115,5 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
         drop(again);
-    }
-
-    #[test]
-    fn root_resolves_and_nonsense_does_not() {
-        assert_eq!(lookup_user("root"), Some(0));
-        assert_eq!(lookup_group("root"), Some(0));
-        assert_eq!(lookup_user("no-such-user-credproxy"), None);
     }
 }

@@ -107,7 +107,7 @@ impl InProcess {
         parts.registry.insert("local", faulty.clone());
         let keys = Arc::clone(&parts.keys);
         let listeners = credproxy::daemon::bind(&parts.config).await.unwrap();
-        let app = credproxy::daemon::assemble(parts, unsafe { libc::getegid() }).unwrap();
+        let app = credproxy::daemon::assemble(parts, credproxy::sys::effective_ids().1).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let path = socket.clone();
         let task = tokio::spawn(async move {

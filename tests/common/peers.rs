@@ -318,7 +318,7 @@ pub struct Postgres {
 }
 
 fn as_postgres_user(command: &mut Command) -> Command {
-    if unsafe { libc::geteuid() } != 0 {
+    if credproxy::sys::effective_ids().0 != 0 {
         return std::mem::replace(command, Command::new("true"));
     }
     let mut wrapped = Command::new("runuser");
@@ -385,7 +385,7 @@ impl Postgres {
             .ok()
             .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
         {
-            unsafe { libc::kill(pid, libc::SIGQUIT) };
+            super::signal(pid, libc::SIGQUIT);
             let started = Instant::now();
             while pid_file.exists() && started.elapsed() < DEADLINE {
                 std::thread::sleep(Duration::from_millis(20));
@@ -403,7 +403,7 @@ impl Drop for Postgres {
 pub async fn postgres() -> Postgres {
     let bin = std::path::PathBuf::from(peer_binary("CREDPROXY_TEST_PG_BIN"));
     let dir = tempfile::tempdir().unwrap();
-    if unsafe { libc::geteuid() } == 0 {
+    if credproxy::sys::effective_ids().0 == 0 {
         let uid = users_uid("postgres");
         std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
     }
@@ -436,11 +436,7 @@ pub async fn postgres() -> Postgres {
 }
 
 fn users_uid(name: &str) -> u32 {
-    let name = std::ffi::CString::new(name).unwrap();
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    assert!(
-        !pw.is_null(),
-        "no user `postgres`: install Debian's postgresql package"
-    );
-    unsafe { (*pw).pw_uid }
+    credproxy::sys::lookup_user(name)
+        .unwrap()
+        .expect("no user `postgres`: install Debian's postgresql package")
 }

@@ -1,0 +1,169 @@
+//! JSON on the wire: reading request bodies within the size limit, and building JSON
+//! responses with the headers every answer carries.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use super::ApiError;
+use crate::server::App;
+
+pub type Body = Full<Bytes>;
+
+pub(super) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+pub(super) fn ok_json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_response(status, Bytes::from(body)),
+        Err(e) => serialisation_failed(e),
+    }
+}
+
+/// As `ok_json`, for a body that holds secret values: the buffer is wiped when hyper drops it,
+/// and on failure as soon as this returns.
+pub(super) fn secret_json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut out = Zeroizing::new(Vec::with_capacity(512));
+    match serde_json::to_writer(&mut *out, value) {
+        Ok(()) => json_response(status, Bytes::from_owner(out)),
+        Err(e) => serialisation_failed(e),
+    }
+}
+
+/// A value that cannot be serialised is a bug on our side. Answering with the status the
+/// handler chose would hand the caller an empty or cut-off body as a success.
+fn serialisation_failed(e: serde_json::Error) -> Response<Body> {
+    // serde_json's messages never quote the value, and our Serialize impls fail only with
+    // fixed messages, so the error is safe to log.
+    tracing::error!(error = %e, "cannot serialise a response");
+    ApiError::internal().into_response()
+}
+
+/// Reads a JSON body within the size limit into a buffer that is wiped afterwards (it may
+/// hold secrets), and parses it. Parse errors name the problem without quoting values.
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    app: &App,
+    request: Request<Incoming>,
+) -> Result<T, ApiError> {
+    if let Some(ct) = request.headers().get(CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        if !ct.starts_with("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "request bodies must be application/json",
+            ));
+        }
+    }
+    let mut body = Limited::new(request.into_body(), app.max_body_bytes);
+    let mut buffer = Zeroizing::new(Vec::new());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is larger than the configured limit",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the request body could not be read",
+                )
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+    }
+    serde_json::from_slice(&buffer).map_err(|e| {
+        let detail = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                format!("malformed JSON at line {} column {}", e.line(), e.column())
+            }
+            // Data errors come from our own types: unknown or missing fields, wrong types of
+            // non-secret fields, and the secrets visitor's fixed message. None quote a secret.
+            _ => e.to_string(),
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the request body is not valid JSON for this call",
+        )
+        .with_detail(detail)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::ser::{Error as _, SerializeMap};
+
+    /// Fails before writing anything.
+    struct Refuses;
+    impl Serialize for Refuses {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(S::Error::custom("refuses"))
+        }
+    }
+
+    /// Writes one entry, then fails: what a half-written body would look like.
+    struct FailsHalfway;
+    impl Serialize for FailsHalfway {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(None)?;
+            map.serialize_entry("token", "half-written")?;
+            Err(S::Error::custom("fails halfway"))
+        }
+    }
+
+    async fn parts(response: Response<Body>) -> (StatusCode, Option<HeaderValue>, Bytes) {
+        let status = response.status();
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, content_type, body)
+    }
+
+    #[tokio::test]
+    async fn a_value_that_fails_to_serialise_answers_500_with_the_error_shape() {
+        let responses = [
+            ok_json(StatusCode::OK, &Refuses),
+            ok_json(StatusCode::CREATED, &FailsHalfway),
+            secret_json(StatusCode::OK, &Refuses),
+            secret_json(StatusCode::OK, &FailsHalfway),
+        ];
+        for response in responses {
+            let (status, content_type, body) = parts(response).await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(content_type.unwrap(), "application/json");
+            assert_eq!(
+                &body[..],
+                br#"{"error":{"code":"internal","message":"internal error"}}"#
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_that_serialises_keeps_its_status_and_bytes() {
+        let value = serde_json::json!({"a": 1});
+        for response in [
+            ok_json(StatusCode::CREATED, &value),
+            secret_json(StatusCode::CREATED, &value),
+        ] {
+            let (status, _, body) = parts(response).await;
+            assert_eq!(status, StatusCode::CREATED);
+            assert_eq!(&body[..], br#"{"a":1}"#);
+        }
+    }
+}

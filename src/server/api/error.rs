@@ -1,0 +1,119 @@
+//! The API's errors: a fixed code and message per kind of failure, the `{"error": {...}}`
+//! response they become, and how service errors map onto them. The codes are a public
+//! contract: clients match on them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use super::body::{json_response, Body};
+use crate::service::ServiceError;
+
+/// An API error: a code, its fixed message, and optionally a detail that is safe by
+/// construction (request-shape problems that never quote a secret).
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: &'static str,
+    pub detail: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            message,
+            detail: None,
+            retry_after: None,
+        }
+    }
+
+    pub(super) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// A failure on our side that the caller can do nothing about; the log has the cause.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+
+    pub fn not_found_route() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+            "no such API route",
+        )
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            detail: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        // Two structs of strings: serialising them cannot fail.
+        let body = serde_json::to_vec(&Outer {
+            error: Inner {
+                code: self.code,
+                message: self.message,
+                detail: self.detail.as_deref(),
+            },
+        })
+        .unwrap_or_default();
+        let mut response = json_response(self.status, Bytes::from(body));
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use ServiceError::*;
+        match e {
+            NotFound => ApiError::new(StatusCode::NOT_FOUND, "not_found", "credential not found"),
+            Forbidden => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the caller is not allowed to do this"),
+            Invalid(detail) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "the request is invalid").with_detail(detail),
+            Conflict => ApiError::new(StatusCode::CONFLICT, "conflict", "the credential was changed concurrently; read it again and retry"),
+            ReadOnly { .. } => ApiError::new(StatusCode::CONFLICT, "read_only_store", "the credential's secrets manager is read-only; credproxy never writes, refreshes or moves credentials there"),
+            UnknownManager(id) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_secrets_manager", "no secrets manager with that id is configured").with_detail(format!("secrets_manager_id `{id}`")),
+            Unavailable { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the secrets manager is unavailable and no cached value can be served; retry later")
+            },
+            ManagerFailed { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "store_error", "the secrets manager refused the request; see the daemon's log"),
+            SecretMissing { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "secret_missing", "the credential's secret is missing from its secrets manager"),
+            Metadata(_) => ApiError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "metadata_unavailable", "the metadata store is unavailable; retry later")
+            },
+            NeedsReauth => ApiError::new(StatusCode::CONFLICT, "needs_reauth", "the token endpoint rejected the refresh token and the access token has expired; the user must authorise again and the new tokens be stored with PATCH"),
+            NotRefreshable(detail) => ApiError::new(StatusCode::CONFLICT, "not_refreshable", "the credential cannot be refreshed").with_detail(detail),
+            TokenUnavailable { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", "the access token has expired and could not be refreshed yet; retry later")
+            },
+            Unusable { reason, .. } => ApiError::new(StatusCode::CONFLICT, "credential_unusable", "the secrets manager holds this credential in a state that cannot be handed out").with_detail(reason),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The HTTP API: the route table, the per-request entry point with its audit line, and a
+//! dispatch that hands each route to the module of its resource. Everything here is
+//! transport-agnostic: the same handler serves the Unix socket and the loopback TCP listener.
+
+mod admin;
+mod body;
+mod credentials;
+mod error;
+mod managers;
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::App;
+use crate::access::{Action, Caller};
+use crate::service::ServiceError;
+
+pub use body::Body;
+pub use error::ApiError;
+
+/// Route names for metrics: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteId {
+    CredentialCreate,
+    CredentialGet,
+    CredentialPatch,
+    CredentialDelete,
+    CredentialRefresh,
+    Managers,
+    Instructions,
+    ManagerSecrets,
+    Routing,
+    Migrations,
+    Reload,
+    Health,
+    Ready,
+    Unknown,
+}
+
+impl RouteId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteId::CredentialCreate => "credential_create",
+            RouteId::CredentialGet => "credential_get",
+            RouteId::CredentialPatch => "credential_patch",
+            RouteId::CredentialDelete => "credential_delete",
+            RouteId::CredentialRefresh => "credential_refresh",
+            RouteId::Managers => "managers",
+            RouteId::Instructions => "instructions",
+            RouteId::ManagerSecrets => "manager_secrets",
+            RouteId::Routing => "routing",
+            RouteId::Migrations => "migrations",
+            RouteId::Reload => "reload",
+            RouteId::Health => "healthz",
+            RouteId::Ready => "readyz",
+            RouteId::Unknown => "unknown",
+        }
+    }
+}
+
+/// A request's route and credential id, worked out once per request: the connection layer
+/// labels metrics with it and the handler dispatches on it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub route: RouteId,
+    pub id: Option<String>,
+}
+
+/// Splits a path into the route and its credential id.
+pub fn classify(method: &Method, path: &str) -> Target {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let route = match (method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => RouteId::Health,
+        (&Method::GET, ["readyz"]) => RouteId::Ready,
+        (&Method::POST, ["v1", "credentials"]) => RouteId::CredentialCreate,
+        (&Method::GET, ["v1", "credentials", _]) => RouteId::CredentialGet,
+        (&Method::PATCH, ["v1", "credentials", _]) => RouteId::CredentialPatch,
+        (&Method::DELETE, ["v1", "credentials", _]) => RouteId::CredentialDelete,
+        (&Method::POST, ["v1", "credentials", _, "refresh"]) => RouteId::CredentialRefresh,
+        (&Method::GET, ["v1", "secretsmanagers"]) => RouteId::Managers,
+        (&Method::GET, ["v1", "secretsmanagers", "instructions"]) => RouteId::Instructions,
+        (&Method::GET, ["v1", "secretsmanagers", "secrets"]) => RouteId::ManagerSecrets,
+        (&Method::GET, ["v1", "routing"]) => RouteId::Routing,
+        (&Method::GET, ["v1", "migrations"]) => RouteId::Migrations,
+        (&Method::POST, ["v1", "reload"]) => RouteId::Reload,
+        _ => RouteId::Unknown,
+    };
+    let id = match route {
+        RouteId::CredentialGet
+        | RouteId::CredentialPatch
+        | RouteId::CredentialDelete
+        | RouteId::CredentialRefresh => segments.get(2).map(|s| s.to_string()),
+        _ => None,
+    };
+    Target { route, id }
+}
+
+/// Whether some method serves `path` (so another method gets 405, not 404).
+fn known_path(path: &str) -> bool {
+    [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
+        .iter()
+        .any(|m| classify(m, path).route != RouteId::Unknown)
+}
+
+/// A request's query string, decoded once.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: Option<&str>) -> Self {
+        Self(
+            query
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    let decode = |s: &str| {
+                        percent_encoding::percent_decode_str(&s.replace('+', " "))
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    };
+                    (decode(k), decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    /// The first value of `name`.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.pairs().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// The audit line's outcome and which fields were handed out.
+struct Audit {
+    credential: Option<String>,
+    fields: Option<Vec<String>>,
+}
+
+/// Handles one request; never fails (errors become JSON error responses).
+pub async fn handle(
+    app: &Arc<App>,
+    caller: Caller,
+    target: Target,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let Target { route, id } = target;
+    let mut audit = Audit {
+        credential: id.clone(),
+        fields: None,
+    };
+    let response = match dispatch(app, caller, route, id, request, &mut audit).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if app.audit
+        && matches!(
+            route,
+            RouteId::CredentialCreate
+                | RouteId::CredentialGet
+                | RouteId::CredentialPatch
+                | RouteId::CredentialDelete
+                | RouteId::CredentialRefresh
+        )
+    {
+        let (uid, gid, pid) = match caller {
+            Caller::Unix { uid, gid, pid } => (Some(uid), Some(gid), pid),
+            Caller::Tcp => (None, None, None),
+        };
+        tracing::info!(
+            target: "credproxy::audit",
+            route = route.as_str(),
+            transport = if uid.is_some() { "unix" } else { "tcp" },
+            uid, gid, pid,
+            credential = audit.credential.as_deref().unwrap_or("-"),
+            fields = ?audit.fields,
+            status = response.status().as_u16(),
+            "access"
+        );
+    }
+    response
+}
+
+async fn dispatch(
+    app: &Arc<App>,
+    caller: Caller,
+    route: RouteId,
+    id: Option<String>,
+    request: Request<Incoming>,
+    audit: &mut Audit,
+) -> Result<Response<Body>, ApiError> {
+    let query = Query::parse(request.uri().query());
+    let id = id.as_deref().unwrap_or_default();
+    match route {
+        RouteId::Health => Ok(admin::health()),
+        RouteId::Ready => Ok(admin::ready(app).await),
+        RouteId::CredentialGet => credentials::get(app, &caller, id, &query, audit).await,
+        RouteId::CredentialCreate => credentials::create(app, &caller, request, audit).await,
+        RouteId::CredentialPatch => credentials::patch(app, &caller, id, request).await,
+        RouteId::CredentialDelete => credentials::delete(app, &caller, id).await,
+        RouteId::CredentialRefresh => credentials::refresh(app, &caller, id).await,
+        RouteId::Managers => managers::list(app, &caller),
+        RouteId::Instructions => managers::instructions(app, &caller),
+        RouteId::ManagerSecrets => managers::secrets(app, &caller, &query).await,
+        RouteId::Routing => admin::routing(app, &caller),
+        RouteId::Migrations => admin::migrations(app, &caller, &query),
+        RouteId::Reload => admin::reload(app, &caller).await,
+        RouteId::Unknown => Err(unknown_or_method(request.uri().path())),
+    }
+}
+
+fn require(app: &App, caller: &Caller, action: Action) -> Result<(), ApiError> {
+    if app.service.allows(caller, action, None) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden.into())
+    }
+}
+
+/// Answers requests for paths outside the API with the right status.
+pub fn unknown_or_method(path: &str) -> ApiError {
+    if known_path(path) {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not accept that method",
+        )
+    } else {
+        ApiError::not_found_route()
+    }
+}

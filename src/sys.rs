@@ -1,0 +1,185 @@
+//! Every call into libc the crate makes, behind safe functions: user and group name lookups,
+//! the effective ids, the umask, and the monotonic clock.
+//!
+//! This is the one module allowed to use `unsafe` (the crate denies `unsafe_code` in
+//! Cargo.toml), so that an audit of the crate's unsafe code is an audit of this file.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::time::Duration;
+
+/// First buffer sizes for the name lookups. Group entries list their members, so they get more
+/// room; either grows on ERANGE.
+const USER_BUFFER: usize = 16 * 1024;
+const GROUP_BUFFER: usize = 64 * 1024;
+/// Beyond this an entry is treated as broken rather than growing the buffer further: even an
+/// LDAP group with a hundred thousand members fits well within it.
+const BUFFER_CAP: usize = 16 * 1024 * 1024;
+
+/// The uid of the user `name`; `Ok(None)` if there is no such user.
+pub fn lookup_user(name: &str) -> io::Result<Option<u32>> {
+    lookup_user_with(name, USER_BUFFER, BUFFER_CAP)
+}
+
+/// The gid of the group `name`; `Ok(None)` if there is no such group.
+pub fn lookup_group(name: &str) -> io::Result<Option<u32>> {
+    lookup_group_with(name, GROUP_BUFFER, BUFFER_CAP)
+}
+
+fn lookup_user_with(name: &str, initial: usize, cap: usize) -> io::Result<Option<u32>> {
+    // No user name contains a NUL byte.
+    let Ok(c_name) = CString::new(name) else {
+        return Ok(None);
+    };
+    let what = format!("user `{name}`");
+    with_growing_buffer(&what, initial, cap, |buf| {
+        // SAFETY: `passwd` is a C struct of integers and pointers, for which all-zero bytes are
+        // a valid value; getpwnam_r overwrites it before we read it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local or to `buf`, whose true length is passed,
+        // so getpwnam_r writes only within them. It is the re-entrant form: no static storage
+        // shared with other threads. The strings it stores in `pwd` point into `buf`; we read
+        // only the integer `pw_uid`, while `buf` is still alive.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            0 => Ok((!result.is_null()).then_some(pwd.pw_uid)),
+            e => Err(e),
+        }
+    })
+}
+
+fn lookup_group_with(name: &str, initial: usize, cap: usize) -> io::Result<Option<u32>> {
+    // No group name contains a NUL byte.
+    let Ok(c_name) = CString::new(name) else {
+        return Ok(None);
+    };
+    let what = format!("group `{name}`");
+    with_growing_buffer(&what, initial, cap, |buf| {
+        // SAFETY: `group` is a C struct of integers and pointers, for which all-zero bytes are
+        // a valid value; getgrnam_r overwrites it before we read it.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as in `lookup_user_with`: live locals and `buf` with its true length, the
+        // re-entrant form, and only the integer `gr_gid` is read.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            0 => Ok((!result.is_null()).then_some(grp.gr_gid)),
+            e => Err(e),
+        }
+    })
+}
+
+/// Runs a `get*nam_r` call, doubling its buffer while the entry does not fit (ERANGE), up to
+/// `cap`. Taking ERANGE for "not found" would hide large groups, so that is never done.
+fn with_growing_buffer(
+    what: &str,
+    initial: usize,
+    cap: usize,
+    mut call: impl FnMut(&mut [u8]) -> Result<Option<u32>, libc::c_int>,
+) -> io::Result<Option<u32>> {
+    let mut size = initial.clamp(1, cap.max(1));
+    loop {
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(found) => return Ok(found),
+            Err(libc::ERANGE) if size < cap => size = size.saturating_mul(2).min(cap),
+            Err(libc::ERANGE) => {
+                return Err(io::Error::other(format!(
+                    "the entry for {what} is larger than {cap} bytes"
+                )))
+            }
+            Err(libc::EINTR) => {}
+            // Some name services answer "no such entry" with an error number rather than an
+            // empty result (getpwnam_r(3)).
+            Err(libc::ENOENT | libc::ESRCH) => return Ok(None),
+            Err(code) => {
+                let e = io::Error::from_raw_os_error(code);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot look up {what}: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// The process's effective uid and gid.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments, touch no memory and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Sets the process's file mode creation mask and returns the previous one. The mask is
+/// process-wide: it also applies to files other threads create meanwhile.
+pub fn set_umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask takes an integer, touches no memory and cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// CLOCK_MONOTONIC, as an offset from its (unspecified) epoch. `Instant` hides the raw value,
+/// which systemd wants in `MONOTONIC_USEC`.
+pub fn monotonic_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which refers to the
+    // initialised local above. CLOCK_MONOTONIC is always supported on Linux, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_resolves_and_nonsense_does_not() {
+        assert_eq!(lookup_user("root").unwrap(), Some(0));
+        assert_eq!(lookup_group("root").unwrap(), Some(0));
+        assert_eq!(lookup_user("no-such-user-credproxy").unwrap(), None);
+        assert_eq!(lookup_group("no-such-group-credproxy").unwrap(), None);
+        assert_eq!(lookup_user("nul\0byte").unwrap(), None);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_buffer_is_retried_not_reported_missing() {
+        // One byte cannot hold any entry: the first call answers ERANGE.
+        assert_eq!(lookup_user_with("root", 1, BUFFER_CAP).unwrap(), Some(0));
+        assert_eq!(lookup_group_with("root", 1, BUFFER_CAP).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_cap_is_an_error() {
+        let e = lookup_group_with("root", 1, 4).unwrap_err();
+        assert!(e.to_string().contains("group `root`"), "{e}");
+        let e = lookup_user_with("root", 1, 4).unwrap_err();
+        assert!(e.to_string().contains("user `root`"), "{e}");
+    }
+
+    #[test]
+    fn the_monotonic_clock_does_not_go_back() {
+        let a = monotonic_time();
+        let b = monotonic_time();
+        assert!(b >= a);
+        assert!(a > Duration::ZERO);
+    }
+}
