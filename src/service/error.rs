@@ -6,7 +6,7 @@ use crate::cache::LoadFailure;
 use crate::manager::ManagerError;
 use crate::metadata::MetadataError;
 
-/// Retry-After suggested when a store is down and nothing is cached.
+/// Retry-After suggested when a secrets manager is down and nothing is cached.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Why a use case failed. Details are for logs; the API maps each variant to a fixed message.

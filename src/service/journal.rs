@@ -2,9 +2,9 @@
 //! unaccounted for, and settling them.
 //!
 //! Every write follows one journaled pattern so a crash at any point loses nothing and leaves
-//! no copy unaccounted for: journal the copy that may be abandoned, write the store, switch the
-//! metadata row (compare-and-swap on its version) in the same transaction that settles the
-//! journal, then delete what was abandoned.
+//! no copy unaccounted for: journal the copy that may be abandoned, write the secrets manager,
+//! switch the metadata row (compare-and-swap on its version) in the same transaction that
+//! settles the journal, then delete what was abandoned.
 
 use std::time::Duration;
 
@@ -88,14 +88,14 @@ impl Service {
                 self.metadata.journal_remove(entry.id).await?;
                 return Ok::<bool, ServiceError>(true);
             }
-            let Ok(backend) = Self::manager(runtime, &entry.manager_id) else {
+            let Ok(manager) = Self::manager(runtime, &entry.manager_id) else {
                 return Ok(false);
             };
-            if backend.describe().capabilities.read_only {
+            if manager.describe().capabilities.read_only {
                 self.metadata.journal_remove(entry.id).await?;
                 return Ok(true);
             }
-            self.call(&entry.manager_id, "delete", backend.delete(&entry.name))
+            self.call(&entry.manager_id, "delete", manager.delete(&entry.name))
                 .await
                 .map_err(|e| manager_failure(&entry.manager_id, e))?;
             self.metadata.journal_remove(entry.id).await?;

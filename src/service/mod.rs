@@ -170,7 +170,7 @@ impl Service {
             .ok_or_else(|| ServiceError::UnknownManager(manager_id.to_owned()))
     }
 
-    /// Runs one store call with the configured timeout and records it in the metrics.
+    /// Runs one secrets manager call with the configured timeout and records it in the metrics.
     async fn call<T>(
         &self,
         manager_id: &str,

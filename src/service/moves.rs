@@ -33,7 +33,7 @@ pub enum MoveOutcome {
 const MOVE_CLAIM_TTL: Duration = Duration::from_secs(5);
 
 impl Service {
-    /// Copies a credential to another store, verifies the copy, switches the recorded
+    /// Copies a credential to another secrets manager, verifies the copy, switches the recorded
     /// location, and deletes the old copy. Caller holds the credential's lock.
     pub(super) async fn move_to(
         &self,
@@ -156,9 +156,9 @@ impl Service {
             return Ok(MoveOutcome::InPlace);
         }
         let source = Self::manager(&runtime, &current.location.manager_id)?;
-        let target_backend = Self::manager(&runtime, &target.manager_id)?;
+        let target_manager = Self::manager(&runtime, &target.manager_id)?;
         if source.describe().capabilities.read_only
-            || target_backend.describe().capabilities.read_only
+            || target_manager.describe().capabilities.read_only
         {
             return Ok(MoveOutcome::ReadOnly);
         }
@@ -180,15 +180,16 @@ impl Service {
             current,
             next,
             &target.manager_id,
-            &target_backend,
+            &target_manager,
             &value,
         )
         .await?;
         Ok(MoveOutcome::Moved)
     }
 
-    /// Drops stores kept after their manager was removed from the configuration once no
-    /// credential and no journal entry refers to them any more. Returns the ids dropped.
+    /// Drops secrets managers kept in the registry after they were removed from the
+    /// configuration, once no credential and no journal entry refers to them any more. Returns
+    /// the ids dropped.
     pub async fn prune_retired(&self) -> Result<Vec<String>, ServiceError> {
         let runtime = self.runtime();
         let mut retired = Vec::new();

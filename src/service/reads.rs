@@ -55,23 +55,23 @@ impl Service {
                 .ok_or(ServiceError::NotFound)?;
             let mut attempts = 0;
             let read = loop {
-                // Loaded per attempt: a reload may have brought the store the row now names.
+                // Loaded per attempt: a reload may have brought the manager the row now names.
                 let runtime = runtimes.load();
                 let timeout = runtime.config.backend_timeout;
-                let backend = Self::manager(&runtime, &record.location.manager_id)?;
+                let manager = Self::manager(&runtime, &record.location.manager_id)?;
                 let loc = &record.location;
                 let read = call_manager(
                     &metrics,
                     timeout,
                     &loc.manager_id,
                     "get",
-                    backend.get(&loc.name, loc.version.as_deref()),
+                    manager.get(&loc.name, loc.version.as_deref()),
                 )
                 .await;
                 match read {
                     Ok(read) => break read,
                     // A move (or write) may have switched the location and deleted the copy
-                    // between reading the row and reading the store: follow the new row.
+                    // between reading the row and reading the manager: follow the new row.
                     Err(ManagerError::NotFound) if attempts < 3 => {
                         attempts += 1;
                         let fresh = metadata
@@ -111,8 +111,8 @@ impl Service {
         if !self.allows(caller, Action::Admin, None) {
             return Err(ServiceError::Forbidden);
         }
-        let backend = Self::manager(&self.runtime(), manager_id)?;
-        self.call(manager_id, "list", backend.list(request))
+        let manager = Self::manager(&self.runtime(), manager_id)?;
+        self.call(manager_id, "list", manager.list(request))
             .await
             .map_err(|e| manager_failure(manager_id, e))
     }

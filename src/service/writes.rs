@@ -67,8 +67,8 @@ impl Service {
             &environment,
             pin.as_deref(),
         );
-        let backend = Self::manager(&runtime, &target.manager_id)?;
-        let read_only = backend.describe().capabilities.read_only;
+        let manager = Self::manager(&runtime, &target.manager_id)?;
+        let read_only = manager.describe().capabilities.read_only;
         let id = uuid::Uuid::new_v4().to_string();
         let now = crate::time::now_unix();
         let mut record = CredentialRecord {
@@ -91,7 +91,7 @@ impl Service {
         };
 
         if read_only {
-            // Registration by reference: the account lives in the read-only store already.
+            // Registration by reference: the account lives in the read-only manager already.
             if request.secrets.is_some() {
                 return Err(ServiceError::ReadOnly {
                     manager: target.manager_id,
@@ -106,7 +106,7 @@ impl Service {
                     )
                 })?;
             let read = self
-                .call(&target.manager_id, "get", backend.get(&external_id, None))
+                .call(&target.manager_id, "get", manager.get(&external_id, None))
                 .await
                 .map_err(|e| match e {
                     ManagerError::NotFound => {
@@ -142,7 +142,7 @@ impl Service {
             .call(
                 &target.manager_id,
                 "put",
-                backend.put(PutRequest {
+                manager.put(PutRequest {
                     name: &name,
                     value: &secrets,
                     expected_version: None,
@@ -228,14 +228,14 @@ impl Service {
         let source = Self::manager(&runtime, &current.location.manager_id).ok();
         let source_read_only = source
             .as_ref()
-            .is_some_and(|b| b.describe().capabilities.read_only);
+            .is_some_and(|m| m.describe().capabilities.read_only);
         if source_read_only && (moving || request.secrets.is_some()) {
             return Err(ServiceError::ReadOnly {
                 manager: current.location.manager_id,
             });
         }
-        let target_backend = Self::manager(&runtime, &target.manager_id)?;
-        if moving && target_backend.describe().capabilities.read_only {
+        let target_manager = Self::manager(&runtime, &target.manager_id)?;
+        if moving && target_manager.describe().capabilities.read_only {
             return Err(ServiceError::ReadOnly {
                 manager: target.manager_id,
             });
@@ -272,37 +272,37 @@ impl Service {
                 current,
                 next,
                 &target.manager_id,
-                &target_backend,
+                &target_manager,
                 &value,
             )
             .await
         } else {
             let next = self
-                .write_in_place(&current, next, &target_backend, value)
+                .write_in_place(&current, next, &target_manager, value)
                 .await?;
             Ok(WriteOutcome { record: next })
         }
     }
 
-    /// Writes a new version of a credential's secret to the store it is already in (with
-    /// compare-and-swap on the recorded version where the store has it), then switches the
-    /// row from `current` to `next` and replaces the cached entry. Caller holds the lock.
+    /// Writes a new version of a credential's secret to the secrets manager it is already in
+    /// (with compare-and-swap on the recorded version where the manager has it), then switches
+    /// the row from `current` to `next` and replaces the cached entry. Caller holds the lock.
     pub(super) async fn write_in_place(
         &self,
         current: &CredentialRecord,
         mut next: CredentialRecord,
-        backend: &Arc<dyn SecretsManager>,
+        manager: &Arc<dyn SecretsManager>,
         value: SecretFields,
     ) -> Result<CredentialRecord, ServiceError> {
         let id = current.id.as_str();
         let loc = &current.location;
-        let caps = backend.describe().capabilities;
+        let caps = manager.describe().capabilities;
         let idempotency_key = write_token();
         let put = |expected_version| {
             self.call(
                 &loc.manager_id,
                 "put",
-                backend.put(PutRequest {
+                manager.put(PutRequest {
                     name: &loc.name,
                     value: &value,
                     expected_version,
@@ -321,10 +321,10 @@ impl Service {
             .await?;
         let version = match put(expected).await {
             Err(ManagerError::Conflict) => {
-                // The store moved past the recorded version. If an earlier write of ours
+                // The manager moved past the recorded version. If an earlier write of ours
                 // left an unrecorded version (its intent is still journaled) and the row
                 // is unchanged, writing over that version loses nothing. Otherwise
-                // someone else wrote to the store: report the conflict, never overwrite.
+                // someone else wrote to the manager: report the conflict, never overwrite.
                 let fresh = self
                     .metadata
                     .get_credential(id)
@@ -380,7 +380,7 @@ impl Service {
             return Err(ServiceError::Forbidden);
         }
         let runtime = self.runtime();
-        // For a read-only store only the reference goes; `settle` never deletes there.
+        // For a read-only manager only the reference goes; `settle` never deletes there.
         let abandoned = JournalEntry {
             id: 0,
             kind: JournalKind::Copy,

@@ -48,13 +48,13 @@ impl Service {
         }
 
         let runtime = self.runtime();
-        let backend = Self::manager(&runtime, &record.location.manager_id)?;
+        let manager = Self::manager(&runtime, &record.location.manager_id)?;
         let loc = &record.location;
         let value = self
             .call(
                 &loc.manager_id,
                 "get",
-                backend.get(&loc.name, loc.version.as_deref()),
+                manager.get(&loc.name, loc.version.as_deref()),
             )
             .await
             .map_err(|e| manager_failure(&loc.manager_id, e))?
@@ -133,7 +133,7 @@ impl Service {
     }
 
     /// Warns (once per credential) when a token's lifetime means write-backs more often than
-    /// its store advises: each refresh is one new secret version there.
+    /// its secrets manager advises: each refresh is one new secret version there.
     fn check_write_rate(&self, record: &CredentialRecord, tokens: &Tokens, config: &OAuthConfig) {
         let runtime = self.runtime.load();
         let Some(manager) = runtime.config.manager(&record.location.manager_id) else {
@@ -155,8 +155,8 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if warned.len() < 10_000 && warned.insert(record.id.clone()) {
-            tracing::warn!(credential = %record.id, store = %manager.id, every = ?interval, advised = ?advised,
-                "this token is refreshed (and written back) more often than the store advises for one secret; consider a store without that limit for it");
+            tracing::warn!(credential = %record.id, manager = %manager.id, every = ?interval, advised = ?advised,
+                "this token is refreshed (and written back) more often than its secrets manager advises for one secret; consider a secrets manager without that limit for it");
         }
     }
 

@@ -57,7 +57,7 @@ pub(crate) struct OAuthState {
     limiter: tokio::sync::Semaphore,
     /// This process's name in lease rows.
     holder: String,
-    /// Credentials already warned about refreshing faster than their store advises.
+    /// Credentials already warned about refreshing faster than their secrets manager advises.
     warned_write_rate: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -90,7 +90,7 @@ impl Service {
             .load()
             .registry
             .get(manager_id)
-            .is_some_and(|b| b.describe().capabilities.read_only)
+            .is_some_and(|m| m.describe().capabilities.read_only)
     }
 
     fn count(&self, outcome: &'static str) {

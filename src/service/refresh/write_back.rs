@@ -16,7 +16,7 @@ use crate::secret::{SecretFields, SecretString};
 use crate::service::error::manager_failure;
 use crate::service::{Service, ServiceError};
 
-/// Carried only inside a sealed pending answer, never written to a store.
+/// Carried only inside a sealed pending answer, never written to a secrets manager.
 const PENDING_EXPIRES_AT: &str = "expires_at";
 
 /// The tokens of one successful answer, as sealed while awaiting write-back.
@@ -124,14 +124,14 @@ impl Service {
         let mut attempt = 0;
         loop {
             let runtime = self.runtime();
-            let backend: Arc<dyn SecretsManager> =
+            let manager: Arc<dyn SecretsManager> =
                 Self::manager(&runtime, &current.location.manager_id)?;
             let loc = &current.location;
             let mut value = self
                 .call(
                     &loc.manager_id,
                     "get",
-                    backend.get(&loc.name, loc.version.as_deref()),
+                    manager.get(&loc.name, loc.version.as_deref()),
                 )
                 .await
                 .map_err(|e| manager_failure(&loc.manager_id, e))?
@@ -145,7 +145,7 @@ impl Service {
             next.needs_reauth = false;
             next.row_version += 1;
             next.updated_at = crate::time::now_unix();
-            match self.write_in_place(&current, next, &backend, value).await {
+            match self.write_in_place(&current, next, &manager, value).await {
                 Err(ServiceError::Conflict) if attempt < 3 => {
                     attempt += 1;
                     current = self
