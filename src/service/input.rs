@@ -1,0 +1,134 @@
+//! What the API accepts: the request bodies of create and patch, and the checks their fields
+//! must pass before anything is written.
+
+use serde::Deserialize;
+
+use super::ServiceError;
+use crate::metadata::{ClientAuth, OAuthDescription};
+use crate::secret::SecretFields;
+
+/// Largest metadata object accepted, serialised.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// `POST /v1/credentials`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub environment: String,
+    #[serde(default)]
+    pub integration_type: Option<String>,
+    #[serde(default)]
+    pub secrets_manager_id: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub secrets: Option<SecretFields>,
+    #[serde(default)]
+    pub oauth: Option<OAuthInput>,
+    /// For read-only managers: the id of the account there (e.g. a Composio connected account).
+    #[serde(default)]
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthInput {
+    pub token_url: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RFC 3339 or Unix seconds.
+    #[serde(default)]
+    pub expires_at: Option<serde_json::Value>,
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `PATCH /v1/credentials/{id}`. `secrets_manager_id: null` unpins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    #[serde(default)]
+    pub secrets: Option<SecretFields>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub secrets_manager_id: Option<Option<String>>,
+    #[serde(default)]
+    pub expires_at: Option<serde_json::Value>,
+}
+
+fn explicit_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+pub(super) fn check_metadata(
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ServiceError> {
+    let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_METADATA_BYTES {
+        return Err(ServiceError::Invalid(format!(
+            "`metadata` is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
+    check_token_url(&o.token_url)?;
+    if o.client_id.is_empty() || o.client_id.len() > 512 {
+        return Err(ServiceError::Invalid(
+            "`oauth.client_id` must be 1-512 characters".into(),
+        ));
+    }
+    Ok(OAuthDescription {
+        token_url: o.token_url,
+        client_id: o.client_id,
+        scopes: o.scopes,
+        client_auth: o.client_auth.unwrap_or_default(),
+    })
+}
+
+/// The client secret and refresh token go to this URL: HTTPS only, except to this host itself
+/// (a local token endpoint or a test server), and no credentials or fragment in the URL.
+fn check_token_url(raw: &str) -> Result<(), ServiceError> {
+    let invalid = |why: &str| ServiceError::Invalid(format!("`oauth.token_url` {why}"));
+    if raw.len() > 2048 {
+        return Err(invalid("is longer than 2048 characters"));
+    }
+    let url = url::Url::parse(raw).map_err(|_| invalid("is not a valid URL"))?;
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(invalid("must not carry credentials or a fragment"));
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(invalid(
+            "must use https (plain http only to a loopback address)",
+        )),
+        _ => Err(invalid("must be an https URL")),
+    }
+}
+
+pub(super) fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => crate::time::parse_rfc3339(s),
+        _ => None,
+    }
+    .ok_or_else(|| ServiceError::Invalid("`expires_at` must be RFC 3339 or Unix seconds".into()))
+}
+
+/// A fresh idempotency token per logical write (AWS wants 32-64 characters). A token reused
+/// for a different value is an error there, so it is never derived from the row version.
+pub(super) fn write_token() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

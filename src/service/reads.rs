@@ -1,0 +1,136 @@
+//! Reads: resolving a credential (through the cache), listing what a secrets manager holds, and
+//! where the routing chain puts an environment.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::error::manager_failure;
+use super::{call_manager, Service, ServiceError};
+use crate::access::{Action, Caller};
+use crate::cache::{CacheStatus, Entry, Loaded};
+use crate::config::is_valid_name;
+use crate::manager::{ListRequest, ManagerError, Page};
+use crate::routing::{route, Route};
+
+impl Service {
+    /// Resolves a credential, from the cache when fresh. Access is checked against the
+    /// credential's environment before anything is returned.
+    pub async fn get(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        if !self.allows(caller, Action::Read, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        let (entry, status) = self
+            .cache
+            .get_or_load(id, || self.loader(id.to_owned()))
+            .await?;
+        self.metrics
+            .cache_requests
+            .with_label_values(&[status.as_str()])
+            .inc();
+        if !self.allows(caller, Action::Read, Some(&entry.loaded.record.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        self.checked_token(id, entry, status).await
+    }
+
+    pub(super) fn loader(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
+        let metadata = Arc::clone(&self.metadata);
+        let runtimes = Arc::clone(&self.runtime);
+        let metrics = Arc::clone(&self.metrics);
+        async move {
+            let mut record = metadata
+                .get_credential(&id)
+                .await?
+                .ok_or(ServiceError::NotFound)?;
+            let mut attempts = 0;
+            let read = loop {
+                // Loaded per attempt: a reload may have brought the manager the row now names.
+                let runtime = runtimes.load();
+                let timeout = runtime.config.manager_timeout;
+                let manager = Self::manager(&runtime, &record.location.manager_id)?;
+                let loc = &record.location;
+                let read = call_manager(
+                    &metrics,
+                    timeout,
+                    &loc.manager_id,
+                    "get",
+                    manager.get(&loc.name, loc.version.as_deref()),
+                )
+                .await;
+                match read {
+                    Ok(read) => break read,
+                    // A move (or write) may have switched the location and deleted the copy
+                    // between reading the row and reading the manager: follow the new row.
+                    Err(ManagerError::NotFound) if attempts < 3 => {
+                        attempts += 1;
+                        let fresh = metadata
+                            .get_credential(&id)
+                            .await?
+                            .ok_or(ServiceError::NotFound)?;
+                        if fresh.location == record.location {
+                            return Err(manager_failure(
+                                &record.location.manager_id,
+                                ManagerError::NotFound,
+                            ));
+                        }
+                        record = fresh;
+                    }
+                    Err(e) => return Err(manager_failure(&record.location.manager_id, e)),
+                }
+            };
+            let valid_until = earliest(
+                record.expires_at.map(crate::time::from_unix),
+                read.expires_in.map(|d| SystemTime::now() + d),
+            );
+            Ok(Loaded {
+                record: Arc::new(record),
+                secrets: read.value,
+                valid_until,
+            })
+        }
+    }
+
+    /// Lists what a manager itself holds (not only what credproxy wrote there).
+    pub async fn list_manager_secrets(
+        &self,
+        caller: &Caller,
+        manager_id: &str,
+        request: ListRequest,
+    ) -> Result<Page, ServiceError> {
+        if !self.allows(caller, Action::Admin, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        let manager = Self::manager(&self.runtime(), manager_id)?;
+        self.call(manager_id, "list", manager.list(request))
+            .await
+            .map_err(|e| manager_failure(manager_id, e))
+    }
+
+    pub fn route_for(&self, environment: &str, pin: Option<&str>) -> Route {
+        let runtime = self.runtime.load();
+        route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            environment,
+            pin,
+        )
+    }
+}
+
+fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

@@ -1,0 +1,190 @@
+//! When a token is refreshed: by a read that finds it inside its refresh window, on request,
+//! and by the background pass over every due token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::{Refreshed, Trigger};
+use crate::cache::{CacheStatus, Entry};
+use crate::metadata::CredentialRecord;
+use crate::service::{Service, ServiceError};
+
+/// How many refreshes one background pass starts at most; the rest wait for the next pass.
+const SCAN_BATCH: usize = 1000;
+
+impl Service {
+    /// The read path's token check: a token inside its window is refreshed before it is
+    /// handed out; if that fails the current token is served while it is still valid, and
+    /// an expired one never is.
+    pub(in crate::service) async fn checked_token(
+        self: &Arc<Self>,
+        id: &str,
+        entry: Arc<Entry>,
+        status: CacheStatus,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        let record = &entry.loaded.record;
+        let Some(expires_at) = record.expires_at.filter(|_| record.oauth.is_some()) else {
+            return Ok((entry, status));
+        };
+        if self.is_read_only(&record.location.manager_id) {
+            // Refreshed by its own service; the cache entry already ends at `expires_in`.
+            return Ok((entry, status));
+        }
+        let config = self.oauth_config();
+        let expired = crate::time::now_unix_ms() >= expires_at.saturating_mul(1000);
+        if record.needs_reauth {
+            return if expired {
+                Err(ServiceError::NeedsReauth)
+            } else {
+                Ok((entry, status))
+            };
+        }
+        if !self.is_due(&config, record) {
+            return Ok((entry, status));
+        }
+        if let Some(wait) = self.oauth.backoff.remaining(id) {
+            return if expired {
+                Err(ServiceError::TokenUnavailable {
+                    detail: "the last refresh failed; backing off".into(),
+                    retry_after: wait,
+                })
+            } else {
+                Ok((entry, status))
+            };
+        }
+        let task = self.spawn_refresh(id, record.row_version, Trigger::Read);
+        let outcome = if expired {
+            task.await
+        } else {
+            // The current token is still good: wait a little for the new one, then serve the
+            // current one and let the refresh finish on its own.
+            let runtime = self.runtime.load();
+            let left = Duration::from_millis(
+                (expires_at.saturating_mul(1000) - crate::time::now_unix_ms()).max(0) as u64,
+            );
+            let budget = (runtime.config.server.request_timeout / 2).min(left);
+            match tokio::time::timeout(budget, task).await {
+                Ok(joined) => joined,
+                Err(_) => return Ok((entry, status)),
+            }
+        }
+        .unwrap_or_else(|e| {
+            Err(ServiceError::TokenUnavailable {
+                detail: format!("the refresh task failed: {e}"),
+                retry_after: config.retry_min,
+            })
+        });
+        match outcome {
+            Ok(done) => {
+                let fresh = done.record();
+                let cached = self.cache.peek(id).map(|e| e.loaded.record.row_version);
+                if cached != Some(fresh.row_version) {
+                    // Another process refreshed (or changed) it: our cached copy is old.
+                    self.cache.invalidate(id);
+                }
+                let (entry, status) = self
+                    .cache
+                    .get_or_load(id, || self.loader(id.to_owned()))
+                    .await?;
+                let expired = entry
+                    .loaded
+                    .record
+                    .expires_at
+                    .is_some_and(|e| crate::time::now_unix_ms() >= e.saturating_mul(1000));
+                if expired {
+                    return Err(ServiceError::TokenUnavailable {
+                        detail: "the token endpoint issued a token that has already expired".into(),
+                        retry_after: config.retry_min,
+                    });
+                }
+                Ok((entry, status))
+            }
+            Err(e) if !expired => {
+                tracing::debug!(credential = id, error = %e, "refresh on read failed; serving the current token");
+                Ok((entry, status))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a refresh in a task of its own: once a token request is sent, nothing — a caller
+    /// giving up, a request deadline — may cancel it before its answer is written back.
+    fn spawn_refresh(
+        self: &Arc<Self>,
+        id: &str,
+        seen_row_version: i64,
+        trigger: Trigger,
+    ) -> tokio::task::JoinHandle<Result<Refreshed, ServiceError>> {
+        let service = Arc::clone(self);
+        let id = id.to_owned();
+        tokio::spawn(async move { service.refresh(&id, seen_row_version, trigger).await })
+    }
+
+    /// `POST /v1/credentials/{id}/refresh`: refreshes now, due or not.
+    pub async fn force_refresh(
+        self: &Arc<Self>,
+        caller: &crate::access::Caller,
+        id: &str,
+    ) -> Result<Refreshed, ServiceError> {
+        use crate::access::Action;
+        if !crate::config::is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        if !self.allows(caller, Action::Write, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        let record = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if !self.allows(caller, Action::Write, Some(&record.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        self.spawn_refresh(id, record.row_version, Trigger::Forced)
+            .await
+            .unwrap_or_else(|e| {
+                Err(ServiceError::TokenUnavailable {
+                    detail: format!("the refresh task failed: {e}"),
+                    retry_after: Duration::from_secs(1),
+                })
+            })
+    }
+
+    /// One pass of the background refresher: refreshes every token inside its window, at
+    /// most `oauth.max_concurrent` at a time. Returns how many were refreshed.
+    pub async fn refresh_due(&self) -> Result<usize, ServiceError> {
+        let config = self.oauth_config();
+        let horizon =
+            crate::time::now_unix() + (config.refresh_before + config.jitter).as_secs() as i64 + 1;
+        let candidates = self.metadata.oauth_due(horizon, SCAN_BATCH).await?;
+        let due: Vec<CredentialRecord> = candidates
+            .into_iter()
+            .filter(|r| {
+                self.is_due(&config, r)
+                    && !self.is_read_only(&r.location.manager_id)
+                    && self.oauth.backoff.remaining(&r.id).is_none()
+            })
+            .collect();
+        let refreshed = futures::stream::iter(due)
+            .map(|r| async move {
+                match self.refresh(&r.id, r.row_version, Trigger::Background).await {
+                    Ok(Refreshed::Done(_)) => 1,
+                    Ok(Refreshed::Skipped(_)) => 0,
+                    Err(e) => {
+                        tracing::debug!(credential = %r.id, error = %e, "background refresh failed");
+                        0
+                    }
+                }
+            })
+            .buffer_unordered(config.max_concurrent)
+            .fold(0usize, |n, done| async move { n + done })
+            .await;
+        if let Ok(n) = self.metadata.count_needs_reauth().await {
+            self.metrics.needs_reauth.set(n as i64);
+        }
+        Ok(refreshed)
+    }
+}

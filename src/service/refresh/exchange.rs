@@ -1,0 +1,195 @@
+//! The token request itself: reading the refresh token, asking the token endpoint (at most
+//! `oauth.max_concurrent` at a time), and what each kind of answer does to the credential.
+
+use std::time::Duration;
+
+use super::write_back::Tokens;
+use super::{Refreshed, Trigger, CLIENT_SECRET, REFRESH_TOKEN};
+use crate::config::OAuthConfig;
+use crate::metadata::{CredentialRecord, MetadataError};
+use crate::oauth::OAuthError;
+use crate::service::error::manager_failure;
+use crate::service::{Service, ServiceError};
+
+impl Service {
+    pub(super) async fn refresh_leased(
+        &self,
+        id: &str,
+        seen_row_version: i64,
+        trigger: Trigger,
+    ) -> Result<Refreshed, ServiceError> {
+        let config = self.oauth_config();
+        let record = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if self.is_read_only(&record.location.manager_id) {
+            return Err(ServiceError::ReadOnly {
+                manager: record.location.manager_id.clone(),
+            });
+        }
+        let Some(oauth) = record.oauth.clone() else {
+            return Err(ServiceError::NotRefreshable(
+                "the credential has no `oauth` description".into(),
+            ));
+        };
+        if let Some(done) = self.apply_pending(&record).await? {
+            return Ok(Refreshed::Done(done));
+        }
+        if record.needs_reauth {
+            return Err(ServiceError::NeedsReauth);
+        }
+        // Re-read after the lock: if the row moved on, someone refreshed (or changed) it.
+        if record.row_version != seen_row_version
+            || (trigger != Trigger::Forced && !self.is_due(&config, &record))
+        {
+            return Ok(Refreshed::Skipped(record));
+        }
+
+        let runtime = self.runtime();
+        let manager = Self::manager(&runtime, &record.location.manager_id)?;
+        let loc = &record.location;
+        let value = self
+            .call(
+                &loc.manager_id,
+                "get",
+                manager.get(&loc.name, loc.version.as_deref()),
+            )
+            .await
+            .map_err(|e| manager_failure(&loc.manager_id, e))?
+            .value;
+        let refresh_token = value.get(REFRESH_TOKEN).cloned().ok_or_else(|| {
+            ServiceError::NotRefreshable(format!("the credential has no `{REFRESH_TOKEN}` field"))
+        })?;
+        let client_secret = value.get(CLIENT_SECRET).cloned();
+        if let Some(e) = record.expires_at {
+            let left = (e * 1000 - crate::time::now_unix_ms()).max(0) as f64 / 1000.0;
+            self.metrics.oauth_time_to_expiry.observe(left);
+        }
+
+        let answer = {
+            let _permit = self
+                .oauth
+                .limiter
+                .acquire()
+                .await
+                .map_err(|_| ServiceError::Metadata("refresh limiter closed".into()))?;
+            self.oauth
+                .client
+                .refresh(
+                    &oauth,
+                    client_secret.as_ref(),
+                    &refresh_token,
+                    config.timeout,
+                )
+                .await
+        };
+        match answer {
+            Ok(grant) => {
+                let tokens = Tokens::from_grant(grant);
+                // The old refresh token is spent now: keep the answer before anything else.
+                self.save_pending(&record, &tokens).await;
+                self.check_write_rate(&record, &tokens, &config);
+                match self.write_tokens(record, &tokens).await {
+                    Ok(done) => {
+                        let _ = self.metadata.pending_token_delete(id).await;
+                        self.oauth.backoff.succeeded(id);
+                        self.count("success");
+                        tracing::info!(credential = id, expires_at = ?done.expires_at,
+                            rotated = tokens.refresh_token.is_some(), "refreshed OAuth token");
+                        Ok(Refreshed::Done(done))
+                    }
+                    Err(e) => {
+                        self.oauth.backoff.failed(&config, id, None);
+                        self.count("write_failed");
+                        tracing::error!(credential = id, error = %e,
+                            "refreshed OAuth token but could not write it back; the sealed answer is kept and applied by the next attempt");
+                        Err(e)
+                    }
+                }
+            }
+            Err(OAuthError::Rejected { code }) => {
+                self.count(if code == "invalid_grant" {
+                    "invalid_grant"
+                } else {
+                    "rejected"
+                });
+                tracing::warn!(credential = id, code = %code,
+                    "token endpoint rejected the refresh; marking the credential for re-authorisation");
+                self.mark_needs_reauth(record).await?;
+                Err(ServiceError::NeedsReauth)
+            }
+            Err(e) => {
+                let wait = self.oauth.backoff.failed(&config, id, e.retry_after());
+                self.count("unavailable");
+                tracing::warn!(credential = id, error = %e, retry_in = ?wait, "OAuth refresh failed; will retry");
+                Err(ServiceError::TokenUnavailable {
+                    detail: e.to_string(),
+                    retry_after: wait,
+                })
+            }
+        }
+    }
+
+    /// Warns (once per credential) when a token's lifetime means write-backs more often than
+    /// its secrets manager advises: each refresh is one new secret version there.
+    fn check_write_rate(&self, record: &CredentialRecord, tokens: &Tokens, config: &OAuthConfig) {
+        let runtime = self.runtime.load();
+        let Some(manager) = runtime.config.manager(&record.location.manager_id) else {
+            return;
+        };
+        let (Some(advised), Some(expires_at)) = (
+            crate::manager::descriptor::find(&manager.kind)
+                .and_then(|d| d.advised_min_write_interval),
+            tokens.expires_at,
+        ) else {
+            return;
+        };
+        let lifetime = Duration::from_secs((expires_at - crate::time::now_unix()).max(0) as u64);
+        let interval = lifetime.saturating_sub(config.refresh_before.min(lifetime / 2));
+        if interval >= advised {
+            return;
+        }
+        let mut warned = self
+            .oauth
+            .warned_write_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if warned.len() < 10_000 && warned.insert(record.id.clone()) {
+            tracing::warn!(credential = %record.id, manager = %manager.id, every = ?interval, advised = ?advised,
+                "this token is refreshed (and written back) more often than its secrets manager advises for one secret; consider a secrets manager without that limit for it");
+        }
+    }
+
+    async fn mark_needs_reauth(&self, mut current: CredentialRecord) -> Result<(), ServiceError> {
+        for _ in 0..4 {
+            let mut next = current.clone();
+            next.needs_reauth = true;
+            next.row_version += 1;
+            next.updated_at = crate::time::now_unix();
+            match self
+                .metadata
+                .update_credential(&next, current.row_version, None)
+                .await
+            {
+                Ok(_) => {
+                    self.cache.invalidate(&current.id);
+                    if let Ok(n) = self.metadata.count_needs_reauth().await {
+                        self.metrics.needs_reauth.set(n as i64);
+                    }
+                    return Ok(());
+                }
+                Err(MetadataError::Conflict) => {
+                    current = self
+                        .metadata
+                        .get_credential(&current.id)
+                        .await?
+                        .ok_or(ServiceError::NotFound)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Conflict)
+    }
+}

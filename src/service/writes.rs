@@ -1,0 +1,407 @@
+//! Writes: create, patch and delete a credential, and write a new version of its secret where
+//! it already is. Each follows the journal protocol in `journal.rs`; a patch that changes where
+//! the credential belongs hands over to `moves.rs`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::error::manager_failure;
+use super::input::{check_metadata, check_oauth, parse_expiry, write_token};
+use super::{CreateRequest, PatchRequest, Service, ServiceError};
+use crate::access::{Action, Caller};
+use crate::cache::Loaded;
+use crate::config::is_valid_name;
+use crate::manager::{ManagerError, PutRequest, SecretsManager};
+use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
+use crate::routing::route;
+use crate::secret::SecretFields;
+
+/// What a write answers: never the secrets.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub record: CredentialRecord,
+}
+
+impl Service {
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        request: CreateRequest,
+    ) -> Result<WriteOutcome, ServiceError> {
+        let environment = request.environment;
+        if !is_valid_name(&environment) {
+            return Err(ServiceError::Invalid(
+                "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
+            ));
+        }
+        if !self.allows(caller, Action::Write, Some(&environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let integration_type = request.integration_type.unwrap_or_default();
+        if integration_type.is_empty()
+            || integration_type.len() > 128
+            || integration_type.chars().any(char::is_control)
+        {
+            return Err(ServiceError::Invalid(
+                "`integration_type` must be 1-128 printable characters".into(),
+            ));
+        }
+        let metadata = request.metadata.unwrap_or_default();
+        check_metadata(&metadata)?;
+        let (oauth, expires_at) = match request.oauth {
+            Some(o) => {
+                let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
+                (Some(check_oauth(o)?), expires_at)
+            }
+            None => (None, None),
+        };
+
+        let runtime = self.runtime();
+        let pin = request.secrets_manager_id;
+        if let Some(pin) = &pin {
+            Self::manager(&runtime, pin)?;
+        }
+        let target = route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            &environment,
+            pin.as_deref(),
+        );
+        let manager = Self::manager(&runtime, &target.manager_id)?;
+        let read_only = manager.describe().capabilities.read_only;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = crate::time::now_unix();
+        let mut record = CredentialRecord {
+            id: id.clone(),
+            environment: environment.clone(),
+            integration_type,
+            metadata,
+            oauth,
+            pinned_manager: pin,
+            location: Location {
+                manager_id: target.manager_id.clone(),
+                name: String::new(),
+                version: None,
+            },
+            expires_at,
+            needs_reauth: false,
+            row_version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+
+        if read_only {
+            // Registration by reference: the account lives in the read-only manager already.
+            if request.secrets.is_some() {
+                return Err(ServiceError::ReadOnly {
+                    manager: target.manager_id,
+                });
+            }
+            let external_id = request
+                .external_id
+                .filter(|e| is_valid_name(e))
+                .ok_or_else(|| {
+                    ServiceError::Invalid(
+                        "a read-only manager needs `external_id` (the account id there)".into(),
+                    )
+                })?;
+            let read = self
+                .call(&target.manager_id, "get", manager.get(&external_id, None))
+                .await
+                .map_err(|e| match e {
+                    ManagerError::NotFound => {
+                        ServiceError::Invalid("`external_id` does not exist in that manager".into())
+                    }
+                    e => manager_failure(&target.manager_id, e),
+                })?;
+            record.location.name = external_id;
+            self.metadata.create_credential(&record, 0).await?;
+            self.cache.replace(
+                &id,
+                Loaded {
+                    record: Arc::new(record.clone()),
+                    secrets: read.value,
+                    valid_until: read.expires_in.map(|d| SystemTime::now() + d),
+                },
+            );
+            return Ok(WriteOutcome { record });
+        }
+
+        if request.external_id.is_some() {
+            return Err(ServiceError::Invalid(
+                "`external_id` is only for read-only managers".into(),
+            ));
+        }
+        let secrets = request.secrets.filter(|s| !s.is_empty()).ok_or_else(|| {
+            ServiceError::Invalid("`secrets` must hold at least one field".into())
+        })?;
+        let _guard = self.locks.lock(&id).await;
+        let name = Self::secret_name(&runtime, &target.manager_id, &environment, &id);
+        let journal_id = self.journal(&id, &target.manager_id, &name).await?;
+        let written = self
+            .call(
+                &target.manager_id,
+                "put",
+                manager.put(PutRequest {
+                    name: &name,
+                    value: &secrets,
+                    expected_version: None,
+                    idempotency_key: &write_token(),
+                }),
+            )
+            .await;
+        let version = match written {
+            Ok(v) => v,
+            Err(e) => {
+                // The write may have landed anyway (a timeout); the journal entry makes sure
+                // the sweeper removes whatever is there.
+                return Err(manager_failure(&target.manager_id, e));
+            }
+        };
+        record.location.name = name;
+        record.location.version = Some(version);
+        self.metadata.create_credential(&record, journal_id).await?;
+        self.cache.replace(
+            &id,
+            Loaded {
+                record: Arc::new(record.clone()),
+                secrets,
+                valid_until: expires_at.map(crate::time::from_unix),
+            },
+        );
+        Ok(WriteOutcome { record })
+    }
+
+    pub async fn patch(
+        &self,
+        caller: &Caller,
+        id: &str,
+        request: PatchRequest,
+    ) -> Result<WriteOutcome, ServiceError> {
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        if !self.allows(caller, Action::Write, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        if let Some(m) = &request.metadata {
+            check_metadata(m)?;
+        }
+        let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
+        let _guard = self.locks.lock(id).await;
+        let current = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if !self.allows(caller, Action::Write, Some(&current.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let runtime = self.runtime();
+        let mut next = current.clone();
+        if let Some(pin) = request.secrets_manager_id {
+            if let Some(p) = &pin {
+                Self::manager(&runtime, p)?;
+            }
+            next.pinned_manager = pin;
+        }
+        if let Some(m) = request.metadata {
+            next.metadata = m;
+        }
+        if let Some(e) = new_expiry {
+            next.expires_at = Some(e);
+        }
+        if request.secrets.is_some() {
+            // New secrets are how a user re-authorises: refreshing may be tried again.
+            next.needs_reauth = false;
+        }
+        next.row_version += 1;
+        next.updated_at = crate::time::now_unix();
+
+        let target = route(
+            &runtime.config.routing,
+            &runtime.config.managers,
+            &next.environment,
+            next.pinned_manager.as_deref(),
+        );
+        let moving = target.manager_id != current.location.manager_id;
+        let source = Self::manager(&runtime, &current.location.manager_id).ok();
+        let source_read_only = source
+            .as_ref()
+            .is_some_and(|m| m.describe().capabilities.read_only);
+        if source_read_only && (moving || request.secrets.is_some()) {
+            return Err(ServiceError::ReadOnly {
+                manager: current.location.manager_id,
+            });
+        }
+        let target_manager = Self::manager(&runtime, &target.manager_id)?;
+        if moving && target_manager.describe().capabilities.read_only {
+            return Err(ServiceError::ReadOnly {
+                manager: target.manager_id,
+            });
+        }
+
+        if !moving && request.secrets.is_none() {
+            self.metadata
+                .update_credential(&next, current.row_version, None)
+                .await?;
+            self.cache.invalidate(id);
+            return Ok(WriteOutcome { record: next });
+        }
+
+        // The new value is the stored one with the patched fields laid over it.
+        let source = source
+            .ok_or_else(|| ServiceError::UnknownManager(current.location.manager_id.clone()))?;
+        let loc = &current.location;
+        let mut value = self
+            .call(
+                &loc.manager_id,
+                "get",
+                source.get(&loc.name, loc.version.as_deref()),
+            )
+            .await
+            .map_err(|e| manager_failure(&loc.manager_id, e))?
+            .value;
+        if let Some(patch) = request.secrets {
+            value.merge(patch);
+        }
+
+        if moving {
+            self.move_to(
+                &runtime,
+                current,
+                next,
+                &target.manager_id,
+                &target_manager,
+                &value,
+            )
+            .await
+        } else {
+            let next = self
+                .write_in_place(&current, next, &target_manager, value)
+                .await?;
+            Ok(WriteOutcome { record: next })
+        }
+    }
+
+    /// Writes a new version of a credential's secret to the secrets manager it is already in
+    /// (with compare-and-swap on the recorded version where the manager has it), then switches
+    /// the row from `current` to `next` and replaces the cached entry. Caller holds the lock.
+    pub(super) async fn write_in_place(
+        &self,
+        current: &CredentialRecord,
+        mut next: CredentialRecord,
+        manager: &Arc<dyn SecretsManager>,
+        value: SecretFields,
+    ) -> Result<CredentialRecord, ServiceError> {
+        let id = current.id.as_str();
+        let loc = &current.location;
+        let caps = manager.describe().capabilities;
+        let idempotency_key = write_token();
+        let put = |expected_version| {
+            self.call(
+                &loc.manager_id,
+                "put",
+                manager.put(PutRequest {
+                    name: &loc.name,
+                    value: &value,
+                    expected_version,
+                    idempotency_key: &idempotency_key,
+                }),
+            )
+        };
+        let expected = if caps.compare_and_swap {
+            loc.version.as_deref()
+        } else {
+            None
+        };
+        // Marks a version that may land without being recorded (a timeout, a crash).
+        let intent = self
+            .journal_kind(JournalKind::Version, id, &loc.manager_id, &loc.name)
+            .await?;
+        let version = match put(expected).await {
+            Err(ManagerError::Conflict) => {
+                // The manager moved past the recorded version. If an earlier write of ours
+                // left an unrecorded version (its intent is still journaled) and the row
+                // is unchanged, writing over that version loses nothing. Otherwise
+                // someone else wrote to the manager: report the conflict, never overwrite.
+                let fresh = self
+                    .metadata
+                    .get_credential(id)
+                    .await?
+                    .ok_or(ServiceError::NotFound)?;
+                let ours = self.earlier_intents(id, intent).await?;
+                if fresh.row_version != current.row_version || ours.is_empty() {
+                    let _ = self.metadata.journal_remove(intent).await;
+                    return Err(ServiceError::Conflict);
+                }
+                put(None).await
+            }
+            other => other,
+        }
+        .map_err(|e| manager_failure(&loc.manager_id, e))?;
+        next.location.version = Some(version);
+        self.metadata
+            .update_credential(&next, current.row_version, None)
+            .await?;
+        for entry in self
+            .earlier_intents(id, intent)
+            .await?
+            .into_iter()
+            .chain([intent])
+        {
+            self.metadata.journal_remove(entry).await?;
+        }
+        self.cache.replace(
+            id,
+            Loaded {
+                record: Arc::new(next.clone()),
+                secrets: value,
+                valid_until: next.expires_at.map(crate::time::from_unix),
+            },
+        );
+        Ok(next)
+    }
+
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ServiceError> {
+        if !is_valid_name(id) {
+            return Err(ServiceError::NotFound);
+        }
+        if !self.allows(caller, Action::Write, None) {
+            return Err(ServiceError::Forbidden);
+        }
+        let _guard = self.locks.lock(id).await;
+        let current = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        if !self.allows(caller, Action::Write, Some(&current.environment)) {
+            return Err(ServiceError::Forbidden);
+        }
+        let runtime = self.runtime();
+        // For a read-only manager only the reference goes; `settle` never deletes there.
+        let abandoned = JournalEntry {
+            id: 0,
+            kind: JournalKind::Copy,
+            credential_id: id.to_owned(),
+            manager_id: current.location.manager_id.clone(),
+            name: current.location.name.clone(),
+            created_at: crate::time::now_unix(),
+        };
+        let entry_id = self
+            .metadata
+            .delete_credential(id, current.row_version, &abandoned)
+            .await?;
+        self.cache.invalidate(id);
+        self.settle(
+            &runtime,
+            &JournalEntry {
+                id: entry_id,
+                ..abandoned
+            },
+        )
+        .await;
+        Ok(())
+    }
+}
