@@ -3,7 +3,7 @@
 //! settings a reload can change (`restart`), and every default (`defaults`).
 //!
 //! This module imports nothing of the crate but `secret`: what a manager type accepts, and
-//! whether a user or group exists, is checked where the daemon is assembled (`crate::setup`).
+//! whether a user or group exists, is checked where the daemon is assembled (the `setup` module).
 
 mod defaults;
 mod raw;
@@ -195,8 +195,8 @@ pub struct LogConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManagerConfig {
     pub id: String,
-    /// The type's name (`aws`, `hashicorp`...). Whether it exists and is built into this binary,
-    /// and what `settings` it takes, is the type descriptor's to say (`crate::manager`).
+    /// The type's name (`aws`, `hashicorp`...). Whether it exists and is built into this
+    /// binary, and what `settings` it takes, is for the `manager` module's descriptors to say.
     pub kind: String,
     pub prefix: String,
     /// Type-specific keys, checked against the type's descriptor where the daemon is assembled.

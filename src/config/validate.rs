@@ -1,7 +1,7 @@
 //! Turns the raw shape into typed settings: defaults applied, values range-checked, every
 //! refusal naming its key. Only what the file alone can tell is checked here; a manager's
 //! type-specific keys, and the user and group names of access rules, are checked where the
-//! daemon is assembled (`crate::setup`), since they need the rest of the crate.
+//! daemon is assembled (the `setup` module), since they need the rest of the crate.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
