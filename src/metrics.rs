@@ -109,7 +109,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "credproxy_backend_requests_total",
-                    "Calls to secrets stores by manager, operation and outcome.",
+                    "Calls to secrets managers by manager id, operation and outcome.",
                 ),
                 &["manager", "operation", "outcome"],
             )
@@ -120,7 +120,7 @@ impl Metrics {
             HistogramVec::new(
                 HistogramOpts::new(
                     "credproxy_backend_request_duration_seconds",
-                    "Secrets store call latency.",
+                    "Secrets manager call latency, by manager id and operation.",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["manager", "operation"],
@@ -164,7 +164,7 @@ impl Metrics {
             IntGaugeVec::new(
                 Opts::new(
                     "credproxy_migration_pending",
-                    "Credentials waiting to be moved, by source and target store.",
+                    "Credentials waiting to be moved, by source and target secrets manager.",
                 ),
                 &["source", "target"],
             )

@@ -3,7 +3,6 @@
 //! type-specific keys, and the user and group names of access rules, are checked where the
 //! daemon is assembled (the `setup` module), since they need the rest of the crate.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         (Some(false), _) => None,
         (_, Some(listen)) => Some(MetricsConfig { listen }),
         (_, None) => Some(MetricsConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            listen: DEFAULT_METRICS_LISTEN,
         }),
     };
 
