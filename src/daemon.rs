@@ -133,7 +133,7 @@ pub async fn build(config: Config) -> Result<Parts, StartError> {
 
 /// Turns parts into the service and the request handlers' state.
 pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
-    let (owner_uid, _) = server::unix::effective_ids();
+    let (owner_uid, _) = crate::sys::effective_ids();
     let policy = Policy::new(parts.config.access.clone(), owner_uid, socket_gid);
     let tcp_token = match &parts.config.server.tcp {
         Some(tcp) => Some(
@@ -205,7 +205,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let keys = Arc::clone(&parts.keys);
     let listeners = bind(&config).await?;
     let socket_gid =
-        server::unix::socket_gid(&socket_path).unwrap_or(server::unix::effective_ids().1);
+        server::unix::socket_gid(&socket_path).unwrap_or(crate::sys::effective_ids().1);
     let app = assemble(parts, socket_gid)?;
     serve_app(app, listeners, keys, &socket_path, shutdown).await;
     Ok(())

@@ -11,7 +11,6 @@ use crate::config::GroupSpec;
 
 /// Kept at its old path for the daemon; the implementation lives with the crate's other libc
 /// calls.
-pub use crate::sys::effective_ids;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {

@@ -124,11 +124,45 @@ pub(super) fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
         serde_json::Value::String(s) => crate::time::parse_rfc3339(s),
         _ => None,
     }
-    .ok_or_else(|| ServiceError::Invalid("`expires_at` must be RFC 3339 or Unix seconds".into()))
+    // Refresh scheduling does arithmetic in milliseconds on this value: a year past 9999
+    // would overflow it.
+    .filter(|t| (0..=LATEST_EXPIRY).contains(t))
+    .ok_or_else(|| {
+        ServiceError::Invalid(
+            "`expires_at` must be RFC 3339 or Unix seconds, between 1970 and 9999".into(),
+        )
+    })
 }
+
+/// 9999-12-31T23:59:59Z.
+const LATEST_EXPIRY: i64 = 253_402_300_799;
 
 /// A fresh idempotency token per logical write (AWS wants 32-64 characters). A token reused
 /// for a different value is an error there, so it is never derived from the row version.
 pub(super) fn write_token() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_refused_outside_the_years_refresh_arithmetic_can_hold() {
+        use serde_json::json;
+        assert_eq!(parse_expiry(&json!(1_700_000_000)).unwrap(), 1_700_000_000);
+        assert_eq!(
+            parse_expiry(&json!("2030-01-01T00:00:00Z")).unwrap(),
+            1_893_456_000
+        );
+        for bad in [
+            json!(i64::MAX),
+            json!(-1),
+            json!(LATEST_EXPIRY + 1),
+            json!(true),
+        ] {
+            let e = parse_expiry(&bad).unwrap_err().to_string();
+            assert!(e.contains("between 1970 and 9999"), "{e}");
+        }
+    }
 }
