@@ -5,282 +5,37 @@
 //! retry policy honours `Retry-After` on 429. Authentication: a client secret of an app
 //! registration, else workload identity (AKS, `AZURE_FEDERATED_TOKEN_FILE`), else the
 //! instance's managed identity.
+//!
+//! This file holds the manager and its requests; `settings` holds what the configuration may
+//! say and `credential` how the manager gets its Entra ID tokens.
+
+mod credential;
+mod settings;
+
+pub use settings::{parse_settings, AzureSettings, DESCRIPTOR};
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
 use azure_core::http::{ClientOptions, StatusCode, Transport};
 use azure_core::time;
 use azure_security_keyvault_secrets::models::{SecretClientGetSecretOptions, SetSecretParameters};
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use futures::TryStreamExt;
-use serde::Deserialize;
 
-use super::descriptor::{Descriptor, Key};
 use super::{
     names, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
     Versioned,
 };
-use crate::config::{ConfigError, ManagerConfig, SecretRef};
-use crate::secret::{SecretFields, SecretString};
+use crate::config::{ConfigError, ManagerConfig};
+use crate::secret::SecretFields;
+use credential::{Credential, Flow};
 
 /// Key Vault secret names are 1-127 characters.
 const MAX_NAME: usize = 127;
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
-const IMDS: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
-/// Tokens are renewed this long before they expire.
-const TOKEN_MARGIN: Duration = Duration::from_secs(300);
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AzureSettings {
-    pub vault_url: String,
-    pub tenant_id: Option<String>,
-    pub client_id: Option<String>,
-    pub client_secret: Option<SecretRef>,
-    /// Microsoft Entra authority (sovereign clouds, tests).
-    pub authority_host: Option<String>,
-    /// Purge after the soft delete, so the name can be reused at once.
-    #[serde(default)]
-    pub purge_on_delete: bool,
-    /// Extra CA certificates (PEM) to trust, for private endpoints behind a TLS proxy.
-    pub ca_file: Option<std::path::PathBuf>,
-}
-
-/// The `azure` type, for the table in `descriptor`.
-pub static DESCRIPTOR: Descriptor = Descriptor {
-    kind: "azure",
-    read_only: false,
-    compare_and_swap: false,
-    advised_min_write_interval: None,
-    keys: &[
-    Key {
-        name: "vault_url",
-        required: true,
-        secret: false,
-        label: "Key Vault URL",
-        instructions: "The vault's URI from the Azure portal overview, e.g. https://myvault.vault.azure.net.",
-    },
-    Key {
-        name: "tenant_id",
-        required: false,
-        secret: false,
-        label: "Tenant id (optional)",
-        instructions: "The Microsoft Entra tenant of the app registration; omit with client_id and client_secret to use workload or managed identity.",
-    },
-    Key {
-        name: "client_id",
-        required: false,
-        secret: false,
-        label: "Client id (optional)",
-        instructions: "The app registration's application (client) id, granted the Key Vault Secrets Officer role.",
-    },
-    Key {
-        name: "client_secret",
-        required: false,
-        secret: true,
-        label: "Client secret (optional)",
-        instructions: "A client secret of that app registration, as { env } or { file }.",
-    },
-    Key {
-        name: "authority_host",
-        required: false,
-        secret: false,
-        label: "Authority host (optional)",
-        instructions: "The Microsoft Entra authority for sovereign clouds, e.g. https://login.microsoftonline.us; defaults to https://login.microsoftonline.com.",
-    },
-    Key {
-        name: "purge_on_delete",
-        required: false,
-        secret: false,
-        label: "Purge on delete (optional)",
-        instructions: "true to purge a deleted secret at once (needs the purge permission); otherwise Key Vault keeps it soft-deleted for its retention period.",
-    },
-    Key {
-        name: "ca_file",
-        required: false,
-        secret: false,
-        label: "CA file (optional)",
-        instructions: "A PEM file of extra CA certificates to trust, for private endpoints behind a TLS proxy.",
-    },
-    ],
-    check_values: |manager| parse_settings(manager).map(drop),
-    build: |manager| Box::pin(AzureManager::build(manager)),
-};
-
-pub fn parse_settings(manager: &ManagerConfig) -> Result<AzureSettings, ConfigError> {
-    let s: AzureSettings = super::parse_table(manager)?;
-    let https = |v: &str| url::Url::parse(v).is_ok_and(|u| u.scheme() == "https");
-    if !https(&s.vault_url) {
-        return Err(super::setting_error(
-            manager,
-            "vault_url",
-            "must be the vault's https URL, e.g. https://myvault.vault.azure.net",
-        ));
-    }
-    if let Some(a) = &s.authority_host {
-        if !https(a) {
-            return Err(super::setting_error(
-                manager,
-                "authority_host",
-                "must be an https URL",
-            ));
-        }
-    }
-    let secret_parts = [
-        s.tenant_id.is_some(),
-        s.client_id.is_some(),
-        s.client_secret.is_some(),
-    ];
-    if s.client_secret.is_some() && secret_parts.contains(&false) {
-        return Err(super::setting_error(
-            manager,
-            "client_secret",
-            "give tenant_id, client_id and client_secret together, or none for managed identity",
-        ));
-    }
-    Ok(s)
-}
-
-#[derive(Debug)]
-enum Flow {
-    ClientSecret {
-        tenant: String,
-        client_id: String,
-        secret: SecretString,
-    },
-    /// AKS workload identity: a federated token file exchanged as a client assertion.
-    Workload {
-        tenant: String,
-        client_id: String,
-        token_file: std::path::PathBuf,
-    },
-    ManagedIdentity {
-        client_id: Option<String>,
-    },
-}
-
-/// Gets and caches Entra ID tokens for Key Vault.
-#[derive(Debug)]
-struct Credential {
-    http: reqwest::Client,
-    authority: String,
-    flow: Flow,
-    cached: Mutex<Option<(String, AccessToken)>>,
-}
-
-#[derive(Deserialize)]
-struct TokenAnswer {
-    access_token: String,
-    #[serde(default)]
-    expires_in: Option<serde_json::Value>,
-    #[serde(default)]
-    expires_on: Option<serde_json::Value>,
-}
-
-fn number(v: &Option<serde_json::Value>) -> Option<i64> {
-    match v {
-        Some(serde_json::Value::Number(n)) => n.as_i64(),
-        Some(serde_json::Value::String(s)) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn credential_error(msg: impl Into<String>) -> azure_core::Error {
-    azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, msg.into())
-}
-
-#[async_trait]
-impl TokenCredential for Credential {
-    async fn get_token(
-        &self,
-        scopes: &[&str],
-        _options: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        let scope = scopes.join(" ");
-        let now = time::OffsetDateTime::now_utc();
-        if let Some((s, token)) = self
-            .cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            if *s == scope && token.expires_on - TOKEN_MARGIN > now {
-                return Ok(token.clone());
-            }
-        }
-        let request = match &self.flow {
-            Flow::ClientSecret {
-                tenant,
-                client_id,
-                secret,
-            } => self
-                .http
-                .post(format!("{}/{tenant}/oauth2/v2.0/token", self.authority))
-                .form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", client_id),
-                    ("client_secret", secret.expose()),
-                    ("scope", &scope),
-                ]),
-            Flow::Workload {
-                tenant,
-                client_id,
-                token_file,
-            } => {
-                let assertion = std::fs::read_to_string(token_file).map_err(|e| {
-                    credential_error(format!("cannot read the federated token file: {e}"))
-                })?;
-                self.http
-                    .post(format!("{}/{tenant}/oauth2/v2.0/token", self.authority))
-                    .form(&[
-                        ("grant_type", "client_credentials"),
-                        ("client_id", client_id),
-                        (
-                            "client_assertion_type",
-                            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                        ),
-                        ("client_assertion", assertion.trim()),
-                        ("scope", &scope),
-                    ])
-            }
-            Flow::ManagedIdentity { client_id } => {
-                let resource = scope.trim_end_matches("/.default");
-                let mut query = vec![("api-version", "2018-02-01"), ("resource", resource)];
-                if let Some(c) = client_id {
-                    query.push(("client_id", c));
-                }
-                self.http.get(IMDS).header("Metadata", "true").query(&query)
-            }
-        };
-        let response = request
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| credential_error(format!("token request failed: {}", e.without_url())))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(credential_error(format!(
-                "the identity endpoint refused the token request (HTTP {status})"
-            )));
-        }
-        let answer: TokenAnswer = response
-            .json()
-            .await
-            .map_err(|_| credential_error("the identity endpoint sent no token"))?;
-        let expires_on = match (number(&answer.expires_on), number(&answer.expires_in)) {
-            (Some(on), _) => time::OffsetDateTime::from_unix_timestamp(on).unwrap_or(now),
-            (None, Some(secs)) => now + Duration::from_secs(secs.max(0) as u64),
-            (None, None) => now + Duration::from_secs(600),
-        };
-        let token = AccessToken::new(Secret::new(answer.access_token), expires_on);
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((scope, token.clone()));
-        Ok(token)
-    }
-}
 
 pub struct AzureManager {
     id: String,
@@ -387,12 +142,7 @@ impl AzureManager {
                 },
             },
         };
-        let credential = Arc::new(Credential {
-            http: http.clone(),
-            authority,
-            flow,
-            cached: Mutex::new(None),
-        });
+        let credential = Arc::new(Credential::new(http.clone(), authority, flow));
         let options = SecretClientOptions {
             client_options: ClientOptions {
                 transport: Some(Transport::new(Arc::new(http))),
@@ -536,15 +286,5 @@ impl SecretsManager for AzureManager {
             }
         }
         Ok(window.finish())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_descriptor_describes_every_key_the_settings_accept() {
-        crate::manager::descriptor::assert_keys_match::<AzureSettings>(&DESCRIPTOR);
     }
 }

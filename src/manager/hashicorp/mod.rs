@@ -2,188 +2,36 @@
 //! Writes use KV v2 check-and-set on the version read, so a concurrent writer is detected;
 //! the reference records the KV version. Authentication (token, or AppRole with renewal and
 //! re-login) runs in a background task, never on the request path.
+//!
+//! This file holds the manager and its requests; `settings` holds what the configuration may
+//! say and `auth` how the manager gets and keeps its token.
+
+mod auth;
+mod settings;
+
+pub use settings::{parse_settings, AppRoleSettings, HashicorpSettings, DESCRIPTOR};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use serde::Deserialize;
 use tokio::sync::Notify;
 use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequest, SetSecretRequestOptions};
-use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
-use super::descriptor::{Descriptor, Key};
 use super::{
     ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
     Versioned,
 };
-use crate::config::{ConfigError, ManagerConfig, SecretRef};
+use crate::config::{ConfigError, ManagerConfig};
 use crate::secret::{SecretFields, SecretString};
+use auth::{auth_loop, make_client, Auth};
 
-/// Upper bound on one HTTP call to Vault, below the daemon's backend timeout by default.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Re-login back-off bounds after a failed login.
-const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Most folders one listing request walks: a bound on the LIST calls a single API request
 /// can cause.
 const LIST_FOLDER_LIMIT: usize = 10_000;
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HashicorpSettings {
-    pub address: String,
-    pub namespace: Option<String>,
-    #[serde(default = "default_mount")]
-    pub mount: String,
-    #[serde(default = "default_kv_version")]
-    pub kv_version: u8,
-    /// PEM file of the CA that signed Vault's certificate.
-    pub ca_file: Option<String>,
-    pub token: Option<SecretRef>,
-    pub approle: Option<AppRoleSettings>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppRoleSettings {
-    pub role_id: SecretRef,
-    pub secret_id: SecretRef,
-    #[serde(default = "default_approle_mount")]
-    pub mount: String,
-}
-
-fn default_mount() -> String {
-    "secret".into()
-}
-fn default_kv_version() -> u8 {
-    2
-}
-fn default_approle_mount() -> String {
-    "approle".into()
-}
-
-/// The `hashicorp` type, for the table in `descriptor`.
-pub static DESCRIPTOR: Descriptor = Descriptor {
-    kind: "hashicorp",
-    read_only: false,
-    compare_and_swap: true,
-    advised_min_write_interval: None,
-    keys: &[
-    Key {
-        name: "address",
-        required: true,
-        secret: false,
-        label: "Vault address",
-        instructions: "The Vault or OpenBao URL, e.g. https://vault.internal:8200.",
-    },
-    Key {
-        name: "namespace",
-        required: false,
-        secret: false,
-        label: "Namespace (optional)",
-        instructions: "The Vault Enterprise or OpenBao namespace the mount lives in.",
-    },
-    Key {
-        name: "mount",
-        required: false,
-        secret: false,
-        label: "KV mount (optional)",
-        instructions: "The KV secrets engine mount, default secret.",
-    },
-    Key {
-        name: "kv_version",
-        required: false,
-        secret: false,
-        label: "KV version (optional)",
-        instructions: "1 or 2 (default 2); version 2 gives compare-and-swap writes.",
-    },
-    Key {
-        name: "ca_file",
-        required: false,
-        secret: false,
-        label: "CA file (optional)",
-        instructions: "A PEM file of the CA that signed Vault's certificate.",
-    },
-    Key {
-        name: "token",
-        required: false,
-        secret: true,
-        label: "Token (optional)",
-        instructions: "A Vault token with a policy on the prefix, as { env } or { file }; or use approle.",
-    },
-    Key {
-        name: "approle.role_id",
-        required: true,
-        secret: true,
-        label: "AppRole role id",
-        instructions: "The role id (vault read auth/approle/role/NAME/role-id), as { env } or { file }; give approle or token.",
-    },
-    Key {
-        name: "approle.secret_id",
-        required: true,
-        secret: true,
-        label: "AppRole secret id",
-        instructions: "A secret id (vault write -f auth/approle/role/NAME/secret-id), as { env } or { file }.",
-    },
-    Key {
-        name: "approle.mount",
-        required: false,
-        secret: false,
-        label: "AppRole mount (optional)",
-        instructions: "Where the AppRole auth method is mounted, default approle.",
-    },
-    ],
-    check_values: |manager| parse_settings(manager).map(drop),
-    build: |manager| Box::pin(HashicorpManager::build(manager)),
-};
-
-pub fn parse_settings(manager: &ManagerConfig) -> Result<HashicorpSettings, ConfigError> {
-    let s: HashicorpSettings = super::parse_table(manager)?;
-    if !(s.address.starts_with("https://") || s.address.starts_with("http://"))
-        || url_invalid(&s.address)
-    {
-        return Err(super::setting_error(
-            manager,
-            "address",
-            "must be an http(s) URL",
-        ));
-    }
-    if !matches!(s.kv_version, 1 | 2) {
-        return Err(super::setting_error(manager, "kv_version", "1 or 2"));
-    }
-    if s.mount.is_empty() || s.mount.contains("..") {
-        return Err(super::setting_error(
-            manager,
-            "mount",
-            "must name a KV mount",
-        ));
-    }
-    if s.token.is_some() == s.approle.is_some() {
-        return Err(super::setting_error(
-            manager,
-            "token",
-            "give exactly one of token or approle",
-        ));
-    }
-    Ok(s)
-}
-
-fn url_invalid(s: &str) -> bool {
-    s.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-enum Auth {
-    Token(SecretString),
-    AppRole {
-        role_id: SecretString,
-        secret_id: SecretString,
-        mount: String,
-    },
-}
 
 pub struct HashicorpManager {
     id: String,
@@ -296,139 +144,8 @@ impl HashicorpManager {
         Ok(backend)
     }
 
-    /// AppRole login; swaps in a client carrying the new token. Returns the lease.
-    async fn login(&self) -> Result<Duration, ManagerError> {
-        let Auth::AppRole {
-            role_id,
-            secret_id,
-            mount,
-        } = &self.auth
-        else {
-            return Err(ManagerError::Permanent("not an AppRole manager".into()));
-        };
-        let anonymous = self.client.load_full();
-        let info =
-            vaultrs::auth::approle::login(&*anonymous, mount, role_id.expose(), secret_id.expose())
-                .await
-                .map_err(classify)?;
-        let token = SecretString::new(info.client_token);
-        let client = make_client(&self.settings, &token)
-            .map_err(|e| ManagerError::Permanent(e.to_string()))?;
-        self.client.store(Arc::new(client));
-        tracing::info!(manager = %self.id, lease_seconds = info.lease_duration, "logged in to Vault with AppRole");
-        Ok(Duration::from_secs(info.lease_duration))
-    }
-
-    /// Renews the current token; returns the new lease, or `None` if it does not expire.
-    async fn renew(&self) -> Result<Option<Duration>, ManagerError> {
-        let client = self.client.load_full();
-        let lookup = vaultrs::token::lookup_self(&*client)
-            .await
-            .map_err(classify)?;
-        tracing::debug!(manager = %self.id, ttl = lookup.ttl, renewable = ?lookup.renewable, "Vault token looked up");
-        // Only a token without an expiry time never expires; a ttl of 0 on an expiring token
-        // means less than a second is left.
-        if lookup.expire_time.is_none() {
-            return Ok(None);
-        }
-        // Only a token that says it is not renewable is left alone; some servers omit the
-        // field on lookup.
-        if lookup.renewable == Some(false) {
-            return Ok(Some(Duration::from_secs(lookup.ttl)));
-        }
-        let info = vaultrs::token::renew_self(&*client, None)
-            .await
-            .map_err(classify)?;
-        tracing::debug!(manager = %self.id, lease_seconds = info.lease_duration, "renewed the Vault token");
-        Ok(Some(Duration::from_secs(info.lease_duration)))
-    }
-
     fn mount(&self) -> &str {
         &self.settings.mount
-    }
-
-    fn after_error(&self, e: ManagerError) -> ManagerError {
-        if matches!(e, ManagerError::Denied(_)) {
-            self.relogin.notify_one();
-        }
-        e
-    }
-}
-
-fn make_client(
-    settings: &HashicorpSettings,
-    token: &SecretString,
-) -> Result<VaultClient, ClientError> {
-    let mut builder = VaultClientSettingsBuilder::default();
-    builder
-        .address(&settings.address)
-        .token(token.expose())
-        .timeout(Some(HTTP_TIMEOUT))
-        .verify(true)
-        .namespace(settings.namespace.clone());
-    if let Some(ca) = &settings.ca_file {
-        builder.ca_certs(vec![ca.clone()]);
-    } else {
-        builder.ca_certs(vec![]);
-    }
-    let settings = builder
-        .build()
-        .map_err(|_| ClientError::InvalidLoginMethodError)?;
-    VaultClient::new(settings)
-}
-
-/// Keeps the token alive: renew at two thirds of its lease; when renewal fails (or a request
-/// was refused), log in again with AppRole, backing off while Vault is unreachable.
-async fn auth_loop(backend: Weak<HashicorpManager>, relogin: Arc<Notify>) {
-    let mut backoff = RETRY_MIN;
-    loop {
-        let Some(b) = backend.upgrade() else { return };
-        tracing::trace!(manager = %b.id, "Vault auth check");
-        let next = match b.renew().await {
-            Ok(Some(lease)) => {
-                backoff = RETRY_MIN;
-                lease.mul_f64(2.0 / 3.0).max(Duration::from_secs(1))
-            }
-            // A token that never expires (e.g. a root token): only a refusal wakes us.
-            Ok(None) => Duration::from_secs(3600),
-            Err(e) => match &b.auth {
-                Auth::Token(_) => {
-                    tracing::warn!(manager = %b.id, error = %e, "Vault token renewal failed");
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    backoff
-                }
-                Auth::AppRole { .. } => match b.login().await {
-                    Ok(lease) => {
-                        backoff = RETRY_MIN;
-                        lease.mul_f64(2.0 / 3.0).max(Duration::from_secs(1))
-                    }
-                    Err(e) => {
-                        tracing::warn!(manager = %b.id, error = %e, "Vault AppRole login failed");
-                        backoff = (backoff * 2).min(RETRY_MAX);
-                        backoff
-                    }
-                },
-            },
-        };
-        // Hold only the weak reference while waiting, so dropping the backend ends the task.
-        drop(b);
-        let relogin_wanted = {
-            tokio::select! {
-                _ = tokio::time::sleep(next) => false,
-                _ = relogin.notified() => true,
-            }
-        };
-        if relogin_wanted {
-            let Some(b) = backend.upgrade() else { return };
-            if let Auth::AppRole { .. } = b.auth {
-                if let Err(e) = b.login().await {
-                    tracing::warn!(manager = %b.id, error = %e, "Vault AppRole re-login failed");
-                    drop(b);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-            }
-        }
     }
 }
 
@@ -621,15 +338,5 @@ impl SecretsManager for HashicorpManager {
             });
         }
         Ok(Page { items, more })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_descriptor_describes_every_key_the_settings_accept() {
-        crate::manager::descriptor::assert_keys_match::<HashicorpSettings>(&DESCRIPTOR);
     }
 }
