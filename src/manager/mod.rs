@@ -1,6 +1,6 @@
 //! The `SecretsManager` trait every place secrets live implements (the external managers and
 //! the local encrypted store), its error enum, the registry of configured managers, and the
-//! table of manager types (`descriptor`). One file and one cargo feature per external type.
+//! table of manager types (`descriptor`). One module and one cargo feature per external type.
 
 #[cfg(feature = "aws")]
 pub mod aws;
