@@ -12,8 +12,9 @@ use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
 use super::{
-    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, Metadata, MetadataError,
-    SealedRecord, SealedSummary, SCHEMA_VERSION,
+    CredentialRecord, CredentialRows, FleetRows, Invalidation, JournalEntry, JournalKind,
+    JournalRows, LeaseRows, Liveness, Location, MetadataError, PendingTokenRows, SealedRecord,
+    SealedRows, SealedSummary, SCHEMA_VERSION,
 };
 
 /// The channel that carries invalidations.
@@ -436,7 +437,7 @@ async fn journal_insert(
 }
 
 #[async_trait]
-impl Metadata for PostgresMetadata {
+impl Liveness for PostgresMetadata {
     async fn ping(&self) -> Result<(), MetadataError> {
         self.pool
             .get()
@@ -445,11 +446,10 @@ impl Metadata for PostgresMetadata {
             .await
             .map_err(db_err)
     }
+}
 
-    fn invalidations(&self) -> Option<broadcast::Receiver<Invalidation>> {
-        Some(self.invalidations.subscribe())
-    }
-
+#[async_trait]
+impl CredentialRows for PostgresMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         conn.query_opt(
@@ -589,6 +589,62 @@ impl Metadata for PostgresMetadata {
         Ok(n as u64)
     }
 
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
+            &[&manager_id, &name],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
+             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
+            &[&manager_id],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.query(
+            &format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
+                 AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+            ),
+            &[&before, &(limit as i64)],
+        )
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(credential_from_row)
+        .collect()
+    }
+
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
+        let conn = self.pool.get().await?;
+        let n: i64 = conn
+            .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok(n as u64)
+    }
+}
+
+#[async_trait]
+impl JournalRows for PostgresMetadata {
     async fn journal_add(&self, e: &JournalEntry) -> Result<i64, MetadataError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
@@ -625,30 +681,10 @@ impl Metadata for PostgresMetadata {
             })
             .collect())
     }
+}
 
-    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
-        let conn = self.pool.get().await?;
-        conn.query_one(
-            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
-            &[&manager_id, &name],
-        )
-        .await
-        .map(|r| r.get(0))
-        .map_err(db_err)
-    }
-
-    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
-        let conn = self.pool.get().await?;
-        conn.query_one(
-            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
-             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
-            &[&manager_id],
-        )
-        .await
-        .map(|r| r.get(0))
-        .map_err(db_err)
-    }
-
+#[async_trait]
+impl SealedRows for PostgresMetadata {
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
@@ -783,39 +819,10 @@ impl Metadata for PostgresMetadata {
         .map(drop)
         .map_err(db_err)
     }
+}
 
-    async fn lease_acquire(
-        &self,
-        key: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<bool, MetadataError> {
-        let conn = self.pool.get().await?;
-        let ttl = ttl.as_millis() as i64;
-        conn.execute(
-            &format!(
-                "INSERT INTO leases (key, holder, expires_at_ms) VALUES ($1, $2, {NOW_MS} + $3) \
-                 ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms \
-                 WHERE leases.expires_at_ms <= {NOW_MS} OR leases.holder = EXCLUDED.holder"
-            ),
-            &[&key, &holder, &ttl],
-        )
-        .await
-        .map(|n| n == 1)
-        .map_err(db_err)
-    }
-
-    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
-        let conn = self.pool.get().await?;
-        conn.execute(
-            "DELETE FROM leases WHERE key = $1 AND holder = $2",
-            &[&key, &holder],
-        )
-        .await
-        .map(drop)
-        .map_err(db_err)
-    }
-
+#[async_trait]
+impl PendingTokenRows for PostgresMetadata {
     async fn pending_token_put(
         &self,
         credential_id: &str,
@@ -861,25 +868,47 @@ impl Metadata for PostgresMetadata {
         .map(drop)
         .map_err(db_err)
     }
+}
 
-    async fn oauth_due(
+#[async_trait]
+impl LeaseRows for PostgresMetadata {
+    async fn lease_acquire(
         &self,
-        before: i64,
-        limit: usize,
-    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query(
+        let ttl = ttl.as_millis() as i64;
+        conn.execute(
             &format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
-                 AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                "INSERT INTO leases (key, holder, expires_at_ms) VALUES ($1, $2, {NOW_MS} + $3) \
+                 ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms \
+                 WHERE leases.expires_at_ms <= {NOW_MS} OR leases.holder = EXCLUDED.holder"
             ),
-            &[&before, &(limit as i64)],
+            &[&key, &holder, &ttl],
         )
         .await
-        .map_err(db_err)?
-        .iter()
-        .map(credential_from_row)
-        .collect()
+        .map(|n| n == 1)
+        .map_err(db_err)
+    }
+
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM leases WHERE key = $1 AND holder = $2",
+            &[&key, &holder],
+        )
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl FleetRows for PostgresMetadata {
+    fn invalidations(&self) -> Option<broadcast::Receiver<Invalidation>> {
+        Some(self.invalidations.subscribe())
     }
 
     async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError> {
@@ -917,15 +946,5 @@ impl Metadata for PostgresMetadata {
             .iter()
             .map(|r| r.get(0))
             .collect())
-    }
-
-    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
-        let conn = self.pool.get().await?;
-        let n: i64 = conn
-            .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])
-            .await
-            .map_err(db_err)?
-            .get(0);
-        Ok(n as u64)
     }
 }

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    CredentialRecord, JournalEntry, JournalKind, Location, Metadata, MetadataError, SealedRecord,
-    SealedSummary, SCHEMA_VERSION,
+    CredentialRecord, CredentialRows, FleetRows, JournalEntry, JournalKind, JournalRows, LeaseRows,
+    Liveness, Location, MetadataError, PendingTokenRows, SealedRecord, SealedRows, SealedSummary,
+    SCHEMA_VERSION,
 };
 
 const SCHEMA_V1: &str = r#"
@@ -247,12 +248,15 @@ fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
 }
 
 #[async_trait]
-impl Metadata for SqliteMetadata {
+impl Liveness for SqliteMetadata {
     async fn ping(&self) -> Result<(), MetadataError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
             .await
     }
+}
 
+#[async_trait]
+impl CredentialRows for SqliteMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let id = id.to_owned();
         self.with(move |c| {
@@ -397,6 +401,73 @@ impl Metadata for SqliteMetadata {
         .await
     }
 
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
+        let (manager_id, name) = (manager_id.to_owned(), name.to_owned());
+        self.with(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1 AND store_name = ?2)",
+                params![manager_id, name],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
+        let manager_id = manager_id.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1) \
+                 OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1)",
+                params![manager_id],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        self.with(move |c| {
+            let sql = format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
+                 WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
+                 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![before, limit as i64], credential_from_row)
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(db_err)??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM credentials WHERE needs_reauth != 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(db_err)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl JournalRows for SqliteMetadata {
     async fn journal_add(&self, entry: &JournalEntry) -> Result<i64, MetadataError> {
         let entry = entry.clone();
         self.with(move |c| journal_insert(c, &entry)).await
@@ -434,34 +505,10 @@ impl Metadata for SqliteMetadata {
         })
         .await
     }
+}
 
-    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
-        let (manager_id, name) = (manager_id.to_owned(), name.to_owned());
-        self.with(move |c| {
-            c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1 AND store_name = ?2)",
-                params![manager_id, name],
-                |r| r.get::<_, bool>(0),
-            )
-            .map_err(db_err)
-        })
-        .await
-    }
-
-    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
-        let manager_id = manager_id.to_owned();
-        self.with(move |c| {
-            c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1) \
-                 OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1)",
-                params![manager_id],
-                |r| r.get::<_, bool>(0),
-            )
-            .map_err(db_err)
-        })
-        .await
-    }
-
+#[async_trait]
+impl SealedRows for SqliteMetadata {
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
@@ -618,44 +665,10 @@ impl Metadata for SqliteMetadata {
         })
         .await
     }
+}
 
-    async fn lease_acquire(
-        &self,
-        key: &str,
-        holder: &str,
-        ttl: std::time::Duration,
-    ) -> Result<bool, MetadataError> {
-        let key = key.to_owned();
-        let holder = holder.to_owned();
-        let now = crate::time::now_unix_ms();
-        let until = now + ttl.as_millis() as i64;
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO leases (key, holder, expires_at_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
-                 WHERE leases.expires_at_ms <= ?4 OR leases.holder = excluded.holder",
-                params![key, holder, until, now],
-            )
-            .map(|changed| changed == 1)
-            .map_err(db_err)
-        })
-        .await
-    }
-
-    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
-        let key = key.to_owned();
-        let holder = holder.to_owned();
-        self.with(move |c| {
-            c.execute(
-                "DELETE FROM leases WHERE key = ?1 AND holder = ?2",
-                params![key, holder],
-            )
-            .map(|_| ())
-            .map_err(db_err)
-        })
-        .await
-    }
-
+#[async_trait]
+impl PendingTokenRows for SqliteMetadata {
     async fn pending_token_put(
         &self,
         credential_id: &str,
@@ -714,31 +727,50 @@ impl Metadata for SqliteMetadata {
         })
         .await
     }
+}
 
-    async fn oauth_due(
+#[async_trait]
+impl LeaseRows for SqliteMetadata {
+    async fn lease_acquire(
         &self,
-        before: i64,
-        limit: usize,
-    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        key: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let key = key.to_owned();
+        let holder = holder.to_owned();
+        let now = crate::time::now_unix_ms();
+        let until = now + ttl.as_millis() as i64;
         self.with(move |c| {
-            let sql = format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
-                 WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
-                 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
-            );
-            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![before, limit as i64], credential_from_row)
-                .map_err(db_err)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row.map_err(db_err)??);
-            }
-            Ok(out)
+            c.execute(
+                "INSERT INTO leases (key, holder, expires_at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
+                 WHERE leases.expires_at_ms <= ?4 OR leases.holder = excluded.holder",
+                params![key, holder, until, now],
+            )
+            .map(|changed| changed == 1)
+            .map_err(db_err)
         })
         .await
     }
 
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
+        let key = key.to_owned();
+        let holder = holder.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM leases WHERE key = ?1 AND holder = ?2",
+                params![key, holder],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl FleetRows for SqliteMetadata {
     async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError> {
         let (id, hash) = (id.to_owned(), config_hash.to_owned());
         let now = crate::time::now_unix_ms();
@@ -779,19 +811,6 @@ impl Metadata for SqliteMetadata {
                 .query_map([since], |r| r.get::<_, String>(0))
                 .map_err(db_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
-        })
-        .await
-    }
-
-    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM credentials WHERE needs_reauth != 0",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(db_err)
         })
         .await
     }
