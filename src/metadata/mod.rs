@@ -5,9 +5,11 @@
 //! Nothing here ever holds a plaintext secret: the local store's rows are sealed before they
 //! reach this layer.
 
+mod codec;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod roles;
+mod schema;
 pub mod sqlite;
 
 pub use roles::{

@@ -11,10 +11,15 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
+use super::codec::{
+    self, Columns, CredentialJson, CREDENTIAL_COLUMNS, JOURNAL_COLUMNS, SEALED_COLUMNS,
+    SEALED_SUMMARY_COLUMNS,
+};
+use super::schema::{self, Dialect};
 use super::{
-    CredentialRecord, CredentialRows, FleetRows, Invalidation, JournalEntry, JournalKind,
-    JournalRows, LeaseRows, Liveness, Location, MetadataError, PendingTokenRows, SealedRecord,
-    SealedRows, SealedSummary, SCHEMA_VERSION,
+    CredentialRecord, CredentialRows, FleetRows, Invalidation, JournalEntry, JournalRows,
+    LeaseRows, Liveness, MetadataError, PendingTokenRows, SealedRecord, SealedRows, SealedSummary,
+    SCHEMA_VERSION,
 };
 
 /// The channel that carries invalidations.
@@ -23,67 +28,17 @@ const CHANNEL: &str = "credproxy_invalidate";
 const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
 const POOL_SIZE: usize = 8;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS credproxy_schema (version BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS credentials (
-    id               TEXT PRIMARY KEY,
-    environment      TEXT NOT NULL,
-    integration_type TEXT NOT NULL,
-    metadata         TEXT NOT NULL,
-    oauth            TEXT,
-    pinned_manager   TEXT,
-    store_id         TEXT NOT NULL,
-    store_name       TEXT NOT NULL,
-    store_version    TEXT,
-    expires_at       BIGINT,
-    needs_reauth     BOOLEAN NOT NULL DEFAULT FALSE,
-    row_version      BIGINT NOT NULL,
-    created_at       BIGINT NOT NULL,
-    updated_at       BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS credentials_location ON credentials (store_id, store_name);
-CREATE INDEX IF NOT EXISTS credentials_oauth_due ON credentials (expires_at)
-    WHERE oauth IS NOT NULL AND NOT needs_reauth AND expires_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS journal (
-    id            BIGSERIAL PRIMARY KEY,
-    kind          TEXT NOT NULL DEFAULT 'copy',
-    credential_id TEXT NOT NULL,
-    store_id      TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    created_at    BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS local_secrets (
-    name        TEXT NOT NULL,
-    version     BIGINT NOT NULL,
-    key_id      TEXT NOT NULL,
-    wrapped_key BYTEA NOT NULL,
-    ciphertext  BYTEA NOT NULL,
-    created_at  BIGINT NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    key           TEXT PRIMARY KEY,
-    holder        TEXT NOT NULL,
-    expires_at_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS instances (
-    id           TEXT PRIMARY KEY,
-    config_hash  TEXT NOT NULL,
-    heartbeat_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS oauth_pending (
-    credential_id TEXT PRIMARY KEY,
-    name          TEXT NOT NULL,
-    version       BIGINT NOT NULL,
-    key_id        TEXT NOT NULL,
-    wrapped_key   BYTEA NOT NULL,
-    ciphertext    BYTEA NOT NULL,
-    created_at    BIGINT NOT NULL
-);
-"#;
-
-const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
-     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
+/// How PostgreSQL spells the shared schema.
+const DIALECT: Dialect = Dialect {
+    int: "BIGINT",
+    bytes: "BYTEA",
+    flag: "BOOLEAN NOT NULL DEFAULT FALSE",
+    serial_key: "BIGSERIAL PRIMARY KEY",
+    not_needs_reauth: "NOT needs_reauth",
+    // Every start runs the whole schema (under the advisory lock), so each object is created
+    // only if missing; that is also how an older database gains the newer objects.
+    if_new: "IF NOT EXISTS ",
+};
 
 /// The database's clock in milliseconds: leases compare times from many hosts.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -250,7 +205,12 @@ impl PostgresMetadata {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
                 .await
                 .map_err(db_err)?;
-            tx.batch_execute(SCHEMA).await.map_err(db_err)?;
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS credproxy_schema (version BIGINT NOT NULL);\n{}",
+                schema::ddl(&DIALECT, 1..=SCHEMA_VERSION)
+            ))
+            .await
+            .map_err(db_err)?;
             let version: Option<i64> = tx
                 .query_opt("SELECT version FROM credproxy_schema", &[])
                 .await
@@ -380,47 +340,41 @@ async fn listen_on<S, T>(
     }
 }
 
-fn credential_from_row(row: &Row) -> Result<CredentialRecord, MetadataError> {
-    let id: String = row.get(0);
-    let metadata: String = row.get(3);
-    let oauth: Option<String> = row.get(4);
-    Ok(CredentialRecord {
-        metadata: serde_json::from_str(&metadata)
-            .map_err(|_| MetadataError::Corrupt(format!("metadata of {id}")))?,
-        oauth: oauth
-            .map(|o| serde_json::from_str(&o))
-            .transpose()
-            .map_err(|_| MetadataError::Corrupt(format!("oauth of {id}")))?,
-        environment: row.get(1),
-        integration_type: row.get(2),
-        pinned_manager: row.get(5),
-        location: Location {
-            manager_id: row.get(6),
-            name: row.get(7),
-            version: row.get(8),
-        },
-        expires_at: row.get(9),
-        needs_reauth: row.get(10),
-        row_version: row.get(11),
-        created_at: row.get(12),
-        updated_at: row.get(13),
-        id,
-    })
-}
-
-fn sealed_from_row(row: &Row) -> SealedRecord {
-    SealedRecord {
-        name: row.get(0),
-        version: row.get(1),
-        key_id: row.get(2),
-        wrapped_key: row.get(3),
-        ciphertext: row.get(4),
-        created_at: row.get(5),
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn flag(&self, i: usize) -> Result<bool, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
+        self.try_get(i).map_err(db_err)
     }
 }
 
-fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
-    serde_json::to_string(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
+/// Every row, decoded.
+fn decode_all<T>(
+    rows: Vec<Row>,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Vec<T>, MetadataError> {
+    rows.iter().map(|row| decode(row)).collect()
+}
+
+/// The row, if any, decoded.
+fn decode_opt<T>(
+    row: Option<Row>,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Option<T>, MetadataError> {
+    row.as_ref().map(|row| decode(row)).transpose()
 }
 
 async fn journal_insert(
@@ -452,15 +406,14 @@ impl Liveness for PostgresMetadata {
 impl CredentialRows for PostgresMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query_opt(
-            &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
-            &[&id],
-        )
-        .await
-        .map_err(db_err)?
-        .as_ref()
-        .map(credential_from_row)
-        .transpose()
+        let row = conn
+            .query_opt(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_opt(row, codec::credential)
     }
 
     async fn create_credential(
@@ -468,8 +421,7 @@ impl CredentialRows for PostgresMetadata {
         r: &CredentialRecord,
         journal_id: i64,
     ) -> Result<(), MetadataError> {
-        let metadata = json_text(&r.metadata)?;
-        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let CredentialJson { metadata, oauth } = CredentialJson::of(r)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let inserted = tx
@@ -496,8 +448,7 @@ impl CredentialRows for PostgresMetadata {
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
     ) -> Result<Option<i64>, MetadataError> {
-        let metadata = json_text(&r.metadata)?;
-        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let CredentialJson { metadata, oauth } = CredentialJson::of(r)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let changed = tx
@@ -566,17 +517,16 @@ impl CredentialRows for PostgresMetadata {
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query(
-            &format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > $1 ORDER BY id LIMIT $2"
-            ),
-            &[&after.unwrap_or(""), &(limit as i64)],
-        )
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(credential_from_row)
-        .collect()
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after.unwrap_or(""), &(limit as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_all(rows, codec::credential)
     }
 
     async fn count_credentials(&self) -> Result<u64, MetadataError> {
@@ -618,18 +568,17 @@ impl CredentialRows for PostgresMetadata {
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query(
-            &format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
-                 AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
-            ),
-            &[&before, &(limit as i64)],
-        )
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(credential_from_row)
-        .collect()
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
+                     AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                ),
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_all(rows, codec::credential)
     }
 
     async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
@@ -663,23 +612,14 @@ impl JournalRows for PostgresMetadata {
 
     async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError> {
         let conn = self.pool.get().await?;
-        Ok(conn
+        let rows = conn
             .query(
-                "SELECT id, credential_id, store_id, name, created_at, kind FROM journal ORDER BY id",
+                &format!("SELECT {JOURNAL_COLUMNS} FROM journal ORDER BY id"),
                 &[],
             )
             .await
-            .map_err(db_err)?
-            .iter()
-            .map(|r| JournalEntry {
-                id: r.get(0),
-                credential_id: r.get(1),
-                manager_id: r.get(2),
-                name: r.get(3),
-                created_at: r.get(4),
-                kind: JournalKind::parse(r.get::<_, &str>(5)),
-            })
-            .collect())
+            .map_err(db_err)?;
+        decode_all(rows, codec::journal_entry)
     }
 }
 
@@ -687,16 +627,17 @@ impl JournalRows for PostgresMetadata {
 impl SealedRows for PostgresMetadata {
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        Ok(conn
+        let row = conn
             .query_opt(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                 WHERE name = $1 ORDER BY version DESC LIMIT 1",
+                &format!(
+                    "SELECT {SEALED_COLUMNS} FROM local_secrets \
+                     WHERE name = $1 ORDER BY version DESC LIMIT 1"
+                ),
                 &[&name],
             )
             .await
-            .map_err(db_err)?
-            .as_ref()
-            .map(sealed_from_row))
+            .map_err(db_err)?;
+        decode_opt(row, codec::sealed)
     }
 
     async fn sealed_get(
@@ -705,25 +646,31 @@ impl SealedRows for PostgresMetadata {
         version: i64,
     ) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        Ok(conn
+        let row = conn
             .query_opt(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                 WHERE name = $1 AND version = $2",
+                &format!(
+                    "SELECT {SEALED_COLUMNS} FROM local_secrets WHERE name = $1 AND version = $2"
+                ),
                 &[&name, &version],
             )
             .await
-            .map_err(db_err)?
-            .as_ref()
-            .map(sealed_from_row))
+            .map_err(db_err)?;
+        decode_opt(row, codec::sealed)
     }
 
     async fn sealed_insert(&self, r: &SealedRecord) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         match conn
             .execute(
-                "INSERT INTO local_secrets (name, version, key_id, wrapped_key, ciphertext, created_at) \
-                 VALUES ($1,$2,$3,$4,$5,$6)",
-                &[&r.name, &r.version, &r.key_id, &r.wrapped_key, &r.ciphertext, &r.created_at],
+                &format!("INSERT INTO local_secrets ({SEALED_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6)"),
+                &[
+                    &r.name,
+                    &r.version,
+                    &r.key_id,
+                    &r.wrapped_key,
+                    &r.ciphertext,
+                    &r.created_at,
+                ],
             )
             .await
         {
@@ -758,32 +705,19 @@ impl SealedRows for PostgresMetadata {
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<SealedSummary>, bool), MetadataError> {
-        let pattern = format!(
-            "%{}%",
-            query
-                .unwrap_or("")
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let pattern = codec::like_pattern(query);
         let conn = self.pool.get().await?;
         let rows = conn
             .query(
-                "SELECT name, MAX(version), MIN(created_at), MAX(created_at) FROM local_secrets \
-                 WHERE name LIKE $1 GROUP BY name ORDER BY name LIMIT $2 OFFSET $3",
+                &format!(
+                    "SELECT {SEALED_SUMMARY_COLUMNS} FROM local_secrets \
+                     WHERE name LIKE $1 GROUP BY name ORDER BY name LIMIT $2 OFFSET $3"
+                ),
                 &[&pattern, &(limit as i64 + 1), &(offset as i64)],
             )
             .await
             .map_err(db_err)?;
-        let mut items: Vec<SealedSummary> = rows
-            .iter()
-            .map(|r| SealedSummary {
-                name: r.get(0),
-                latest_version: r.get(1),
-                created_at: r.get(2),
-                updated_at: r.get(3),
-            })
-            .collect();
+        let mut items = decode_all(rows, codec::sealed_summary)?;
         let more = items.len() > limit;
         items.truncate(limit);
         Ok((items, more))
@@ -795,17 +729,14 @@ impl SealedRows for PostgresMetadata {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        Ok(conn
+        let rows = conn
             .query(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                 WHERE key_id != $1 LIMIT $2",
+                &format!("SELECT {SEALED_COLUMNS} FROM local_secrets WHERE key_id != $1 LIMIT $2"),
                 &[&current_key_id, &(limit as i64)],
             )
             .await
-            .map_err(db_err)?
-            .iter()
-            .map(sealed_from_row)
-            .collect())
+            .map_err(db_err)?;
+        decode_all(rows, codec::sealed)
     }
 
     async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), MetadataError> {
@@ -830,10 +761,10 @@ impl PendingTokenRows for PostgresMetadata {
     ) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
-            "INSERT INTO oauth_pending (credential_id, name, version, key_id, wrapped_key, ciphertext, created_at) \
+            &format!("INSERT INTO oauth_pending (credential_id, {SEALED_COLUMNS}) \
              VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (credential_id) DO UPDATE SET \
              name = EXCLUDED.name, version = EXCLUDED.version, key_id = EXCLUDED.key_id, \
-             wrapped_key = EXCLUDED.wrapped_key, ciphertext = EXCLUDED.ciphertext, created_at = EXCLUDED.created_at",
+             wrapped_key = EXCLUDED.wrapped_key, ciphertext = EXCLUDED.ciphertext, created_at = EXCLUDED.created_at"),
             &[&credential_id, &r.name, &r.version, &r.key_id, &r.wrapped_key, &r.ciphertext, &r.created_at],
         )
         .await
@@ -846,16 +777,14 @@ impl PendingTokenRows for PostgresMetadata {
         credential_id: &str,
     ) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
-        Ok(conn
+        let row = conn
             .query_opt(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM oauth_pending \
-                 WHERE credential_id = $1",
+                &format!("SELECT {SEALED_COLUMNS} FROM oauth_pending WHERE credential_id = $1"),
                 &[&credential_id],
             )
             .await
-            .map_err(db_err)?
-            .as_ref()
-            .map(sealed_from_row))
+            .map_err(db_err)?;
+        decode_opt(row, codec::sealed)
     }
 
     async fn pending_token_delete(&self, credential_id: &str) -> Result<(), MetadataError> {

@@ -5,79 +5,29 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, Row};
 
+use super::codec::{
+    self, Columns, CredentialJson, CREDENTIAL_COLUMNS, JOURNAL_COLUMNS, SEALED_COLUMNS,
+    SEALED_SUMMARY_COLUMNS,
+};
+use super::schema::{self, Dialect};
 use super::{
-    CredentialRecord, CredentialRows, FleetRows, JournalEntry, JournalKind, JournalRows, LeaseRows,
-    Liveness, Location, MetadataError, PendingTokenRows, SealedRecord, SealedRows, SealedSummary,
-    SCHEMA_VERSION,
+    CredentialRecord, CredentialRows, FleetRows, JournalEntry, JournalRows, LeaseRows, Liveness,
+    MetadataError, PendingTokenRows, SealedRecord, SealedRows, SealedSummary, SCHEMA_VERSION,
 };
 
-const SCHEMA_V1: &str = r#"
-CREATE TABLE credentials (
-    id               TEXT PRIMARY KEY,
-    environment      TEXT NOT NULL,
-    integration_type TEXT NOT NULL,
-    metadata         TEXT NOT NULL,
-    oauth            TEXT,
-    pinned_manager   TEXT,
-    store_id         TEXT NOT NULL,
-    store_name       TEXT NOT NULL,
-    store_version    TEXT,
-    expires_at       INTEGER,
-    needs_reauth     INTEGER NOT NULL DEFAULT 0,
-    row_version      INTEGER NOT NULL,
-    created_at       INTEGER NOT NULL,
-    updated_at       INTEGER NOT NULL
-);
-CREATE INDEX credentials_location ON credentials (store_id, store_name);
-CREATE TABLE journal (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind          TEXT NOT NULL DEFAULT 'copy',
-    credential_id TEXT NOT NULL,
-    store_id      TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    created_at    INTEGER NOT NULL
-);
-CREATE TABLE local_secrets (
-    name        TEXT NOT NULL,
-    version     INTEGER NOT NULL,
-    key_id      TEXT NOT NULL,
-    wrapped_key BLOB NOT NULL,
-    ciphertext  BLOB NOT NULL,
-    created_at  INTEGER NOT NULL,
-    PRIMARY KEY (name, version)
-);
-"#;
-
-/// Version 2: OAuth refresh leases and sealed token responses awaiting write-back.
-const SCHEMA_V2: &str = r#"
-CREATE TABLE leases (
-    key           TEXT PRIMARY KEY,
-    holder        TEXT NOT NULL,
-    expires_at_ms INTEGER NOT NULL
-);
-CREATE TABLE oauth_pending (
-    credential_id TEXT PRIMARY KEY,
-    name          TEXT NOT NULL,
-    version       INTEGER NOT NULL,
-    key_id        TEXT NOT NULL,
-    wrapped_key   BLOB NOT NULL,
-    ciphertext    BLOB NOT NULL,
-    created_at    INTEGER NOT NULL
-);
-CREATE INDEX credentials_oauth_due ON credentials (expires_at)
-    WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL;
-"#;
-
-/// Version 3: instances sharing the database and the routing configuration each runs.
-const SCHEMA_V3: &str = r#"
-CREATE TABLE instances (
-    id           TEXT PRIMARY KEY,
-    config_hash  TEXT NOT NULL,
-    heartbeat_ms INTEGER NOT NULL
-);
-"#;
+/// How SQLite spells the shared schema.
+const DIALECT: Dialect = Dialect {
+    int: "INTEGER",
+    bytes: "BLOB",
+    flag: "INTEGER NOT NULL DEFAULT 0",
+    serial_key: "INTEGER PRIMARY KEY AUTOINCREMENT",
+    not_needs_reauth: "needs_reauth = 0",
+    // Each version's objects are created once, by the step that adds them: an object already
+    // there means the database is not what its version says, and that should fail loudly.
+    if_new: "",
+};
 
 pub struct SqliteMetadata {
     // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
@@ -117,18 +67,11 @@ impl SqliteMetadata {
             });
         }
         if version < SCHEMA_VERSION {
-            // Each step in one transaction with the version bump: a crash mid-upgrade leaves
-            // the previous version intact.
+            // In one transaction with the version bump: a crash mid-upgrade leaves the
+            // previous version intact.
             let tx = conn.unchecked_transaction().map_err(db_err)?;
-            if version < 1 {
-                tx.execute_batch(SCHEMA_V1).map_err(db_err)?;
-            }
-            if version < 2 {
-                tx.execute_batch(SCHEMA_V2).map_err(db_err)?;
-            }
-            if version < 3 {
-                tx.execute_batch(SCHEMA_V3).map_err(db_err)?;
-            }
+            tx.execute_batch(&schema::ddl(&DIALECT, version + 1..=SCHEMA_VERSION))
+                .map_err(db_err)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
@@ -182,50 +125,56 @@ impl SqliteMetadata {
     }
 }
 
-const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
-     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
-
-fn credential_from_row(row: &Row<'_>) -> rusqlite::Result<Result<CredentialRecord, MetadataError>> {
-    let metadata: String = row.get(3)?;
-    let oauth: Option<String> = row.get(4)?;
-    let id: String = row.get(0)?;
-    let metadata = match serde_json::from_str(&metadata) {
-        Ok(m) => m,
-        Err(_) => return Ok(Err(MetadataError::Corrupt(format!("metadata of {id}")))),
-    };
-    let oauth = match oauth.map(|o| serde_json::from_str(&o)).transpose() {
-        Ok(o) => o,
-        Err(_) => return Ok(Err(MetadataError::Corrupt(format!("oauth of {id}")))),
-    };
-    Ok(Ok(CredentialRecord {
-        id,
-        environment: row.get(1)?,
-        integration_type: row.get(2)?,
-        metadata,
-        oauth,
-        pinned_manager: row.get(5)?,
-        location: Location {
-            manager_id: row.get(6)?,
-            name: row.get(7)?,
-            version: row.get(8)?,
-        },
-        expires_at: row.get(9)?,
-        needs_reauth: row.get::<_, i64>(10)? != 0,
-        row_version: row.get(11)?,
-        created_at: row.get(12)?,
-        updated_at: row.get(13)?,
-    }))
+impl Columns for Row<'_> {
+    fn text(&self, i: usize) -> Result<String, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn flag(&self, i: usize) -> Result<bool, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
 }
 
-fn sealed_from_row(row: &Row<'_>) -> rusqlite::Result<SealedRecord> {
-    Ok(SealedRecord {
-        name: row.get(0)?,
-        version: row.get(1)?,
-        key_id: row.get(2)?,
-        wrapped_key: row.get(3)?,
-        ciphertext: row.get(4)?,
-        created_at: row.get(5)?,
-    })
+/// Every row `sql` returns, decoded.
+fn query_all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Vec<T>, MetadataError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(db_err)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// The first row `sql` returns, decoded.
+fn query_first<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Option<T>, MetadataError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    rows.next()
+        .map_err(db_err)?
+        .map(|row| decode(row))
+        .transpose()
 }
 
 fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, MetadataError> {
@@ -243,10 +192,6 @@ fn journal_insert(conn: &Connection, entry: &JournalEntry) -> Result<i64, Metada
     Ok(conn.last_insert_rowid())
 }
 
-fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
-    serde_json::to_string(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
-}
-
 #[async_trait]
 impl Liveness for SqliteMetadata {
     async fn ping(&self) -> Result<(), MetadataError> {
@@ -260,12 +205,12 @@ impl CredentialRows for SqliteMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let id = id.to_owned();
         self.with(move |c| {
-            let sql = format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1");
-            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-            stmt.query_row([id], credential_from_row)
-                .optional()
-                .map_err(db_err)?
-                .transpose()
+            query_first(
+                c,
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"),
+                [id],
+                codec::credential,
+            )
         })
         .await
     }
@@ -276,8 +221,7 @@ impl CredentialRows for SqliteMetadata {
         journal_id: i64,
     ) -> Result<(), MetadataError> {
         let r = record.clone();
-        let metadata = json_text(&r.metadata)?;
-        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let CredentialJson { metadata, oauth } = CredentialJson::of(&r)?;
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let inserted = tx.execute(
@@ -310,8 +254,7 @@ impl CredentialRows for SqliteMetadata {
     ) -> Result<Option<i64>, MetadataError> {
         let r = record.clone();
         let abandoned = abandoned.cloned();
-        let metadata = json_text(&r.metadata)?;
-        let oauth = r.oauth.as_ref().map(json_text).transpose()?;
+        let CredentialJson { metadata, oauth } = CredentialJson::of(&r)?;
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let changed = tx
@@ -374,18 +317,14 @@ impl CredentialRows for SqliteMetadata {
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let after = after.unwrap_or("").to_owned();
         self.with(move |c| {
-            let sql = format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > ?1 ORDER BY id LIMIT ?2"
-            );
-            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![after, limit as i64], credential_from_row)
-                .map_err(db_err)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row.map_err(db_err)??);
-            }
-            Ok(out)
+            query_all(
+                c,
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ),
+                params![after, limit as i64],
+                codec::credential,
+            )
         })
         .await
     }
@@ -434,20 +373,16 @@ impl CredentialRows for SqliteMetadata {
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         self.with(move |c| {
-            let sql = format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
-                 WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
-                 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
-            );
-            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![before, limit as i64], credential_from_row)
-                .map_err(db_err)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row.map_err(db_err)??);
-            }
-            Ok(out)
+            query_all(
+                c,
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
+                     WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
+                     AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+                ),
+                params![before, limit as i64],
+                codec::credential,
+            )
         })
         .await
     }
@@ -484,24 +419,12 @@ impl JournalRows for SqliteMetadata {
 
     async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError> {
         self.with(|c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT id, credential_id, store_id, name, created_at, kind FROM journal ORDER BY id",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(JournalEntry {
-                        id: r.get(0)?,
-                        kind: JournalKind::parse(&r.get::<_, String>(5)?),
-                        credential_id: r.get(1)?,
-                        manager_id: r.get(2)?,
-                        name: r.get(3)?,
-                        created_at: r.get(4)?,
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            query_all(
+                c,
+                &format!("SELECT {JOURNAL_COLUMNS} FROM journal ORDER BY id"),
+                [],
+                codec::journal_entry,
+            )
         })
         .await
     }
@@ -512,14 +435,15 @@ impl SealedRows for SqliteMetadata {
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
-            c.prepare_cached(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                 WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+            query_first(
+                c,
+                &format!(
+                    "SELECT {SEALED_COLUMNS} FROM local_secrets \
+                     WHERE name = ?1 ORDER BY version DESC LIMIT 1"
+                ),
+                [name],
+                codec::sealed,
             )
-            .map_err(db_err)?
-            .query_row([name], sealed_from_row)
-            .optional()
-            .map_err(db_err)
         })
         .await
     }
@@ -531,14 +455,14 @@ impl SealedRows for SqliteMetadata {
     ) -> Result<Option<SealedRecord>, MetadataError> {
         let name = name.to_owned();
         self.with(move |c| {
-            c.prepare_cached(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                 WHERE name = ?1 AND version = ?2",
+            query_first(
+                c,
+                &format!(
+                    "SELECT {SEALED_COLUMNS} FROM local_secrets WHERE name = ?1 AND version = ?2"
+                ),
+                params![name, version],
+                codec::sealed,
             )
-            .map_err(db_err)?
-            .query_row(params![name, version], sealed_from_row)
-            .optional()
-            .map_err(db_err)
         })
         .await
     }
@@ -547,9 +471,17 @@ impl SealedRows for SqliteMetadata {
         let r = record.clone();
         self.with(move |c| {
             let result = c.execute(
-                "INSERT INTO local_secrets (name, version, key_id, wrapped_key, ciphertext, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![r.name, r.version, r.key_id, r.wrapped_key, r.ciphertext, r.created_at],
+                &format!(
+                    "INSERT INTO local_secrets ({SEALED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                ),
+                params![
+                    r.name,
+                    r.version,
+                    r.key_id,
+                    r.wrapped_key,
+                    r.ciphertext,
+                    r.created_at
+                ],
             );
             match result {
                 Ok(_) => Ok(()),
@@ -593,32 +525,17 @@ impl SealedRows for SqliteMetadata {
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<SealedSummary>, bool), MetadataError> {
-        let pattern = format!(
-            "%{}%",
-            query
-                .unwrap_or("")
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let pattern = codec::like_pattern(query);
         self.with(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT name, MAX(version), MIN(created_at), MAX(created_at) FROM local_secrets \
-                     WHERE name LIKE ?1 ESCAPE '\\' GROUP BY name ORDER BY name LIMIT ?2 OFFSET ?3",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![pattern, limit as i64 + 1, offset as i64], |r| {
-                    Ok(SealedSummary {
-                        name: r.get(0)?,
-                        latest_version: r.get(1)?,
-                        created_at: r.get(2)?,
-                        updated_at: r.get(3)?,
-                    })
-                })
-                .map_err(db_err)?;
-            let mut items = rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?;
+            let mut items = query_all(
+                c,
+                &format!(
+                    "SELECT {SEALED_SUMMARY_COLUMNS} FROM local_secrets \
+                     WHERE name LIKE ?1 ESCAPE '\\' GROUP BY name ORDER BY name LIMIT ?2 OFFSET ?3"
+                ),
+                params![pattern, limit as i64 + 1, offset as i64],
+                codec::sealed_summary,
+            )?;
             let more = items.len() > limit;
             items.truncate(limit);
             Ok((items, more))
@@ -633,16 +550,12 @@ impl SealedRows for SqliteMetadata {
     ) -> Result<Vec<SealedRecord>, MetadataError> {
         let key = current_key_id.to_owned();
         self.with(move |c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT name, version, key_id, wrapped_key, ciphertext, created_at FROM local_secrets \
-                     WHERE key_id != ?1 LIMIT ?2",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![key, limit as i64], sealed_from_row)
-                .map_err(db_err)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            query_all(
+                c,
+                &format!("SELECT {SEALED_COLUMNS} FROM local_secrets WHERE key_id != ?1 LIMIT ?2"),
+                params![key, limit as i64],
+                codec::sealed,
+            )
         })
         .await
     }
@@ -678,9 +591,10 @@ impl PendingTokenRows for SqliteMetadata {
         let r = sealed.clone();
         self.with(move |c| {
             c.execute(
-                "INSERT OR REPLACE INTO oauth_pending \
-                 (credential_id, name, version, key_id, wrapped_key, ciphertext, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &format!(
+                    "INSERT OR REPLACE INTO oauth_pending (credential_id, {SEALED_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
                 params![
                     id,
                     r.name,
@@ -703,14 +617,12 @@ impl PendingTokenRows for SqliteMetadata {
     ) -> Result<Option<SealedRecord>, MetadataError> {
         let id = credential_id.to_owned();
         self.with(move |c| {
-            c.query_row(
-                "SELECT name, version, key_id, wrapped_key, ciphertext, created_at \
-                 FROM oauth_pending WHERE credential_id = ?1",
-                params![id],
-                sealed_from_row,
+            query_first(
+                c,
+                &format!("SELECT {SEALED_COLUMNS} FROM oauth_pending WHERE credential_id = ?1"),
+                [id],
+                codec::sealed,
             )
-            .optional()
-            .map_err(db_err)
         })
         .await
     }
@@ -819,6 +731,7 @@ impl FleetRows for SqliteMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metadata::{JournalKind, Location};
 
     fn record(id: &str) -> CredentialRecord {
         CredentialRecord {
@@ -884,7 +797,7 @@ mod tests {
         let path = dir.path().join("m.db");
         {
             let c = Connection::open(&path).unwrap();
-            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(&schema::ddl(&DIALECT, 1..=1)).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
         }
         let store = SqliteMetadata::open(&path).unwrap();
