@@ -8,16 +8,19 @@
 mod codec;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod records;
 mod roles;
 mod schema;
 pub mod sqlite;
 
+pub use records::{
+    ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location,
+    OAuthDescription, SealedRecord, SealedSummary,
+};
 pub use roles::{
     CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness, Metadata,
     PendingTokenRows, SealedRows,
 };
-
-use serde::{Deserialize, Serialize};
 
 /// The current schema version. A database with a newer one is refused at start.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -36,123 +39,4 @@ pub enum MetadataError {
     Database(String),
     #[error("metadata record is corrupt: {0}")]
     Corrupt(String),
-}
-
-/// Where a credential's sensitive fields are now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Location {
-    pub manager_id: String,
-    pub name: String,
-    pub version: Option<String>,
-}
-
-/// The non-secret half of an OAuth credential: enough to call the token endpoint when the
-/// client secret and refresh token are read from the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OAuthDescription {
-    pub token_url: String,
-    pub client_id: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// How the client authenticates at the token endpoint.
-    #[serde(default)]
-    pub client_auth: ClientAuth,
-}
-
-/// `basic`: HTTP Basic with the client id and secret (RFC 6749's preferred way); `body`: both in
-/// the form body, for token endpoints that accept only that.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    #[default]
-    Basic,
-    Body,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CredentialRecord {
-    pub id: String,
-    pub environment: String,
-    pub integration_type: String,
-    /// A JSON object of non-sensitive metadata.
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-    pub oauth: Option<OAuthDescription>,
-    pub pinned_manager: Option<String>,
-    pub location: Location,
-    /// Unix seconds at which the access token expires, if it does.
-    pub expires_at: Option<i64>,
-    pub needs_reauth: bool,
-    /// Bumped on every update; updates compare-and-swap on it.
-    pub row_version: i64,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-/// A copy of a secret that may be left behind in a store (by a crash between writing it and
-/// recording it, or after a move or delete). Recovery deletes it unless a credential refers
-/// to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalEntry {
-    pub id: i64,
-    pub kind: JournalKind,
-    pub credential_id: String,
-    pub manager_id: String,
-    pub name: String,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JournalKind {
-    /// A whole copy (a new name, or the old name after a move or delete): delete it unless a
-    /// credential refers to it.
-    Copy,
-    /// A new version under the credential's own name that may have landed without being
-    /// recorded: it lets the next write replace that version instead of reporting a
-    /// conflict. Cleared by the next successful write.
-    Version,
-}
-
-impl JournalKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JournalKind::Copy => "copy",
-            JournalKind::Version => "version",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        if s == "version" {
-            JournalKind::Version
-        } else {
-            JournalKind::Copy
-        }
-    }
-}
-
-/// One sealed version in the local encrypted store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedRecord {
-    pub name: String,
-    pub version: i64,
-    pub key_id: String,
-    pub wrapped_key: Vec<u8>,
-    pub ciphertext: Vec<u8>,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedSummary {
-    pub name: String,
-    pub latest_version: i64,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-/// A change another instance made, for this instance's cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invalidation {
-    Credential(String),
-    /// Changes may have been missed (a lost connection): drop everything.
-    All,
 }
