@@ -92,7 +92,7 @@ pub(super) fn journal_entry(row: &dyn Columns) -> Result<JournalEntry, MetadataE
         manager_id: row.text(2)?,
         name: row.text(3)?,
         created_at: row.int(4)?,
-        kind: JournalKind::parse(&row.text(5)?),
+        kind: JournalKind::parse(&row.text(5)?)?,
     })
 }
 
@@ -253,6 +253,25 @@ mod tests {
             (r.wrapped_key, r.ciphertext),
             (b"w".to_vec(), b"c".to_vec())
         );
+    }
+
+    #[test]
+    fn a_journal_entry_of_unknown_kind_is_corrupt_not_a_copy_to_delete() {
+        let row = |kind: &str| {
+            Row(vec![
+                Value::Int(7),
+                t("c1"),
+                t("local"),
+                t("n"),
+                Value::Int(1),
+                t(kind),
+            ])
+        };
+        let entry = journal_entry(&row("version")).unwrap();
+        assert_eq!((entry.id, entry.kind), (7, JournalKind::Version));
+        assert_eq!(journal_entry(&row("copy")).unwrap().kind, JournalKind::Copy);
+        let err = journal_entry(&row("moved")).unwrap_err();
+        assert!(matches!(err, MetadataError::Corrupt(_)), "{err}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::MetadataError;
+
 /// Where a credential's sensitive fields are now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Location {
@@ -86,11 +88,15 @@ impl JournalKind {
         }
     }
 
-    pub fn parse(s: &str) -> Self {
-        if s == "version" {
-            JournalKind::Version
-        } else {
-            JournalKind::Copy
+    /// Reads a stored kind. Anything but the two known ones is corruption, never a default:
+    /// read as `Copy`, an unknown kind would get a copy deleted that may still be in use.
+    pub fn parse(s: &str) -> Result<Self, MetadataError> {
+        match s {
+            "copy" => Ok(JournalKind::Copy),
+            "version" => Ok(JournalKind::Version),
+            _ => Err(MetadataError::Corrupt(
+                "journal.kind is neither copy nor version".into(),
+            )),
         }
     }
 }
@@ -120,4 +126,23 @@ pub enum Invalidation {
     Credential(String),
     /// Changes may have been missed (a lost connection): drop everything.
     All,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_kinds_read_back_what_was_written_and_nothing_else() {
+        for kind in [JournalKind::Copy, JournalKind::Version] {
+            assert_eq!(JournalKind::parse(kind.as_str()).unwrap(), kind);
+        }
+        for stored in ["", "Copy", "versions", "canary-value"] {
+            let err = JournalKind::parse(stored).unwrap_err();
+            assert!(matches!(err, MetadataError::Corrupt(_)), "{stored}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("journal.kind"), "{text}");
+            assert!(stored.is_empty() || !text.contains(stored), "{text}");
+        }
+    }
 }

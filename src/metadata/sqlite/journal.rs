@@ -53,3 +53,39 @@ impl JournalRows for SqliteMetadata {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stored_kind_it_cannot_read_fails_the_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteMetadata::open(&path).unwrap();
+        let entry = JournalEntry {
+            id: 0,
+            kind: crate::metadata::JournalKind::Version,
+            credential_id: "a".into(),
+            manager_id: "local".into(),
+            name: "Production/a".into(),
+            created_at: 1,
+        };
+        store.journal_add(&entry).await.unwrap();
+        assert_eq!(store.journal_list().await.unwrap().len(), 1);
+        // What a newer binary, or a hand edit, could leave behind.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO journal (credential_id, store_id, name, created_at, kind) \
+                 VALUES ('b', 'local', 'Production/b', 1, 'moved')",
+                [],
+            )
+            .unwrap();
+        let err = store.journal_list().await.unwrap_err();
+        assert!(
+            matches!(err, MetadataError::Corrupt(ref m) if m.contains("journal.kind")),
+            "{err}"
+        );
+    }
+}
