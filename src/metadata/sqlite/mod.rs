@@ -55,6 +55,8 @@ impl SqliteMetadata {
             .map_err(db_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db_err)?;
+        // Before any row is written, and after WAL mode has opened its files.
+        restrict_to_owner(path)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -77,12 +79,6 @@ impl SqliteMetadata {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
-        }
-        // Restrict the file even when the umask is loose: it names every credential.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -125,6 +121,34 @@ impl SqliteMetadata {
         .await
         .map_err(|e| MetadataError::Database(format!("worker failed: {e}")))?
     }
+}
+
+/// Restricts the database file, and the WAL files beside it if present, to mode 0600 even
+/// under a loose umask: together they name every credential. A failure fails the open, since
+/// the mode is promised. WAL files SQLite creates later take the database file's mode.
+#[cfg(unix)]
+fn restrict_to_owner(path: &Path) -> Result<(), MetadataError> {
+    use std::os::unix::fs::PermissionsExt;
+    let restrict = |file: &Path| {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            MetadataError::Database(format!("cannot set mode 0600 on {}: {e}", file.display()))
+        })
+    };
+    restrict(path)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut sibling = path.as_os_str().to_owned();
+        sibling.push(suffix);
+        let sibling = Path::new(&sibling);
+        if sibling.exists() {
+            restrict(sibling)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner(_: &Path) -> Result<(), MetadataError> {
+    Ok(())
 }
 
 impl Columns for Row<'_> {
@@ -191,6 +215,58 @@ impl Liveness for SqliteMetadata {
 mod tests {
     use super::*;
     use crate::metadata::{CredentialRecord, CredentialRows, LeaseRows, Location};
+
+    #[cfg(unix)]
+    #[test]
+    fn a_database_whose_mode_cannot_be_set_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone.db");
+        let err = restrict_to_owner(&missing).unwrap_err();
+        assert!(
+            matches!(err, MetadataError::Database(ref m) if m.contains("mode 0600") && m.contains("gone.db")),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_and_its_wal_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteMetadata::open(&path).unwrap();
+        store.create_credential(&record("a"), 0).await.unwrap();
+        let mut checked = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("m.db{suffix}"));
+            if let Ok(meta) = std::fs::metadata(&file) {
+                assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{suffix}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "the WAL file exists while the store is open");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn wal_files_left_with_a_loose_mode_are_tightened_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        // An earlier binary's files, still open (as after a crash, they outlive the process).
+        let earlier = Connection::open(&path).unwrap();
+        earlier.pragma_update(None, "journal_mode", "WAL").unwrap();
+        earlier.execute_batch("CREATE TABLE t (x)").unwrap();
+        let wal = dir.path().join("m.db-wal");
+        for file in [&path, &wal] {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let _store = SqliteMetadata::open(&path).unwrap();
+        for file in [&path, &wal] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+    }
 
     pub(super) fn record(id: &str) -> CredentialRecord {
         CredentialRecord {
