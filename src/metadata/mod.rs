@@ -1,6 +1,12 @@
-//! The metadata store: credential references, non-sensitive metadata, the write journal, and
-//! the sealed rows of the local encrypted store. SQLite by default; the trait keeps room for
-//! PostgreSQL in fleet mode.
+//! The metadata database: credential references and their non-sensitive metadata, the write
+//! journal, the sealed rows of the local encrypted store, OAuth refresh leases and pending
+//! token responses, and the instances of a fleet. Two backends: SQLite (the default, one
+//! file) and PostgreSQL (fleet mode, many instances sharing one database).
+//!
+//! What the database does is split into role traits ([`CredentialRows`], [`JournalRows`],
+//! [`SealedRows`], ...) so a component depends only on the rows it touches; [`Metadata`] is
+//! all of them. The row codec (`codec.rs`) and the schema (`schema.rs`) are written once; the
+//! backends add only their SQL.
 //!
 //! Nothing here ever holds a plaintext secret: the local store's rows are sealed before they
 //! reach this layer.
