@@ -25,6 +25,9 @@ pub(super) const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, 
 /// The columns [`journal_entry`] reads, in its order.
 pub(super) const JOURNAL_COLUMNS: &str = "id, credential_id, store_id, name, created_at, kind";
 
+/// The columns a new journal entry is written to (its id is the database's).
+pub(super) const JOURNAL_INSERT_COLUMNS: &str = "credential_id, store_id, name, created_at, kind";
+
 /// The columns [`sealed`] reads, in its order, from `local_secrets` or `oauth_pending`; also
 /// the insert order.
 pub(super) const SEALED_COLUMNS: &str =

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::{db_err, decode_all, PostgresMetadata};
-use crate::metadata::codec::{self, JOURNAL_COLUMNS};
+use crate::metadata::codec::{self, JOURNAL_COLUMNS, JOURNAL_INSERT_COLUMNS};
 use crate::metadata::{JournalEntry, JournalRows, MetadataError};
 
 pub(super) async fn journal_insert(
@@ -11,8 +11,16 @@ pub(super) async fn journal_insert(
     e: &JournalEntry,
 ) -> Result<i64, MetadataError> {
     tx.query_one(
-        "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES ($1,$2,$3,$4,$5) RETURNING id",
-        &[&e.credential_id, &e.manager_id, &e.name, &e.created_at, &e.kind.as_str()],
+        &format!(
+            "INSERT INTO journal ({JOURNAL_INSERT_COLUMNS}) VALUES ($1,$2,$3,$4,$5) RETURNING id"
+        ),
+        &[
+            &e.credential_id,
+            &e.manager_id,
+            &e.name,
+            &e.created_at,
+            &e.kind.as_str(),
+        ],
     )
     .await
     .map(|r| r.get(0))

@@ -12,7 +12,7 @@ mod pending;
 mod pool;
 mod sealed;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,7 +29,6 @@ use super::{Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
 const CHANNEL: &str = "credproxy_invalidate";
 /// Key of the advisory lock held while the schema is created or upgraded.
 const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
-const POOL_SIZE: usize = 8;
 
 /// How PostgreSQL spells the shared schema.
 const DIALECT: Dialect = Dialect {
@@ -84,12 +83,7 @@ impl PostgresMetadata {
         }
         config.application_name("credproxy");
         let tls = tls_for(&config)?;
-        let pool = Arc::new(Pool {
-            config,
-            tls,
-            idle: Mutex::new(Vec::new()),
-            slots: tokio::sync::Semaphore::new(POOL_SIZE),
-        });
+        let pool = Arc::new(Pool::new(config, tls));
         {
             let mut conn = pool.get().await?;
             let tx = conn.transaction().await.map_err(db_err)?;

@@ -8,6 +8,8 @@ use tokio_postgres::{Client, Config, NoTls};
 use super::db_err;
 use crate::metadata::MetadataError;
 
+const POOL_SIZE: usize = 8;
+
 #[derive(Clone)]
 pub(super) enum Tls {
     None,
@@ -15,10 +17,11 @@ pub(super) enum Tls {
 }
 
 pub(super) struct Pool {
+    /// Also what the invalidation listener connects with, outside the pool.
     pub(super) config: Config,
     pub(super) tls: Tls,
-    pub(super) idle: Mutex<Vec<Client>>,
-    pub(super) slots: tokio::sync::Semaphore,
+    idle: Mutex<Vec<Client>>,
+    slots: tokio::sync::Semaphore,
 }
 
 /// A pooled connection; goes back to the pool when dropped, unless it broke.
@@ -77,6 +80,15 @@ async fn connect(
 }
 
 impl Pool {
+    pub(super) fn new(config: Config, tls: Tls) -> Self {
+        Self {
+            config,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(POOL_SIZE),
+        }
+    }
+
     pub(super) async fn get(&self) -> Result<Conn<'_>, MetadataError> {
         let slot = self
             .slots

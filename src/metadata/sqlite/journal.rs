@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection};
 
 use super::{db_err, query_all, SqliteMetadata};
-use crate::metadata::codec::{self, JOURNAL_COLUMNS};
+use crate::metadata::codec::{self, JOURNAL_COLUMNS, JOURNAL_INSERT_COLUMNS};
 use crate::metadata::{JournalEntry, JournalRows, MetadataError};
 
 pub(super) fn journal_insert(
@@ -12,7 +12,7 @@ pub(super) fn journal_insert(
     entry: &JournalEntry,
 ) -> Result<i64, MetadataError> {
     conn.execute(
-        "INSERT INTO journal (credential_id, store_id, name, created_at, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+        &format!("INSERT INTO journal ({JOURNAL_INSERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
         params![
             entry.credential_id,
             entry.manager_id,
