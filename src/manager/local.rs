@@ -20,7 +20,7 @@ use super::{
     SecretsManager, Versioned,
 };
 use crate::config::LOCAL_MANAGER_ID;
-use crate::metadata::{Metadata, MetadataError, SealedRecord};
+use crate::metadata::{IntoSealedRows, MetadataError, SealedRecord, SealedRows};
 use crate::secret::SecretFields;
 
 const NONCE_LEN: usize = 12;
@@ -296,12 +296,15 @@ fn metadata_error(e: MetadataError) -> ManagerError {
 
 pub struct LocalManager {
     keys: Arc<Keyring>,
-    metadata: Arc<dyn Metadata>,
+    metadata: Arc<dyn SealedRows>,
 }
 
 impl LocalManager {
-    pub fn new(keys: Arc<Keyring>, metadata: Arc<dyn Metadata>) -> Self {
-        Self { keys, metadata }
+    pub fn new(keys: Arc<Keyring>, metadata: impl IntoSealedRows) -> Self {
+        Self {
+            keys,
+            metadata: metadata.into_sealed_rows(),
+        }
     }
 
     /// Re-wraps every data key still wrapped by a previous master key. Returns how many.

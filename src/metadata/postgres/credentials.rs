@@ -1,0 +1,198 @@
+//! Credential rows in PostgreSQL; every change is announced to the other instances.
+
+use async_trait::async_trait;
+
+use super::journal::journal_insert;
+use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata, CHANNEL};
+use crate::metadata::codec::{self, CredentialJson, CREDENTIAL_COLUMNS};
+use crate::metadata::{CredentialRecord, CredentialRows, JournalEntry, MetadataError};
+
+#[async_trait]
+impl CredentialRows for PostgresMetadata {
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_opt(row, codec::credential)
+    }
+
+    async fn create_credential(
+        &self,
+        r: &CredentialRecord,
+        journal_id: i64,
+    ) -> Result<(), MetadataError> {
+        let CredentialJson { metadata, oauth } = CredentialJson::of(r)?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let inserted = tx
+            .execute(
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
+                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                  &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at],
+            )
+            .await;
+        match inserted {
+            Err(e) if unique_violation(&e) => return Err(MetadataError::AlreadyExists),
+            other => other.map_err(db_err)?,
+        };
+        tx.execute("DELETE FROM journal WHERE id = $1", &[&journal_id])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn update_credential(
+        &self,
+        r: &CredentialRecord,
+        expected_row_version: i64,
+        abandoned: Option<&JournalEntry>,
+    ) -> Result<Option<i64>, MetadataError> {
+        let CredentialJson { metadata, oauth } = CredentialJson::of(r)?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let changed = tx
+            .execute(
+                "UPDATE credentials SET environment=$2, integration_type=$3, metadata=$4, oauth=$5, \
+                 pinned_manager=$6, store_id=$7, store_name=$8, store_version=$9, expires_at=$10, \
+                 needs_reauth=$11, row_version=$12, updated_at=$13 WHERE id=$1 AND row_version=$14",
+                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                  &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
+                  &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version],
+            )
+            .await
+            .map_err(db_err)?;
+        if changed == 0 {
+            return Err(MetadataError::Conflict);
+        }
+        let journal_id = match abandoned {
+            Some(e) => Some(journal_insert(&tx, e).await?),
+            None => None,
+        };
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.notify_payload(&r.id)],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(journal_id)
+    }
+
+    async fn delete_credential(
+        &self,
+        id: &str,
+        expected_row_version: i64,
+        abandoned: &JournalEntry,
+    ) -> Result<i64, MetadataError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let changed = tx
+            .execute(
+                "DELETE FROM credentials WHERE id = $1 AND row_version = $2",
+                &[&id, &expected_row_version],
+            )
+            .await
+            .map_err(db_err)?;
+        if changed == 0 {
+            return Err(MetadataError::Conflict);
+        }
+        let journal_id = journal_insert(&tx, abandoned).await?;
+        tx.execute("DELETE FROM oauth_pending WHERE credential_id = $1", &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.notify_payload(id)],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(journal_id)
+    }
+
+    async fn list_credentials(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after.unwrap_or(""), &(limit as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_all(rows, codec::credential)
+    }
+
+    async fn count_credentials(&self) -> Result<u64, MetadataError> {
+        let conn = self.pool.get().await?;
+        let n: i64 = conn
+            .query_one("SELECT COUNT(*) FROM credentials", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
+            &[&manager_id, &name],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
+        let conn = self.pool.get().await?;
+        conn.query_one(
+            "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
+             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
+            &[&manager_id],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+    }
+
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
+                     AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                ),
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        decode_all(rows, codec::credential)
+    }
+
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
+        let conn = self.pool.get().await?;
+        let n: i64 = conn
+            .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok(n as u64)
+    }
+}

@@ -1,0 +1,198 @@
+//! The PostgreSQL metadata database, for fleet mode: many credproxy instances share one
+//! database. The schema is created or upgraded at start under an advisory lock (so instances
+//! starting together do not race), and every change of a credential row is announced with
+//! `NOTIFY` so the other instances drop their cached copy. This module owns opening the
+//! database; the connection pool and each role's rows are in the files named after them.
+
+mod credentials;
+mod fleet;
+mod journal;
+mod leases;
+mod pending;
+mod pool;
+mod sealed;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use tokio_postgres::{Config, Row};
+
+use self::fleet::listen;
+use self::pool::{tls_for, Pool};
+use super::codec::Columns;
+use super::schema::{self, Dialect};
+use super::{Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
+
+/// The channel that carries invalidations.
+const CHANNEL: &str = "credproxy_invalidate";
+/// Key of the advisory lock held while the schema is created or upgraded.
+const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
+
+/// How PostgreSQL spells the shared schema.
+const DIALECT: Dialect = Dialect {
+    int: "BIGINT",
+    bytes: "BYTEA",
+    flag: "BOOLEAN NOT NULL DEFAULT FALSE",
+    serial_key: "BIGSERIAL PRIMARY KEY",
+    not_needs_reauth: "NOT needs_reauth",
+    // Every start runs the whole schema (under the advisory lock), so each object is created
+    // only if missing; that is also how an older database gains the newer objects.
+    if_new: "IF NOT EXISTS ",
+};
+
+/// The database's clock in milliseconds: leases compare times from many hosts.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+fn db_err(e: tokio_postgres::Error) -> MetadataError {
+    // The server's message names tables and constraints, never values.
+    MetadataError::Database(match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    })
+}
+
+fn unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+pub struct PostgresMetadata {
+    pool: Arc<Pool>,
+    invalidations: broadcast::Sender<Invalidation>,
+    /// Tags this instance's own notifications, which it does not need to act on.
+    origin: String,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresMetadata {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl PostgresMetadata {
+    /// Connects, creates or upgrades the schema (under an advisory lock), and starts the
+    /// invalidation listener.
+    pub async fn open(url: &str) -> Result<Self, MetadataError> {
+        let mut config: Config = url.parse().map_err(|_| {
+            MetadataError::Database("store.url is not a valid PostgreSQL URL".into())
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("credproxy");
+        let tls = tls_for(&config)?;
+        let pool = Arc::new(Pool::new(config, tls));
+        {
+            let mut conn = pool.get().await?;
+            let tx = conn.transaction().await.map_err(db_err)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                .await
+                .map_err(db_err)?;
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS credproxy_schema (version BIGINT NOT NULL);\n{}",
+                schema::ddl(&DIALECT, 1..=SCHEMA_VERSION)
+            ))
+            .await
+            .map_err(db_err)?;
+            let version: Option<i64> = tx
+                .query_opt("SELECT version FROM credproxy_schema", &[])
+                .await
+                .map_err(db_err)?
+                .map(|r| r.get(0));
+            match version {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(MetadataError::SchemaTooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE credproxy_schema SET version = $1",
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO credproxy_schema (version) VALUES ($1)",
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().await.map_err(db_err)?;
+        }
+        let (invalidations, _) = broadcast::channel(4096);
+        let origin = uuid::Uuid::new_v4().simple().to_string();
+        let listener = tokio::spawn(listen(
+            Arc::clone(&pool),
+            invalidations.clone(),
+            origin.clone(),
+        ));
+        Ok(Self {
+            pool,
+            invalidations,
+            origin,
+            listener,
+        })
+    }
+
+    fn notify_payload(&self, id: &str) -> String {
+        format!("{}:{id}", self.origin)
+    }
+}
+
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn flag(&self, i: usize) -> Result<bool, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+}
+
+/// Every row, decoded.
+fn decode_all<T>(
+    rows: Vec<Row>,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Vec<T>, MetadataError> {
+    rows.iter().map(|row| decode(row)).collect()
+}
+
+/// The row, if any, decoded.
+fn decode_opt<T>(
+    row: Option<Row>,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Option<T>, MetadataError> {
+    row.as_ref().map(|row| decode(row)).transpose()
+}
+
+#[async_trait]
+impl Liveness for PostgresMetadata {
+    async fn ping(&self) -> Result<(), MetadataError> {
+        self.pool
+            .get()
+            .await?
+            .batch_execute("SELECT 1")
+            .await
+            .map_err(db_err)
+    }
+}

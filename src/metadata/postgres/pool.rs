@@ -1,0 +1,133 @@
+//! The connection pool: a few clients kept open, TLS through rustls when the URL asks for it
+//! (`sslmode=require` or stronger).
+
+use std::sync::Mutex;
+
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::db_err;
+use crate::metadata::MetadataError;
+
+const POOL_SIZE: usize = 8;
+
+#[derive(Clone)]
+pub(super) enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+pub(super) struct Pool {
+    /// Also what the invalidation listener connects with, outside the pool.
+    pub(super) config: Config,
+    pub(super) tls: Tls,
+    idle: Mutex<Vec<Client>>,
+    slots: tokio::sync::Semaphore,
+}
+
+/// A pooled connection; goes back to the pool when dropped, unless it broke.
+pub(super) struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if !client.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(client);
+            }
+        }
+    }
+}
+
+async fn connect(
+    config: &Config,
+    tls: &Tls,
+) -> Result<(Client, tokio::task::JoinHandle<()>), MetadataError> {
+    macro_rules! spawn_connection {
+        ($connect:expr) => {{
+            let (client, connection) = $connect.await.map_err(db_err)?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "PostgreSQL connection closed");
+                }
+            });
+            Ok((client, task))
+        }};
+    }
+    match tls {
+        Tls::None => spawn_connection!(config.connect(NoTls)),
+        Tls::Rustls(t) => spawn_connection!(config.connect(t.clone())),
+    }
+}
+
+impl Pool {
+    pub(super) fn new(config: Config, tls: Tls) -> Self {
+        Self {
+            config,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(POOL_SIZE),
+        }
+    }
+
+    pub(super) async fn get(&self) -> Result<Conn<'_>, MetadataError> {
+        let slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| MetadataError::Database("pool closed".into()))?;
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match idle.pop() {
+                    Some(c) if c.is_closed() => continue,
+                    other => break other,
+                }
+            }
+        };
+        let client = match idle {
+            Some(c) => c,
+            None => connect(&self.config, &self.tls).await?.0,
+        };
+        Ok(Conn {
+            pool: self,
+            client: Some(client),
+            _slot: slot,
+        })
+    }
+}
+
+pub(super) fn tls_for(config: &Config) -> Result<Tls, MetadataError> {
+    use tokio_postgres::config::SslMode;
+    match config.get_ssl_mode() {
+        SslMode::Disable | SslMode::Prefer => Ok(Tls::None),
+        _ => {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = rustls::ClientConfig::with_platform_verifier()
+                .map_err(|e| MetadataError::Database(format!("TLS set-up: {e}")))?;
+            Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+                client,
+            )))
+        }
+    }
+}

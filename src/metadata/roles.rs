@@ -1,0 +1,217 @@
+//! What the metadata database does, split by role: each trait owns one group of rows, so a
+//! component can ask for only the rows it touches (the local encrypted store needs
+//! [`SealedRows`] and nothing else). [`Metadata`] is every role at once, which is what the
+//! daemon opens and passes around.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    CredentialRecord, Invalidation, JournalEntry, MetadataError, SealedRecord, SealedSummary,
+};
+
+/// Whether the database answers at all.
+#[async_trait]
+pub trait Liveness: Send + Sync + 'static {
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), MetadataError>;
+}
+
+/// The credential rows: references to where each credential's secret lives, its non-secret
+/// metadata and OAuth description, and the questions asked across all of them.
+#[async_trait]
+pub trait CredentialRows: Send + Sync + 'static {
+    async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError>;
+
+    /// Inserts a new credential and, in the same transaction, clears the journal entry that
+    /// covered its freshly written secret.
+    async fn create_credential(
+        &self,
+        record: &CredentialRecord,
+        journal_id: i64,
+    ) -> Result<(), MetadataError>;
+
+    /// Replaces the row if its `row_version` is still `expected_row_version` (the new record
+    /// carries the bumped one). When the location changes, `abandoned` journals the old copy
+    /// in the same transaction; its entry id is returned.
+    async fn update_credential(
+        &self,
+        record: &CredentialRecord,
+        expected_row_version: i64,
+        abandoned: Option<&JournalEntry>,
+    ) -> Result<Option<i64>, MetadataError>;
+
+    /// Deletes the row if unchanged and journals its secret's copy for deletion, atomically.
+    async fn delete_credential(
+        &self,
+        id: &str,
+        expected_row_version: i64,
+        abandoned: &JournalEntry,
+    ) -> Result<i64, MetadataError>;
+
+    /// Credentials in id order after `after`, for planners and sweeps.
+    async fn list_credentials(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError>;
+
+    async fn count_credentials(&self) -> Result<u64, MetadataError>;
+
+    /// Whether any credential's recorded location is this copy.
+    async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError>;
+
+    /// Whether any credential or journal entry still refers to the store `manager_id`.
+    async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError>;
+
+    /// OAuth credentials not marked for re-authorisation whose token expires at or before
+    /// `before` (Unix seconds), soonest first.
+    async fn oauth_due(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<CredentialRecord>, MetadataError>;
+
+    async fn count_needs_reauth(&self) -> Result<u64, MetadataError>;
+}
+
+/// The write journal: copies of secrets a write may leave behind, until they are settled.
+#[async_trait]
+pub trait JournalRows: Send + Sync + 'static {
+    async fn journal_add(&self, entry: &JournalEntry) -> Result<i64, MetadataError>;
+    async fn journal_remove(&self, id: i64) -> Result<(), MetadataError>;
+    /// Every entry, oldest first. An entry whose kind cannot be read is an error, never a
+    /// guess: the wrong guess would delete a copy that must stay.
+    async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError>;
+}
+
+/// The sealed versions of the local encrypted store (`local_secrets`).
+#[async_trait]
+pub trait SealedRows: Send + Sync + 'static {
+    async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError>;
+    async fn sealed_get(
+        &self,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<SealedRecord>, MetadataError>;
+    /// Fails with `AlreadyExists` if `(name, version)` is taken: that is how concurrent local
+    /// writers are detected.
+    async fn sealed_insert(&self, record: &SealedRecord) -> Result<(), MetadataError>;
+    /// Drops versions older than `keep_from` (the previous one stays for readers in flight).
+    async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), MetadataError>;
+    async fn sealed_delete(&self, name: &str) -> Result<(), MetadataError>;
+    async fn sealed_list(
+        &self,
+        query: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<SealedSummary>, bool), MetadataError>;
+    /// Sealed rows whose data key is wrapped by a key other than `current_key_id`.
+    async fn sealed_with_other_key(
+        &self,
+        current_key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, MetadataError>;
+    /// Replaces the wrapped data key of one version (key rotation), if still wrapped by `old_key_id`.
+    async fn sealed_rewrap(
+        &self,
+        record: &SealedRecord,
+        old_key_id: &str,
+    ) -> Result<(), MetadataError>;
+}
+
+/// A handle that can be narrowed to its sealed rows: the daemon's whole `Arc<dyn Metadata>`
+/// or a concrete store. `LocalManager::new` takes this rather than `Arc<dyn SealedRows>`
+/// because with the latter, `Arc::clone(&metadata)` at a call site infers the target type
+/// and fails to compile instead of coercing.
+pub trait IntoSealedRows {
+    fn into_sealed_rows(self) -> Arc<dyn SealedRows>;
+}
+
+impl<T: SealedRows> IntoSealedRows for Arc<T> {
+    fn into_sealed_rows(self) -> Arc<dyn SealedRows> {
+        self
+    }
+}
+
+impl IntoSealedRows for Arc<dyn SealedRows> {
+    fn into_sealed_rows(self) -> Arc<dyn SealedRows> {
+        self
+    }
+}
+
+impl IntoSealedRows for Arc<dyn Metadata> {
+    fn into_sealed_rows(self) -> Arc<dyn SealedRows> {
+        // Trait upcasting (Rust 1.86).
+        self
+    }
+}
+
+/// Sealed OAuth token responses awaiting write-back to their credential's secrets manager
+/// (`oauth_pending`).
+#[async_trait]
+pub trait PendingTokenRows: Send + Sync + 'static {
+    /// Saves a sealed token response before it is written back, so a crash in between does
+    /// not lose a rotated refresh token. One per credential; replaces any earlier one.
+    async fn pending_token_put(
+        &self,
+        credential_id: &str,
+        sealed: &SealedRecord,
+    ) -> Result<(), MetadataError>;
+    async fn pending_token_get(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<SealedRecord>, MetadataError>;
+    async fn pending_token_delete(&self, credential_id: &str) -> Result<(), MetadataError>;
+}
+
+/// Leases: short exclusive claims on a key, shared by every process using the database.
+#[async_trait]
+pub trait LeaseRows: Send + Sync + 'static {
+    /// Takes the lease `key` for `holder` if it is free, expired, or already `holder`'s, for
+    /// `ttl` from now. Serialises OAuth refreshers across processes sharing the database.
+    async fn lease_acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetadataError>;
+    /// Gives the lease up if `holder` still has it.
+    async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError>;
+}
+
+/// The instances sharing the database: their heartbeats and routing configurations, and the
+/// changes they announce to each other.
+#[async_trait]
+pub trait FleetRows: Send + Sync + 'static {
+    /// Changes made by other instances sharing the database, for stores that can announce
+    /// them (PostgreSQL). `None` for a store only this process writes... or that cannot tell.
+    fn invalidations(&self) -> Option<tokio::sync::broadcast::Receiver<Invalidation>> {
+        None
+    }
+
+    /// Records that instance `id` is alive and runs the routing configuration `config_hash`.
+    async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError>;
+    async fn instance_remove(&self, id: &str) -> Result<(), MetadataError>;
+    /// The distinct routing configurations of instances seen within `max_age`.
+    async fn live_config_hashes(&self, max_age: Duration) -> Result<Vec<String>, MetadataError>;
+}
+
+/// The whole metadata database: every role. Implemented for anything that has them all.
+pub trait Metadata:
+    Liveness + CredentialRows + JournalRows + SealedRows + PendingTokenRows + LeaseRows + FleetRows
+{
+}
+
+impl<T> Metadata for T where
+    T: Liveness
+        + CredentialRows
+        + JournalRows
+        + SealedRows
+        + PendingTokenRows
+        + LeaseRows
+        + FleetRows
+{
+}

@@ -1,0 +1,155 @@
+//! The tables and indexes of the metadata database, written once for both backends: each
+//! object with the schema version that added it, in a template the backend's [`Dialect`]
+//! fills in. Column names are a stored schema: never rename one.
+
+use std::ops::RangeInclusive;
+
+/// How a backend spells the few things SQL dialects disagree on.
+pub(super) struct Dialect {
+    /// A 64-bit integer column.
+    pub int: &'static str,
+    /// A byte-string column.
+    pub bytes: &'static str,
+    /// A boolean column, false by default.
+    pub flag: &'static str,
+    /// An auto-numbered 64-bit primary key.
+    pub serial_key: &'static str,
+    /// `needs_reauth` is false (for the partial index of refresh candidates).
+    pub not_needs_reauth: &'static str,
+    /// Prefix of object names that makes a `CREATE` a no-op when the object exists.
+    pub if_new: &'static str,
+}
+
+/// Every object, with the schema version that added it.
+const OBJECTS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE {if_new}credentials (
+    id               TEXT PRIMARY KEY,
+    environment      TEXT NOT NULL,
+    integration_type TEXT NOT NULL,
+    metadata         TEXT NOT NULL,
+    oauth            TEXT,
+    pinned_manager   TEXT,
+    store_id         TEXT NOT NULL,
+    store_name       TEXT NOT NULL,
+    store_version    TEXT,
+    expires_at       {int},
+    needs_reauth     {flag},
+    row_version      {int} NOT NULL,
+    created_at       {int} NOT NULL,
+    updated_at       {int} NOT NULL
+)",
+    ),
+    (
+        1,
+        "CREATE INDEX {if_new}credentials_location ON credentials (store_id, store_name)",
+    ),
+    (
+        1,
+        "CREATE TABLE {if_new}journal (
+    id            {serial_key},
+    kind          TEXT NOT NULL DEFAULT 'copy',
+    credential_id TEXT NOT NULL,
+    store_id      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    created_at    {int} NOT NULL
+)",
+    ),
+    (
+        1,
+        "CREATE TABLE {if_new}local_secrets (
+    name        TEXT NOT NULL,
+    version     {int} NOT NULL,
+    key_id      TEXT NOT NULL,
+    wrapped_key {bytes} NOT NULL,
+    ciphertext  {bytes} NOT NULL,
+    created_at  {int} NOT NULL,
+    PRIMARY KEY (name, version)
+)",
+    ),
+    // Version 2: OAuth refresh leases and sealed token responses awaiting write-back.
+    (
+        2,
+        "CREATE TABLE {if_new}leases (
+    key           TEXT PRIMARY KEY,
+    holder        TEXT NOT NULL,
+    expires_at_ms {int} NOT NULL
+)",
+    ),
+    (
+        2,
+        "CREATE TABLE {if_new}oauth_pending (
+    credential_id TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    version       {int} NOT NULL,
+    key_id        TEXT NOT NULL,
+    wrapped_key   {bytes} NOT NULL,
+    ciphertext    {bytes} NOT NULL,
+    created_at    {int} NOT NULL
+)",
+    ),
+    (
+        2,
+        "CREATE INDEX {if_new}credentials_oauth_due ON credentials (expires_at)
+    WHERE oauth IS NOT NULL AND {not_needs_reauth} AND expires_at IS NOT NULL",
+    ),
+    // Version 3: instances sharing the database and the routing configuration each runs.
+    (
+        3,
+        "CREATE TABLE {if_new}instances (
+    id           TEXT PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    heartbeat_ms {int} NOT NULL
+)",
+    ),
+];
+
+/// The statements that create the objects added in `versions`, in `dialect`, as one batch.
+pub(super) fn ddl(dialect: &Dialect, versions: RangeInclusive<i64>) -> String {
+    OBJECTS
+        .iter()
+        .filter(|(since, _)| versions.contains(since))
+        .map(|(_, template)| {
+            format!(
+                "{};\n",
+                template
+                    .replace("{if_new}", dialect.if_new)
+                    .replace("{int}", dialect.int)
+                    .replace("{bytes}", dialect.bytes)
+                    .replace("{flag}", dialect.flag)
+                    .replace("{serial_key}", dialect.serial_key)
+                    .replace("{not_needs_reauth}", dialect.not_needs_reauth)
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::SCHEMA_VERSION;
+
+    #[test]
+    fn every_version_adds_something_and_none_is_ahead_of_the_binary() {
+        for v in 1..=SCHEMA_VERSION {
+            assert!(OBJECTS.iter().any(|(since, _)| *since == v), "version {v}");
+        }
+        assert!(OBJECTS.iter().all(|(since, _)| *since <= SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let d = Dialect {
+            int: "I",
+            bytes: "B",
+            flag: "F",
+            serial_key: "S",
+            not_needs_reauth: "N",
+            if_new: "",
+        };
+        let all = ddl(&d, 1..=SCHEMA_VERSION);
+        assert!(!all.contains('{') && !all.contains('}'), "{all}");
+        assert_eq!(all.matches("CREATE ").count(), OBJECTS.len());
+    }
+}

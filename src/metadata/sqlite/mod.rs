@@ -1,0 +1,328 @@
+//! The SQLite metadata database, the default: one file in WAL mode, `synchronous=FULL` so an
+//! acknowledged write survives a power cut, schema version checked and upgraded at open. This
+//! module owns the connection; each role's rows are in the file named after it.
+
+mod credentials;
+mod fleet;
+mod journal;
+mod leases;
+mod pending;
+mod sealed;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, Row};
+
+use super::codec::Columns;
+use super::schema::{self, Dialect};
+use super::{Liveness, MetadataError, SCHEMA_VERSION};
+
+/// How SQLite spells the shared schema.
+const DIALECT: Dialect = Dialect {
+    int: "INTEGER",
+    bytes: "BLOB",
+    flag: "INTEGER NOT NULL DEFAULT 0",
+    serial_key: "INTEGER PRIMARY KEY AUTOINCREMENT",
+    not_needs_reauth: "needs_reauth = 0",
+    // Each version's objects are created once, by the step that adds them: an object already
+    // there means the database is not what its version says, and that should fail loudly.
+    if_new: "",
+};
+
+pub struct SqliteMetadata {
+    // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> MetadataError {
+    MetadataError::Database(e.to_string())
+}
+
+impl SqliteMetadata {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, MetadataError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    MetadataError::Database(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        // Before any row is written, and after WAL mode has opened its files.
+        restrict_to_owner(path)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(MetadataError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
+            // In one transaction with the version bump: a crash mid-upgrade leaves the
+            // previous version intact.
+            let tx = conn.unchecked_transaction().map_err(db_err)?;
+            tx.execute_batch(&schema::ddl(&DIALECT, version + 1..=SCHEMA_VERSION))
+                .map_err(db_err)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Opens an existing database for reading only (`credproxy plan`): never creates,
+    /// upgrades or writes it, so it is safe next to a running daemon.
+    pub fn open_read_only(path: &Path) -> Result<Self, MetadataError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
+        if version != SCHEMA_VERSION {
+            return Err(MetadataError::Database(format!(
+                "schema version {version}, this binary reads {SCHEMA_VERSION}; start the daemon once to upgrade it"
+            )));
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T, MetadataError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, MetadataError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| MetadataError::Database(format!("worker failed: {e}")))?
+    }
+}
+
+/// Restricts the database file, and the WAL files beside it if present, to mode 0600 even
+/// under a loose umask: together they name every credential. A failure fails the open, since
+/// the mode is promised. WAL files SQLite creates later take the database file's mode.
+#[cfg(unix)]
+fn restrict_to_owner(path: &Path) -> Result<(), MetadataError> {
+    use std::os::unix::fs::PermissionsExt;
+    let restrict = |file: &Path| {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            MetadataError::Database(format!("cannot set mode 0600 on {}: {e}", file.display()))
+        })
+    };
+    restrict(path)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut sibling = path.as_os_str().to_owned();
+        sibling.push(suffix);
+        let sibling = Path::new(&sibling);
+        if sibling.exists() {
+            restrict(sibling)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner(_: &Path) -> Result<(), MetadataError> {
+    Ok(())
+}
+
+impl Columns for Row<'_> {
+    fn text(&self, i: usize) -> Result<String, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn flag(&self, i: usize) -> Result<bool, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
+}
+
+/// Every row `sql` returns, decoded.
+fn query_all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Vec<T>, MetadataError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(db_err)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// The first row `sql` returns, decoded.
+fn query_first<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn Columns) -> Result<T, MetadataError>,
+) -> Result<Option<T>, MetadataError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    rows.next()
+        .map_err(db_err)?
+        .map(|row| decode(row))
+        .transpose()
+}
+
+#[async_trait]
+impl Liveness for SqliteMetadata {
+    async fn ping(&self) -> Result<(), MetadataError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{CredentialRecord, CredentialRows, LeaseRows, Location};
+
+    #[cfg(unix)]
+    #[test]
+    fn a_database_whose_mode_cannot_be_set_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone.db");
+        let err = restrict_to_owner(&missing).unwrap_err();
+        assert!(
+            matches!(err, MetadataError::Database(ref m) if m.contains("mode 0600") && m.contains("gone.db")),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_and_its_wal_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteMetadata::open(&path).unwrap();
+        store.create_credential(&record("a"), 0).await.unwrap();
+        let mut checked = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("m.db{suffix}"));
+            if let Ok(meta) = std::fs::metadata(&file) {
+                assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{suffix}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "the WAL file exists while the store is open");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn wal_files_left_with_a_loose_mode_are_tightened_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        // An earlier binary's files, still open (as after a crash, they outlive the process).
+        let earlier = Connection::open(&path).unwrap();
+        earlier.pragma_update(None, "journal_mode", "WAL").unwrap();
+        earlier.execute_batch("CREATE TABLE t (x)").unwrap();
+        let wal = dir.path().join("m.db-wal");
+        for file in [&path, &wal] {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let _store = SqliteMetadata::open(&path).unwrap();
+        for file in [&path, &wal] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+    }
+
+    pub(super) fn record(id: &str) -> CredentialRecord {
+        CredentialRecord {
+            id: id.into(),
+            environment: "Production".into(),
+            integration_type: "github".into(),
+            metadata: serde_json::Map::new(),
+            oauth: None,
+            pinned_manager: None,
+            location: Location {
+                manager_id: "local".into(),
+                name: format!("Production/{id}"),
+                version: Some("1".into()),
+            },
+            expires_at: None,
+            needs_reauth: false,
+            row_version: 1,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&schema::ddl(&DIALECT, 1..=1)).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteMetadata::open(&path).unwrap();
+        store.create_credential(&record("a"), 0).await.unwrap();
+        assert!(store
+            .lease_acquire("k", "h", std::time::Duration::from_secs(5))
+            .await
+            .unwrap());
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        drop(SqliteMetadata::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let err = SqliteMetadata::open(&path).err().unwrap();
+        assert!(
+            matches!(err, MetadataError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+    }
+}
