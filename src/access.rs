@@ -42,6 +42,36 @@ pub enum Action {
     Admin,
 }
 
+/// What a request touches, for the policy: `None` stands for "some": a rule that grants any
+/// workspace (or environment) matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scope<'a> {
+    pub workspace: Option<&'a str>,
+    pub environment: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    /// Anything at all: the early check before the credential is known.
+    pub const ANY: Scope<'static> = Scope {
+        workspace: None,
+        environment: None,
+    };
+
+    pub fn workspace(workspace: &'a str) -> Self {
+        Scope {
+            workspace: Some(workspace),
+            environment: None,
+        }
+    }
+
+    pub fn credential(workspace: &'a str, environment: &'a str) -> Self {
+        Scope {
+            workspace: Some(workspace),
+            environment: Some(environment),
+        }
+    }
+}
+
 /// The access policy. With no `[[access]]` rules the socket's own owner and group (and a TCP
 /// token holder) may do everything, and nobody else: the socket mode already keeps others out.
 #[derive(Debug, Clone)]
@@ -69,8 +99,8 @@ impl Policy {
         }
     }
 
-    /// Whether `caller` may do `action`, on credentials of `environment` when one is given.
-    pub fn allows(&self, caller: &Caller, action: Action, environment: Option<&str>) -> bool {
+    /// Whether `caller` may do `action` within `scope`.
+    pub fn allows(&self, caller: &Caller, action: Action, scope: Scope<'_>) -> bool {
         if self.rules.is_empty() {
             return match caller {
                 Caller::Unix { uid, gid, .. } => *uid == self.owner_uid || *gid == self.owner_gid,
@@ -79,7 +109,10 @@ impl Policy {
         }
         self.rules.iter().any(|rule| {
             Self::matches(rule, caller)
-                && environment.is_none_or(|env| rule.allows_environment(env))
+                && scope
+                    .environment
+                    .is_none_or(|env| rule.allows_environment(env))
+                && scope.workspace.is_none_or(|w| rule.allows_workspace(w))
                 && match action {
                     Action::Read => true,
                     Action::Write => rule.write,
@@ -104,9 +137,17 @@ mod tests {
     #[test]
     fn without_rules_only_owner_and_group() {
         let p = Policy::new(vec![], 100, 200);
-        assert!(p.allows(&unix(100, 1), Action::Write, Some("Production")));
-        assert!(p.allows(&unix(5, 200), Action::Admin, None));
-        assert!(!p.allows(&unix(5, 6), Action::Read, Some("Production")));
+        assert!(p.allows(
+            &unix(100, 1),
+            Action::Write,
+            Scope::credential("default", "Production")
+        ));
+        assert!(p.allows(&unix(5, 200), Action::Admin, Scope::ANY));
+        assert!(!p.allows(
+            &unix(5, 6),
+            Action::Read,
+            Scope::credential("default", "Production")
+        ));
     }
 
     #[test]
@@ -115,27 +156,81 @@ mod tests {
             AccessRule {
                 principal: Principal::Uid(1000),
                 environments: Some(vec!["Sandbox".into()]),
+                workspaces: Some(vec!["default".into()]),
                 write: false,
                 admin: false,
             },
             AccessRule {
                 principal: Principal::Gid(50),
                 environments: None,
+                workspaces: None,
                 write: true,
                 admin: true,
             },
         ];
         let p = Policy::new(rules, 0, 0);
         let worker = unix(1000, 1000);
-        assert!(p.allows(&worker, Action::Read, Some("Sandbox")));
-        assert!(!p.allows(&worker, Action::Read, Some("Production")));
-        assert!(!p.allows(&worker, Action::Write, Some("Sandbox")));
-        assert!(!p.allows(&worker, Action::Admin, None));
-        assert!(p.allows(&unix(7, 50), Action::Admin, None));
+        assert!(p.allows(
+            &worker,
+            Action::Read,
+            Scope::credential("default", "Sandbox")
+        ));
+        assert!(!p.allows(
+            &worker,
+            Action::Read,
+            Scope::credential("default", "Production")
+        ));
+        assert!(!p.allows(
+            &worker,
+            Action::Write,
+            Scope::credential("default", "Sandbox")
+        ));
+        assert!(!p.allows(&worker, Action::Admin, Scope::ANY));
+        assert!(p.allows(&unix(7, 50), Action::Admin, Scope::ANY));
         assert!(
-            !p.allows(&unix(0, 0), Action::Read, None),
+            !p.allows(&unix(0, 0), Action::Read, Scope::ANY),
             "owner has no implicit access once rules exist"
         );
-        assert!(!p.allows(&Caller::Tcp, Action::Read, Some("Sandbox")));
+        assert!(!p.allows(
+            &Caller::Tcp,
+            Action::Read,
+            Scope::credential("default", "Sandbox")
+        ));
+    }
+}
+
+#[cfg(test)]
+mod workspace_tests {
+    use super::*;
+
+    #[test]
+    fn rules_scope_workspaces() {
+        let rule = |workspaces: Option<Vec<String>>| AccessRule {
+            principal: Principal::Uid(7),
+            environments: None,
+            workspaces,
+            write: true,
+            admin: true,
+        };
+        let caller = Caller::Unix {
+            uid: 7,
+            gid: 7,
+            pid: None,
+        };
+        let p = Policy::new(vec![rule(Some(vec!["acme".into()]))], 0, 0);
+        assert!(p.allows(
+            &caller,
+            Action::Write,
+            Scope::credential("acme", "Production")
+        ));
+        assert!(!p.allows(
+            &caller,
+            Action::Read,
+            Scope::credential("globex", "Production")
+        ));
+        assert!(!p.allows(&caller, Action::Admin, Scope::workspace("default")));
+        assert!(p.allows(&caller, Action::Read, Scope::ANY));
+        let all = Policy::new(vec![rule(None)], 0, 0);
+        assert!(all.allows(&caller, Action::Admin, Scope::workspace("globex")));
     }
 }

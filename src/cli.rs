@@ -247,7 +247,8 @@ fn plan(path: PathBuf, current: Option<PathBuf>, ids: bool) -> ExitCode {
             .and_then(|m| crate::manager::descriptor::find(&m.kind))
             .is_some_and(|d| d.read_only)
     };
-    let moves = match runtime().block_on(crate::migrate::plan(&store, &next, &read_only)) {
+    let topology = crate::routing::Topology::from_config(&next);
+    let moves = match runtime().block_on(crate::migrate::plan(&store, &topology, &read_only)) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("credproxy: {e}");

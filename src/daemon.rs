@@ -143,6 +143,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         None => None,
     };
     let runtime = Runtime {
+        topology: crate::routing::Topology::from_config(&parts.config),
         config: Arc::clone(&parts.config),
         registry: parts.registry,
         policy,

@@ -13,9 +13,9 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::{Config, MigrationConfig};
+use crate::config::MigrationConfig;
 use crate::metadata::{CredentialRecord, Metadata, MetadataError};
-use crate::routing::route;
+use crate::routing::Topology;
 use crate::service::{MoveOutcome, Service, ServiceError};
 
 /// Credentials read per page while planning.
@@ -38,16 +38,15 @@ pub struct PlannedMove {
     pub pin_unavailable: bool,
 }
 
-/// Where `record` belongs under `config`, if that is not where it is. Read-only stores are
-/// never a source or a target.
+/// Where `record` belongs under `topology`, if that is not where it is. Read-only managers
+/// are never a source or a target.
 pub fn plan_one(
-    config: &Config,
+    topology: &Topology,
     record: &CredentialRecord,
     read_only: &(dyn Fn(&str) -> bool + Sync),
 ) -> Option<PlannedMove> {
-    let target = route(
-        &config.routing,
-        &config.managers,
+    let target = topology.route(
+        &record.workspace,
         &record.environment,
         record.pinned_manager.as_deref(),
     );
@@ -63,10 +62,10 @@ pub fn plan_one(
     })
 }
 
-/// The plan for every credential in `store` under `config`.
+/// The plan for every credential in `store` under `topology`.
 pub async fn plan(
     store: &dyn Metadata,
-    config: &Config,
+    topology: &Topology,
     read_only: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<Vec<PlannedMove>, MetadataError> {
     let mut moves = Vec::new();
@@ -77,7 +76,7 @@ pub async fn plan(
             return Ok(moves);
         };
         after = Some(last.id.clone());
-        moves.extend(page.iter().filter_map(|r| plan_one(config, r, read_only)));
+        moves.extend(page.iter().filter_map(|r| plan_one(topology, r, read_only)));
     }
 }
 
@@ -314,7 +313,7 @@ impl Migrator {
             .metadata()
             .live_config_hashes(crate::service::INSTANCE_LIVENESS)
             .await?;
-        let mine = config.routing_hash();
+        let mine = runtime.topology.hash();
         let disagree = configs.iter().filter(|h| **h != mine).count();
         self.state().waiting_for = disagree;
         if disagree > 0 {
@@ -327,7 +326,12 @@ impl Migrator {
                 .get(id)
                 .is_some_and(|b| b.describe().capabilities.read_only)
         };
-        let moves = plan(self.service.metadata().as_ref(), &config, &read_only).await?;
+        let moves = plan(
+            self.service.metadata().as_ref(),
+            &runtime.topology,
+            &read_only,
+        )
+        .await?;
         let metrics = self.service.metrics();
         {
             let mut state = self.state();

@@ -13,6 +13,7 @@ use crate::config::{ConfigError, LOCAL_MANAGER_ID};
 use crate::lifecycle::sd_notify_reloading;
 use crate::manager::{self, Registry};
 use crate::migrate::Migrator;
+use crate::routing::{ManagerEntry, Topology};
 use crate::service::{Runtime, Service};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,7 @@ impl Reloader {
         for manager in &next.managers {
             registry.insert(manager.id.clone(), manager::build(manager).await?);
         }
+        let mut topology = Topology::from_config(&next);
         let mut report = ReloadReport {
             managers_added: Vec::new(),
             managers_removed: Vec::new(),
@@ -139,6 +141,12 @@ impl Reloader {
             if in_use {
                 if let Some(old) = current.registry.get(id) {
                     registry.insert(id.to_owned(), Arc::clone(old));
+                    if let Some(entry) = current.topology.manager(id) {
+                        topology.insert(ManagerEntry {
+                            retiring: true,
+                            ..entry.clone()
+                        });
+                    }
                     report.managers_retired.push(id.to_owned());
                 }
             }
@@ -148,7 +156,7 @@ impl Reloader {
                 .get(id)
                 .is_some_and(|b| b.describe().capabilities.read_only)
         };
-        let planned = crate::migrate::plan(self.service.metadata().as_ref(), &next, &read_only)
+        let planned = crate::migrate::plan(self.service.metadata().as_ref(), &topology, &read_only)
             .await
             .map_err(|e| ReloadError::Metadata(e.to_string()))?;
         report.moves_planned = planned.len();
@@ -159,6 +167,7 @@ impl Reloader {
             config: Arc::new(config),
             registry,
             policy,
+            topology,
         });
         // Others must see the new configuration before anyone moves for it.
         if let Err(e) = self.service.heartbeat().await {

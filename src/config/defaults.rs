@@ -42,5 +42,8 @@ pub const DEFAULT_PREFIX: &str = "credproxy/";
 /// The shortest interval accepted for the periodic tasks (sweeps, scans, file watching): below
 /// it they would spin.
 pub const MIN_PERIOD: Duration = Duration::from_millis(100);
+/// The workspace of single-tenant set-ups: credentials created without one, the managers and
+/// routing of the config file, and what an `[[access]]` rule without `workspaces` grants.
+pub const DEFAULT_WORKSPACE: &str = "default";
 /// The id the local encrypted store answers to in routing, references and the API.
 pub const LOCAL_MANAGER_ID: &str = "local";

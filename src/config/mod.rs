@@ -227,6 +227,8 @@ pub struct AccessRule {
     pub principal: Principal,
     /// `None` means every environment (`"*"`).
     pub environments: Option<Vec<String>>,
+    /// `None` means every workspace (`"*"`); a rule without `workspaces` grants `default`.
+    pub workspaces: Option<Vec<String>>,
     pub write: bool,
     pub admin: bool,
 }
@@ -236,6 +238,13 @@ impl AccessRule {
         match &self.environments {
             None => true,
             Some(list) => list.iter().any(|e| e == environment),
+        }
+    }
+
+    pub fn allows_workspace(&self, workspace: &str) -> bool {
+        match &self.workspaces {
+            None => true,
+            Some(list) => list.iter().any(|w| w == workspace),
         }
     }
 }

@@ -176,6 +176,7 @@ pub(super) struct RawAccess {
     pub(super) group: Option<String>,
     pub(super) tcp: Option<bool>,
     pub(super) environments: Vec<String>,
+    pub(super) workspaces: Option<Vec<String>>,
     #[serde(default)]
     pub(super) write: bool,
     #[serde(default)]

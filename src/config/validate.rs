@@ -421,9 +421,29 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
         }
         Some(raw.environments)
     };
+    let workspaces = match raw.workspaces {
+        None => Some(vec![DEFAULT_WORKSPACE.to_owned()]),
+        Some(list) if list.is_empty() => {
+            return Err(invalid(
+                key("workspaces"),
+                "list at least one workspace, or \"*\"",
+            ))
+        }
+        Some(list) if list.iter().any(|w| w == "*") => None,
+        Some(list) => {
+            if let Some(bad) = list.iter().position(|w| !is_valid_name(w)) {
+                return Err(invalid(
+                    format!("access[{i}].workspaces[{bad}]"),
+                    "not a valid workspace name",
+                ));
+            }
+            Some(list)
+        }
+    };
     Ok(AccessRule {
         principal: principals.remove(0),
         environments,
+        workspaces,
         write: raw.write,
         admin: raw.admin,
     })

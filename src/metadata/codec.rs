@@ -68,6 +68,7 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
         .transpose()
         .map_err(|_| MetadataError::Corrupt(format!("oauth of {id}")))?;
     Ok(CredentialRecord {
+        workspace: "default".into(),
         environment: row.text(1)?,
         integration_type: row.text(2)?,
         metadata,

@@ -40,6 +40,7 @@ pub enum ClientAuth {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialRecord {
     pub id: String,
+    pub workspace: String,
     pub environment: String,
     pub integration_type: String,
     /// A JSON object of non-sensitive metadata.

@@ -14,6 +14,9 @@ const MAX_METADATA_BYTES: usize = 16 * 1024;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
+    /// The tenant the credential belongs to; `default` when absent.
+    #[serde(default)]
+    pub workspace: Option<String>,
     pub environment: String,
     #[serde(default)]
     pub integration_type: Option<String>,

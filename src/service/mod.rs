@@ -23,13 +23,14 @@ pub use moves::MoveOutcome;
 pub use refresh::{Refreshed, Trigger};
 pub use writes::WriteOutcome;
 
-use crate::access::{Action, Caller, Policy};
+use crate::access::{Action, Caller, Policy, Scope};
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_WORKSPACE};
 use crate::manager::local::Keyring;
 use crate::manager::{ManagerError, Registry, SecretsManager};
-use crate::metadata::Metadata;
+use crate::metadata::{CredentialRecord, Metadata};
 use crate::metrics::Metrics;
+use crate::routing::Topology;
 use locks::KeyedLocks;
 
 /// The configuration in force and everything built from it; swapped whole on reload.
@@ -37,6 +38,8 @@ pub struct Runtime {
     pub config: Arc<Config>,
     pub registry: Registry,
     pub policy: Policy,
+    /// Every manager in force (file and API) and every workspace's routing.
+    pub topology: Topology,
 }
 
 pub struct Service {
@@ -92,7 +95,7 @@ impl Service {
 
     /// Records this instance as alive with the routing configuration it runs now.
     pub async fn heartbeat(&self) -> Result<(), ServiceError> {
-        let hash = self.runtime.load().config.routing_hash();
+        let hash = self.runtime.load().topology.hash();
         Ok(self
             .metadata
             .instance_heartbeat(&self.instance, &hash)
@@ -117,11 +120,31 @@ impl Service {
         &self.metadata
     }
 
-    pub fn allows(&self, caller: &Caller, action: Action, environment: Option<&str>) -> bool {
-        self.runtime
-            .load()
-            .policy
-            .allows(caller, action, environment)
+    pub fn allows(&self, caller: &Caller, action: Action, scope: Scope<'_>) -> bool {
+        self.runtime.load().policy.allows(caller, action, scope)
+    }
+
+    /// Whether `caller` may do `action` on `record`. A caller that cannot see the record's
+    /// workspace is told it does not exist, exactly as for an id that does not: no answer
+    /// reveals what another workspace holds.
+    fn check_access(
+        &self,
+        caller: &Caller,
+        action: Action,
+        record: &CredentialRecord,
+    ) -> Result<(), ServiceError> {
+        let policy = &self.runtime.load().policy;
+        if !policy.allows(caller, Action::Read, Scope::workspace(&record.workspace)) {
+            return Err(ServiceError::NotFound);
+        }
+        if !policy.allows(
+            caller,
+            action,
+            Scope::credential(&record.workspace, &record.environment),
+        ) {
+            return Err(ServiceError::Forbidden);
+        }
+        Ok(())
     }
 
     /// Keeps this instance's cache coherent with others sharing the metadata database: drops
@@ -181,13 +204,27 @@ impl Service {
         call_manager(&self.metrics, timeout, manager_id, operation, fut).await
     }
 
-    fn secret_name(runtime: &Runtime, manager_id: &str, environment: &str, id: &str) -> String {
+    /// The name a credential's secret gets in `manager_id`: `{prefix}{environment}/{id}` in the
+    /// `default` workspace (as before workspaces existed), `{prefix}workspaces/{workspace}/
+    /// {environment}/{id}` in any other, so that workspaces sharing a manager never collide
+    /// and a policy can grant one workspace by name prefix.
+    fn secret_name(
+        runtime: &Runtime,
+        manager_id: &str,
+        workspace: &str,
+        environment: &str,
+        id: &str,
+    ) -> String {
         let prefix = runtime
-            .config
+            .topology
             .manager(manager_id)
             .map(|m| m.prefix.as_str())
             .unwrap_or("");
-        format!("{prefix}{environment}/{id}")
+        if workspace == DEFAULT_WORKSPACE {
+            format!("{prefix}{environment}/{id}")
+        } else {
+            format!("{prefix}workspaces/{workspace}/{environment}/{id}")
+        }
     }
 }
 

@@ -11,7 +11,6 @@ use super::{Runtime, Service, ServiceError, WriteOutcome};
 use crate::cache::Loaded;
 use crate::manager::{PutRequest, SecretsManager};
 use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
-use crate::routing::route;
 use crate::secret::SecretFields;
 
 /// What a background move did.
@@ -45,7 +44,7 @@ impl Service {
         value: &SecretFields,
     ) -> Result<WriteOutcome, ServiceError> {
         let id = current.id.clone();
-        let name = Self::secret_name(runtime, target_id, &next.environment, &id);
+        let name = Self::secret_name(runtime, target_id, &next.workspace, &next.environment, &id);
         let journal_id = self.journal(&id, target_id, &name).await?;
         let version = self
             .call(
@@ -146,9 +145,8 @@ impl Service {
         let Some(current) = self.metadata.get_credential(id).await? else {
             return Ok(MoveOutcome::Gone);
         };
-        let target = route(
-            &runtime.config.routing,
-            &runtime.config.managers,
+        let target = runtime.topology.route(
+            &current.workspace,
             &current.environment,
             current.pinned_manager.as_deref(),
         );
@@ -195,7 +193,7 @@ impl Service {
         let mut retired = Vec::new();
         for id in runtime.registry.ids() {
             if id != crate::config::LOCAL_MANAGER_ID
-                && runtime.config.manager(id).is_none()
+                && runtime.topology.manager(id).is_none_or(|m| m.retiring)
                 && !self.metadata.manager_in_use(id).await?
             {
                 retired.push(id.to_owned());
@@ -205,14 +203,17 @@ impl Service {
             return Ok(retired);
         }
         let mut registry = runtime.registry.clone();
+        let mut topology = runtime.topology.clone();
         for id in &retired {
             registry.remove(id);
+            topology.remove(id);
         }
         // Only if no reload happened meanwhile; otherwise the next pass prunes.
         let next = Arc::new(Runtime {
             config: Arc::clone(&runtime.config),
             registry,
             policy: runtime.policy.clone(),
+            topology,
         });
         let previous = self.runtime.compare_and_swap(&runtime, next);
         if !Arc::ptr_eq(&previous, &runtime) {

@@ -7,25 +7,37 @@ use std::time::SystemTime;
 
 use super::error::manager_failure;
 use super::{call_manager, Service, ServiceError};
-use crate::access::{Action, Caller};
+use crate::access::{Action, Caller, Scope};
 use crate::cache::{CacheStatus, Entry, Loaded};
-use crate::config::is_valid_name;
+use crate::config::{is_valid_name, DEFAULT_WORKSPACE};
 use crate::manager::{ListRequest, ManagerError, Page};
-use crate::routing::{route, Route};
+use crate::routing::Route;
 
 impl Service {
     /// Resolves a credential, from the cache when fresh. Access is checked against the
-    /// credential's environment before anything is returned.
+    /// credential's workspace and environment before anything is returned, and before a
+    /// secrets manager is asked when nothing is cached.
     pub async fn get(
         self: &Arc<Self>,
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        if !self.allows(caller, Action::Read, None) {
+        if !self.allows(caller, Action::Read, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
+        }
+        match self.cache.peek(id) {
+            Some(entry) => self.check_access(caller, Action::Read, &entry.loaded.record)?,
+            None => {
+                let record = self
+                    .metadata
+                    .get_credential(id)
+                    .await?
+                    .ok_or(ServiceError::NotFound)?;
+                self.check_access(caller, Action::Read, &record)?;
+            }
         }
         let (entry, status) = self
             .cache
@@ -35,9 +47,7 @@ impl Service {
             .cache_requests
             .with_label_values(&[status.as_str()])
             .inc();
-        if !self.allows(caller, Action::Read, Some(&entry.loaded.record.environment)) {
-            return Err(ServiceError::Forbidden);
-        }
+        self.check_access(caller, Action::Read, &entry.loaded.record)?;
         self.checked_token(id, entry, status).await
     }
 
@@ -108,23 +118,30 @@ impl Service {
         manager_id: &str,
         request: ListRequest,
     ) -> Result<Page, ServiceError> {
-        if !self.allows(caller, Action::Admin, None) {
+        let runtime = self.runtime();
+        // A manager of a workspace the caller cannot see is answered like one that does not
+        // exist.
+        let workspace = runtime
+            .topology
+            .manager(manager_id)
+            .map_or(DEFAULT_WORKSPACE, |m| m.workspace.as_str());
+        if !self.allows(caller, Action::Read, Scope::workspace(workspace)) {
+            return Err(ServiceError::UnknownManager(manager_id.to_owned()));
+        }
+        if !self.allows(caller, Action::Admin, Scope::workspace(workspace)) {
             return Err(ServiceError::Forbidden);
         }
-        let manager = Self::manager(&self.runtime(), manager_id)?;
+        let manager = Self::manager(&runtime, manager_id)?;
         self.call(manager_id, "list", manager.list(request))
             .await
             .map_err(|e| manager_failure(manager_id, e))
     }
 
-    pub fn route_for(&self, environment: &str, pin: Option<&str>) -> Route {
-        let runtime = self.runtime.load();
-        route(
-            &runtime.config.routing,
-            &runtime.config.managers,
-            environment,
-            pin,
-        )
+    pub fn route_for(&self, workspace: &str, environment: &str, pin: Option<&str>) -> Route {
+        self.runtime
+            .load()
+            .topology
+            .route(workspace, environment, pin)
     }
 }
 

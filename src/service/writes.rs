@@ -7,13 +7,12 @@ use std::time::SystemTime;
 
 use super::error::manager_failure;
 use super::input::{check_metadata, check_oauth, parse_expiry, write_token};
-use super::{CreateRequest, PatchRequest, Service, ServiceError};
-use crate::access::{Action, Caller};
+use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
+use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
-use crate::config::is_valid_name;
+use crate::config::{is_valid_name, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
 use crate::manager::{ManagerError, PutRequest, SecretsManager};
 use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
-use crate::routing::route;
 use crate::secret::SecretFields;
 
 /// What a write answers: never the secrets.
@@ -34,7 +33,19 @@ impl Service {
                 "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
             ));
         }
-        if !self.allows(caller, Action::Write, Some(&environment)) {
+        let workspace = request
+            .workspace
+            .unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
+        if !is_valid_name(&workspace) {
+            return Err(ServiceError::Invalid(
+                "`workspace` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
+            ));
+        }
+        if !self.allows(
+            caller,
+            Action::Write,
+            Scope::credential(&workspace, &environment),
+        ) {
             return Err(ServiceError::Forbidden);
         }
         let integration_type = request.integration_type.unwrap_or_default();
@@ -59,20 +70,18 @@ impl Service {
         let runtime = self.runtime();
         let pin = request.secrets_manager_id;
         if let Some(pin) = &pin {
-            Self::manager(&runtime, pin)?;
+            check_pin(&runtime, &workspace, pin)?;
         }
-        let target = route(
-            &runtime.config.routing,
-            &runtime.config.managers,
-            &environment,
-            pin.as_deref(),
-        );
+        let target = runtime
+            .topology
+            .route(&workspace, &environment, pin.as_deref());
         let manager = Self::manager(&runtime, &target.manager_id)?;
         let read_only = manager.describe().capabilities.read_only;
         let id = uuid::Uuid::new_v4().to_string();
         let now = crate::time::now_unix();
         let mut record = CredentialRecord {
             id: id.clone(),
+            workspace: workspace.clone(),
             environment: environment.clone(),
             integration_type,
             metadata,
@@ -136,7 +145,7 @@ impl Service {
             ServiceError::Invalid("`secrets` must hold at least one field".into())
         })?;
         let _guard = self.locks.lock(&id).await;
-        let name = Self::secret_name(&runtime, &target.manager_id, &environment, &id);
+        let name = Self::secret_name(&runtime, &target.manager_id, &workspace, &environment, &id);
         let journal_id = self.journal(&id, &target.manager_id, &name).await?;
         let written = self
             .call(
@@ -181,7 +190,7 @@ impl Service {
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        if !self.allows(caller, Action::Write, None) {
+        if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         if let Some(m) = &request.metadata {
@@ -194,14 +203,12 @@ impl Service {
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        if !self.allows(caller, Action::Write, Some(&current.environment)) {
-            return Err(ServiceError::Forbidden);
-        }
+        self.check_access(caller, Action::Write, &current)?;
         let runtime = self.runtime();
         let mut next = current.clone();
         if let Some(pin) = request.secrets_manager_id {
             if let Some(p) = &pin {
-                Self::manager(&runtime, p)?;
+                check_pin(&runtime, &current.workspace, p)?;
             }
             next.pinned_manager = pin;
         }
@@ -218,9 +225,8 @@ impl Service {
         next.row_version += 1;
         next.updated_at = crate::time::now_unix();
 
-        let target = route(
-            &runtime.config.routing,
-            &runtime.config.managers,
+        let target = runtime.topology.route(
+            &next.workspace,
             &next.environment,
             next.pinned_manager.as_deref(),
         );
@@ -367,7 +373,7 @@ impl Service {
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        if !self.allows(caller, Action::Write, None) {
+        if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         let _guard = self.locks.lock(id).await;
@@ -376,9 +382,7 @@ impl Service {
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        if !self.allows(caller, Action::Write, Some(&current.environment)) {
-            return Err(ServiceError::Forbidden);
-        }
+        self.check_access(caller, Action::Write, &current)?;
         let runtime = self.runtime();
         // For a read-only manager only the reference goes; `settle` never deletes there.
         let abandoned = JournalEntry {
@@ -403,5 +407,20 @@ impl Service {
         )
         .await;
         Ok(())
+    }
+}
+
+/// A pin must name the local store or an active manager of the credential's own workspace;
+/// any other id is answered as unknown, whether or not it exists elsewhere.
+fn check_pin(runtime: &Runtime, workspace: &str, pin: &str) -> Result<(), ServiceError> {
+    let usable = pin == LOCAL_MANAGER_ID
+        || runtime
+            .topology
+            .manager(pin)
+            .is_some_and(|m| m.workspace == workspace && !m.retiring);
+    if usable && runtime.registry.get(pin).is_some() {
+        Ok(())
+    } else {
+        Err(ServiceError::UnknownManager(pin.to_owned()))
     }
 }

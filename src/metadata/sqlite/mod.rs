@@ -271,6 +271,7 @@ mod tests {
     pub(super) fn record(id: &str) -> CredentialRecord {
         CredentialRecord {
             id: id.into(),
+            workspace: "default".into(),
             environment: "Production".into(),
             integration_type: "github".into(),
             metadata: serde_json::Map::new(),

@@ -42,7 +42,7 @@ pub(super) async fn get(
     // along the chain (and is moved there); say so.
     let pin_unavailable = record.pinned_manager.as_deref().is_some_and(|p| {
         service
-            .route_for(&record.environment, Some(p))
+            .route_for(&record.workspace, &record.environment, Some(p))
             .pin_unavailable
     });
     let mut response = credential_response(record, secrets, fields.as_deref(), pin_unavailable);
@@ -123,6 +123,7 @@ fn write_response(status: StatusCode, record: &CredentialRecord) -> Response<Bod
         status,
         &serde_json::json!({
             "id": record.id,
+            "workspace": record.workspace,
             "secrets_manager_id": record.location.manager_id,
             "reference": reference(record),
             "pinned_secrets_manager_id": record.pinned_manager,
@@ -147,6 +148,7 @@ fn credential_response(
     #[derive(Serialize)]
     struct View<'a> {
         id: &'a str,
+        workspace: &'a str,
         environment: &'a str,
         integration_type: &'a str,
         secrets_manager_id: &'a str,
@@ -161,6 +163,7 @@ fn credential_response(
     }
     let view = View {
         id: &record.id,
+        workspace: &record.workspace,
         environment: &record.environment,
         integration_type: &record.integration_type,
         secrets_manager_id: &record.location.manager_id,

@@ -216,7 +216,10 @@ async fn dispatch(
 }
 
 fn require(app: &App, caller: &Caller, action: Action) -> Result<(), ApiError> {
-    if app.service.allows(caller, action, None) {
+    if app
+        .service
+        .allows(caller, action, crate::access::Scope::ANY)
+    {
         Ok(())
     } else {
         Err(ServiceError::Forbidden.into())

@@ -128,11 +128,11 @@ impl Service {
         caller: &crate::access::Caller,
         id: &str,
     ) -> Result<Refreshed, ServiceError> {
-        use crate::access::Action;
+        use crate::access::{Action, Scope};
         if !crate::config::is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        if !self.allows(caller, Action::Write, None) {
+        if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         let record = self
@@ -140,9 +140,7 @@ impl Service {
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        if !self.allows(caller, Action::Write, Some(&record.environment)) {
-            return Err(ServiceError::Forbidden);
-        }
+        self.check_access(caller, Action::Write, &record)?;
         self.spawn_refresh(id, record.row_version, Trigger::Forced)
             .await
             .unwrap_or_else(|e| {
