@@ -21,6 +21,8 @@ use serde::Deserialize;
 pub use defaults::*;
 pub use secret_ref::SecretRef;
 
+use crate::secret::SecretString;
+
 /// Why a configuration was refused. Every variant names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -201,6 +203,46 @@ pub struct ManagerConfig {
     pub prefix: String,
     /// Type-specific keys, checked against the type's descriptor where the daemon is assembled.
     pub settings: toml::Table,
+    /// The values of secret keys given through the API (their keys in `settings` are
+    /// `{ sealed = true }`); empty for managers of the file.
+    pub auth: SealedAuth,
+}
+
+/// A manager's access details as given through the API, opened from their sealed form only to
+/// build the manager. Equal when they are the same opened copy.
+#[derive(Debug, Clone, Default)]
+pub struct SealedAuth(pub Option<std::sync::Arc<crate::secret::SecretFields>>);
+
+impl PartialEq for SealedAuth {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// The value of the secret key `key` (a dotted path such as `approle.role_id`), from where
+    /// `reference` says.
+    pub fn resolve(&self, key: &str, reference: &SecretRef) -> Result<SecretString, ConfigError> {
+        let full = format!("secrets_manager.{}.{key}", self.id);
+        match reference {
+            SecretRef::Sealed => self
+                .auth
+                .0
+                .as_ref()
+                .and_then(|auth| auth.get(key))
+                .cloned()
+                .ok_or(ConfigError::SecretSource {
+                    key: full,
+                    source_desc: reference.describe(),
+                    reason: "not set".into(),
+                }),
+            other => other.resolve(&full),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -13,6 +13,9 @@ use crate::secret::SecretString;
 pub enum SecretRef {
     Env(String),
     File(PathBuf),
+    /// `{ sealed = true }`: in the manager's access details given through the API, which the
+    /// metadata database holds sealed under the master key. Meaningless in the file.
+    Sealed,
 }
 
 const SECRET_REF_SHAPE: &str =
@@ -39,10 +42,10 @@ impl<'de> Deserialize<'de> for SecretRef {
             ) -> Result<SecretRef, A::Error> {
                 let mut found = None;
                 while let Some(key) = map.next_key::<String>()? {
-                    let value: String = map.next_value()?;
                     let parsed = match key.as_str() {
-                        "env" => SecretRef::Env(value),
-                        "file" => SecretRef::File(PathBuf::from(value)),
+                        "env" => SecretRef::Env(map.next_value()?),
+                        "file" => SecretRef::File(PathBuf::from(map.next_value::<String>()?)),
+                        "sealed" if map.next_value::<bool>()? => SecretRef::Sealed,
                         _ => return Err(serde::de::Error::custom(SECRET_REF_SHAPE)),
                     };
                     if found.replace(parsed).is_some() {
@@ -61,6 +64,7 @@ impl SecretRef {
         match self {
             SecretRef::Env(v) => format!("environment variable {v}"),
             SecretRef::File(p) => format!("file {}", p.display()),
+            SecretRef::Sealed => "the sealed access details".to_owned(),
         }
     }
 
@@ -75,6 +79,12 @@ impl SecretRef {
             SecretRef::Env(var) => std::env::var(var).map_err(|_| fail("not set".into()))?,
             SecretRef::File(path) => {
                 std::fs::read_to_string(path).map_err(|e| fail(e.kind().to_string()))?
+            }
+            SecretRef::Sealed => {
+                return Err(fail(
+                    "only secrets managers created through the API have sealed access details"
+                        .into(),
+                ))
             }
         };
         let trimmed = raw.trim();

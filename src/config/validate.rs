@@ -338,6 +338,7 @@ fn validate_managers(raw: Vec<RawManager>) -> Result<Vec<ManagerConfig>, ConfigE
             kind,
             prefix,
             settings: m.settings,
+            auth: SealedAuth::default(),
         };
         out.push(manager);
     }

@@ -170,10 +170,8 @@ impl AwsManager {
             .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3));
         if let (Some(key_id), Some(secret)) = (&settings.access_key_id, &settings.secret_access_key)
         {
-            let key_id =
-                key_id.resolve(&format!("secrets_manager.{}.access_key_id", manager.id))?;
-            let secret =
-                secret.resolve(&format!("secrets_manager.{}.secret_access_key", manager.id))?;
+            let key_id = manager.resolve("access_key_id", key_id)?;
+            let secret = manager.resolve("secret_access_key", secret)?;
             // The SDK keeps its own copy; it needs the plain strings to sign requests.
             loader = loader.credentials_provider(Credentials::new(
                 key_id.expose(),

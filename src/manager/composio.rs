@@ -82,9 +82,7 @@ pub struct ComposioManager {
 impl ComposioManager {
     pub async fn build(manager: &ManagerConfig) -> Result<Arc<dyn SecretsManager>, ConfigError> {
         let settings = parse_settings(manager)?;
-        let api_key = settings
-            .api_key
-            .resolve(&format!("secrets_manager.{}.api_key", manager.id))?;
+        let api_key = manager.resolve("api_key", &settings.api_key)?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())

@@ -295,6 +295,7 @@ mod tests {
             kind: kind.into(),
             prefix: "credproxy/".into(),
             settings: toml::from_str(settings).unwrap(),
+            auth: Default::default(),
         }
     }
 

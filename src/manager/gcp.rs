@@ -149,7 +149,7 @@ impl GcpManager {
         };
         let credentials = match &settings.credentials {
             Some(key) => {
-                let json = key.resolve(&format!("secrets_manager.{}.credentials", manager.id))?;
+                let json = manager.resolve("credentials", key)?;
                 let value: serde_json::Value = serde_json::from_str(json.expose())
                     .map_err(|_| fail("credentials", &"not a service-account JSON key"))?;
                 google_cloud_auth::credentials::service_account::Builder::new(value)

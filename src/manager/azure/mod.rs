@@ -121,7 +121,7 @@ impl AzureManager {
             (Some(tenant), Some(client_id), Some(secret)) => Flow::ClientSecret {
                 tenant: tenant.clone(),
                 client_id: client_id.clone(),
-                secret: secret.resolve(&format!("secrets_manager.{}.client_secret", manager.id))?,
+                secret: manager.resolve("client_secret", secret)?,
             },
             _ => match std::env::var_os("AZURE_FEDERATED_TOKEN_FILE") {
                 Some(file) => Flow::Workload {

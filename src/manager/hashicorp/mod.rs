@@ -105,12 +105,11 @@ impl HashicorpManager {
         // twice is harmless (the first wins).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let settings = parse_settings(manager)?;
-        let key = |k: &str| format!("secrets_manager.{}.{k}", manager.id);
         let auth = match (&settings.token, &settings.approle) {
-            (Some(token), _) => Auth::Token(token.resolve(&key("token"))?),
+            (Some(token), _) => Auth::Token(manager.resolve("token", token)?),
             (_, Some(a)) => Auth::AppRole {
-                role_id: a.role_id.resolve(&key("approle.role_id"))?,
-                secret_id: a.secret_id.resolve(&key("approle.secret_id"))?,
+                role_id: manager.resolve("approle.role_id", &a.role_id)?,
+                secret_id: manager.resolve("approle.secret_id", &a.secret_id)?,
                 mount: a.mount.clone(),
             },
             _ => unreachable!("parse_settings requires one"),
