@@ -38,6 +38,7 @@ fn loaded() -> Loaded {
     Loaded {
         record: Arc::new(CredentialRecord {
             id: "c".into(),
+            workspace: "default".into(),
             environment: "Production".into(),
             integration_type: "github".into(),
             metadata: Default::default(),

@@ -269,6 +269,7 @@ mod tests {
         Loaded {
             record: Arc::new(CredentialRecord {
                 id: "c".into(),
+                workspace: "default".into(),
                 environment: "P".into(),
                 integration_type: "t".into(),
                 metadata: Default::default(),

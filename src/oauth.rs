@@ -342,6 +342,7 @@ mod tests {
     fn record(id: &str, updated_at: i64, expires_at: i64) -> CredentialRecord {
         CredentialRecord {
             id: id.into(),
+            workspace: "default".into(),
             environment: "Production".into(),
             integration_type: "github".into(),
             metadata: Default::default(),

@@ -19,6 +19,7 @@ use serde_json::json;
 fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
     CredentialRecord {
         id: id.into(),
+        workspace: "default".into(),
         environment: "Production".into(),
         integration_type: "github".into(),
         metadata: serde_json::Map::from_iter([("team".to_owned(), json!("core"))]),

@@ -18,9 +18,11 @@ pub(super) trait Columns {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError>;
 }
 
-/// The columns [`credential`] reads, in its order; also the insert order.
+/// The columns [`credential`] reads, in its order; also the insert order. `workspace` (schema
+/// version 4) comes last so the older columns keep their positions.
 pub(super) const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
-     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
+     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at, \
+     workspace";
 
 /// The columns [`journal_entry`] reads, in its order.
 pub(super) const JOURNAL_COLUMNS: &str = "id, credential_id, store_id, name, created_at, kind";
@@ -83,6 +85,7 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
         row_version: row.int(11)?,
         created_at: row.int(12)?,
         updated_at: row.int(13)?,
+        workspace: row.text(14)?,
         id,
     })
 }
@@ -201,6 +204,7 @@ mod tests {
             Int(2),
             Int(10),
             Int(11),
+            t("team-a"),
         ])
     }
 
@@ -214,6 +218,7 @@ mod tests {
         assert_eq!(record.metadata["team"], "core");
         assert_eq!(record.oauth.as_ref().unwrap().client_id, "c");
         assert_eq!((record.row_version, record.updated_at), (2, 11));
+        assert_eq!(record.workspace, "team-a");
         let json = CredentialJson::of(&record).unwrap();
         assert_eq!(json.metadata, r#"{"team":"core"}"#);
         let again = credential(&credential_row(

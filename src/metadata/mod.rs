@@ -29,7 +29,7 @@ pub use roles::{
 };
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

@@ -40,6 +40,9 @@ pub enum ClientAuth {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialRecord {
     pub id: String,
+    /// The tenant that owns the credential; rows written before workspaces existed read as
+    /// `default`.
+    pub workspace: String,
     pub environment: String,
     pub integration_type: String,
     /// A JSON object of non-sensitive metadata.

@@ -73,6 +73,7 @@ impl Service {
         let now = crate::time::now_unix();
         let mut record = CredentialRecord {
             id: id.clone(),
+            workspace: "default".to_owned(),
             environment: environment.clone(),
             integration_type,
             metadata,

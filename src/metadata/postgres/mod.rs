@@ -40,6 +40,7 @@ const DIALECT: Dialect = Dialect {
     // Every start runs the whole schema (under the advisory lock), so each object is created
     // only if missing; that is also how an older database gains the newer objects.
     if_new: "IF NOT EXISTS ",
+    if_new_column: "IF NOT EXISTS ",
 };
 
 /// The database's clock in milliseconds: leases compare times from many hosts.

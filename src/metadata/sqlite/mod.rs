@@ -29,6 +29,7 @@ const DIALECT: Dialect = Dialect {
     // Each version's objects are created once, by the step that adds them: an object already
     // there means the database is not what its version says, and that should fail loudly.
     if_new: "",
+    if_new_column: "",
 };
 
 pub struct SqliteMetadata {
@@ -271,6 +272,7 @@ mod tests {
     pub(super) fn record(id: &str) -> CredentialRecord {
         CredentialRecord {
             id: id.into(),
+            workspace: "default".into(),
             environment: "Production".into(),
             integration_type: "github".into(),
             metadata: serde_json::Map::new(),
@@ -304,6 +306,48 @@ mod tests {
             .lease_acquire("k", "h", std::time::Duration::from_secs(5))
             .await
             .unwrap());
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_version_3_database_is_upgraded_in_place_and_its_credentials_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // What a version 3 binary left: its schema and a credential it wrote.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&schema::ddl(&DIALECT, 1..=3)).unwrap();
+            c.execute(
+                "INSERT INTO credentials (id, environment, integration_type, metadata, \
+                 store_id, store_name, store_version, row_version, created_at, updated_at) \
+                 VALUES ('old', 'Production', 'github', '{}', 'local', 'Production/old', '1', \
+                 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let store = SqliteMetadata::open(&path).unwrap();
+        let mut old = record("old");
+        old.location.name = "Production/old".into();
+        assert_eq!(store.get_credential("old").await.unwrap().unwrap(), old);
+        assert_eq!(old.workspace, "default");
+        let mut new = record("new");
+        new.workspace = "team-a".into();
+        store.create_credential(&new, 0).await.unwrap();
+        assert_eq!(
+            store
+                .get_credential("new")
+                .await
+                .unwrap()
+                .unwrap()
+                .workspace,
+            "team-a"
+        );
         let c = Connection::open(&path).unwrap();
         let v: i64 = c
             .pragma_query_value(None, "user_version", |r| r.get(0))
