@@ -1,5 +1,7 @@
 //! Credential rows in PostgreSQL; every change is announced to the other instances.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use super::journal::journal_insert;
@@ -144,6 +146,20 @@ impl CredentialRows for PostgresMetadata {
             .map_err(db_err)?
             .get(0);
         Ok(n as u64)
+    }
+
+    async fn count_by_manager(&self) -> Result<HashMap<String, u64>, MetadataError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query(
+                "SELECT store_id, COUNT(*) FROM credentials GROUP BY store_id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect())
     }
 
     async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {

@@ -1,5 +1,7 @@
 //! Credential rows in SQLite.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use rusqlite::params;
 
@@ -146,6 +148,21 @@ impl CredentialRows for SqliteMetadata {
             })
             .map(|n| n as u64)
             .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn count_by_manager(&self) -> Result<HashMap<String, u64>, MetadataError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT store_id, COUNT(*) FROM credentials GROUP BY store_id")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }

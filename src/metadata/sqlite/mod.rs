@@ -2,6 +2,7 @@
 //! acknowledged write survives a power cut, schema version checked and upgraded at open. This
 //! module owns the connection; each role's rows are in the file named after it.
 
+mod control;
 mod credentials;
 mod fleet;
 mod journal;
@@ -171,6 +172,9 @@ impl Columns for Row<'_> {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
         self.get(i).map_err(db_err)
     }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
 }
 
 /// Every row `sql` returns, decoded.
@@ -215,7 +219,7 @@ impl Liveness for SqliteMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::{CredentialRecord, CredentialRows, LeaseRows, Location};
+    use crate::metadata::{ControlRows, CredentialRecord, CredentialRows, LeaseRows, Location};
 
     #[cfg(unix)]
     #[test]
@@ -336,6 +340,7 @@ mod tests {
         old.location.name = "Production/old".into();
         assert_eq!(store.get_credential("old").await.unwrap().unwrap(), old);
         assert_eq!(old.workspace, "default");
+        assert_eq!(store.control_version().await.unwrap(), 0, "seeded once");
         let mut new = record("new");
         new.workspace = "team-a".into();
         store.create_credential(&new, 0).await.unwrap();
@@ -348,6 +353,20 @@ mod tests {
                 .workspace,
             "team-a"
         );
+        store
+            .routing_put(&crate::metadata::RoutingRecord {
+                workspace: "team-a".into(),
+                default: Some("local".into()),
+                environments: Default::default(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.control_version().await.unwrap(), 1);
+        drop(store);
+        // Reopening runs nothing again (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+        let store = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(store.control_version().await.unwrap(), 1);
+        assert_eq!(store.routing_all().await.unwrap().len(), 1);
         let c = Connection::open(&path).unwrap();
         let v: i64 = c
             .pragma_query_value(None, "user_version", |r| r.get(0))
