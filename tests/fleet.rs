@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,8 @@ use common::{fast_refresh, set, Daemon, DEADLINE};
 use credproxy::metadata::postgres::PostgresMetadata;
 use credproxy::metadata::sqlite::SqliteMetadata;
 use credproxy::metadata::{
-    CredentialRecord, JournalEntry, JournalKind, Location, Metadata, MetadataError, SealedRecord,
+    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
+    ManagerSource, ManagerState, Metadata, MetadataError, RoutingRecord, SealedRecord,
 };
 use hyper::Method;
 use serde_json::json;
@@ -63,6 +65,193 @@ fn sealed(name: &str, version: i64) -> SealedRecord {
         ciphertext: vec![version as u8; 8],
         created_at: version,
     }
+}
+
+/// An API-defined manager whose sealed auth holds every byte value, to show it is stored as
+/// bytes and nothing else.
+fn manager(id: &str, workspace: &str) -> ManagerRecord {
+    ManagerRecord {
+        id: id.into(),
+        workspace: workspace.into(),
+        name: format!("{id} vault"),
+        kind: "hashicorp".into(),
+        prefix: "credproxy/".into(),
+        settings: serde_json::Map::from_iter([
+            ("address".to_owned(), json!("https://vault.example")),
+            ("timeout_secs".to_owned(), json!(5)),
+            (
+                "tls".to_owned(),
+                json!({"verify": true, "roots": ["a", "b"]}),
+            ),
+        ]),
+        auth_keys: vec!["role_id".into(), "secret_id".into()],
+        auth: Some(SealedRecord {
+            name: id.into(),
+            version: 1,
+            key_id: "k1".into(),
+            wrapped_key: (0..=255).collect(),
+            ciphertext: (0..=255).rev().chain([0, 0]).collect(),
+            created_at: 7,
+        }),
+        source: ManagerSource::Api,
+        state: ManagerState::Active,
+        row_version: 1,
+        created_at: 5,
+        updated_at: 5,
+    }
+}
+
+fn routing(workspace: &str, default: Option<&str>, environments: &[(&str, &str)]) -> RoutingRecord {
+    RoutingRecord {
+        workspace: workspace.into(),
+        default: default.map(Into::into),
+        environments: environments
+            .iter()
+            .map(|(e, m)| (e.to_string(), m.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// The control version, asserted to have moved past `last` (a change) or not (a read).
+async fn control_version_after(store: &Arc<dyn Metadata>, last: &mut i64, changed: bool) {
+    let now = store.control_version().await.unwrap();
+    if changed {
+        assert!(
+            now > *last,
+            "a change bumps the control version: {now} after {last}"
+        );
+    } else {
+        assert_eq!(now, *last, "reads and failed writes leave it alone");
+    }
+    *last = now;
+}
+
+/// The control plane's rows: managers, routing and the control version. `other` reads what
+/// `store` wrote, as another instance would.
+async fn control_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
+    let mut v = store.control_version().await.unwrap();
+    assert!(store.managers().await.unwrap().is_empty());
+    assert!(store.routing_all().await.unwrap().is_empty());
+    control_version_after(other, &mut v, false).await;
+    // Insert, get, list in id order; the sealed auth comes back byte for byte.
+    store
+        .manager_insert(&manager("m2", "team-a"))
+        .await
+        .unwrap();
+    control_version_after(other, &mut v, true).await;
+    let mut from_file = manager("m1", "default");
+    (from_file.auth, from_file.auth_keys) = (None, Vec::new());
+    (from_file.source, from_file.settings) = (ManagerSource::File, Default::default());
+    store.manager_insert(&from_file).await.unwrap();
+    control_version_after(other, &mut v, true).await;
+    assert_eq!(
+        other.manager_get("m2").await.unwrap().unwrap(),
+        manager("m2", "team-a")
+    );
+    assert_eq!(other.manager_get("m1").await.unwrap().unwrap(), from_file);
+    assert!(other.manager_get("m3").await.unwrap().is_none());
+    assert_eq!(
+        other.managers().await.unwrap(),
+        [from_file.clone(), manager("m2", "team-a")]
+    );
+    assert!(matches!(
+        other.manager_insert(&manager("m2", "elsewhere")).await,
+        Err(MetadataError::AlreadyExists)
+    ));
+    control_version_after(other, &mut v, false).await;
+    // Update is compare-and-swap on row_version; a row that is gone is a conflict too.
+    let mut m2 = manager("m2", "team-a");
+    m2.row_version = 2;
+    m2.updated_at = 6;
+    m2.settings.insert("namespace".into(), json!("ops"));
+    m2.auth_keys.push("ca_pem".into());
+    let auth = m2.auth.as_mut().unwrap();
+    (auth.version, auth.ciphertext) = (2, vec![9; 300]);
+    store.manager_update(&m2, 1).await.unwrap();
+    control_version_after(other, &mut v, true).await;
+    assert!(matches!(
+        other.manager_update(&m2, 1).await,
+        Err(MetadataError::Conflict)
+    ));
+    assert!(matches!(
+        other.manager_update(&manager("m3", "team-a"), 1).await,
+        Err(MetadataError::Conflict)
+    ));
+    control_version_after(other, &mut v, false).await;
+    assert_eq!(other.manager_get("m2").await.unwrap().unwrap(), m2);
+    // Routing: put per workspace, listed in workspace order, replaced whole.
+    let routes = [
+        routing("default", Some("m2"), &[("Production", "m1")]),
+        routing(
+            "team-a",
+            Some("m2"),
+            &[("Production", "m2"), ("Staging", "m1")],
+        ),
+        routing(
+            "team-b",
+            None,
+            &[("Staging", "local"), ("Production", "m2")],
+        ),
+    ];
+    for r in routes.iter().rev() {
+        store.routing_put(r).await.unwrap();
+        control_version_after(other, &mut v, true).await;
+    }
+    assert_eq!(other.routing_all().await.unwrap(), routes);
+    control_version_after(other, &mut v, false).await;
+    let team_b = routing("team-b", Some("local"), &[("Production", "m2")]);
+    store.routing_put(&team_b).await.unwrap();
+    control_version_after(other, &mut v, true).await;
+    assert_eq!(other.routing_all().await.unwrap()[2], team_b);
+    // Retire: a stale retire changes nothing, routing included ...
+    let mut retiring = m2.clone();
+    (retiring.state, retiring.row_version) = (ManagerState::Retiring, 3);
+    assert!(matches!(
+        store.manager_retire(&retiring, 1).await,
+        Err(MetadataError::Conflict)
+    ));
+    control_version_after(other, &mut v, false).await;
+    assert_eq!(other.manager_get("m2").await.unwrap().unwrap(), m2);
+    assert_eq!(other.routing_all().await.unwrap()[2], team_b);
+    // ... a current one changes the state and drops every route naming it, everywhere.
+    store.manager_retire(&retiring, 2).await.unwrap();
+    control_version_after(other, &mut v, true).await;
+    assert_eq!(other.manager_get("m2").await.unwrap().unwrap(), retiring);
+    assert_eq!(
+        other.routing_all().await.unwrap(),
+        [
+            routing("default", None, &[("Production", "m1")]),
+            routing("team-a", None, &[("Staging", "m1")]),
+            routing("team-b", Some("local"), &[]),
+        ]
+    );
+    // An empty record removes the workspace's routing.
+    store
+        .routing_put(&routing("team-a", None, &[]))
+        .await
+        .unwrap();
+    control_version_after(other, &mut v, true).await;
+    let left: Vec<String> = other
+        .routing_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.workspace)
+        .collect();
+    assert_eq!(left, ["default", "team-b"]);
+    // An environment named like the default's storage is refused, not stored as the default.
+    assert!(store
+        .routing_put(&routing("team-c", None, &[("", "m1")]))
+        .await
+        .is_err());
+    control_version_after(other, &mut v, false).await;
+    // Delete; deleting what is not there succeeds (and changes nothing).
+    store.manager_delete("m2").await.unwrap();
+    control_version_after(other, &mut v, true).await;
+    assert!(other.manager_get("m2").await.unwrap().is_none());
+    other.manager_delete("m2").await.unwrap();
+    control_version_after(other, &mut v, false).await;
+    assert_eq!(other.managers().await.unwrap(), [from_file]);
 }
 
 /// What every metadata store must do. `other` is a second handle on the same database, as
@@ -166,6 +355,24 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     assert!(store.get_credential("c").await.unwrap().is_none());
     assert!(store.pending_token_get("c").await.unwrap().is_none());
     assert_eq!(store.journal_list().await.unwrap().len(), 1);
+    // Credentials per recorded manager: a moved to vault; b and d in local.
+    assert_eq!(
+        other.count_by_manager().await.unwrap(),
+        HashMap::from([("vault".to_owned(), 1), ("local".to_owned(), 2)])
+    );
+    // The workspace is stored, read back and replaced like every other column.
+    let mut tenant = record("w", None);
+    tenant.workspace = "team-a".into();
+    store.create_credential(&tenant, 0).await.unwrap();
+    assert_eq!(other.get_credential("w").await.unwrap().unwrap(), tenant);
+    tenant.workspace = "team-b".into();
+    tenant.row_version = 2;
+    store.update_credential(&tenant, 1, None).await.unwrap();
+    assert_eq!(other.get_credential("w").await.unwrap().unwrap(), tenant);
+    assert_eq!(
+        other.get_credential("a").await.unwrap().unwrap().workspace,
+        "default"
+    );
     // Leases: one holder at a time across handles; expiry hands it over.
     let long = Duration::from_secs(30);
     assert!(store.lease_acquire("l", "p1", long).await.unwrap());
@@ -220,6 +427,7 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     );
     store.sealed_delete("s/x").await.unwrap();
     assert!(store.sealed_latest("s/x").await.unwrap().is_none());
+    control_suite(&store, &other).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,18 +445,61 @@ async fn the_store_suite_passes_on_sqlite_and_postgresql() {
         (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
     let mut changes = b.invalidations().expect("PostgreSQL announces changes");
     store_suite(Arc::clone(&a), Arc::clone(&b)).await;
-    // b heard about a's changes (not its own).
+    // b heard about a's changes (not its own): a credential's, and the control plane's.
     let started = Instant::now();
     let mut heard = Vec::new();
-    while heard.len() < 2 && started.elapsed() < DEADLINE {
+    let expected = [Invalidation::Credential("a".into()), Invalidation::Control];
+    while !expected.iter().all(|e| heard.contains(e)) && started.elapsed() < DEADLINE {
         if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(100), changes.recv()).await {
             heard.push(c);
         }
     }
-    assert!(
-        heard.contains(&credproxy::metadata::Invalidation::Credential("a".into())),
-        "{heard:?}"
+    assert!(expected.iter().all(|e| heard.contains(e)), "{heard:?}");
+}
+
+/// A database a version 3 binary created and wrote is upgraded in place by instances starting
+/// together, and what it wrote stays readable, in the `default` workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_postgresql_database_is_upgraded_in_place() {
+    let pg = peers::postgres().await;
+    let url = pg.url();
+    // Version 3's schema is this binary's without what version 4 added.
+    drop(PostgresMetadata::open(&url).await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "DROP TABLE managers, routing, control;
+             ALTER TABLE credentials DROP COLUMN workspace;
+             UPDATE credproxy_schema SET version = 3;
+             INSERT INTO credentials (id, environment, integration_type, metadata, store_id,
+                 store_name, store_version, row_version, created_at, updated_at)
+             VALUES ('old', 'Production', 'github', '{\"team\":\"core\"}', 'local',
+                 'Production/old', '1', 1, 10, 10);",
+        )
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(PostgresMetadata::open(&url), PostgresMetadata::open(&url));
+    let (a, b): (Arc<dyn Metadata>, Arc<dyn Metadata>) =
+        (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+    let old = a.get_credential("old").await.unwrap().unwrap();
+    assert_eq!(old, record("old", None));
+    assert_eq!(old.workspace, "default");
+    assert_eq!(b.control_version().await.unwrap(), 0, "seeded once");
+    a.manager_insert(&manager("m1", "default")).await.unwrap();
+    assert_eq!(b.control_version().await.unwrap(), 1);
+    assert_eq!(
+        b.manager_get("m1").await.unwrap().unwrap(),
+        manager("m1", "default")
     );
+    let version: i64 = client
+        .query_one("SELECT version FROM credproxy_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, credproxy::metadata::SCHEMA_VERSION);
 }
 
 /// Three daemons sharing one PostgreSQL database and one master key.

@@ -3,8 +3,8 @@
 //! only typed access to one of its rows ([`Columns`]) and binds the values in its own SQL.
 
 use super::{
-    CredentialRecord, JournalEntry, JournalKind, Location, MetadataError, OAuthDescription,
-    SealedRecord, SealedSummary,
+    CredentialRecord, JournalEntry, JournalKind, Location, ManagerRecord, ManagerSource,
+    ManagerState, MetadataError, OAuthDescription, RoutingRecord, SealedRecord, SealedSummary,
 };
 
 /// Typed access to the columns of one result row, by position. A value of the wrong type is
@@ -16,11 +16,22 @@ pub(super) trait Columns {
     fn opt_int(&self, i: usize) -> Result<Option<i64>, MetadataError>;
     fn flag(&self, i: usize) -> Result<bool, MetadataError>;
     fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError>;
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, MetadataError>;
 }
 
-/// The columns [`credential`] reads, in its order; also the insert order.
+/// The columns [`credential`] reads, in its order; also the insert order. `workspace` (schema
+/// version 4) comes last so the older columns keep their positions.
 pub(super) const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
-     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at";
+     store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at, \
+     workspace";
+
+/// The columns [`manager`] reads, in its order; also the insert order.
+pub(super) const MANAGER_COLUMNS: &str = "id, workspace, name, kind, prefix, settings, auth_keys, \
+     auth_version, auth_key_id, auth_wrapped_key, auth_ciphertext, auth_created_at, \
+     source, state, row_version, created_at, updated_at";
+
+/// The columns [`routing_entry`] reads, in its order; also the insert order.
+pub(super) const ROUTING_COLUMNS: &str = "workspace, environment, manager_id";
 
 /// The columns [`journal_entry`] reads, in its order.
 pub(super) const JOURNAL_COLUMNS: &str = "id, credential_id, store_id, name, created_at, kind";
@@ -52,6 +63,66 @@ impl CredentialJson {
     }
 }
 
+/// A manager's coded columns, ready to bind in [`MANAGER_COLUMNS`] order after `id, workspace,
+/// name, kind, prefix` (the JSON columns, the sealed auth split into its columns, source and
+/// state as stored).
+pub(super) struct ManagerColumns {
+    pub settings: String,
+    pub auth_keys: String,
+    pub auth_version: Option<i64>,
+    pub auth_key_id: Option<String>,
+    pub auth_wrapped_key: Option<Vec<u8>>,
+    pub auth_ciphertext: Option<Vec<u8>>,
+    pub auth_created_at: Option<i64>,
+    pub source: &'static str,
+    pub state: &'static str,
+}
+
+impl ManagerColumns {
+    /// Refuses sealed auth under another name than the manager id: the name is not stored
+    /// (it is the id), so it would read back as something it was not sealed under and never
+    /// open again.
+    pub fn of(record: &ManagerRecord) -> Result<Self, MetadataError> {
+        if let Some(auth) = &record.auth {
+            if auth.name != record.id {
+                return Err(MetadataError::Corrupt(format!(
+                    "auth of manager {} is sealed under another name",
+                    record.id
+                )));
+            }
+        }
+        let auth = record.auth.as_ref();
+        Ok(Self {
+            settings: json_text(&record.settings)?,
+            auth_keys: json_text(&record.auth_keys)?,
+            auth_version: auth.map(|a| a.version),
+            auth_key_id: auth.map(|a| a.key_id.clone()),
+            auth_wrapped_key: auth.map(|a| a.wrapped_key.clone()),
+            auth_ciphertext: auth.map(|a| a.ciphertext.clone()),
+            auth_created_at: auth.map(|a| a.created_at),
+            source: record.source.as_str(),
+            state: record.state.as_str(),
+        })
+    }
+}
+
+/// The routing rows that store `record`: `(environment, manager_id)`, the default under the
+/// empty environment name, which is why an environment may not be named that.
+pub(super) fn routing_rows(record: &RoutingRecord) -> Result<Vec<(String, String)>, MetadataError> {
+    if record.environments.contains_key("") {
+        return Err(MetadataError::Corrupt(format!(
+            "routing of workspace {} names an environment with an empty name",
+            record.workspace
+        )));
+    }
+    Ok(record
+        .default
+        .iter()
+        .map(|m| (String::new(), m.clone()))
+        .chain(record.environments.clone())
+        .collect())
+}
+
 fn json_text<T: serde::Serialize>(v: &T) -> Result<String, MetadataError> {
     serde_json::to_string(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
 }
@@ -68,7 +139,6 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
         .transpose()
         .map_err(|_| MetadataError::Corrupt(format!("oauth of {id}")))?;
     Ok(CredentialRecord {
-        workspace: "default".into(),
         environment: row.text(1)?,
         integration_type: row.text(2)?,
         metadata,
@@ -84,8 +154,86 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
         row_version: row.int(11)?,
         created_at: row.int(12)?,
         updated_at: row.int(13)?,
+        workspace: row.text(14)?,
         id,
     })
+}
+
+/// A row of [`MANAGER_COLUMNS`]. Like [`credential`], errors name the column and the manager,
+/// never the stored text.
+pub(super) fn manager(row: &dyn Columns) -> Result<ManagerRecord, MetadataError> {
+    let id = row.text(0)?;
+    let settings = serde_json::from_str(&row.text(5)?)
+        .map_err(|_| MetadataError::Corrupt(format!("settings of manager {id}")))?;
+    let auth_keys = serde_json::from_str(&row.text(6)?)
+        .map_err(|_| MetadataError::Corrupt(format!("auth_keys of manager {id}")))?;
+    let auth = match (
+        row.opt_int(7)?,
+        row.opt_text(8)?,
+        row.opt_bytes(9)?,
+        row.opt_bytes(10)?,
+        row.opt_int(11)?,
+    ) {
+        (None, None, None, None, None) => None,
+        (Some(version), Some(key_id), Some(wrapped_key), Some(ciphertext), Some(created_at)) => {
+            Some(SealedRecord {
+                name: id.clone(),
+                version,
+                key_id,
+                wrapped_key,
+                ciphertext,
+                created_at,
+            })
+        }
+        _ => {
+            return Err(MetadataError::Corrupt(format!(
+                "auth of manager {id} is partly missing"
+            )))
+        }
+    };
+    Ok(ManagerRecord {
+        workspace: row.text(1)?,
+        name: row.text(2)?,
+        kind: row.text(3)?,
+        prefix: row.text(4)?,
+        settings,
+        auth_keys,
+        auth,
+        source: ManagerSource::parse(&row.text(12)?)?,
+        state: ManagerState::parse(&row.text(13)?)?,
+        row_version: row.int(14)?,
+        created_at: row.int(15)?,
+        updated_at: row.int(16)?,
+        id,
+    })
+}
+
+/// One routing row of [`ROUTING_COLUMNS`]: `(workspace, environment, manager_id)`.
+pub(super) type RoutingEntry = (String, String, String);
+
+/// A row of [`ROUTING_COLUMNS`].
+pub(super) fn routing_entry(row: &dyn Columns) -> Result<RoutingEntry, MetadataError> {
+    Ok((row.text(0)?, row.text(1)?, row.text(2)?))
+}
+
+/// Routing rows in workspace order, one record per workspace.
+pub(super) fn routing_records(entries: Vec<RoutingEntry>) -> Vec<RoutingRecord> {
+    let mut out: Vec<RoutingRecord> = Vec::new();
+    for (workspace, environment, manager_id) in entries {
+        if out.last().is_none_or(|r| r.workspace != workspace) {
+            out.push(RoutingRecord {
+                workspace,
+                ..RoutingRecord::default()
+            });
+        }
+        let record = out.last_mut().expect("pushed above");
+        if environment.is_empty() {
+            record.default = Some(manager_id);
+        } else {
+            record.environments.insert(environment, manager_id);
+        }
+    }
+    out
 }
 
 /// A row of [`JOURNAL_COLUMNS`].
@@ -183,6 +331,12 @@ mod tests {
         fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
             self.text(i).map(String::into_bytes)
         }
+        fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, MetadataError> {
+            match self.0[i] {
+                Value::Null => Ok(None),
+                _ => self.bytes(i).map(Some),
+            }
+        }
     }
 
     fn credential_row(metadata: Value, oauth: Value) -> Row {
@@ -202,6 +356,7 @@ mod tests {
             Int(2),
             Int(10),
             Int(11),
+            t("team-a"),
         ])
     }
 
@@ -215,6 +370,7 @@ mod tests {
         assert_eq!(record.metadata["team"], "core");
         assert_eq!(record.oauth.as_ref().unwrap().client_id, "c");
         assert_eq!((record.row_version, record.updated_at), (2, 11));
+        assert_eq!(record.workspace, "team-a");
         let json = CredentialJson::of(&record).unwrap();
         assert_eq!(json.metadata, r#"{"team":"core"}"#);
         let again = credential(&credential_row(
@@ -276,6 +432,142 @@ mod tests {
         assert_eq!(journal_entry(&row("copy")).unwrap().kind, JournalKind::Copy);
         let err = journal_entry(&row("moved")).unwrap_err();
         assert!(matches!(err, MetadataError::Corrupt(_)), "{err}");
+    }
+
+    fn manager_record(auth: Option<SealedRecord>) -> ManagerRecord {
+        ManagerRecord {
+            id: "m1".into(),
+            workspace: "team-a".into(),
+            name: "vault".into(),
+            kind: "hashicorp".into(),
+            prefix: "credproxy/".into(),
+            settings: serde_json::Map::from_iter([(
+                "address".to_owned(),
+                serde_json::json!("https://v"),
+            )]),
+            auth_keys: vec!["token".into()],
+            auth,
+            source: ManagerSource::Api,
+            state: ManagerState::Retiring,
+            row_version: 3,
+            created_at: 5,
+            updated_at: 6,
+        }
+    }
+
+    /// The row a backend would store for `record`, from the codec's own columns.
+    fn manager_row(record: &ManagerRecord) -> Row {
+        let c = ManagerColumns::of(record).unwrap();
+        let opt_t = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+        let opt_i = |v: Option<i64>| v.map_or(Value::Null, Value::Int);
+        let opt_b = |v: Option<Vec<u8>>| {
+            v.map_or(Value::Null, |b| Value::Text(String::from_utf8(b).unwrap()))
+        };
+        Row(vec![
+            t(&record.id),
+            t(&record.workspace),
+            t(&record.name),
+            t(&record.kind),
+            t(&record.prefix),
+            Value::Text(c.settings),
+            Value::Text(c.auth_keys),
+            opt_i(c.auth_version),
+            opt_t(c.auth_key_id),
+            opt_b(c.auth_wrapped_key),
+            opt_b(c.auth_ciphertext),
+            opt_i(c.auth_created_at),
+            t(c.source),
+            t(c.state),
+            Value::Int(record.row_version),
+            Value::Int(record.created_at),
+            Value::Int(record.updated_at),
+        ])
+    }
+
+    #[test]
+    fn a_manager_round_trips_with_and_without_sealed_auth() {
+        let sealed = SealedRecord {
+            name: "m1".into(),
+            version: 2,
+            key_id: "k".into(),
+            wrapped_key: b"wrapped".to_vec(),
+            ciphertext: b"sealed".to_vec(),
+            created_at: 4,
+        };
+        for record in [manager_record(None), manager_record(Some(sealed))] {
+            assert_eq!(manager(&manager_row(&record)).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn sealed_auth_under_another_name_is_refused() {
+        let record = manager_record(Some(SealedRecord {
+            name: "other".into(),
+            version: 1,
+            key_id: "k".into(),
+            wrapped_key: vec![],
+            ciphertext: vec![],
+            created_at: 1,
+        }));
+        let err = ManagerColumns::of(&record).err().unwrap();
+        assert!(
+            matches!(err, MetadataError::Corrupt(ref m) if m.contains("m1")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unreadable_manager_columns_are_corrupt_and_name_the_column_only() {
+        let good = manager_row(&manager_record(None));
+        let with = |i: usize, v: Value| {
+            let mut row = Row(good.0.clone());
+            row.0[i] = v;
+            row
+        };
+        for (i, value, column) in [
+            (5, t("canary-secret"), "settings of manager m1"),
+            (6, t("canary-secret"), "auth_keys of manager m1"),
+            (7, Value::Int(1), "auth of manager m1 is partly missing"),
+            (12, t("canary-secret"), "managers.source"),
+            (13, t("canary-secret"), "managers.state"),
+        ] {
+            let err = manager(&with(i, value)).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, MetadataError::Corrupt(_)), "{text}");
+            assert!(text.contains(column) && !text.contains("canary"), "{text}");
+        }
+    }
+
+    #[test]
+    fn routing_rows_group_into_one_record_per_workspace() {
+        let record = RoutingRecord {
+            workspace: "w1".into(),
+            default: Some("local".into()),
+            environments: [("Production".to_owned(), "vault".to_owned())].into(),
+        };
+        let rows = routing_rows(&record).unwrap();
+        assert_eq!(
+            rows,
+            [
+                (String::new(), "local".to_owned()),
+                ("Production".to_owned(), "vault".to_owned())
+            ]
+        );
+        let mut entries: Vec<RoutingEntry> = rows
+            .into_iter()
+            .map(|(e, m)| ("w1".to_owned(), e, m))
+            .collect();
+        entries.push(("w2".into(), "Staging".into(), "aws".into()));
+        let records = routing_records(entries);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0], record);
+        assert_eq!(
+            (records[1].default.as_deref(), records[1].environments.len()),
+            (None, 1)
+        );
+        let mut bad = record;
+        bad.environments.insert(String::new(), "x".into());
+        assert!(matches!(routing_rows(&bad), Err(MetadataError::Corrupt(_))));
     }
 
     #[test]

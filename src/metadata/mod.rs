@@ -1,6 +1,7 @@
 //! The metadata database: credential references and their non-sensitive metadata, the write
 //! journal, the sealed rows of the local encrypted store, OAuth refresh leases and pending
-//! token responses, and the instances of a fleet. Two backends: SQLite (the default, one
+//! token responses, the instances of a fleet, and the control plane (secrets managers and
+//! routing defined through the API, per workspace). Two backends: SQLite (the default, one
 //! file) and PostgreSQL (fleet mode, many instances sharing one database).
 //!
 //! What the database does is split into role traits ([`CredentialRows`], [`JournalRows`],
@@ -8,8 +9,8 @@
 //! all of them. The row codec (`codec.rs`) and the schema (`schema.rs`) are written once; the
 //! backends add only their SQL.
 //!
-//! Nothing here ever holds a plaintext secret: the local store's rows are sealed before they
-//! reach this layer.
+//! Nothing here ever holds a plaintext secret: the local store's rows and a secrets manager's
+//! secret settings are sealed before they reach this layer.
 
 mod codec;
 #[cfg(feature = "postgres")]
@@ -20,19 +21,21 @@ mod schema;
 pub mod sqlite;
 
 pub use records::{
-    ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location,
-    OAuthDescription, SealedRecord, SealedSummary,
+    ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
+    ManagerSource, ManagerState, OAuthDescription, RoutingRecord, SealedRecord, SealedSummary,
 };
 pub use roles::{
-    CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness, Metadata,
-    PendingTokenRows, SealedRows,
+    ControlRows, CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness,
+    Metadata, PendingTokenRows, SealedRows,
 };
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
+    /// A compare-and-swap lost: the row (a credential or a manager) changed or is gone. The
+    /// text predates managers and is kept as it is.
     #[error("the credential row changed since it was read")]
     Conflict,
     #[error("a record with that key already exists")]

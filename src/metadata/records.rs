@@ -1,5 +1,6 @@
 //! The records the metadata database holds: credentials and where their secrets are, journal
-//! entries, sealed rows of the local encrypted store, and fleet invalidations.
+//! entries, sealed rows of the local encrypted store, the control plane's secrets managers and
+//! routing, and fleet invalidations.
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,8 @@ pub enum ClientAuth {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredentialRecord {
     pub id: String,
+    /// The tenant that owns the credential; rows written before workspaces existed read as
+    /// `default`.
     pub workspace: String,
     pub environment: String,
     pub integration_type: String,
@@ -121,10 +124,112 @@ pub struct SealedSummary {
     pub updated_at: i64,
 }
 
+/// Where a secrets manager in the metadata database came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManagerSource {
+    Api,
+    File,
+}
+
+impl ManagerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ManagerSource::Api => "api",
+            ManagerSource::File => "file",
+        }
+    }
+
+    /// Reads a stored source; anything else is corruption (the error names the column, never
+    /// the value).
+    pub fn parse(s: &str) -> Result<Self, MetadataError> {
+        match s {
+            "api" => Ok(ManagerSource::Api),
+            "file" => Ok(ManagerSource::File),
+            _ => Err(MetadataError::Corrupt(
+                "managers.source is neither api nor file".into(),
+            )),
+        }
+    }
+}
+
+/// Whether a secrets manager takes new credentials or only waits for its last one to move out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManagerState {
+    Active,
+    Retiring,
+}
+
+impl ManagerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ManagerState::Active => "active",
+            ManagerState::Retiring => "retiring",
+        }
+    }
+
+    /// Reads a stored state. Never defaulted: read as `Active`, an unknown state could route
+    /// new credentials to a manager being emptied.
+    pub fn parse(s: &str) -> Result<Self, MetadataError> {
+        match s {
+            "active" => Ok(ManagerState::Active),
+            "retiring" => Ok(ManagerState::Retiring),
+            _ => Err(MetadataError::Corrupt(
+                "managers.state is neither active nor retiring".into(),
+            )),
+        }
+    }
+}
+
+/// A secrets manager created through the API, or one removed from the config file that is
+/// kept (retiring) until its last credential has moved out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagerRecord {
+    pub id: String,
+    pub workspace: String,
+    pub name: String,
+    /// The manager type: "aws", "hashicorp", ...
+    pub kind: String,
+    pub prefix: String,
+    /// The non-secret settings, a TOML-compatible JSON object (stored as JSON text).
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Names of the secret settings that are set, never their values (JSON text column).
+    pub auth_keys: Vec<String>,
+    /// The secret settings, sealed by the caller (AES-GCM; the metadata layer stores bytes it
+    /// cannot read). `SealedRecord.name` is the manager id, `.version` the auth version.
+    pub auth: Option<SealedRecord>,
+    pub source: ManagerSource,
+    pub state: ManagerState,
+    /// Bumped on every update; updates compare-and-swap on it, like credentials.
+    pub row_version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One workspace's routing: its default manager and per-environment managers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RoutingRecord {
+    pub workspace: String,
+    pub default: Option<String>,
+    /// Environment name to manager id. Environment names are never empty: the empty name is
+    /// how the default is stored.
+    pub environments: std::collections::BTreeMap<String, String>,
+}
+
+impl RoutingRecord {
+    /// Whether the record routes nothing (storing it removes the workspace's routing).
+    pub fn is_empty(&self) -> bool {
+        self.default.is_none() && self.environments.is_empty()
+    }
+}
+
 /// A change another instance made, for this instance's cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
     Credential(String),
+    /// The control plane (secrets managers or routing) changed: reload it.
+    Control,
     /// Changes may have been missed (a lost connection): drop everything.
     All,
 }
@@ -144,6 +249,36 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains("journal.kind"), "{text}");
             assert!(stored.is_empty() || !text.contains(stored), "{text}");
+        }
+    }
+
+    #[test]
+    fn manager_sources_and_states_read_back_what_was_written_and_nothing_else() {
+        for source in [ManagerSource::Api, ManagerSource::File] {
+            assert_eq!(ManagerSource::parse(source.as_str()).unwrap(), source);
+            assert_eq!(
+                serde_json::to_value(source).unwrap(),
+                serde_json::json!(source.as_str())
+            );
+        }
+        for state in [ManagerState::Active, ManagerState::Retiring] {
+            assert_eq!(ManagerState::parse(state.as_str()).unwrap(), state);
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        for stored in ["", "API", "retired", "canary-value"] {
+            for (err, column) in [
+                (ManagerSource::parse(stored).map(drop), "managers.source"),
+                (ManagerState::parse(stored).map(drop), "managers.state"),
+            ] {
+                let err = err.unwrap_err();
+                assert!(matches!(err, MetadataError::Corrupt(_)), "{stored}: {err}");
+                let text = err.to_string();
+                assert!(text.contains(column), "{text}");
+                assert!(stored.is_empty() || !text.contains(stored), "{text}");
+            }
         }
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    CredentialRecord, Invalidation, JournalEntry, MetadataError, SealedRecord, SealedSummary,
+    CredentialRecord, Invalidation, JournalEntry, ManagerRecord, MetadataError, RoutingRecord,
+    SealedRecord, SealedSummary,
 };
 
 /// Whether the database answers at all.
@@ -59,6 +60,12 @@ pub trait CredentialRows: Send + Sync + 'static {
     ) -> Result<Vec<CredentialRecord>, MetadataError>;
 
     async fn count_credentials(&self) -> Result<u64, MetadataError>;
+
+    /// How many credentials each secrets manager holds: credentials per recorded location's
+    /// manager (`store_id`). Managers holding none are absent.
+    async fn count_by_manager(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, MetadataError>;
 
     /// Whether any credential's recorded location is this copy.
     async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError>;
@@ -199,9 +206,50 @@ pub trait FleetRows: Send + Sync + 'static {
     async fn live_config_hashes(&self, max_age: Duration) -> Result<Vec<String>, MetadataError>;
 }
 
+/// The control plane: secrets managers and routing defined through the API, and a counter
+/// every change bumps so that instances sharing the database notice changes by polling it.
+#[async_trait]
+pub trait ControlRows: Send + Sync + 'static {
+    /// Bumped (by at least 1) in the same transaction as every change made through this trait.
+    async fn control_version(&self) -> Result<i64, MetadataError>;
+    /// Every manager row, ordered by id.
+    async fn managers(&self) -> Result<Vec<ManagerRecord>, MetadataError>;
+    async fn manager_get(&self, id: &str) -> Result<Option<ManagerRecord>, MetadataError>;
+    /// `AlreadyExists` if the id is taken.
+    async fn manager_insert(&self, record: &ManagerRecord) -> Result<(), MetadataError>;
+    /// Replaces the row if its row_version is still `expected_row_version` (the record
+    /// carries the bumped one), else `Conflict`; `Conflict` too if the row is gone.
+    async fn manager_update(
+        &self,
+        record: &ManagerRecord,
+        expected_row_version: i64,
+    ) -> Result<(), MetadataError>;
+    /// In one transaction: updates the row like `manager_update` (the caller sets
+    /// state = Retiring) and removes every routing entry (default or environment, in any
+    /// workspace) that names `record.id`.
+    async fn manager_retire(
+        &self,
+        record: &ManagerRecord,
+        expected_row_version: i64,
+    ) -> Result<(), MetadataError>;
+    /// Deletes the row; deleting what is not there succeeds.
+    async fn manager_delete(&self, id: &str) -> Result<(), MetadataError>;
+    /// Every workspace's routing that has any entry, ordered by workspace.
+    async fn routing_all(&self) -> Result<Vec<RoutingRecord>, MetadataError>;
+    /// Replaces the workspace's routing with `record` (an empty record removes it).
+    async fn routing_put(&self, record: &RoutingRecord) -> Result<(), MetadataError>;
+}
+
 /// The whole metadata database: every role. Implemented for anything that has them all.
 pub trait Metadata:
-    Liveness + CredentialRows + JournalRows + SealedRows + PendingTokenRows + LeaseRows + FleetRows
+    Liveness
+    + CredentialRows
+    + JournalRows
+    + SealedRows
+    + PendingTokenRows
+    + LeaseRows
+    + FleetRows
+    + ControlRows
 {
 }
 
@@ -213,5 +261,6 @@ impl<T> Metadata for T where
         + PendingTokenRows
         + LeaseRows
         + FleetRows
+        + ControlRows
 {
 }

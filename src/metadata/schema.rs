@@ -1,6 +1,8 @@
 //! The tables and indexes of the metadata database, written once for both backends: each
-//! object with the schema version that added it, in a template the backend's [`Dialect`]
-//! fills in. Column names are a stored schema: never rename one.
+//! statement (a table, an index, an added column, a seed row) with the schema version that
+//! added it, in a template the backend's [`Dialect`] fills in. Every statement must also be
+//! safe to re-run under PostgreSQL's dialect, which runs them all at every start. Column
+//! names are a stored schema: never rename one.
 
 use std::ops::RangeInclusive;
 
@@ -18,6 +20,9 @@ pub(super) struct Dialect {
     pub not_needs_reauth: &'static str,
     /// Prefix of object names that makes a `CREATE` a no-op when the object exists.
     pub if_new: &'static str,
+    /// Prefix of a column name that makes `ALTER TABLE ... ADD COLUMN` a no-op when the column
+    /// exists (SQLite has no such clause; it runs each version's statements once anyway).
+    pub if_new_column: &'static str,
 }
 
 /// Every object, with the schema version that added it.
@@ -103,6 +108,63 @@ const OBJECTS: &[(i64, &str)] = &[
     heartbeat_ms {int} NOT NULL
 )",
     ),
+    // Version 4: workspaces (tenants) and the control plane: secrets managers and routing
+    // defined through the API, and the counter instances poll to notice their changes.
+    (
+        4,
+        "ALTER TABLE credentials ADD COLUMN {if_new_column}workspace TEXT NOT NULL DEFAULT 'default'",
+    ),
+    (
+        4,
+        "CREATE INDEX {if_new}credentials_workspace ON credentials (workspace)",
+    ),
+    // The `auth_*` columns are one sealed record (all set or all NULL): the manager's secret
+    // settings, sealed before they reach this layer; the sealed record's name is the id.
+    (
+        4,
+        "CREATE TABLE {if_new}managers (
+    id               TEXT PRIMARY KEY,
+    workspace        TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    prefix           TEXT NOT NULL,
+    settings         TEXT NOT NULL,
+    auth_keys        TEXT NOT NULL,
+    auth_version     {int},
+    auth_key_id      TEXT,
+    auth_wrapped_key {bytes},
+    auth_ciphertext  {bytes},
+    auth_created_at  {int},
+    source           TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    row_version      {int} NOT NULL,
+    created_at       {int} NOT NULL,
+    updated_at       {int} NOT NULL
+)",
+    ),
+    // One row per routed environment of a workspace; `environment = ''` is the workspace's
+    // default. No foreign key to `managers`: routing may name managers of the config file.
+    (
+        4,
+        "CREATE TABLE {if_new}routing (
+    workspace   TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    manager_id  TEXT NOT NULL,
+    PRIMARY KEY (workspace, environment)
+)",
+    ),
+    // Exactly one row: the control version, bumped by every change of managers or routing.
+    (
+        4,
+        "CREATE TABLE {if_new}control (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version {int} NOT NULL
+)",
+    ),
+    (
+        4,
+        "INSERT INTO control (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    ),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.
@@ -115,6 +177,7 @@ pub(super) fn ddl(dialect: &Dialect, versions: RangeInclusive<i64>) -> String {
                 "{};\n",
                 template
                     .replace("{if_new}", dialect.if_new)
+                    .replace("{if_new_column}", dialect.if_new_column)
                     .replace("{int}", dialect.int)
                     .replace("{bytes}", dialect.bytes)
                     .replace("{flag}", dialect.flag)
@@ -147,9 +210,27 @@ mod tests {
             serial_key: "S",
             not_needs_reauth: "N",
             if_new: "",
+            if_new_column: "",
         };
         let all = ddl(&d, 1..=SCHEMA_VERSION);
         assert!(!all.contains('{') && !all.contains('}'), "{all}");
-        assert_eq!(all.matches("CREATE ").count(), OBJECTS.len());
+        assert_eq!(all.matches(";\n").count(), OBJECTS.len());
+    }
+
+    #[test]
+    fn only_the_requested_versions_are_in_a_batch() {
+        let d = Dialect {
+            int: "I",
+            bytes: "B",
+            flag: "F",
+            serial_key: "S",
+            not_needs_reauth: "N",
+            if_new: "",
+            if_new_column: "IF NOT EXISTS ",
+        };
+        let v4 = ddl(&d, 4..=4);
+        assert!(v4.contains("ADD COLUMN IF NOT EXISTS workspace"), "{v4}");
+        assert!(!v4.contains("CREATE TABLE credentials"), "{v4}");
+        assert!(!ddl(&d, 1..=3).contains("workspace"));
     }
 }

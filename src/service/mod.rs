@@ -167,6 +167,8 @@ impl Service {
                         .inc();
                     self.cache.invalidate(&id);
                 }
+                // The control plane is not followed yet; its reload is wired separately.
+                Ok(crate::metadata::Invalidation::Control) => {}
                 Ok(crate::metadata::Invalidation::All) | Err(RecvError::Lagged(_)) => {
                     self.metrics.invalidations.with_label_values(&["all"]).inc();
                     self.cache.invalidate_all();

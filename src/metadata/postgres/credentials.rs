@@ -1,5 +1,7 @@
 //! Credential rows in PostgreSQL; every change is announced to the other instances.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use super::journal::journal_insert;
@@ -31,10 +33,10 @@ impl CredentialRows for PostgresMetadata {
         let tx = conn.transaction().await.map_err(db_err)?;
         let inserted = tx
             .execute(
-                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)"),
                 &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
                   &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
-                  &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at],
+                  &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at, &r.workspace],
             )
             .await;
         match inserted {
@@ -60,10 +62,12 @@ impl CredentialRows for PostgresMetadata {
             .execute(
                 "UPDATE credentials SET environment=$2, integration_type=$3, metadata=$4, oauth=$5, \
                  pinned_manager=$6, store_id=$7, store_name=$8, store_version=$9, expires_at=$10, \
-                 needs_reauth=$11, row_version=$12, updated_at=$13 WHERE id=$1 AND row_version=$14",
+                 needs_reauth=$11, row_version=$12, updated_at=$13, workspace=$15 \
+                 WHERE id=$1 AND row_version=$14",
                 &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
                   &r.location.manager_id, &r.location.name, &r.location.version, &r.expires_at,
-                  &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version],
+                  &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version,
+                  &r.workspace],
             )
             .await
             .map_err(db_err)?;
@@ -142,6 +146,20 @@ impl CredentialRows for PostgresMetadata {
             .map_err(db_err)?
             .get(0);
         Ok(n as u64)
+    }
+
+    async fn count_by_manager(&self) -> Result<HashMap<String, u64>, MetadataError> {
+        let conn = self.pool.get().await?;
+        Ok(conn
+            .query(
+                "SELECT store_id, COUNT(*) FROM credentials GROUP BY store_id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect())
     }
 
     async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {

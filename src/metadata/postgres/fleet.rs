@@ -1,5 +1,6 @@
 //! Instances sharing the PostgreSQL database: their heartbeats, and the listener that turns
-//! other instances' `NOTIFY`s into cache invalidations.
+//! other instances' `NOTIFY`s into invalidations (of a cached credential, or of the control
+//! plane).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::pool::{Pool, Tls};
-use super::{db_err, PostgresMetadata, CHANNEL, NOW_MS};
+use super::{db_err, PostgresMetadata, CHANNEL, CONTROL_CHANNEL, NOW_MS};
 use crate::metadata::{FleetRows, Invalidation, MetadataError};
 
 /// Holds a connection that LISTENs for invalidations; reconnects with back-off, and asks for
@@ -38,7 +39,7 @@ pub(super) async fn listen(pool: Arc<Pool>, out: broadcast::Sender<Invalidation>
             Ok((client, driver)) => {
                 let driver = tokio::spawn(driver);
                 if client
-                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CONTROL_CHANNEL}"))
                     .await
                     .is_ok()
                 {
@@ -77,15 +78,26 @@ async fn listen_on<S, T>(
     while let Some(message) = messages.next().await {
         match message {
             Ok(AsyncMessage::Notification(n)) => {
-                if let Some((from, id)) = n.payload().split_once(':') {
-                    if from != origin {
-                        let _ = out.send(Invalidation::Credential(id.to_owned()));
-                    }
+                if let Some(change) = invalidation(n.channel(), n.payload(), &origin) {
+                    let _ = out.send(change);
                 }
             }
             Ok(_) => {}
             Err(_) => return,
         }
+    }
+}
+
+/// What a notification means to this instance; nothing if it sent it itself (its own cache
+/// and control plane are already up to date) or cannot read it.
+fn invalidation(channel: &str, payload: &str, origin: &str) -> Option<Invalidation> {
+    match channel {
+        CHANNEL => match payload.split_once(':') {
+            Some((from, id)) if from != origin => Some(Invalidation::Credential(id.to_owned())),
+            _ => None,
+        },
+        CONTROL_CHANNEL if payload != origin => Some(Invalidation::Control),
+        _ => None,
     }
 }
 
@@ -130,5 +142,27 @@ impl FleetRows for PostgresMetadata {
             .iter()
             .map(|r| r.get(0))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_become_invalidations_unless_this_instance_sent_them() {
+        let me = "me";
+        assert_eq!(
+            invalidation(CHANNEL, "other:a:b", me),
+            Some(Invalidation::Credential("a:b".into()))
+        );
+        assert_eq!(invalidation(CHANNEL, "me:a", me), None);
+        assert_eq!(invalidation(CHANNEL, "garbled", me), None);
+        assert_eq!(
+            invalidation(CONTROL_CHANNEL, "other", me),
+            Some(Invalidation::Control)
+        );
+        assert_eq!(invalidation(CONTROL_CHANNEL, me, me), None);
+        assert_eq!(invalidation("elsewhere", "other:a", me), None);
     }
 }

@@ -1,9 +1,11 @@
 //! The PostgreSQL metadata database, for fleet mode: many credproxy instances share one
 //! database. The schema is created or upgraded at start under an advisory lock (so instances
 //! starting together do not race), and every change of a credential row is announced with
-//! `NOTIFY` so the other instances drop their cached copy. This module owns opening the
+//! `NOTIFY` so the other instances drop their cached copy; so is every change of the control
+//! plane (secrets managers and routing), so they reload it. This module owns opening the
 //! database; the connection pool and each role's rows are in the files named after them.
 
+mod control;
 mod credentials;
 mod fleet;
 mod journal;
@@ -25,8 +27,12 @@ use super::codec::Columns;
 use super::schema::{self, Dialect};
 use super::{Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
 
-/// The channel that carries invalidations.
+/// The channel that carries credential invalidations: `<origin>:<credential id>`.
 const CHANNEL: &str = "credproxy_invalidate";
+/// The channel that announces control-plane changes: `<origin>`. A channel of its own, so no
+/// payload can be mistaken for a credential id, and instances of older binaries (which do not
+/// listen to it) are not sent what they cannot read.
+const CONTROL_CHANNEL: &str = "credproxy_control";
 /// Key of the advisory lock held while the schema is created or upgraded.
 const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
 
@@ -40,6 +46,7 @@ const DIALECT: Dialect = Dialect {
     // Every start runs the whole schema (under the advisory lock), so each object is created
     // only if missing; that is also how an older database gains the newer objects.
     if_new: "IF NOT EXISTS ",
+    if_new_column: "IF NOT EXISTS ",
 };
 
 /// The database's clock in milliseconds: leases compare times from many hosts.
@@ -165,6 +172,9 @@ impl Columns for Row {
         self.try_get(i).map_err(db_err)
     }
     fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
+        self.try_get(i).map_err(db_err)
+    }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, MetadataError> {
         self.try_get(i).map_err(db_err)
     }
 }

@@ -1,5 +1,7 @@
 //! Credential rows in SQLite.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use rusqlite::params;
 
@@ -33,11 +35,11 @@ impl CredentialRows for SqliteMetadata {
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let inserted = tx.execute(
-                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"),
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
                 params![
                     r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
                     r.location.manager_id, r.location.name, r.location.version, r.expires_at,
-                    r.needs_reauth as i64, r.row_version, r.created_at, r.updated_at
+                    r.needs_reauth as i64, r.row_version, r.created_at, r.updated_at, r.workspace
                 ],
             );
             match inserted {
@@ -69,11 +71,13 @@ impl CredentialRows for SqliteMetadata {
                 .execute(
                     "UPDATE credentials SET environment=?2, integration_type=?3, metadata=?4, oauth=?5, \
                      pinned_manager=?6, store_id=?7, store_name=?8, store_version=?9, expires_at=?10, \
-                     needs_reauth=?11, row_version=?12, updated_at=?13 WHERE id=?1 AND row_version=?14",
+                     needs_reauth=?11, row_version=?12, updated_at=?13, workspace=?15 \
+                     WHERE id=?1 AND row_version=?14",
                     params![
                         r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
                         r.location.manager_id, r.location.name, r.location.version, r.expires_at,
-                        r.needs_reauth as i64, r.row_version, r.updated_at, expected_row_version
+                        r.needs_reauth as i64, r.row_version, r.updated_at, expected_row_version,
+                        r.workspace
                     ],
                 )
                 .map_err(db_err)?;
@@ -144,6 +148,21 @@ impl CredentialRows for SqliteMetadata {
             })
             .map(|n| n as u64)
             .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn count_by_manager(&self) -> Result<HashMap<String, u64>, MetadataError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT store_id, COUNT(*) FROM credentials GROUP BY store_id")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
         })
         .await
     }

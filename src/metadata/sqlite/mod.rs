@@ -2,6 +2,7 @@
 //! acknowledged write survives a power cut, schema version checked and upgraded at open. This
 //! module owns the connection; each role's rows are in the file named after it.
 
+mod control;
 mod credentials;
 mod fleet;
 mod journal;
@@ -29,6 +30,7 @@ const DIALECT: Dialect = Dialect {
     // Each version's objects are created once, by the step that adds them: an object already
     // there means the database is not what its version says, and that should fail loudly.
     if_new: "",
+    if_new_column: "",
 };
 
 pub struct SqliteMetadata {
@@ -170,6 +172,9 @@ impl Columns for Row<'_> {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, MetadataError> {
         self.get(i).map_err(db_err)
     }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, MetadataError> {
+        self.get(i).map_err(db_err)
+    }
 }
 
 /// Every row `sql` returns, decoded.
@@ -214,7 +219,7 @@ impl Liveness for SqliteMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::{CredentialRecord, CredentialRows, LeaseRows, Location};
+    use crate::metadata::{ControlRows, CredentialRecord, CredentialRows, LeaseRows, Location};
 
     #[cfg(unix)]
     #[test]
@@ -305,6 +310,63 @@ mod tests {
             .lease_acquire("k", "h", std::time::Duration::from_secs(5))
             .await
             .unwrap());
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_version_3_database_is_upgraded_in_place_and_its_credentials_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // What a version 3 binary left: its schema and a credential it wrote.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&schema::ddl(&DIALECT, 1..=3)).unwrap();
+            c.execute(
+                "INSERT INTO credentials (id, environment, integration_type, metadata, \
+                 store_id, store_name, store_version, row_version, created_at, updated_at) \
+                 VALUES ('old', 'Production', 'github', '{}', 'local', 'Production/old', '1', \
+                 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let store = SqliteMetadata::open(&path).unwrap();
+        let mut old = record("old");
+        old.location.name = "Production/old".into();
+        assert_eq!(store.get_credential("old").await.unwrap().unwrap(), old);
+        assert_eq!(old.workspace, "default");
+        assert_eq!(store.control_version().await.unwrap(), 0, "seeded once");
+        let mut new = record("new");
+        new.workspace = "team-a".into();
+        store.create_credential(&new, 0).await.unwrap();
+        assert_eq!(
+            store
+                .get_credential("new")
+                .await
+                .unwrap()
+                .unwrap()
+                .workspace,
+            "team-a"
+        );
+        store
+            .routing_put(&crate::metadata::RoutingRecord {
+                workspace: "team-a".into(),
+                default: Some("local".into()),
+                environments: Default::default(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.control_version().await.unwrap(), 1);
+        drop(store);
+        // Reopening runs nothing again (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+        let store = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(store.control_version().await.unwrap(), 1);
+        assert_eq!(store.routing_all().await.unwrap().len(), 1);
         let c = Connection::open(&path).unwrap();
         let v: i64 = c
             .pragma_query_value(None, "user_version", |r| r.get(0))
