@@ -51,6 +51,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     keys: &[
     Key {
         name: "region",
+        locates: true,
         required: true,
         secret: false,
         label: "AWS region",
@@ -58,6 +59,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "endpoint",
+        locates: true,
         required: false,
         secret: false,
         label: "Endpoint URL (optional)",
@@ -65,6 +67,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "access_key_id",
+        locates: false,
         required: false,
         secret: true,
         label: "Access key id (optional)",
@@ -72,6 +75,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "secret_access_key",
+        locates: false,
         required: false,
         secret: true,
         label: "Secret access key (optional)",
@@ -79,6 +83,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "role_arn",
+        locates: true,
         required: false,
         secret: false,
         label: "Role to assume (optional)",
@@ -86,6 +91,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "recovery_window_days",
+        locates: false,
         required: false,
         secret: false,
         label: "Recovery window (optional)",
@@ -93,6 +99,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "kms_key_id",
+        locates: false,
         required: false,
         secret: false,
         label: "KMS key (optional)",

@@ -41,6 +41,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     keys: &[
     Key {
         name: "api_key",
+        locates: false,
         required: true,
         secret: true,
         label: "Composio API key",
@@ -48,6 +49,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "base_url",
+        locates: true,
         required: false,
         secret: false,
         label: "Base URL (optional)",

@@ -28,6 +28,10 @@ pub struct Key {
     pub secret: bool,
     pub label: &'static str,
     pub instructions: &'static str,
+    /// Decides where the secrets are (region, account, vault, mount, project, prefix): a
+    /// manager whose value changes would no longer find what it wrote, so changing it is
+    /// refused; create a manager and route to it instead, which moves the credentials.
+    pub locates: bool,
 }
 
 /// Everything about one manager type.
@@ -51,6 +55,7 @@ pub const PREFIX: Key = Key {
     name: "prefix",
     required: false,
     secret: false,
+    locates: true,
     label: "Name prefix (optional)",
     instructions: "What the names of the secrets credproxy writes start with (default \
                    credproxy/), so that an IAM or Vault policy can grant exactly that prefix.",

@@ -44,6 +44,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     keys: &[
     Key {
         name: "project_id",
+        locates: true,
         required: true,
         secret: false,
         label: "Project id",
@@ -51,6 +52,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "credentials",
+        locates: false,
         required: false,
         secret: true,
         label: "Service account key (optional)",
@@ -58,6 +60,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "endpoint",
+        locates: true,
         required: false,
         secret: false,
         label: "Endpoint (optional)",

@@ -216,6 +216,18 @@ pub trait SecretsManager: Send + Sync + 'static {
     }
 
     async fn list(&self, request: ListRequest) -> Result<Page, ManagerError>;
+
+    /// A cheap authenticated call that proves the access details work, made before a manager
+    /// given through the API is saved. By default: list one secret.
+    async fn probe(&self) -> Result<(), ManagerError> {
+        self.list(ListRequest {
+            query: None,
+            offset: 0,
+            limit: 1,
+        })
+        .await
+        .map(drop)
+    }
 }
 
 /// The configured stores by id, `local` always among them.

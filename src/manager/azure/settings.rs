@@ -33,6 +33,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     keys: &[
     Key {
         name: "vault_url",
+        locates: true,
         required: true,
         secret: false,
         label: "Key Vault URL",
@@ -40,6 +41,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "tenant_id",
+        locates: false,
         required: false,
         secret: false,
         label: "Tenant id (optional)",
@@ -47,6 +49,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "client_id",
+        locates: false,
         required: false,
         secret: false,
         label: "Client id (optional)",
@@ -54,6 +57,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "client_secret",
+        locates: false,
         required: false,
         secret: true,
         label: "Client secret (optional)",
@@ -61,6 +65,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "authority_host",
+        locates: true,
         required: false,
         secret: false,
         label: "Authority host (optional)",
@@ -68,6 +73,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "purge_on_delete",
+        locates: false,
         required: false,
         secret: false,
         label: "Purge on delete (optional)",
@@ -75,6 +81,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "ca_file",
+        locates: false,
         required: false,
         secret: false,
         label: "CA file (optional)",

@@ -175,6 +175,16 @@ fn value_from_fields(fields: &SecretFields) -> HashMap<&str, &str> {
 
 #[async_trait]
 impl SecretsManager for HashicorpManager {
+    /// Looks the token up: proves it is valid whatever paths its policy grants (listing the
+    /// mount's root may be denied to a policy scoped to the prefix).
+    async fn probe(&self) -> Result<(), ManagerError> {
+        let client = self.client.load_full();
+        vaultrs::token::lookup_self(&*client)
+            .await
+            .map(drop)
+            .map_err(|e| self.after_error(classify(e)))
+    }
+
     fn describe(&self) -> ManagerInfo {
         let mut info = DESCRIPTOR.info(&self.id);
         // KV v1 has no versions to compare.

@@ -51,6 +51,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     keys: &[
     Key {
         name: "address",
+        locates: true,
         required: true,
         secret: false,
         label: "Vault address",
@@ -58,6 +59,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "namespace",
+        locates: true,
         required: false,
         secret: false,
         label: "Namespace (optional)",
@@ -65,6 +67,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "mount",
+        locates: true,
         required: false,
         secret: false,
         label: "KV mount (optional)",
@@ -72,6 +75,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "kv_version",
+        locates: true,
         required: false,
         secret: false,
         label: "KV version (optional)",
@@ -79,6 +83,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "ca_file",
+        locates: false,
         required: false,
         secret: false,
         label: "CA file (optional)",
@@ -86,6 +91,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "token",
+        locates: false,
         required: false,
         secret: true,
         label: "Token (optional)",
@@ -93,6 +99,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "approle.role_id",
+        locates: false,
         required: true,
         secret: true,
         label: "AppRole role id",
@@ -100,6 +107,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "approle.secret_id",
+        locates: false,
         required: true,
         secret: true,
         label: "AppRole secret id",
@@ -107,6 +115,7 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
     },
     Key {
         name: "approle.mount",
+        locates: false,
         required: false,
         secret: false,
         label: "AppRole mount (optional)",
