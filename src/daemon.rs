@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::access::Policy;
 use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_MANAGER_ID};
+use crate::control::ControlPlane;
 use crate::lifecycle::sd_notify;
 use crate::manager::local::{KeyError, Keyring, LocalManager, MasterKey};
 use crate::manager::{self, Registry};
@@ -148,6 +149,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         registry: parts.registry,
         policy,
     };
+    let keys = Arc::clone(&parts.keys);
     let service = Arc::new(Service::new(
         runtime,
         parts.metadata,
@@ -155,13 +157,17 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         parts.keys,
     ));
     let migrator = Arc::new(Migrator::new(Arc::clone(&service)));
-    let reloader = Arc::new(Reloader::new(
+    let control = Arc::new(ControlPlane::new(
         Arc::clone(&service),
         Arc::clone(&migrator),
+        keys,
         owner_uid,
         socket_gid,
     ));
-    Ok(Arc::new(App::new(service, migrator, reloader, tcp_token)))
+    let reloader = Arc::new(Reloader::new(Arc::clone(&control)));
+    Ok(Arc::new(App::new(
+        service, migrator, reloader, control, tcp_token,
+    )))
 }
 
 pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
@@ -265,6 +271,14 @@ pub async fn serve_app(
         let (service, stop) = (Arc::clone(&service), stop_rx.clone());
         tasks.spawn(async move { service.follow_invalidations(stop).await });
     }
+    // The managers and routing given through the API, before anything plans a move: without
+    // them their credentials would look misplaced.
+    // Retried rather than skipped: a migrator without them would move their credentials away.
+    while let Err(e) = app.control.refresh().await {
+        tracing::error!(error = %e, "cannot load the control plane from the metadata database; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tasks.spawn(Arc::clone(&app.control).follow(stop_rx.clone()));
     // Also how an interrupted migration resumes: the first pass plans from the database.
     tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.

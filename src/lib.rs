@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod lifecycle;
 pub mod manager;

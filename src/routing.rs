@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::{Config, RoutingConfig, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteReason {
     Pinned,

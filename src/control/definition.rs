@@ -21,7 +21,8 @@ fn auth_name(workspace: &str, id: &str) -> String {
     format!("manager-auth/{workspace}/{id}")
 }
 
-/// Seals `auth` for manager `id` of `workspace` at `version`.
+/// Seals `auth` for manager `id` of `workspace` at `version`. The row stores the manager id
+/// as the record's name; the binding to the workspace is in the ciphertext's associated data.
 pub(super) fn seal(
     keys: &Keyring,
     workspace: &str,
@@ -29,7 +30,9 @@ pub(super) fn seal(
     version: i64,
     auth: &SecretFields,
 ) -> SealedRecord {
-    keys.seal_record(&auth_name(workspace, id), version, &auth.to_json())
+    let mut sealed = keys.seal_record(&auth_name(workspace, id), version, &auth.to_json());
+    sealed.name = id.to_owned();
+    sealed
 }
 
 /// Opens a row's sealed access details.

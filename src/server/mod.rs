@@ -35,6 +35,7 @@ pub struct App {
     pub service: Arc<Service>,
     pub migrator: Arc<crate::migrate::Migrator>,
     pub reloader: Arc<crate::reload::Reloader>,
+    pub control: Arc<crate::control::ControlPlane>,
     pub tcp_token: Option<SecretString>,
     pub token_header: HeaderName,
     pub max_body_bytes: usize,
@@ -51,6 +52,7 @@ impl App {
         service: Arc<Service>,
         migrator: Arc<crate::migrate::Migrator>,
         reloader: Arc<crate::reload::Reloader>,
+        control: Arc<crate::control::ControlPlane>,
         tcp_token: Option<SecretString>,
     ) -> Self {
         let runtime = service.runtime();
@@ -74,6 +76,7 @@ impl App {
             service,
             migrator,
             reloader,
+            control,
         }
     }
 

@@ -24,6 +24,10 @@ pub enum ServiceError {
     ReadOnly { manager: String },
     #[error("no secrets manager `{0}` is configured")]
     UnknownManager(String),
+    /// A credential is recorded in a manager this instance has not loaded: one that cannot be
+    /// built now, or (in a fleet) one created moments ago on another instance.
+    #[error("secrets manager `{0}` is not loaded on this instance")]
+    ManagerNotLoaded(String),
     #[error("secrets manager `{manager}` unavailable: {detail}")]
     Unavailable {
         manager: String,

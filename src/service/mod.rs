@@ -192,7 +192,7 @@ impl Service {
             .registry
             .get(manager_id)
             .cloned()
-            .ok_or_else(|| ServiceError::UnknownManager(manager_id.to_owned()))
+            .ok_or_else(|| ServiceError::ManagerNotLoaded(manager_id.to_owned()))
     }
 
     /// Runs one secrets manager call with the configured timeout and records it in the metrics.

@@ -202,6 +202,13 @@ impl Service {
         if retired.is_empty() {
             return Ok(retired);
         }
+        // A retiring manager's record (deleted through the API, or removed from the file while
+        // it held credentials) goes with it; the other instances drop it when they see that.
+        for id in &retired {
+            if runtime.topology.manager(id).is_some_and(|m| m.retiring) {
+                self.metadata.manager_delete(id).await?;
+            }
+        }
         let mut registry = runtime.registry.clone();
         let mut topology = runtime.topology.clone();
         for id in &retired {

@@ -121,10 +121,11 @@ impl Service {
         let runtime = self.runtime();
         // A manager of a workspace the caller cannot see is answered like one that does not
         // exist.
-        let workspace = runtime
-            .topology
-            .manager(manager_id)
-            .map_or(DEFAULT_WORKSPACE, |m| m.workspace.as_str());
+        let entry = runtime.topology.manager(manager_id);
+        if entry.is_none() && manager_id != crate::config::LOCAL_MANAGER_ID {
+            return Err(ServiceError::UnknownManager(manager_id.to_owned()));
+        }
+        let workspace = entry.map_or(DEFAULT_WORKSPACE, |m| m.workspace.as_str());
         if !self.allows(caller, Action::Read, Scope::workspace(workspace)) {
             return Err(ServiceError::UnknownManager(manager_id.to_owned()));
         }

@@ -257,7 +257,7 @@ impl Service {
 
         // The new value is the stored one with the patched fields laid over it.
         let source = source
-            .ok_or_else(|| ServiceError::UnknownManager(current.location.manager_id.clone()))?;
+            .ok_or_else(|| ServiceError::ManagerNotLoaded(current.location.manager_id.clone()))?;
         let loc = &current.location;
         let mut value = self
             .call(

@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
 
-use super::body::{ok_json, Body};
+use hyper::body::Incoming;
+use hyper::Request;
+
+use super::body::{ok_json, read_json, Body};
 use super::{require, ApiError, Query};
 use crate::access::{Action, Caller};
 use crate::server::App;
-use crate::service::ServiceError;
 
 pub(super) fn health() -> Response<Body> {
     ok_json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -29,17 +31,28 @@ pub(super) async fn ready(app: &App) -> Response<Body> {
     )
 }
 
-pub(super) fn routing(app: &App, caller: &Caller) -> Result<Response<Body>, ApiError> {
+pub(super) async fn routing(
+    app: &App,
+    caller: &Caller,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
     require(app, caller, Action::Read)?;
-    let runtime = app.service.runtime();
-    let routing = &runtime.config.routing;
+    let view = app
+        .control
+        .get_routing(caller, query.get("workspace"))
+        .await?;
+    Ok(ok_json(StatusCode::OK, &view))
+}
+
+pub(super) async fn put_routing(
+    app: &Arc<App>,
+    caller: &Caller,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: crate::control::RoutingBody = read_json(app, request).await?;
     Ok(ok_json(
         StatusCode::OK,
-        &serde_json::json!({
-            "default": routing.default.as_deref().unwrap_or(crate::config::LOCAL_MANAGER_ID),
-            "environments": routing.environments,
-            "fallback": crate::config::LOCAL_MANAGER_ID,
-        }),
+        &app.control.put_routing(caller, body).await?,
     ))
 }
 
@@ -59,9 +72,7 @@ pub(super) async fn reload(app: &Arc<App>, caller: &Caller) -> Result<Response<B
     require(app, caller, Action::Admin)?;
     match app.reloader.reload("api").await {
         Ok(report) => Ok(ok_json(StatusCode::OK, &report)),
-        Err(crate::reload::ReloadError::Metadata(_)) => {
-            Err(ServiceError::Metadata("during reload".into()).into())
-        }
+        Err(crate::reload::ReloadError::Control(e)) => Err(e.into()),
         Err(e) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_config",

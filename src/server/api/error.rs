@@ -97,6 +97,10 @@ impl From<ServiceError> for ApiError {
             Conflict => ApiError::new(StatusCode::CONFLICT, "conflict", "the credential was changed concurrently; read it again and retry"),
             ReadOnly { .. } => ApiError::new(StatusCode::CONFLICT, "read_only_store", "the credential's secrets manager is read-only; credproxy never writes, refreshes or moves credentials there"),
             UnknownManager(id) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_secrets_manager", "no secrets manager with that id is configured").with_detail(format!("secrets_manager_id `{id}`")),
+            ManagerNotLoaded(_) => ApiError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets_manager_not_loaded", "the credential's secrets manager is not loaded on this instance (it cannot be built, or was created moments ago); retry later")
+            },
             Unavailable { retry_after, .. } => ApiError {
                 retry_after: Some(retry_after),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the secrets manager is unavailable and no cached value can be served; retry later")
@@ -114,6 +118,27 @@ impl From<ServiceError> for ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", "the access token has expired and could not be refreshed yet; retry later")
             },
             Unusable { reason, .. } => ApiError::new(StatusCode::CONFLICT, "credential_unusable", "the secrets manager holds this credential in a state that cannot be handed out").with_detail(reason),
+        }
+    }
+}
+
+impl From<crate::control::ControlError> for ApiError {
+    fn from(e: crate::control::ControlError) -> Self {
+        use crate::control::ControlError::*;
+        match e {
+            Invalid { key, reason } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "the request is invalid").with_detail(format!("`{key}`: {reason}")),
+            Forbidden => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the caller is not allowed to do this"),
+            NotFound => ApiError::new(StatusCode::NOT_FOUND, "secrets_manager_not_found", "no secrets manager with that id"),
+            FileManaged(what) => ApiError::new(StatusCode::CONFLICT, "defined_in_file", "this is defined in the configuration file; change it there").with_detail(what),
+            Conflict(detail) => ApiError::new(StatusCode::CONFLICT, "conflict", "the change conflicts with the current state").with_detail(detail),
+            HasCredentials { count } => ApiError::new(StatusCode::CONFLICT, "manager_has_credentials", "the manager holds credentials that cannot move; delete them, or repeat with ?credentials=delete").with_detail(format!("{count} credential(s)")),
+            Probe(reason) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "probe_failed", "the secrets manager could not be reached or refused the access details; nothing was saved").with_detail(reason),
+            Config(e) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", "the configuration was not applied").with_detail(e.to_string()),
+            Sealed(detail) => {
+                tracing::error!(error = %detail, "cannot open sealed access details");
+                ApiError::internal()
+            }
+            Metadata(e) => ServiceError::Metadata(e.to_string()).into(),
         }
     }
 }

@@ -6,41 +6,82 @@ use std::sync::Arc;
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 
-use super::body::{ok_json, Body};
+use hyper::body::Incoming;
+use hyper::Request;
+
+use super::body::{ok_json, read_json, Body};
 use super::{require, ApiError, Query};
 use crate::access::{Action, Caller};
 use crate::manager::ListRequest;
 use crate::server::App;
 
-pub(super) fn list(app: &App, caller: &Caller) -> Result<Response<Body>, ApiError> {
+pub(super) async fn list(
+    app: &App,
+    caller: &Caller,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
     require(app, caller, Action::Read)?;
-    let runtime = app.service.runtime();
-    let mut managers: Vec<serde_json::Value> = runtime
-        .config
-        .managers
-        .iter()
-        .map(|m| {
-            let caps = runtime
-                .registry
-                .get(&m.id)
-                .map(|b| b.describe().capabilities);
-            serde_json::json!({
-                "id": m.id,
-                "type": m.kind,
-                "prefix": m.prefix,
-                "read_only": caps.map_or_else(
-                    || crate::manager::descriptor::find(&m.kind).is_some_and(|d| d.read_only),
-                    |c| c.read_only,
-                ),
-                "compare_and_swap": caps.is_some_and(|c| c.compare_and_swap),
-            })
-        })
-        .collect();
-    managers.push(serde_json::json!({
-        "id": crate::config::LOCAL_MANAGER_ID, "type": "local", "prefix": "",
-        "read_only": false, "compare_and_swap": true,
-    }));
-    Ok(ok_json(StatusCode::OK, &managers))
+    let views = app
+        .control
+        .list_managers(caller, query.get("workspace"))
+        .await?;
+    Ok(ok_json(StatusCode::OK, &views))
+}
+
+pub(super) async fn create(
+    app: &Arc<App>,
+    caller: &Caller,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: crate::control::CreateManager = read_json(app, request).await?;
+    let view = app.control.create_manager(caller, body).await?;
+    Ok(ok_json(StatusCode::CREATED, &view))
+}
+
+pub(super) async fn get(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    Ok(ok_json(
+        StatusCode::OK,
+        &app.control.get_manager(caller, id).await?,
+    ))
+}
+
+pub(super) async fn patch(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: crate::control::PatchManager = read_json(app, request).await?;
+    Ok(ok_json(
+        StatusCode::OK,
+        &app.control.patch_manager(caller, id, body).await?,
+    ))
+}
+
+/// `?dry_run=true` answers the plan and changes nothing; `?credentials=delete` agrees that
+/// credentials which cannot move (a read-only manager's) are deleted.
+pub(super) async fn delete(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let flag = |name: &str, yes: &str| query.get(name).is_some_and(|v| v == yes || v == "1");
+    let dry_run = flag("dry_run", "true");
+    let plan = app
+        .control
+        .delete_manager(caller, id, dry_run, flag("credentials", "delete"))
+        .await?;
+    let status = if dry_run {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(ok_json(status, &plan))
 }
 
 pub(super) fn instructions(app: &App, caller: &Caller) -> Result<Response<Body>, ApiError> {

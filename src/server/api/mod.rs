@@ -29,9 +29,14 @@ pub enum RouteId {
     CredentialDelete,
     CredentialRefresh,
     Managers,
+    ManagerCreate,
+    ManagerGet,
+    ManagerPatch,
+    ManagerDelete,
     Instructions,
     ManagerSecrets,
     Routing,
+    RoutingPut,
     Migrations,
     Reload,
     Health,
@@ -48,9 +53,14 @@ impl RouteId {
             RouteId::CredentialDelete => "credential_delete",
             RouteId::CredentialRefresh => "credential_refresh",
             RouteId::Managers => "managers",
+            RouteId::ManagerCreate => "manager_create",
+            RouteId::ManagerGet => "manager_get",
+            RouteId::ManagerPatch => "manager_patch",
+            RouteId::ManagerDelete => "manager_delete",
             RouteId::Instructions => "instructions",
             RouteId::ManagerSecrets => "manager_secrets",
             RouteId::Routing => "routing",
+            RouteId::RoutingPut => "routing_put",
             RouteId::Migrations => "migrations",
             RouteId::Reload => "reload",
             RouteId::Health => "healthz",
@@ -82,7 +92,12 @@ pub fn classify(method: &Method, path: &str) -> Target {
         (&Method::GET, ["v1", "secretsmanagers"]) => RouteId::Managers,
         (&Method::GET, ["v1", "secretsmanagers", "instructions"]) => RouteId::Instructions,
         (&Method::GET, ["v1", "secretsmanagers", "secrets"]) => RouteId::ManagerSecrets,
+        (&Method::POST, ["v1", "secretsmanagers"]) => RouteId::ManagerCreate,
+        (&Method::GET, ["v1", "secretsmanagers", _]) => RouteId::ManagerGet,
+        (&Method::PATCH, ["v1", "secretsmanagers", _]) => RouteId::ManagerPatch,
+        (&Method::DELETE, ["v1", "secretsmanagers", _]) => RouteId::ManagerDelete,
         (&Method::GET, ["v1", "routing"]) => RouteId::Routing,
+        (&Method::PUT, ["v1", "routing"]) => RouteId::RoutingPut,
         (&Method::GET, ["v1", "migrations"]) => RouteId::Migrations,
         (&Method::POST, ["v1", "reload"]) => RouteId::Reload,
         _ => RouteId::Unknown,
@@ -91,7 +106,10 @@ pub fn classify(method: &Method, path: &str) -> Target {
         RouteId::CredentialGet
         | RouteId::CredentialPatch
         | RouteId::CredentialDelete
-        | RouteId::CredentialRefresh => segments.get(2).map(|s| s.to_string()),
+        | RouteId::CredentialRefresh
+        | RouteId::ManagerGet
+        | RouteId::ManagerPatch
+        | RouteId::ManagerDelete => segments.get(2).map(|s| s.to_string()),
         _ => None,
     };
     Target { route, id }
@@ -99,9 +117,15 @@ pub fn classify(method: &Method, path: &str) -> Target {
 
 /// Whether some method serves `path` (so another method gets 405, not 404).
 fn known_path(path: &str) -> bool {
-    [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
-        .iter()
-        .any(|m| classify(m, path).route != RouteId::Unknown)
+    [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ]
+    .iter()
+    .any(|m| classify(m, path).route != RouteId::Unknown)
 }
 
 /// A request's query string, decoded once.
@@ -205,10 +229,15 @@ async fn dispatch(
         RouteId::CredentialPatch => credentials::patch(app, &caller, id, request).await,
         RouteId::CredentialDelete => credentials::delete(app, &caller, id).await,
         RouteId::CredentialRefresh => credentials::refresh(app, &caller, id).await,
-        RouteId::Managers => managers::list(app, &caller),
+        RouteId::Managers => managers::list(app, &caller, &query).await,
+        RouteId::ManagerCreate => managers::create(app, &caller, request).await,
+        RouteId::ManagerGet => managers::get(app, &caller, id).await,
+        RouteId::ManagerPatch => managers::patch(app, &caller, id, request).await,
+        RouteId::ManagerDelete => managers::delete(app, &caller, id, &query).await,
         RouteId::Instructions => managers::instructions(app, &caller),
         RouteId::ManagerSecrets => managers::secrets(app, &caller, &query).await,
-        RouteId::Routing => admin::routing(app, &caller),
+        RouteId::Routing => admin::routing(app, &caller, &query).await,
+        RouteId::RoutingPut => admin::put_routing(app, &caller, request).await,
         RouteId::Migrations => admin::migrations(app, &caller, &query),
         RouteId::Reload => admin::reload(app, &caller).await,
         RouteId::Unknown => Err(unknown_or_method(request.uri().path())),
