@@ -308,7 +308,8 @@ async fn managers_routing_and_instructions_describe_the_setup() {
     let (_, routing) = d.call(Method::GET, "/v1/routing", None).await;
     assert_eq!(
         routing,
-        json!({"default": "local", "environments": {"Dev": "local"}, "fallback": "local"})
+        json!({"workspace": "default", "default": "local", "environments": {"Dev": "local"},
+               "fallback": "local", "source": "file"})
     );
     let (_, instructions) = d
         .call(Method::GET, "/v1/secretsmanagers/instructions", None)
