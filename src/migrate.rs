@@ -143,6 +143,34 @@ struct State {
     pending: BTreeMap<(String, String), Vec<String>>,
     moved: BTreeMap<(String, String), u64>,
     failures: HashMap<String, Failure>,
+    /// The label pairs `credproxy_migration_pending` was last set for, so that a pair that
+    /// is done goes back to 0.
+    published: BTreeMap<(String, String), i64>,
+}
+
+/// Sets `credproxy_migration_pending` from `state.pending`, summed per label pair (managers
+/// created through the API share one label per type).
+fn publish_pending(state: &mut State, metrics: &crate::metrics::Metrics, topology: &Topology) {
+    let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for ((source, target), ids) in &state.pending {
+        let key = (topology.metric_label(source), topology.metric_label(target));
+        *sums.entry(key).or_default() += ids.len() as i64;
+    }
+    for key in state.published.keys() {
+        if !sums.contains_key(key) {
+            metrics
+                .migration_pending
+                .with_label_values(&[&key.0, &key.1])
+                .set(0);
+        }
+    }
+    for (key, n) in &sums {
+        metrics
+            .migration_pending
+            .with_label_values(&[&key.0, &key.1])
+            .set(*n);
+    }
+    state.published = sums;
 }
 
 /// Limits per store: moves in flight and moves started per second.
@@ -335,12 +363,6 @@ impl Migrator {
         let metrics = self.service.metrics();
         {
             let mut state = self.state();
-            for key in state.pending.keys() {
-                metrics
-                    .migration_pending
-                    .with_label_values(&[&key.0, &key.1])
-                    .set(0);
-            }
             state.pending.clear();
             for m in &moves {
                 state
@@ -352,12 +374,7 @@ impl Migrator {
             state
                 .failures
                 .retain(|id, _| moves.iter().any(|m| &m.id == id));
-            for (key, ids) in &state.pending {
-                metrics
-                    .migration_pending
-                    .with_label_values(&[&key.0, &key.1])
-                    .set(ids.len() as i64);
-            }
+            publish_pending(&mut state, metrics, &runtime.topology);
             state.planned_at = Some(crate::time::now_unix());
             state.moving = !moves.is_empty();
             state.recheck = false;
@@ -451,10 +468,8 @@ impl Migrator {
                 state.failures.remove(&m.id);
                 if let Some(ids) = state.pending.get_mut(&key) {
                     ids.retain(|id| id != &m.id);
-                    metrics
-                        .migration_pending
-                        .with_label_values(&[&key.0, &key.1])
-                        .set(ids.len() as i64);
+                    let topology = &self.service.runtime().topology;
+                    publish_pending(&mut state, metrics, topology);
                 }
                 match outcome {
                     MoveOutcome::Moved => {
@@ -482,9 +497,14 @@ impl Migrator {
                 "failed"
             }
         };
+        let topology = &self.service.runtime().topology;
         metrics
             .migration_moves
-            .with_label_values(&[&key.0, &key.1, outcome])
+            .with_label_values(&[
+                &topology.metric_label(&key.0),
+                &topology.metric_label(&key.1),
+                outcome,
+            ])
             .inc();
     }
 }

@@ -96,6 +96,17 @@ impl Topology {
         self.managers.remove(id)
     }
 
+    /// The label a manager's metrics carry. Managers created through the API (thousands, one
+    /// per customer vault) share one label per type, `api:aws`, so a metric's label set stays
+    /// bounded by the file's managers plus the types; the file's managers and `local` keep
+    /// their ids.
+    pub fn metric_label(&self, id: &str) -> String {
+        match self.managers.get(id) {
+            Some(m) if m.source == Source::Api => format!("api:{}", m.kind),
+            _ => id.to_owned(),
+        }
+    }
+
     pub fn manager(&self, id: &str) -> Option<&ManagerEntry> {
         self.managers.get(id)
     }

@@ -202,8 +202,11 @@ impl Service {
         operation: &'static str,
         fut: impl Future<Output = Result<T, ManagerError>>,
     ) -> Result<T, ManagerError> {
-        let timeout = self.runtime.load().config.manager_timeout;
-        call_manager(&self.metrics, timeout, manager_id, operation, fut).await
+        let runtime = self.runtime.load();
+        let label = runtime.topology.metric_label(manager_id);
+        let timeout = runtime.config.manager_timeout;
+        drop(runtime);
+        call_manager(&self.metrics, timeout, &label, operation, fut).await
     }
 
     /// The name a credential's secret gets in `manager_id`: `{prefix}{environment}/{id}` in the
@@ -230,10 +233,11 @@ impl Service {
     }
 }
 
+/// `label` is the manager's metric label (`Topology::metric_label`).
 pub(crate) async fn call_manager<T>(
     metrics: &Metrics,
     timeout: Duration,
-    manager_id: &str,
+    label: &str,
     operation: &'static str,
     fut: impl Future<Output = Result<T, ManagerError>>,
 ) -> Result<T, ManagerError> {
@@ -248,14 +252,14 @@ pub(crate) async fn call_manager<T>(
     };
     metrics
         .backend_requests
-        .with_label_values(&[manager_id, operation, outcome])
+        .with_label_values(&[label, operation, outcome])
         .inc();
     metrics
         .backend_duration
-        .with_label_values(&[manager_id, operation])
+        .with_label_values(&[label, operation])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        tracing::debug!(manager = manager_id, operation, error = %e, "secrets manager call failed");
+        tracing::debug!(manager = label, operation, error = %e, "secrets manager call failed");
     }
     result
 }
