@@ -1,4 +1,7 @@
-//! The command line: `serve`, `check-config`, `plan`, `keygen` and `get`.
+//! The command line: `serve`, `check-config`, `plan`, `keygen`, `get`, and the control plane's
+//! `managers` and `routing` (`control`), which talk to the running daemon over its socket.
+
+mod control;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +53,20 @@ enum Command {
         /// Where to write the key.
         #[arg(long, short)]
         out: PathBuf,
+    },
+    /// Secrets managers through the running daemon's API.
+    Managers {
+        #[command(subcommand)]
+        command: control::ManagersCommand,
+        #[command(flatten)]
+        target: control::SocketArgs,
+    },
+    /// A workspace's routing through the running daemon's API.
+    Routing {
+        #[command(subcommand)]
+        command: control::RoutingCommand,
+        #[command(flatten)]
+        target: control::SocketArgs,
     },
     /// Resolve a credential through the running daemon's socket and print it as JSON.
     Get {
@@ -106,6 +123,14 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Managers { command, target } => match target.socket() {
+            Ok(socket) => runtime().block_on(control::managers(&socket, command)),
+            Err(code) => code,
+        },
+        Command::Routing { command, target } => match target.socket() {
+            Ok(socket) => runtime().block_on(control::routing(&socket, command)),
+            Err(code) => code,
+        },
         Command::Get {
             id,
             fields,
@@ -134,12 +159,12 @@ pub fn main() -> ExitCode {
                         .to_string(),
                 );
             }
-            runtime().block_on(get(socket, path))
+            runtime().block_on(control::call(&socket, hyper::Method::GET, &path, None))
         }
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(super) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,26 +213,6 @@ fn serve(path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "credproxy could not start");
             eprintln!("credproxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn get(socket: PathBuf, path: String) -> ExitCode {
-    match crate::client::request(&socket, hyper::Method::GET, &path, None).await {
-        Ok((status, body)) if status.is_success() => {
-            println!("{}", String::from_utf8_lossy(&body));
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            eprintln!("credproxy: {status}: {}", String::from_utf8_lossy(&body));
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!(
-                "credproxy: cannot reach the daemon at {}: {e}",
-                socket.display()
-            );
             ExitCode::FAILURE
         }
     }
