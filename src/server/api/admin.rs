@@ -12,6 +12,7 @@ use super::body::{ok_json, read_json, Body};
 use super::{require, ApiError, Query};
 use crate::access::{Action, Caller};
 use crate::server::App;
+use crate::service::ServiceError;
 
 pub(super) fn health() -> Response<Body> {
     ok_json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -61,11 +62,36 @@ pub(super) fn migrations(
     caller: &Caller,
     query: &Query,
 ) -> Result<Response<Body>, ApiError> {
-    require(app, caller, Action::Admin)?;
     let with_ids = query
         .pairs()
         .any(|(k, v)| k == "ids" && (v == "true" || v == "1"));
-    Ok(ok_json(StatusCode::OK, &app.migrator.status(with_ids)))
+    let Some(workspace) = query.get("workspace") else {
+        require(app, caller, Action::Admin)?;
+        return Ok(ok_json(StatusCode::OK, &app.migrator.status(with_ids)));
+    };
+    if !app.service.allows(
+        caller,
+        Action::Admin,
+        crate::access::Scope::workspace(workspace),
+    ) {
+        return Err(ServiceError::Forbidden.into());
+    }
+    // A move of a workspace's credential has one of the workspace's managers on one side:
+    // routing never sends a credential to another workspace's manager.
+    let runtime = app.service.runtime();
+    let ours = |id: &str| {
+        runtime
+            .topology
+            .manager(id)
+            .is_some_and(|m| m.workspace == workspace)
+    };
+    let mut status = app.migrator.status(with_ids);
+    status.moves.retain(|p| ours(&p.source) || ours(&p.target));
+    status
+        .failures
+        .retain(|f| ours(&f.source) || ours(&f.target));
+    status.pending = status.moves.iter().map(|p| p.pending).sum();
+    Ok(ok_json(StatusCode::OK, &status))
 }
 
 pub(super) async fn reload(app: &Arc<App>, caller: &Caller) -> Result<Response<Body>, ApiError> {
