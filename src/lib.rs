@@ -2,10 +2,10 @@
 //! manager and hands them to local workers over a Unix socket at the moment they are needed.
 //!
 //! Layout, top-down in the order a request travels (ARCHITECTURE.md has the layer rules and
-//! the invariants): `cli` → `daemon` → `server` → `reload` → `control` → `migrate`/`setup` → `service` →
-//! `cache`/`oauth`/`routing`/`access` → `manager` (where secrets live) / `metadata` (the
-//! metadata database) → the leaves `config`, `secret`, `time`, `metrics`, `sys` (every
-//! `unsafe` block), `lifecycle`, `client`.
+//! the invariants): `cli` → `daemon` → `server` → `reload` → `control` → `migrate`/`setup` →
+//! `service` → `cache`/`oauth`/`routing`/`access` → `manager` (where secrets live) /
+//! `metadata` (the metadata database) → the leaves `config`, `secret`, `time`, `metrics`,
+//! `sys` (every `unsafe` block), `lifecycle`, `client`.
 
 pub mod access;
 pub mod cache;
