@@ -274,7 +274,14 @@ pub async fn serve_app(
     // The managers and routing given through the API, before anything plans a move: without
     // them their credentials would look misplaced.
     // Retried rather than skipped: a migrator without them would move their credentials away.
-    while let Err(e) = app.control.refresh().await {
+    while let Err(e) = app
+        .control
+        .apply(
+            (*app.service.runtime().config).clone(),
+            crate::control::Mode::Start,
+        )
+        .await
+    {
         tracing::error!(error = %e, "cannot load the control plane from the metadata database; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -94,7 +94,10 @@ impl Reloader {
         let next = crate::setup::load(&path)?;
         // The file's managers are built anew: their access details (a rotated token file,
         // a new environment) are read again, which is what an operator reloads for.
-        let applied = self.control.apply(next, true).await?;
+        let applied = self
+            .control
+            .apply(next, crate::control::Mode::Reload)
+            .await?;
         Ok(ReloadReport {
             managers_added: applied.managers_added,
             managers_removed: applied.managers_removed,

@@ -25,13 +25,26 @@ use crate::access::Policy;
 use crate::config::{Config, RoutingConfig, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
 use crate::manager::local::Keyring;
 use crate::manager::{self, descriptor, Registry, SecretsManager};
-use crate::metadata::{ManagerRecord, ManagerSource, ManagerState};
+use crate::metadata::{ManagerRecord, ManagerSource, ManagerState, MetadataError};
 use crate::migrate::Migrator;
 use crate::routing::{ManagerEntry, Source, Topology};
 use crate::service::{Runtime, Service};
 
 /// How often an instance asks the database whether the control plane changed.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a runtime is being built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// At start: the file's managers were just built; record their definitions.
+    Start,
+    /// A reload: build the file's managers anew (their access details are read again, which
+    /// is what an operator reloads for) and record their definitions.
+    Reload,
+    /// A change through the API, or one another instance made: reuse what did not change and
+    /// leave the file's records alone (instances may run different files during a rollout).
+    Refresh,
+}
 
 /// What an `apply` changed, for the reload report and the log.
 #[derive(Debug, Clone, Default)]
@@ -85,13 +98,7 @@ impl ControlPlane {
     /// Nothing switches unless every file manager builds; an API manager that cannot be built
     /// is left out (its credentials answer 503) and logged, so one customer's broken vault
     /// never stops the others.
-    /// `rebuild_file_managers`: build the file's managers anew even when their settings did not
-    /// change (a reload, which re-reads their access details).
-    pub async fn apply(
-        &self,
-        next: Config,
-        rebuild_file_managers: bool,
-    ) -> Result<Applied, ControlError> {
+    pub async fn apply(&self, next: Config, mode: Mode) -> Result<Applied, ControlError> {
         let mut built = self.built.lock().await;
         let current = self.service.runtime();
         let metadata = Arc::clone(self.service.metadata());
@@ -107,7 +114,7 @@ impl ControlPlane {
         for m in &next.managers {
             let old = current.config.manager(&m.id);
             let reuse = old
-                .filter(|old| !rebuild_file_managers && *old == m)
+                .filter(|old| mode != Mode::Reload && *old == m)
                 .and_then(|_| current.registry.get(&m.id))
                 .cloned();
             let instance = match reuse {
@@ -121,36 +128,39 @@ impl ControlPlane {
                 Some(_) => {}
             }
         }
-        // File managers that left the file: recorded as retiring while they hold credentials,
-        // so a restart can still read and move them.
         for entry in current.topology.managers() {
-            if entry.source != Source::File || next.manager(&entry.id).is_some() {
-                continue;
-            }
-            if current.config.manager(&entry.id).is_some() {
+            if entry.source == Source::File
+                && next.manager(&entry.id).is_none()
+                && current.config.manager(&entry.id).is_some()
+            {
                 applied.managers_removed.push(entry.id.clone());
             }
-            if !entry.retiring && metadata.manager_in_use(&entry.id).await? {
-                if let Some(old) = current.config.manager(&entry.id) {
-                    self.record_retiring_file_manager(old).await?;
-                }
-            }
+        }
+        if mode != Mode::Refresh {
+            self.record_file_managers(&next).await?;
         }
         let version = metadata.control_version().await?;
         for row in metadata.managers().await? {
             if next.manager(&row.id).is_some() {
-                if row.source == ManagerSource::File {
-                    // Back in the file: the file's definition is the one in force.
-                    metadata.manager_delete(&row.id).await?;
-                    continue;
+                if row.source == ManagerSource::Api {
+                    return Err(ControlError::Config(crate::config::ConfigError::Invalid {
+                        key: format!("secrets_manager.{}.id", row.id),
+                        reason: "is the id of a secrets manager created through the API".into(),
+                    }));
                 }
-                return Err(ControlError::Config(crate::config::ConfigError::Invalid {
-                    key: format!("secrets_manager.{}.id", row.id),
-                    reason: "is the id of a secrets manager created through the API".into(),
-                }));
+                // The file's definition is the one in force here.
+                continue;
             }
-            let retiring = row.state == ManagerState::Retiring;
-            if retiring && row.source == ManagerSource::File {
+            // A file manager that is not in this file retires here, whatever its record says:
+            // it may still be in another instance's file during a rollout, and moves wait
+            // until the instances agree.
+            let retiring = row.state == ManagerState::Retiring || row.source == ManagerSource::File;
+            if row.source == ManagerSource::File
+                && current
+                    .topology
+                    .manager(&row.id)
+                    .is_some_and(|m| !m.retiring)
+            {
                 applied.managers_retired.push(row.id.clone());
             }
             topology.insert(ManagerEntry {
@@ -225,7 +235,7 @@ impl ControlPlane {
     /// Applies the file in force again, with whatever the database holds now.
     pub async fn refresh(&self) -> Result<Applied, ControlError> {
         let config = (*self.service.runtime().config).clone();
-        self.apply(config, false).await
+        self.apply(config, Mode::Refresh).await
     }
 
     /// Follows changes other instances make: polls the control version (and, on PostgreSQL,
@@ -270,38 +280,88 @@ impl ControlPlane {
         Ok(manager::build(&config).await?)
     }
 
-    /// Records a manager that left the file as retiring, with its access details resolved now
-    /// and sealed, so it can be rebuilt after a restart until its credentials have moved.
-    async fn record_retiring_file_manager(
-        &self,
-        manager: &crate::config::ManagerConfig,
-    ) -> Result<(), ControlError> {
+    /// Records the file's managers (settings, and access details resolved now and sealed), so
+    /// that one which leaves the file while holding credentials can still be built after a
+    /// restart, and moved out. A recorded file manager that is no longer in the file retires
+    /// while it holds credentials, and its record goes otherwise.
+    async fn record_file_managers(&self, next: &Config) -> Result<(), ControlError> {
         let metadata = self.service.metadata();
-        if metadata.manager_get(&manager.id).await?.is_some() {
-            return Ok(());
-        }
-        let descriptor = descriptor::of(manager)?;
-        let (settings, auth) = definition::from_file(descriptor, manager)?;
+        let rows = metadata.managers().await?;
         let now = crate::time::now_unix();
-        let record = ManagerRecord {
-            id: manager.id.clone(),
-            workspace: DEFAULT_WORKSPACE.to_owned(),
-            name: manager.id.clone(),
-            kind: manager.kind.clone(),
-            prefix: manager.prefix.clone(),
-            settings,
-            auth_keys: auth.field_names().map(str::to_owned).collect(),
-            auth: (!auth.is_empty())
-                .then(|| definition::seal(&self.keys, DEFAULT_WORKSPACE, &manager.id, 1, &auth)),
-            source: ManagerSource::File,
-            state: ManagerState::Retiring,
-            row_version: 1,
-            created_at: now,
-            updated_at: now,
-        };
-        match metadata.manager_insert(&record).await {
-            Ok(()) | Err(crate::metadata::MetadataError::AlreadyExists) => Ok(()),
-            Err(e) => Err(e.into()),
+        for manager in &next.managers {
+            let descriptor = descriptor::of(manager)?;
+            let (settings, auth) = definition::from_file(descriptor, manager)?;
+            let existing = rows.iter().find(|r| r.id == manager.id);
+            if let Some(row) = existing {
+                if row.source == ManagerSource::Api {
+                    continue; // refused by the caller
+                }
+                let same = row.state == ManagerState::Active
+                    && row.kind == manager.kind
+                    && row.prefix == manager.prefix
+                    && row.settings == settings
+                    && definition::open(&self.keys, row)
+                        .is_ok_and(|old| old.to_json() == auth.to_json());
+                if same {
+                    continue;
+                }
+            }
+            let version = existing.map_or(0, |r| r.row_version);
+            let auth_version = existing
+                .and_then(|r| r.auth.as_ref())
+                .map_or(0, |a| a.version)
+                + 1;
+            let record = ManagerRecord {
+                id: manager.id.clone(),
+                workspace: DEFAULT_WORKSPACE.to_owned(),
+                name: manager.id.clone(),
+                kind: manager.kind.clone(),
+                prefix: manager.prefix.clone(),
+                settings,
+                auth_keys: auth.field_names().map(str::to_owned).collect(),
+                auth: (!auth.is_empty()).then(|| {
+                    definition::seal(
+                        &self.keys,
+                        DEFAULT_WORKSPACE,
+                        &manager.id,
+                        auth_version,
+                        &auth,
+                    )
+                }),
+                source: ManagerSource::File,
+                state: ManagerState::Active,
+                row_version: version + 1,
+                created_at: existing.map_or(now, |r| r.created_at),
+                updated_at: now,
+            };
+            let written = match existing {
+                Some(row) => metadata.manager_update(&record, row.row_version).await,
+                None => metadata.manager_insert(&record).await,
+            };
+            match written {
+                // Another instance recorded it at the same moment; its record serves as well.
+                Ok(()) | Err(MetadataError::Conflict | MetadataError::AlreadyExists) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        for row in rows.iter().filter(|r| {
+            r.source == ManagerSource::File
+                && r.state == ManagerState::Active
+                && next.manager(&r.id).is_none()
+        }) {
+            if metadata.manager_in_use(&row.id).await? {
+                let mut retiring = row.clone();
+                retiring.state = ManagerState::Retiring;
+                retiring.row_version += 1;
+                retiring.updated_at = now;
+                match metadata.manager_update(&retiring, row.row_version).await {
+                    Ok(()) | Err(MetadataError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                metadata.manager_delete(&row.id).await?;
+            }
+        }
+        Ok(())
     }
 }
