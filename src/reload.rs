@@ -6,8 +6,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::config::ConfigError;
 use crate::control::{ControlError, ControlPlane};
 use crate::lifecycle::sd_notify_reloading;
@@ -32,18 +30,7 @@ impl From<ControlError> for ReloadError {
 }
 
 /// What a successful reload changed.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadReport {
-    pub managers_added: Vec<String>,
-    pub managers_removed: Vec<String>,
-    pub managers_changed: Vec<String>,
-    /// Removed managers kept only to move their credentials out.
-    pub managers_retired: Vec<String>,
-    /// Changed settings that take effect only after a restart; their old values stay.
-    pub restart_required: Vec<&'static str>,
-    /// Credentials the new configuration puts elsewhere, moving in the background.
-    pub moves_planned: usize,
-}
+pub type ReloadReport = crate::control::Applied;
 
 pub struct Reloader {
     control: Arc<ControlPlane>,

@@ -321,27 +321,6 @@ impl Config {
     pub fn manager(&self, id: &str) -> Option<&ManagerConfig> {
         self.managers.iter().find(|m| m.id == id)
     }
-
-    /// A digest of what decides where credentials belong (managers' ids, types and prefixes,
-    /// and the routing): instances sharing a database move credentials only while they all
-    /// agree on it.
-    pub fn routing_hash(&self) -> String {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for m in &self.managers {
-            h.update(format!("m\0{}\0{}\0{}\0", m.id, m.kind, m.prefix));
-        }
-        h.update(format!("d\0{:?}\0", self.routing.default));
-        let mut envs: Vec<_> = self.routing.environments.iter().collect();
-        envs.sort();
-        for (env, id) in envs {
-            h.update(format!("e\0{env}\0{id}\0"));
-        }
-        h.finalize()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -46,15 +46,17 @@ pub enum Mode {
     Refresh,
 }
 
-/// What an `apply` changed, for the reload report and the log.
-#[derive(Debug, Clone, Default)]
+/// What an `apply` changed: the reload report, and the log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Applied {
     pub managers_added: Vec<String>,
     pub managers_removed: Vec<String>,
     pub managers_changed: Vec<String>,
     /// Removed from the file but holding credentials: kept (and recorded) until they are out.
     pub managers_retired: Vec<String>,
+    /// Changed settings that take effect only after a restart; their old values stay.
     pub restart_required: Vec<&'static str>,
+    /// Credentials the configuration now puts elsewhere, moving in the background.
     pub moves_planned: usize,
 }
 
