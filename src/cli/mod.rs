@@ -174,7 +174,7 @@ pub(super) fn runtime() -> tokio::runtime::Runtime {
 const THIRD_PARTY_CAP: &str =
     "rustify=warn,vaultrs=warn,reqwest=warn,hyper=warn,hyper_util=warn,h2=warn,\
      rustls=warn,aws_smithy_runtime=warn,aws_smithy_http_client=warn,aws_smithy_runtime_api=warn,\
-     aws_sdk_secretsmanager=warn,aws_sdk_sts=warn,aws_config=warn";
+     aws_sdk_secretsmanager=warn,aws_sdk_sts=warn,aws_config=warn,aws_sigv4=warn,aws_runtime=warn";
 
 fn init_logging(config: &Config) {
     let level = std::env::var("CREDPROXY_LOG").unwrap_or_else(|_| config.log.level.clone());

@@ -28,7 +28,7 @@ pub struct CreateManager {
     pub prefix: Option<String>,
     #[serde(default)]
     pub settings: Map<String, Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "auth_object")]
     pub auth: Map<String, Value>,
 }
 
@@ -40,8 +40,31 @@ pub struct PatchManager {
     pub name: Option<String>,
     #[serde(default)]
     pub settings: Option<Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_auth_object")]
     pub auth: Option<Map<String, Value>>,
+}
+
+/// `auth` must be an object. serde's own type error quotes what it got, and here that is an
+/// access detail (`"auth": "<token>"`), so any other shape gets a fixed message.
+fn auth_object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Object(map) => Ok(map),
+        _ => Err(serde::de::Error::custom(
+            "`auth` must be an object of access details",
+        )),
+    }
+}
+
+fn optional_auth_object<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Map<String, Value>>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Object(map) => Ok(Some(map)),
+        _ => Err(serde::de::Error::custom(
+            "`auth` must be an object of access details",
+        )),
+    }
 }
 
 /// A manager as the API shows it: which access details are set, never their values.

@@ -43,6 +43,8 @@ pub(super) async fn get(
     caller: &Caller,
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
+    // As for the list: the local store's view is in no workspace, so this is its only check.
+    require(app, caller, Action::Read)?;
     Ok(ok_json(
         StatusCode::OK,
         &app.control.get_manager(caller, id).await?,
