@@ -42,6 +42,10 @@ pub enum Action {
     Admin,
 }
 
+/// Never a workspace's name (names cannot hold `*`), so only a rule granting every workspace
+/// matches it.
+const ALL_WORKSPACES: &str = "*";
+
 /// What a request touches, for the policy: `None` stands for "some": a rule that grants any
 /// workspace (or environment) matches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,6 +58,13 @@ impl<'a> Scope<'a> {
     /// Anything at all: the early check before the credential is known.
     pub const ANY: Scope<'static> = Scope {
         workspace: None,
+        environment: None,
+    };
+
+    /// Every workspace at once: operator calls whose answers span workspaces (the global
+    /// migration status, reloading the file) need a rule granting `workspaces = ["*"]`.
+    pub const EVERY_WORKSPACE: Scope<'static> = Scope {
+        workspace: Some(ALL_WORKSPACES),
         environment: None,
     };
 
@@ -232,5 +243,14 @@ mod workspace_tests {
         assert!(p.allows(&caller, Action::Read, Scope::ANY));
         let all = Policy::new(vec![rule(None)], 0, 0);
         assert!(all.allows(&caller, Action::Admin, Scope::workspace("globex")));
+        // Calls that span workspaces need a rule granting them all.
+        assert!(!p.allows(&caller, Action::Admin, Scope::EVERY_WORKSPACE));
+        assert!(all.allows(&caller, Action::Admin, Scope::EVERY_WORKSPACE));
+        let owner = Caller::Unix {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        };
+        assert!(Policy::new(vec![], 0, 0).allows(&owner, Action::Admin, Scope::EVERY_WORKSPACE));
     }
 }

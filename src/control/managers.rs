@@ -266,7 +266,13 @@ impl ControlPlane {
     ) -> Result<Vec<ManagerView>, ControlError> {
         let mut views = vec![local_view()];
         let counts = self.service.metadata().count_by_manager().await?;
-        views[0].credentials = counts.get(LOCAL_MANAGER_ID).copied().unwrap_or(0);
+        // The local store is every workspace's: its count is for those who see them all.
+        if self
+            .service
+            .allows(caller, Action::Read, Scope::EVERY_WORKSPACE)
+        {
+            views[0].credentials = counts.get(LOCAL_MANAGER_ID).copied().unwrap_or(0);
+        }
         let runtime = self.service.runtime();
         let rows = self.service.metadata().managers().await?;
         for entry in runtime.topology.managers() {
@@ -290,14 +296,19 @@ impl ControlPlane {
     ) -> Result<ManagerView, ControlError> {
         if id == LOCAL_MANAGER_ID {
             let mut view = local_view();
-            view.credentials = self
+            if self
                 .service
-                .metadata()
-                .count_by_manager()
-                .await?
-                .get(id)
-                .copied()
-                .unwrap_or(0);
+                .allows(caller, Action::Read, Scope::EVERY_WORKSPACE)
+            {
+                view.credentials = self
+                    .service
+                    .metadata()
+                    .count_by_manager()
+                    .await?
+                    .get(id)
+                    .copied()
+                    .unwrap_or(0);
+            }
             return Ok(view);
         }
         let workspace = self.workspace_of(id).await?;

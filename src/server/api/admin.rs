@@ -66,7 +66,13 @@ pub(super) fn migrations(
         .pairs()
         .any(|(k, v)| k == "ids" && (v == "true" || v == "1"));
     let Some(workspace) = query.get("workspace") else {
-        require(app, caller, Action::Admin)?;
+        // Every workspace's moves: for operators of all of them.
+        if !app
+            .service
+            .allows(caller, Action::Admin, crate::access::Scope::EVERY_WORKSPACE)
+        {
+            return Err(ServiceError::Forbidden.into());
+        }
         return Ok(ok_json(StatusCode::OK, &app.migrator.status(with_ids)));
     };
     if !app.service.allows(
@@ -95,7 +101,13 @@ pub(super) fn migrations(
 }
 
 pub(super) async fn reload(app: &Arc<App>, caller: &Caller) -> Result<Response<Body>, ApiError> {
-    require(app, caller, Action::Admin)?;
+    // The file is every workspace's: reloading it is for operators of all of them.
+    if !app
+        .service
+        .allows(caller, Action::Admin, crate::access::Scope::EVERY_WORKSPACE)
+    {
+        return Err(ServiceError::Forbidden.into());
+    }
     match app.reloader.reload("api").await {
         Ok(report) => Ok(ok_json(StatusCode::OK, &report)),
         Err(crate::reload::ReloadError::Control(e)) => Err(e.into()),
