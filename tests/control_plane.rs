@@ -976,3 +976,125 @@ async fn a_fleet_uses_a_manager_created_through_one_instance_within_a_second_and
     }
     assert_eq!(local_names(&ds[0]).await, 0);
 }
+
+/// An OpenBao policy for the whole KV mount, with or without the right to delete secrets.
+async fn vault_policy(openbao: &Peer, name: &str, may_delete: bool) {
+    let metadata = if may_delete {
+        r#"["read", "list", "delete"]"#
+    } else {
+        r#"["read", "list"]"#
+    };
+    let policy = format!(
+        r#"path "secret/data/*" {{ capabilities = ["create", "read", "update"] }}
+path "secret/metadata/*" {{ capabilities = {metadata} }}"#
+    );
+    let (status, body) = bao(
+        openbao,
+        reqwest::Method::PUT,
+        &format!("/v1/sys/policies/acl/{name}"),
+        Some(json!({ "policy": policy })),
+    )
+    .await;
+    assert!(status == 204 || status == 200, "{status} {body}");
+}
+
+/// A retiring manager stays while copies of its credentials are left (here: its token may not
+/// delete them), and goes once the journal sweeper has deleted them — not an hour later, at the
+/// migrator's next scheduled pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retiring_manager_whose_old_copies_are_deleted_late_disappears_once_they_are() {
+    let openbao = peers::openbao().await;
+    vault_policy(&openbao, "no-delete-yet", false).await;
+    let (status, token) = bao(
+        &openbao,
+        reqwest::Method::POST,
+        "/v1/auth/token/create",
+        Some(json!({"policies": ["no-delete-yet"], "ttl": "1h"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{token}");
+    let token = token["auth"]["client_token"].as_str().unwrap().to_owned();
+    let d = Daemon::start(|c, _| migration_settings(c)).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/secretsmanagers",
+            Some(json!({
+                "id": "stuck",
+                "name": "OpenBao, scoped token",
+                "type": "hashicorp",
+                "settings": {"address": openbao.url()},
+                "auth": {"token": token},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    put_routing(&d, json!({"default": "stuck"})).await;
+    let creds = create_many(&d, "default", "Production", 5).await;
+    let (status, plan) = d
+        .call(Method::DELETE, "/v1/secretsmanagers/stuck", None)
+        .await;
+    assert_eq!(status, 202, "{plan}");
+
+    // Every credential moves, but the old copies cannot be deleted yet: the manager keeps them
+    // (journaled), so it stays, retiring.
+    let started = Instant::now();
+    loop {
+        let m = migrations(&d).await;
+        let mut moved = 0;
+        for (id, _) in &creds {
+            moved += usize::from(location(&d, id).await.0 == "local");
+        }
+        if is_idle(&m) && moved == creds.len() {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while d.metric("credproxy_journal_pending").await < creds.len() as f64 {
+        assert!(started.elapsed() < DEADLINE, "the copies are journaled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(vault_names(&openbao, "credproxy").await.len(), creds.len());
+    let (status, view) = d.call(Method::GET, "/v1/secretsmanagers/stuck", None).await;
+    assert_eq!(
+        (status, &view["state"]),
+        (200, &json!("retiring")),
+        "{view}"
+    );
+
+    // Deleting allowed again: the sweeper deletes the copies, and the manager, empty now, goes.
+    vault_policy(&openbao, "no-delete-yet", true).await;
+    let allowed = Instant::now();
+    while !vault_names(&openbao, "credproxy").await.is_empty() {
+        assert!(
+            allowed.elapsed() < DEADLINE,
+            "the sweeper deletes the copies"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let swept = allowed.elapsed();
+    loop {
+        let (status, view) = d.call(Method::GET, "/v1/secretsmanagers/stuck", None).await;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            allowed.elapsed() < swept + Duration::from_secs(15),
+            "still listed {:?} after its last copy was deleted: {view}",
+            allowed.elapsed() - swept
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "copies deleted {swept:?} after delete was allowed; manager gone after {:?}",
+        allowed.elapsed()
+    );
+    for (id, value) in &creds {
+        let (store, body) = location(&d, id).await;
+        assert_eq!(
+            (store.as_str(), &body["secrets"]["api_key"]),
+            ("local", &json!(value))
+        );
+    }
+}
