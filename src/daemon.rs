@@ -342,6 +342,16 @@ async fn sweep_journal_forever(
             Ok(n) => tracing::debug!(pending = n, "journal entries still pending"),
             Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
         }
+        // Deleting a retiring manager's last abandoned copy empties it; the migrator only
+        // prunes at the end of a pass, and with nothing left to move the next one may be an
+        // hour away.
+        match service.prune_retired().await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(stores = ?dropped, "the journal sweep left removed managers empty; released them")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check removed managers"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
