@@ -474,7 +474,7 @@ async fn put_routing_moves_500_credentials_in_the_background_with_zero_failed_re
         .await;
     assert_eq!(view["credentials"], N, "{view}");
     assert!(d.metrics_text().await.contains(&format!(
-        r#"credproxy_migration_moves_total{{outcome="moved",source="local",target="bao-team-a"}} {N}"#
+        r#"credproxy_migration_moves_total{{outcome="moved",source="local",target="api:hashicorp"}} {N}"#
     )));
 }
 
@@ -934,7 +934,7 @@ async fn a_fleet_uses_a_manager_created_through_one_instance_within_a_second_and
                 .unwrap_or(0.0)
         };
         moved.push(sample(
-            r#"credproxy_migration_moves_total{outcome="moved",source="local",target="shared"}"#,
+            r#"credproxy_migration_moves_total{outcome="moved",source="local",target="api:hashicorp"}"#,
         ));
         busy.push(sample(
             r#"credproxy_migration_claims_total{outcome="busy"}"#,

@@ -818,10 +818,22 @@ async fn instances_ride_out_a_database_restart() {
             assert!(started.elapsed() < DEADLINE, "{body}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let flushes = d
-            .metric(r#"credproxy_cache_invalidations_received_total{kind="all"}"#)
-            .await;
-        assert!(flushes >= 1.0, "flushed after the lost connection");
+        // The instance that wrote sees its own value at once; its listener may still be
+        // waiting out its reconnect back-off, so the flush is polled for, not assumed.
+        let flushed = r#"credproxy_cache_invalidations_received_total{kind="all"} "#;
+        let started = Instant::now();
+        while !d
+            .metrics_text()
+            .await
+            .lines()
+            .any(|l| l.strip_prefix(flushed).is_some_and(|v| v != "0"))
+        {
+            assert!(
+                started.elapsed() < DEADLINE,
+                "flushed after the lost connection"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

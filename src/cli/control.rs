@@ -92,10 +92,13 @@ pub async fn managers(socket: &Path, command: ManagersCommand) -> ExitCode {
             call(socket, Method::GET, &path, None).await
         }
         ManagersCommand::Get { id } => {
+            let Some(id) = checked_id(&id) else {
+                return ExitCode::from(2);
+            };
             call(
                 socket,
                 Method::GET,
-                &format!("/v1/secretsmanagers/{}", encode(&id)),
+                &format!("/v1/secretsmanagers/{id}"),
                 None,
             )
             .await
@@ -125,7 +128,10 @@ pub async fn managers(socket: &Path, command: ManagersCommand) -> ExitCode {
             dry_run,
             delete_credentials,
         } => {
-            let mut path = format!("/v1/secretsmanagers/{}", encode(&id));
+            let Some(id) = checked_id(&id) else {
+                return ExitCode::from(2);
+            };
+            let mut path = format!("/v1/secretsmanagers/{id}");
             let mut query = Vec::new();
             if dry_run {
                 query.push("dry_run=true");
@@ -176,6 +182,17 @@ pub async fn routing(socket: &Path, command: RoutingCommand) -> ExitCode {
             )
             .await
         }
+    }
+}
+
+/// A manager id goes into the path as it is: ids are letters, digits, `-`, `_` and `.`, which
+/// need no escaping (the server does not decode path segments).
+fn checked_id(id: &str) -> Option<&str> {
+    if crate::config::is_valid_name(id) {
+        Some(id)
+    } else {
+        eprintln!("credproxy: `{id}` is not a valid secrets manager id");
+        None
     }
 }
 
