@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{definition, ControlError, ControlPlane};
+use super::{definition, workspace_or_default, ControlError, ControlPlane};
 use crate::access::{Action, Caller, Scope};
-use crate::config::{is_valid_name, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
+use crate::config::{is_valid_name, LOCAL_MANAGER_ID};
 use crate::manager::descriptor;
 use crate::metadata::{ManagerRecord, ManagerSource, ManagerState};
 use crate::routing::Source;
@@ -145,15 +145,7 @@ impl ControlPlane {
         caller: &Caller,
         body: CreateManager,
     ) -> Result<ManagerView, ControlError> {
-        let workspace = body
-            .workspace
-            .unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
-        if !is_valid_name(&workspace) {
-            return Err(ControlError::invalid(
-                "workspace",
-                "1-128 letters, digits, `-`, `_` or `.`",
-            ));
-        }
+        let workspace = workspace_or_default(body.workspace)?;
         if !self
             .service
             .allows(caller, Action::Admin, Scope::workspace(&workspace))

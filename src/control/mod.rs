@@ -60,6 +60,18 @@ pub struct Applied {
     pub moves_planned: usize,
 }
 
+/// The workspace a request names, `default` when it names none.
+fn workspace_or_default(given: Option<String>) -> Result<String, ControlError> {
+    let workspace = given.unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
+    if !crate::config::is_valid_name(&workspace) {
+        return Err(ControlError::invalid(
+            "workspace",
+            "1-128 letters, digits, `-`, `_` or `.`",
+        ));
+    }
+    Ok(workspace)
+}
+
 pub struct ControlPlane {
     service: Arc<Service>,
     migrator: Arc<Migrator>,

@@ -78,15 +78,7 @@ impl ControlPlane {
         caller: &Caller,
         body: RoutingBody,
     ) -> Result<RoutingView, ControlError> {
-        let workspace = body
-            .workspace
-            .unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
-        if !is_valid_name(&workspace) {
-            return Err(ControlError::invalid(
-                "workspace",
-                "1-128 letters, digits, `-`, `_` or `.`",
-            ));
-        }
+        let workspace = super::workspace_or_default(body.workspace)?;
         self.require(caller, Action::Admin, &workspace)?;
         let runtime = self.service.runtime();
         if workspace == DEFAULT_WORKSPACE && runtime.config.routing != RoutingConfig::default() {
