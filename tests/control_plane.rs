@@ -429,7 +429,7 @@ async fn put_routing_moves_500_credentials_in_the_background_with_zero_failed_re
     let elapsed = started.elapsed();
     let (answers, failures, unanswered) = readers.finish().await;
     eprintln!(
-        "PUT /v1/routing moved {N} credentials local -> OpenBao in {:.2}s ({:.0}/s, debug build, \
+        "PUT /v1/routing moved {N} credentials local -> OpenBao in {:.2}s ({:.0}/s, \
          4 readers): {answers} reads during the move, {failures} failed",
         elapsed.as_secs_f64(),
         N as f64 / elapsed.as_secs_f64(),
