@@ -286,6 +286,19 @@ pub async fn serve_app(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tasks.spawn(Arc::clone(&app.control).follow(stop_rx.clone()));
+    {
+        let control = Arc::clone(&app.control);
+        tasks.spawn(async move {
+            match control.rewrap_access_details().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    managers = n,
+                    "re-wrapped secrets managers' access details under the current master key"
+                ),
+                Err(e) => tracing::error!(error = %e, "master key rotation of secrets managers' access details incomplete"),
+            }
+        });
+    }
     // Also how an interrupted migration resumes: the first pass plans from the database.
     tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.

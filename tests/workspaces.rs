@@ -1864,3 +1864,82 @@ async fn the_cli_adds_lists_routes_and_dry_runs_a_delete_over_the_socket() {
     assert_eq!(code, Some(1));
     assert!(err.contains("secrets_manager_not_found"), "{err}");
 }
+
+#[tokio::test]
+async fn a_master_key_rotation_rewraps_managers_access_details_so_the_old_key_can_go() {
+    let openbao = peers::openbao().await;
+    let mut d = Daemon::start(|_, _| {}).await;
+    let via = Via::Unix(d.socket.clone());
+    create_manager(
+        &via,
+        vault_body("acme", "acme-vault", "credproxy/", &openbao, BAO_ROOT_TOKEN),
+    )
+    .await;
+    put_routing(&via, json!({"workspace": "acme", "default": "acme-vault"})).await;
+    let cred = create(&via, "acme", "Production", json!({"k": "kept"}), None).await;
+    let cid = cred["id"].as_str().unwrap().to_owned();
+
+    let data = d.dir.path().join("data");
+    let (old_key, new_key) = (data.join("master.key"), data.join("new.key"));
+    let out = common::run_cli(&["keygen", "--out", new_key.to_str().unwrap()]);
+    assert!(out.status.success());
+    // "wrote master key {id} to {path}"
+    let new_id = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    let database = data.join("credproxy.db");
+    let key_of_manager = move || {
+        let db = rusqlite::Connection::open_with_flags(
+            &database,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.query_row(
+            "SELECT auth_key_id FROM managers WHERE id = 'acme-vault'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .unwrap()
+    };
+    assert_ne!(key_of_manager(), new_id);
+
+    // The new key current, the old one previous: the access details are re-wrapped at start.
+    let (old, new) = (
+        old_key.to_str().unwrap().to_owned(),
+        new_key.to_str().unwrap().to_owned(),
+    );
+    assert!(d.terminate().await.success());
+    let mut d = d
+        .restart(|c| {
+            set(c, "store", "master_key_file", new.clone());
+            set(c, "store", "previous_master_key_files", vec![old]);
+        })
+        .await;
+    wait_for("the access details re-wrapped under the new key", || {
+        let (key, id) = (key_of_manager.clone(), new_id.clone());
+        async move { key() == id }
+    })
+    .await;
+
+    // So the old key can go: without it the manager still builds and its credential reads.
+    assert!(d.terminate().await.success());
+    let d = d
+        .restart(|c| {
+            set(
+                c,
+                "store",
+                "previous_master_key_files",
+                Vec::<String>::new(),
+            )
+        })
+        .await;
+    let via = Via::Unix(d.socket.clone());
+    let (status, view) = via
+        .call(Method::GET, "/v1/secretsmanagers/acme-vault", None)
+        .await;
+    assert_eq!((status, &view["loaded"]), (200, &json!(true)), "{view}");
+    let got = read(&via, &cid).await;
+    assert_eq!(got["secrets"]["k"], "kept", "{got}");
+}

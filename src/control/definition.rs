@@ -35,6 +35,27 @@ pub(super) fn seal(
     sealed
 }
 
+/// The row's sealed access details with their data key wrapped by the current master key, if
+/// another key wraps it now (master key rotation); the ciphertext is unchanged.
+pub(super) fn rewrapped(
+    keys: &Keyring,
+    record: &ManagerRecord,
+) -> Result<Option<SealedRecord>, ControlError> {
+    let Some(sealed) = &record.auth else {
+        return Ok(None);
+    };
+    if sealed.key_id == keys.current_id() {
+        return Ok(None);
+    }
+    let mut bound = sealed.clone();
+    bound.name = auth_name(&record.workspace, &record.id);
+    let mut rewrapped = keys
+        .rewrap(&bound)
+        .map_err(|e| ControlError::Sealed(format!("manager {}: {e}", record.id)))?;
+    rewrapped.name = record.id.clone();
+    Ok(Some(rewrapped))
+}
+
 /// Opens a row's sealed access details.
 pub(super) fn open(keys: &Keyring, record: &ManagerRecord) -> Result<SecretFields, ControlError> {
     let Some(sealed) = &record.auth else {

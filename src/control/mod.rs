@@ -378,4 +378,27 @@ impl ControlPlane {
         }
         Ok(())
     }
+
+    /// Re-wraps every manager's sealed access details under the current master key (after a
+    /// master key rotation), so the previous key can be retired. Returns how many it re-wrapped;
+    /// a row another instance changed meanwhile is left for the next start.
+    pub async fn rewrap_access_details(&self) -> Result<usize, ControlError> {
+        let metadata = self.service.metadata();
+        let mut done = 0;
+        for row in metadata.managers().await? {
+            let Some(auth) = definition::rewrapped(&self.keys, &row)? else {
+                continue;
+            };
+            let mut next = row.clone();
+            next.auth = Some(auth);
+            next.row_version += 1;
+            next.updated_at = crate::time::now_unix();
+            match metadata.manager_update(&next, row.row_version).await {
+                Ok(()) => done += 1,
+                Err(MetadataError::Conflict) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
+    }
 }

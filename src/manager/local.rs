@@ -268,7 +268,7 @@ impl Keyring {
     }
 
     /// Re-wraps a record's data key under the current master key; the ciphertext is untouched.
-    fn rewrap(&self, record: &SealedRecord) -> Result<SealedRecord, ManagerError> {
+    pub fn rewrap(&self, record: &SealedRecord) -> Result<SealedRecord, ManagerError> {
         let dek = self.unwrap_dek(record)?;
         let aad = record_aad(&record.name, record.version);
         Ok(SealedRecord {
