@@ -15,9 +15,16 @@ use crate::metadata::{FleetRows, Invalidation, MetadataError};
 
 /// Holds a connection that LISTENs for invalidations; reconnects with back-off, and asks for
 /// a full cache flush after every reconnect, since notifications sent meanwhile are lost.
-pub(super) async fn listen(pool: Arc<Pool>, out: broadcast::Sender<Invalidation>, origin: String) {
+/// `ready` is told once the first session listens (or failed to), so that `open` returns only
+/// when a change made by another instance can no longer slip by unheard.
+pub(super) async fn listen(
+    pool: Arc<Pool>,
+    out: broadcast::Sender<Invalidation>,
+    origin: String,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let mut backoff = Duration::from_millis(100);
-    let mut first = true;
+    let mut ready = Some(ready);
     loop {
         let connected = match &pool.tls {
             Tls::None => pool.config.connect(NoTls).await.map(|(c, conn)| {
@@ -44,11 +51,18 @@ pub(super) async fn listen(pool: Arc<Pool>, out: broadcast::Sender<Invalidation>
                     .is_ok()
                 {
                     backoff = Duration::from_millis(100);
-                    if !first {
-                        tracing::warn!("reconnected to PostgreSQL; flushing the cache, since invalidations may have been missed");
-                        let _ = out.send(Invalidation::All);
+                    match ready.take() {
+                        Some(ready) => {
+                            let _ = ready.send(());
+                        }
+                        None => {
+                            tracing::warn!("reconnected to PostgreSQL; flushing the cache, since invalidations may have been missed");
+                            let _ = out.send(Invalidation::All);
+                        }
                     }
-                    first = false;
+                } else {
+                    // `open` goes on without us; the flush on the first success covers the gap.
+                    ready.take();
                 }
                 let _ = driver.await;
                 drop(client);
@@ -57,6 +71,7 @@ pub(super) async fn listen(pool: Arc<Pool>, out: broadcast::Sender<Invalidation>
                 tracing::warn!("lost the PostgreSQL invalidation connection; reconnecting");
             }
             Err(e) => {
+                ready.take();
                 tracing::warn!(error = %db_err(e), retry_in = ?backoff, "cannot connect the invalidation listener");
             }
         }

@@ -137,11 +137,16 @@ impl PostgresMetadata {
         }
         let (invalidations, _) = broadcast::channel(4096);
         let origin = uuid::Uuid::new_v4().simple().to_string();
+        let (ready, listening) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen(
             Arc::clone(&pool),
             invalidations.clone(),
             origin.clone(),
+            ready,
         ));
+        // The listener answers after its first attempt; the bound covers a server that
+        // accepts the connection and then never answers the LISTEN.
+        let _ = tokio::time::timeout(Duration::from_secs(10), listening).await;
         Ok(Self {
             pool,
             invalidations,
