@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::error::manager_failure;
-use super::input::{check_metadata, check_oauth, parse_expiry, write_token};
+use super::input::{check_fields, check_patch, check_scope, write_token, CreateFields};
 use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
-use crate::config::{is_valid_name, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
+use crate::config::{is_valid_name, LOCAL_MANAGER_ID};
 use crate::manager::{ManagerError, PutRequest, SecretsManager};
 use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
 use crate::secret::SecretFields;
@@ -28,19 +28,7 @@ impl Service {
         request: CreateRequest,
     ) -> Result<WriteOutcome, ServiceError> {
         let environment = request.environment;
-        if !is_valid_name(&environment) {
-            return Err(ServiceError::Invalid(
-                "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
-            ));
-        }
-        let workspace = request
-            .workspace
-            .unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
-        if !is_valid_name(&workspace) {
-            return Err(ServiceError::Invalid(
-                "`workspace` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
-            ));
-        }
+        let workspace = check_scope(request.workspace, &environment)?;
         if !self.allows(
             caller,
             Action::Write,
@@ -48,24 +36,12 @@ impl Service {
         ) {
             return Err(ServiceError::Forbidden);
         }
-        let integration_type = request.integration_type.unwrap_or_default();
-        if integration_type.is_empty()
-            || integration_type.len() > 128
-            || integration_type.chars().any(char::is_control)
-        {
-            return Err(ServiceError::Invalid(
-                "`integration_type` must be 1-128 printable characters".into(),
-            ));
-        }
-        let metadata = request.metadata.unwrap_or_default();
-        check_metadata(&metadata)?;
-        let (oauth, expires_at) = match request.oauth {
-            Some(o) => {
-                let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
-                (Some(check_oauth(o)?), expires_at)
-            }
-            None => (None, None),
-        };
+        let CreateFields {
+            integration_type,
+            metadata,
+            oauth,
+            expires_at,
+        } = check_fields(request.integration_type, request.metadata, request.oauth)?;
 
         let runtime = self.runtime();
         let pin = request.secrets_manager_id;
@@ -193,10 +169,7 @@ impl Service {
         if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
-        if let Some(m) = &request.metadata {
-            check_metadata(m)?;
-        }
-        let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
+        let new_expiry = check_patch(&request)?;
         let _guard = self.locks.lock(id).await;
         let current = self
             .metadata

@@ -87,7 +87,12 @@ pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
             buffer.extend_from_slice(&data);
         }
     }
-    serde_json::from_slice(&buffer).map_err(|e| {
+    decode_json(&buffer)
+}
+
+/// Parses a request body already read. Parse errors name the problem without quoting values.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(buffer: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(buffer).map_err(|e| {
         let detail = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
                 format!("malformed JSON at line {} column {}", e.line(), e.column())
