@@ -339,4 +339,18 @@ mod tests {
             .unwrap();
         assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(7)));
     }
+
+    /// `names`: store names that `encode` never makes decoded all the same, so two store
+    /// names mapped back to one credproxy name. `from_str_radix` takes a sign (`-+b` was byte
+    /// 0x0b, like `-0b`), and the empty name decoded to the empty name.
+    #[test]
+    fn names_decode_only_what_encode_makes() {
+        for foreign in ["e-+bJ--", "", "a-+f", "a-0B"] {
+            assert_eq!(decode_name(foreign), None, "{foreign:?}");
+        }
+        for name in ["e\u{b}J-", "a/b", "ü"] {
+            let e = encode_name(name, usize::MAX).unwrap();
+            assert_eq!(decode_name(&e).as_deref(), Some(name));
+        }
+    }
 }
