@@ -98,7 +98,7 @@ if [ "$fuzz_seconds" -gt 0 ]; then
   # libFuzzer's instrumentation wants nightly. Without it, stable is told to accept nightly
   # flags (RUSTC_BOOTSTRAP=1) and runs without AddressSanitizer, whose runtime it lacks.
   # CREDPROXY_FUZZ_TOOLCHAIN=stable forces that path.
-  if [ "${CREDPROXY_FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  if [ "${CREDPROXY_FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null; then
     fuzz=(cargo +nightly fuzz)
     fuzz_flags=(--debug-assertions)
   else
