@@ -12,6 +12,9 @@ pub const DEFAULT_MASTER_KEY_NAME: &str = "master.key";
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shorter than the request timeout, so a caller trickling a body is cut off before it has
+/// held a request slot for the whole of it.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -286,7 +286,9 @@ pub(crate) fn parse_table<T: serde::de::DeserializeOwned>(
         .settings
         .clone()
         .try_into()
-        .map_err(|e: toml::de::Error| setting_error(manager, "", e.message().to_owned()))
+        .map_err(|e: toml::de::Error| {
+            setting_error(manager, "", crate::secret::without_values(e.message()))
+        })
 }
 
 /// Checks a manager's settings against its type's descriptor, without reading any secret.

@@ -124,9 +124,10 @@ impl Service {
         self.runtime.load().policy.allows(caller, action, scope)
     }
 
-    /// Whether `caller` may do `action` on `record`. A caller that cannot see the record's
-    /// workspace is told it does not exist, exactly as for an id that does not: no answer
-    /// reveals what another workspace holds.
+    /// Whether `caller` may do `action` on `record`. A caller that may not read the record (its
+    /// workspace or its environment) is told it does not exist, exactly as for an id that does
+    /// not: no answer reveals what another workspace or environment holds. A caller that may
+    /// read it but not do `action` is told `Forbidden`.
     fn check_access(
         &self,
         caller: &Caller,
@@ -134,14 +135,11 @@ impl Service {
         record: &CredentialRecord,
     ) -> Result<(), ServiceError> {
         let policy = &self.runtime.load().policy;
-        if !policy.allows(caller, Action::Read, Scope::workspace(&record.workspace)) {
+        let scope = Scope::credential(&record.workspace, &record.environment);
+        if !policy.allows(caller, Action::Read, scope) {
             return Err(ServiceError::NotFound);
         }
-        if !policy.allows(
-            caller,
-            action,
-            Scope::credential(&record.workspace, &record.environment),
-        ) {
+        if !policy.allows(caller, action, scope) {
             return Err(ServiceError::Forbidden);
         }
         Ok(())

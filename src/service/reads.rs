@@ -101,7 +101,7 @@ impl Service {
             };
             let valid_until = earliest(
                 record.expires_at.map(crate::time::from_unix),
-                read.expires_in.map(|d| SystemTime::now() + d),
+                read.expires_in.map(crate::time::from_now),
             );
             Ok(Loaded {
                 record: Arc::new(record),

@@ -3,10 +3,9 @@
 //! the credential belongs hands over to `moves.rs`.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::error::manager_failure;
-use super::input::{check_metadata, check_oauth, parse_expiry, write_token};
+use super::input::{check_metadata, check_oauth, check_secrets_size, parse_expiry, write_token};
 use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
@@ -58,7 +57,8 @@ impl Service {
             ));
         }
         let metadata = request.metadata.unwrap_or_default();
-        check_metadata(&metadata)?;
+        let limits = self.runtime().config.credentials.clone();
+        check_metadata(&metadata, &limits)?;
         let (oauth, expires_at) = match request.oauth {
             Some(o) => {
                 let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
@@ -130,7 +130,7 @@ impl Service {
                 Loaded {
                     record: Arc::new(record.clone()),
                     secrets: read.value,
-                    valid_until: read.expires_in.map(|d| SystemTime::now() + d),
+                    valid_until: read.expires_in.map(crate::time::from_now),
                 },
             );
             return Ok(WriteOutcome { record });
@@ -144,6 +144,7 @@ impl Service {
         let secrets = request.secrets.filter(|s| !s.is_empty()).ok_or_else(|| {
             ServiceError::Invalid("`secrets` must hold at least one field".into())
         })?;
+        check_secrets_size(&secrets, &limits)?;
         let _guard = self.locks.lock(&id).await;
         let name = Self::secret_name(&runtime, &target.manager_id, &workspace, &environment, &id);
         let journal_id = self.journal(&id, &target.manager_id, &name).await?;
@@ -193,8 +194,14 @@ impl Service {
         if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
+        let limits = self.runtime().config.credentials.clone();
         if let Some(m) = &request.metadata {
-            check_metadata(m)?;
+            check_metadata(m, &limits)?;
+        }
+        if let Some(s) = &request.secrets {
+            // The merged value is checked again below; this refuses an oversized PATCH before
+            // the store is read.
+            check_secrets_size(s, &limits)?;
         }
         let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
         let _guard = self.locks.lock(id).await;
@@ -270,6 +277,7 @@ impl Service {
             .value;
         if let Some(patch) = request.secrets {
             value.merge(patch);
+            check_secrets_size(&value, &limits)?;
         }
 
         if moving {
