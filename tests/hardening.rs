@@ -576,3 +576,55 @@ async fn one_noisy_caller_cannot_starve_the_rest() {
         "trickled bodies end at the 10 s body-read timeout, not the 60 s request timeout"
     );
 }
+
+/// Out of file descriptors: the accept loop backs off and logs a line per 10 s, not one per
+/// 50 ms, and clients are served again as soon as descriptors are free.
+#[tokio::test]
+async fn running_out_of_descriptors_is_logged_sparingly_and_recovered_from() {
+    let d = Daemon::start(|_, _| {}).await;
+    let limit = d.pid().to_string();
+    let set = std::process::Command::new("prlimit")
+        .args(["--pid", &limit, "--nofile=64:64"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(set.success());
+    // Idle connections until the daemon cannot accept any more.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(tokio::net::UnixStream::connect(&d.socket).await.unwrap());
+    }
+    let started = Instant::now();
+    while !d.logs().contains("accepting a connection failed") {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no accept failure:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = d.logs().matches("accepting a connection failed").count();
+    assert!(lines <= 2, "{lines} lines in two seconds:\n{}", d.logs());
+    drop(held);
+    // Served again once descriptors are free (the back-off is at most a second).
+    let started = Instant::now();
+    loop {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            raw(
+                &d.socket,
+                b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                false,
+            ),
+        )
+        .await;
+        if answer.is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "not served again:\n{}",
+            d.logs()
+        );
+    }
+}
