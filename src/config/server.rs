@@ -80,11 +80,11 @@ pub(super) fn validate(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, 
             "must be greater than zero",
         ));
     }
-    // A quarter by default: one busy caller cannot take every slot, and four can still share
-    // the whole limit.
+    // Half by default: a sidecar's one worker still has 512 requests in flight, and however
+    // busy one caller gets, the other half stays for everybody else.
     let max_requests_per_caller = raw
         .max_requests_per_caller
-        .unwrap_or((max_concurrent_requests / 4).max(1));
+        .unwrap_or((max_concurrent_requests / 2).max(1));
     if !(1..=max_concurrent_requests).contains(&max_requests_per_caller) {
         return Err(invalid(
             "server.max_requests_per_caller",
