@@ -206,6 +206,7 @@ pub fn journal_grace(config: &Config) -> Duration {
 
 /// Runs the daemon until `shutdown` completes. Returns once the socket is removed.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    warn_of_a_partial_user_namespace();
     let socket_path = config.server.socket.clone();
     let parts = build(config).await?;
     let config = Arc::clone(&parts.config);
@@ -216,6 +217,27 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let app = assemble(parts, socket_gid)?;
     serve_app(app, listeners, keys, &socket_path, shutdown).await;
     Ok(())
+}
+
+/// In a user namespace that does not map every id, callers outside it are reported as the
+/// overflow ids: `setup::check` refuses rules naming such callers, and this says so at start.
+fn warn_of_a_partial_user_namespace() {
+    let ids = crate::setup::Ids::current();
+    if ids.partial() {
+        let show = |m: &Option<crate::sys::IdMap>| {
+            m.as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "all".into())
+        };
+        tracing::warn!(
+            uid_map = %show(&ids.uid_map),
+            gid_map = %show(&ids.gid_map),
+            "credproxy runs in a user namespace that does not map every id: callers outside it \
+             are reported as uid {} / gid {} (and audited so) and match no access rule",
+            ids.overflow_uid,
+            ids.overflow_gid,
+        );
+    }
 }
 
 /// Serves an assembled app: background tasks, readiness, drain, clean-up.

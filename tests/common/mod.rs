@@ -5,6 +5,7 @@
 pub mod fakes;
 pub mod inprocess;
 pub mod peers;
+pub mod startup;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,211 @@
+//! Start-up and sandbox: callers' ids in and out of user namespaces. Every test drives the
+//! real binary over its real socket.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::startup;
+use common::{Daemon, DEADLINE};
+use serde_json::json;
+
+/// A uid and gid no account has: a worker, as the kernel would report it.
+const WORKER: u32 = 4242;
+
+fn rule(principal: &str, id: i64, environments: &[&str], write: bool) -> toml::Value {
+    let mut t = toml::Table::new();
+    t.insert(principal.into(), id.into());
+    t.insert(
+        "environments".into(),
+        toml::Value::Array(environments.iter().map(|e| toml::Value::from(*e)).collect()),
+    );
+    t.insert("write".into(), write.into());
+    toml::Value::Table(t)
+}
+
+async fn wait_until(what: &str, d: &Daemon, mut done: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !done().await {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting for {what}:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn refused(d: &mut Daemon) -> String {
+    let status = d.wait_exit().await;
+    assert!(
+        !status.success(),
+        "the start must be refused:\n{}",
+        d.logs()
+    );
+    d.logs()
+}
+
+/// Lets a worker running as another uid reach the socket inside the test's directory.
+fn open_dir_to_others(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+}
+
+#[tokio::test]
+async fn a_user_namespace_that_does_not_map_the_workers_refuses_to_start() {
+    if !startup::user_namespaces_work() {
+        eprintln!("skipped: `unshare --user --map-root-user` does not work on this machine");
+        return;
+    }
+    const UNSHARE: &[&str] = &["unshare", "--user", "--map-root-user"];
+
+    // The reproduction of issue #13: a rule for a worker, the daemon in a namespace that maps
+    // only root. Without the check the worker's calls were 403 with `uid=65534` audited.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = common::base_config(dir.path());
+    config.insert(
+        "access".into(),
+        toml::Value::Array(vec![rule("uid", WORKER.into(), &["*"], true)]),
+    );
+    let mut d = Daemon::spawn_under(UNSHARE, dir, config);
+    let logs = refused(&mut d).await;
+    for needle in [
+        "access[0].uid",
+        "uid 4242 is not mapped into the user namespace",
+        "/proc/self/uid_map maps 0-0 → 0-0",
+        "65534",
+        "PrivateUsers=",
+    ] {
+        assert!(logs.contains(needle), "`{needle}` missing:\n{logs}");
+    }
+    assert!(!data.exists(), "a refused start creates nothing");
+
+    // A socket group the namespace does not map: refused with the reason, not EINVAL.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::base_config(dir.path());
+    common::set(&mut config, "server", "socket_group", i64::from(WORKER));
+    let mut d = Daemon::spawn_under(UNSHARE, dir, config);
+    let logs = refused(&mut d).await;
+    assert!(
+        logs.contains("server.socket_group")
+            && logs.contains("gid 4242 is not mapped")
+            && !logs.contains("Invalid argument"),
+        "{logs}"
+    );
+
+    // Rules that name only mapped ids are exact: the daemon starts, says what it cannot see,
+    // and an unmapped caller (seen as 65534) matches no rule.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::base_config(dir.path());
+    config.insert(
+        "access".into(),
+        toml::Value::Array(vec![rule("uid", 0, &["*"], true)]),
+    );
+    let mut d = Daemon::spawn_under(UNSHARE, dir, config);
+    d.wait_ready().await;
+    assert!(
+        d.logs().contains("does not map every id"),
+        "the start-up warning names the namespace:\n{}",
+        d.logs()
+    );
+    let id = d.create("Production", json!({"k": "v"})).await;
+    if startup::is_root() {
+        open_dir_to_others(d.dir.path());
+        let socket = d.socket.to_str().unwrap().to_owned();
+        // gid 0 is mapped and owns the socket, so the worker can connect; its uid is not.
+        let out = tokio::task::spawn_blocking(move || {
+            startup::run_cli_as(WORKER, 0, &["get", &id, "--socket", &socket])
+        })
+        .await
+        .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+            "{out:?}"
+        );
+        wait_until("the refusal's audit line", &d, async || {
+            d.logs()
+                .lines()
+                .any(|l| l.contains("credproxy::audit") && l.contains("uid=65534"))
+        })
+        .await;
+    }
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn outside_a_user_namespace_a_workers_uid_reaches_the_rules() {
+    if !startup::is_root() {
+        eprintln!("skipped: running a client as another uid needs root (setpriv)");
+        return;
+    }
+    let d = Daemon::start(|c, dir| {
+        open_dir_to_others(dir);
+        common::set(c, "server", "socket_group", i64::from(WORKER));
+        c.insert(
+            "access".into(),
+            toml::Value::Array(vec![
+                rule("uid", 0, &["*"], true),
+                rule("uid", WORKER.into(), &["Sandbox"], false),
+            ]),
+        );
+    })
+    .await;
+    let sandbox = d
+        .create("Sandbox", json!({"token": "for-the-worker"}))
+        .await;
+    let production = d.create("Production", json!({"token": "not-for-it"})).await;
+    let socket = d.socket.to_str().unwrap().to_owned();
+    let get = |id: String| {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || {
+            startup::run_cli_as(WORKER, WORKER, &["get", &id, "--socket", &socket])
+        })
+    };
+    let out = get(sandbox.clone()).await.unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", d.logs());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("for-the-worker"));
+    let out = get(production.clone()).await.unwrap();
+    assert!(!out.status.success(), "Production is not in the rule");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    wait_until("the worker's audit lines", &d, async || {
+        let logs = d.logs();
+        let audited = |id: &str, status: &str| {
+            logs.lines().any(|l| {
+                l.contains("credproxy::audit")
+                    && l.contains(&format!("uid={WORKER} gid={WORKER}"))
+                    && l.contains(id)
+                    && l.contains(status)
+            })
+        };
+        audited(&sandbox, "status=200") && audited(&production, "status=403")
+    })
+    .await;
+    assert!(!d.logs().contains("uid=65534"), "{}", d.logs());
+}
+
+#[test]
+fn a_rule_for_nobody_or_the_overflow_ids_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (rule, key) in [
+        ("uid = 65534", "access[0].uid"),
+        ("gid = 65534", "access[0].gid"),
+        ("user = \"nobody\"", "access[0].user"),
+    ] {
+        if rule.contains("nobody") && credproxy::sys::lookup_user("nobody").unwrap().is_none() {
+            continue;
+        }
+        std::fs::write(
+            &path,
+            format!("[[access]]\n{rule}\nenvironments = [\"*\"]\n"),
+        )
+        .unwrap();
+        let out = common::run_cli(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{rule}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains("overflow"), "{err}");
+    }
+}
