@@ -1,6 +1,8 @@
 //! Assembles the daemon from a validated config: metadata store, keys, stores, service,
 //! listeners and background tasks; runs it until a shutdown signal; tears it down in order.
 
+mod tasks;
+
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -278,14 +280,14 @@ pub async fn serve_app(
         });
     }
     let sweep_interval = service.runtime().config.storage.journal_sweep_interval;
-    tasks.spawn(sweep_journal_forever(
+    tasks.spawn(tasks::sweep_journal_forever(
         Arc::clone(&service),
         grace,
         sweep_interval,
         stop_rx.clone(),
     ));
-    tasks.spawn(rotate_keys(Arc::clone(&service), keys));
-    tasks.spawn(refresh_tokens_forever(
+    tasks.spawn(tasks::rotate_keys(Arc::clone(&service), keys));
+    tasks.spawn(tasks::refresh_tokens_forever(
         Arc::clone(&service),
         stop_rx.clone(),
     ));
@@ -326,7 +328,7 @@ pub async fn serve_app(
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hup) => {
-            tasks.spawn(reload_on_sighup(
+            tasks.spawn(tasks::reload_on_sighup(
                 Arc::clone(&app.reloader),
                 hup,
                 stop_rx.clone(),
@@ -337,7 +339,11 @@ pub async fn serve_app(
         }
     }
     let reload = service.runtime().config.reload.clone();
-    tasks.spawn(reload_on_change(Arc::clone(&app.reloader), reload, stop_rx));
+    tasks.spawn(tasks::reload_on_change(
+        Arc::clone(&app.reloader),
+        reload,
+        stop_rx,
+    ));
 
     app.set_ready(true);
     sd_notify("READY=1");
@@ -363,115 +369,6 @@ pub async fn serve_app(
         tracing::warn!(error = %e, "could not remove the socket file");
     }
     tracing::info!("credproxy stopped");
-}
-
-async fn sweep_journal_forever(
-    service: Arc<Service>,
-    grace: Duration,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        match service.sweep_journal(grace).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(pending = n, "journal entries still pending"),
-            Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
-        }
-        // Deleting a retiring manager's last abandoned copy empties it; the migrator only
-        // prunes at the end of a pass, and with nothing left to move the next one may be an
-        // hour away.
-        match service.prune_retired().await {
-            Ok(dropped) if !dropped.is_empty() => {
-                tracing::info!(stores = ?dropped, "the journal sweep left removed managers empty; released them")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not check removed managers"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// The background refresher: renews tokens inside their window before any reader needs them.
-async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
-    loop {
-        // A pass is not cancelled at shutdown: a token answer must reach its write-back. Each
-        // refresh is bounded by its timeouts.
-        match service.refresh_due().await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(refreshed = n, "background refresh pass"),
-            Err(e) => tracing::warn!(error = %e, "background refresh pass failed"),
-        }
-        if *stop.borrow() {
-            return;
-        }
-        let interval = service.runtime().config.oauth.scan_interval;
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
-    let local = LocalManager::new(keys, Arc::clone(service.metadata()));
-    match local.rotate().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            records = n,
-            "re-wrapped local data keys under the current master key"
-        ),
-        Err(e) => tracing::error!(error = %e, "master key rotation incomplete"),
-    }
-}
-
-/// SIGHUP reloads the configuration (`systemctl reload`, `kill -HUP`).
-async fn reload_on_sighup(
-    reloader: Arc<Reloader>,
-    mut hup: tokio::signal::unix::Signal,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            Some(()) = hup.recv() => {
-                let _ = reloader.reload("SIGHUP").await;
-            }
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// With `reload.watch`, polls the config file and reloads when its content changes (polling
-/// also sees Kubernetes' ConfigMap symlink swaps, which inotify watches on the file miss).
-async fn reload_on_change(
-    reloader: Arc<Reloader>,
-    config: crate::config::ReloadConfig,
-    mut stop: watch::Receiver<bool>,
-) {
-    use sha2::Digest;
-    let Some(path) = reloader.path().filter(|_| config.watch) else {
-        return;
-    };
-    let digest = |p: &Path| {
-        std::fs::read(p)
-            .ok()
-            .map(|bytes| sha2::Sha256::digest(&bytes))
-    };
-    let mut seen = digest(&path);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(config.watch_interval) => {}
-            _ = stop.changed() => return,
-        }
-        let now = digest(&path);
-        if now.is_some() && now != seen {
-            // Remembered even if the reload fails, so a broken file is reported once.
-            seen = now;
-            let _ = reloader.reload("file change").await;
-        }
-    }
 }
 
 #[cfg(test)]
