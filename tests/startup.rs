@@ -1,5 +1,6 @@
-//! Start-up and sandbox: callers' ids in and out of user namespaces. Every test drives the
-//! real binary over its real socket.
+//! Start-up and sandbox: the checks that refuse a start before anything is created, callers'
+//! ids in and out of user namespaces, the master key that must not be silently replaced, and
+//! the TCP token file's mode. Every test drives the real binary over its real socket.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::startup;
 use common::{Daemon, DEADLINE};
+use hyper::Method;
 use serde_json::json;
 
 /// A uid and gid no account has: a worker, as the kernel would report it.
@@ -208,4 +210,134 @@ fn a_rule_for_nobody_or_the_overflow_ids_is_a_config_error() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key) && err.contains("overflow"), "{err}");
     }
+}
+
+#[tokio::test]
+async fn a_lost_master_key_is_not_replaced_by_a_new_one() {
+    let mut d = Daemon::start(|_, _| {}).await;
+    let id = d.create("Production", json!({"token": "sealed"})).await;
+    assert!(d.terminate().await.success());
+    let key = d.dir.path().join("data/master.key");
+    let key_id = credproxy::manager::local::MasterKey::load(&key)
+        .unwrap()
+        .id()
+        .to_owned();
+    let saved = d.dir.path().join("saved.key");
+    std::fs::rename(&key, &saved).unwrap();
+
+    let (dir, config) = d.take_for_restart(|_| {});
+    let mut again = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut again).await;
+    for needle in [
+        key_id.as_str(),
+        key.to_str().unwrap(),
+        "refusing to generate",
+        "store.generate_master_key",
+        "credproxy.db",
+    ] {
+        assert!(logs.contains(needle), "`{needle}` missing:\n{logs}");
+    }
+    assert!(!key.exists(), "no new key was written");
+
+    // With the old key named as a previous one, a new key may be made: rotation re-wraps.
+    let (dir, config) = again.take_for_restart(|c| {
+        common::set(
+            c,
+            "store",
+            "previous_master_key_files",
+            vec![saved.display().to_string()],
+        );
+    });
+    let mut rotated = Daemon::spawn(dir, config, &[]);
+    rotated.wait_ready().await;
+    let (status, body) = rotated
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, &body["secrets"]),
+        (200, &json!({"token": "sealed"}))
+    );
+    assert!(key.exists());
+}
+
+#[tokio::test]
+async fn without_key_generation_a_missing_key_names_the_key_id_expected() {
+    let mut d = Daemon::start(|_, _| {}).await;
+    d.create("Production", json!({"token": "sealed"})).await;
+    assert!(d.terminate().await.success());
+    let key = d.dir.path().join("data/master.key");
+    let key_id = credproxy::manager::local::MasterKey::load(&key)
+        .unwrap()
+        .id()
+        .to_owned();
+    std::fs::remove_file(&key).unwrap();
+    let (dir, config) =
+        d.take_for_restart(|c| common::set(c, "store", "generate_master_key", false));
+    let mut again = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut again).await;
+    assert!(
+        logs.contains(&key_id) && logs.contains(key.to_str().unwrap()),
+        "{logs}"
+    );
+    assert!(!key.exists());
+}
+
+#[tokio::test]
+async fn a_token_file_readable_by_others_refuses_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = dir.path().join("tcp.token");
+    std::fs::write(&token, "tcp-token-value\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut config = common::base_config(dir.path());
+    let port = common::free_port();
+    let mut tcp = toml::Table::new();
+    tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
+    tcp.insert("token_file".into(), token.display().to_string().into());
+    common::set(&mut config, "server", "tcp", tcp);
+    let mut d = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut d).await;
+    assert!(
+        logs.contains("server.tcp.token_file")
+            && logs.contains(token.to_str().unwrap())
+            && logs.contains("mode 644"),
+        "{logs}"
+    );
+    assert!(!logs.contains("tcp-token-value"));
+    assert!(!data.exists(), "refused before anything was created");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (dir, config) = d.take_for_restart(|_| {});
+    let mut d = Daemon::spawn(dir, config, &[]);
+    d.wait_ready().await;
+}
+
+#[tokio::test]
+async fn a_start_refused_for_a_socket_in_use_creates_nothing() {
+    let first = Daemon::start(|_, _| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = common::base_config(dir.path());
+    common::set(
+        &mut config,
+        "server",
+        "socket",
+        first.socket.display().to_string(),
+    );
+    let mut second = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut second).await;
+    assert!(logs.contains("already listening"), "{logs}");
+    assert!(!data.exists(), "no data directory, database or master key");
+    let (status, _) = first.call(Method::GET, "/readyz", None).await;
+    assert_eq!(status, 200, "the running daemon is untouched");
+
+    // Nor does a start refused for a missing key (without generation).
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = common::base_config(dir.path());
+    common::set(&mut config, "store", "generate_master_key", false);
+    let mut d = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut d).await;
+    assert!(logs.contains("credproxy keygen"), "{logs}");
+    assert!(!data.exists());
 }

@@ -1,7 +1,11 @@
 //! Assembles the daemon from a validated config: metadata store, keys, stores, service,
 //! listeners and background tasks; runs it until a shutdown signal; tears it down in order.
+//! What can refuse the start is checked first, before anything is created (`start`).
 
+mod start;
 mod tasks;
+
+pub use start::{load_keyring, preflight, read_tcp_token, Early};
 
 use std::future::Future;
 use std::path::Path;
@@ -16,7 +20,7 @@ use crate::access::Policy;
 use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_MANAGER_ID};
 use crate::control::ControlPlane;
 use crate::lifecycle::sd_notify;
-use crate::manager::local::{KeyError, Keyring, LocalManager, MasterKey};
+use crate::manager::local::{KeyError, Keyring, LocalManager};
 use crate::manager::{self, Registry};
 use crate::metadata::sqlite::SqliteMetadata;
 use crate::metadata::{Metadata, MetadataError};
@@ -46,6 +50,18 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("master key file {path} does not exist (store.master_key_file){expected}. Restore it, or for a new installation create one with `credproxy keygen --out {path}` (or set store.generate_master_key = true)")]
+    MasterKeyMissing { path: String, expected: String },
+    #[error("master key file {path} does not exist, and the metadata database {database} holds data sealed under master key id {expected}, which a new key could not open: refusing to generate one (store.generate_master_key = true). Restore the key with id {expected} to {path}, or name its file in store.master_key_file or store.previous_master_key_files; to start from scratch on purpose, move the database away")]
+    MasterKeyLost {
+        path: String,
+        database: String,
+        expected: String,
+    },
+    #[error(
+        "server.tcp.token_file {path} is readable by group or others (mode {mode:o}); chmod 600 it"
+    )]
+    TokenPermissions { path: String, mode: u32 },
 }
 
 /// The parts a daemon is made of, built but not yet serving. Tests swap stores in `registry`.
@@ -55,28 +71,6 @@ pub struct Parts {
     pub keys: Arc<Keyring>,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
-}
-
-pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
-    let path = &config.storage.master_key_file;
-    if !path.exists() && config.storage.generate_master_key {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| KeyError::Write {
-                path: parent.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        }
-        MasterKey::generate().write_new(path)?;
-        tracing::warn!(path = %path.display(), "generated a new master key (store.generate_master_key = true); back it up: without it the local store cannot be read");
-    }
-    let current = MasterKey::load(path)?;
-    let previous = config
-        .storage
-        .previous_master_key_files
-        .iter()
-        .map(|p| MasterKey::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Keyring::new(current, previous))
 }
 
 pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartError> {
@@ -110,13 +104,19 @@ pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartEr
 
 /// Builds everything that does not listen yet.
 pub async fn build(config: Config) -> Result<Parts, StartError> {
-    let config = Arc::new(crate::setup::check(config)?);
+    build_checked(crate::setup::check(config)?).await
+}
+
+/// [`build`] for a configuration `setup::check` has passed.
+async fn build_checked(config: Config) -> Result<Parts, StartError> {
+    let config = Arc::new(config);
     std::fs::create_dir_all(&config.storage.data_dir).map_err(|e| StartError::DataDir {
         path: config.storage.data_dir.display().to_string(),
         source: e,
     })?;
+    let metrics = Arc::new(Metrics::new());
     let metadata = open_metadata(&config).await?;
-    let keys = Arc::new(load_keyring(&config)?);
+    let keys = Arc::new(load_keyring(&config, metadata.as_ref()).await?);
     let mut registry = Registry::new();
     registry.insert(
         LOCAL_MANAGER_ID,
@@ -130,7 +130,7 @@ pub async fn build(config: Config) -> Result<Parts, StartError> {
         metadata,
         keys,
         registry,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
     })
 }
 
@@ -139,10 +139,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
     let (owner_uid, _) = crate::sys::effective_ids();
     let policy = Policy::new(parts.config.access.clone(), owner_uid, socket_gid);
     let tcp_token = match &parts.config.server.tcp {
-        Some(tcp) => Some(
-            crate::config::SecretRef::File(tcp.token_file.clone())
-                .resolve("server.tcp.token_file")?,
-        ),
+        Some(tcp) => Some(read_tcp_token(tcp)?),
         None => None,
     };
     let runtime = Runtime {
@@ -189,7 +186,7 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
     Ok(Listeners { unix, tcp, metrics })
 }
 
-async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+pub(crate) async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen {
@@ -208,38 +205,27 @@ pub fn journal_grace(config: &Config) -> Duration {
 
 /// Runs the daemon until `shutdown` completes. Returns once the socket is removed.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    warn_of_a_partial_user_namespace();
+    let config = crate::setup::check(config)?;
+    let early = preflight(&config).await?;
     let socket_path = config.server.socket.clone();
-    let parts = build(config).await?;
+    let parts = build_checked(config).await?;
     let config = Arc::clone(&parts.config);
     let keys = Arc::clone(&parts.keys);
-    let listeners = bind(&config).await?;
+    let unix = server::unix::bind(
+        &config.server.socket,
+        config.server.socket_mode,
+        config.server.socket_group.as_ref(),
+    )?;
+    let listeners = Listeners {
+        unix,
+        tcp: early.tcp,
+        metrics: early.metrics,
+    };
     let socket_gid =
         server::unix::socket_gid(&socket_path).unwrap_or(crate::sys::effective_ids().1);
     let app = assemble(parts, socket_gid)?;
     serve_app(app, listeners, keys, &socket_path, shutdown).await;
     Ok(())
-}
-
-/// In a user namespace that does not map every id, callers outside it are reported as the
-/// overflow ids: `setup::check` refuses rules naming such callers, and this says so at start.
-fn warn_of_a_partial_user_namespace() {
-    let ids = crate::setup::Ids::current();
-    if ids.partial() {
-        let show = |m: &Option<crate::sys::IdMap>| {
-            m.as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| "all".into())
-        };
-        tracing::warn!(
-            uid_map = %show(&ids.uid_map),
-            gid_map = %show(&ids.gid_map),
-            "credproxy runs in a user namespace that does not map every id: callers outside it \
-             are reported as uid {} / gid {} (and audited so) and match no access rule",
-            ids.overflow_uid,
-            ids.overflow_gid,
-        );
-    }
 }
 
 /// Serves an assembled app: background tasks, readiness, drain, clean-up.

@@ -121,6 +121,9 @@ pub trait SealedRows: Send + Sync + 'static {
         current_key_id: &str,
         limit: usize,
     ) -> Result<Vec<SealedRecord>, MetadataError>;
+    /// Every master key id that wraps something in the database: the local store's rows,
+    /// sealed token responses awaiting write-back, and secrets managers' access details.
+    async fn sealed_key_ids(&self) -> Result<Vec<String>, MetadataError>;
     /// Replaces the wrapped data key of one version (key rotation), if still wrapped by `old_key_id`.
     async fn sealed_rewrap(
         &self,

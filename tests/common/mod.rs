@@ -375,3 +375,9 @@ pub fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
         .collect();
     set(c, "routing", "environments", envs);
 }
+
+/// chmod 600: what the daemon requires of key and token files.
+pub fn restrict_to_owner(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -41,6 +41,25 @@ impl Daemon {
             log_path,
         }
     }
+
+    /// Takes the directory and configuration of a daemon that has exited, for a new start on
+    /// them (edited by `edit`, on a fresh metrics port).
+    pub fn take_for_restart(
+        &mut self,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> (tempfile::TempDir, toml::Table) {
+        let mut config: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&self.config_path).unwrap()).unwrap();
+        super::set(
+            &mut config,
+            "metrics",
+            "listen",
+            format!("127.0.0.1:{}", super::free_port()),
+        );
+        edit(&mut config);
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, config)
+    }
 }
 
 /// Whether `unshare --user --map-root-user` works here (unprivileged user namespaces may be
