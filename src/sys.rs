@@ -1,5 +1,5 @@
 //! Every call into libc the crate makes, behind safe functions: user and group name lookups,
-//! the effective ids, the umask and the monotonic clock; and what the kernel
+//! the effective ids, the umask, the monotonic clock and free disk space; and what the kernel
 //! says about the user namespace the process runs in (`/proc/self/uid_map`).
 //!
 //! This is the one module allowed to use `unsafe` (the crate denies `unsafe_code` in
@@ -8,6 +8,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 /// First buffer sizes for the name lookups. Group entries list their members, so they get more
@@ -146,6 +147,38 @@ pub fn monotonic_time() -> Duration {
     // initialised local above. CLOCK_MONOTONIC is always supported on Linux, so it cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `path` (statvfs).
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: `statvfs` is a C struct of integers, for which all-zero bytes are a valid value;
+    // statvfs overwrites it before we read it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a NUL-terminated string alive for the call and `st` a live local;
+    // statvfs writes only within `st`.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Whether this process may write `path`, by access(2): asks without opening the file, which
+/// matters for SQLite's files (closing any descriptor of a file drops the process's POSIX
+/// locks on it). `EROFS` for a read-only file system, `EPERM` for an immutable file.
+pub fn check_writable(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: `c_path` is a NUL-terminated string alive for the call; access only reads it.
+    let rc = unsafe { libc::access(c_path.as_ptr(), libc::W_OK) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One line of `/proc/self/uid_map` (or `gid_map`): the ids `inside .. inside + count` of this
@@ -304,6 +337,11 @@ mod tests {
         assert!(uids.is_some() && gids.is_some());
         let (u, g) = overflow_ids();
         assert!(u > 0 && g > 0);
+        assert!(available_bytes(Path::new("/")).is_ok());
+        assert!(available_bytes(Path::new("/no/such/dir")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(dir.path()).is_ok());
+        assert!(check_writable(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Start-up and sandbox: the checks that refuse a start before anything is created, callers'
-//! ids in and out of user namespaces, the master key that must not be silently replaced, and
-//! the TCP token file's mode. Every test drives the real binary over its real socket.
+//! ids in and out of user namespaces, the master key that must not be silently replaced, the
+//! TCP token file's mode, and a metadata database that cannot be written (full disk,
+//! immutable files): logged, counted, reflected in `/readyz`, reads still served, recovered
+//! without a restart. Every test drives the real binary over its real socket.
 
 mod common;
 
@@ -8,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::startup;
+use common::startup::{self, Immutable, Tmpfs};
 use common::{Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::json;
@@ -340,4 +342,169 @@ async fn a_start_refused_for_a_socket_in_use_creates_nothing() {
     let logs = refused(&mut d).await;
     assert!(logs.contains("credproxy keygen"), "{logs}");
     assert!(!data.exists());
+}
+
+async fn readyz(d: &Daemon) -> (u16, serde_json::Value) {
+    d.call(Method::GET, "/readyz", None).await
+}
+
+/// Creates credentials until one fails; returns the failure. A full disk may still take a
+/// write or two that fit in space SQLite already holds.
+async fn create_until_refused(d: &Daemon) -> (u16, serde_json::Value) {
+    for _ in 0..200 {
+        let (status, body) = d
+            .call(
+                Method::POST,
+                "/v1/credentials",
+                Some(json!({"environment": "Production", "integration_type": "x",
+                            "secrets": {"k": "x".repeat(4096)}})),
+            )
+            .await;
+        if status != 201 {
+            return (status, body);
+        }
+    }
+    panic!("writes kept succeeding:\n{}", d.logs());
+}
+
+fn write_failure_lines(logs: &str, reason: &str) -> usize {
+    logs.lines()
+        .filter(|l| l.contains("metadata database write failed") && l.contains(reason))
+        .count()
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_writes_with_the_reason_and_recovers_by_itself() {
+    if !startup::is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Declared before the daemon so that it is unmounted after the daemon is stopped.
+    let disk = match Tmpfs::mount(&data, "8m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a tmpfs here: {why}");
+            return;
+        }
+    };
+    let mut config = common::base_config(dir.path());
+    // Reads go to the database, not the cache.
+    common::set(&mut config, "cache", "ttl", "1ms");
+    let mut d = Daemon::spawn(dir, config, &[]);
+    d.wait_ready().await;
+    let mut earlier = Vec::new();
+    for i in 0..5 {
+        earlier.push((i, d.create("Production", json!({"n": i.to_string()})).await));
+    }
+
+    disk.fill("filler");
+    let (status, body) = create_until_refused(&d).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        ["metadata_unavailable", "store_unavailable"]
+            .contains(&body["error"]["code"].as_str().unwrap()),
+        "{body}"
+    );
+    // Many more refused writes in a few seconds: one log line per reason per 10 s.
+    for _ in 0..20 {
+        let (status, _) = create_until_refused(&d).await;
+        assert_eq!(status, 503);
+    }
+    wait_until("readyz to report the full disk", &d, async || {
+        readyz(&d).await
+            == (
+                503,
+                json!({"status": "not_ready", "reason": "metadata_full"}),
+            )
+    })
+    .await;
+    let logs = d.logs();
+    let lines = write_failure_lines(&logs, "full");
+    assert!(
+        lines >= 1 && logs.contains("database or disk is full"),
+        "the cause is logged:\n{logs}"
+    );
+    assert!(lines <= 3, "{lines} lines: not rate-limited:\n{logs}");
+    let failures = d
+        .metric("credproxy_metadata_write_failures_total{reason=\"full\"}")
+        .await;
+    assert!(failures >= 21.0, "{failures}");
+    for (i, id) in &earlier {
+        let reply = d
+            .call_raw(Method::GET, &format!("/v1/credentials/{id}"), &[], None)
+            .await;
+        assert_eq!(reply.status, 200, "earlier credentials stay readable");
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["secrets"]["n"], i.to_string());
+    }
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    wait_until("readiness to come back without a restart", &d, async || {
+        readyz(&d).await.0 == 200
+    })
+    .await;
+    assert!(d.logs().contains("metadata database writes succeed again"));
+    let id = d.create("Production", json!({"n": "after"})).await;
+    let (status, _) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(d.terminate().await.success(), "{}", d.logs());
+}
+
+#[tokio::test]
+async fn an_immutable_database_is_read_only_not_ready_and_still_read() {
+    if !startup::is_root() {
+        eprintln!("skipped: chattr +i needs root");
+        return;
+    }
+    let d = Daemon::start(|c, _| common::set(c, "cache", "ttl", "1ms")).await;
+    let id = d.create("Production", json!({"k": "kept"})).await;
+    let db = d.dir.path().join("data/credproxy.db");
+    let wal = d.dir.path().join("data/credproxy.db-wal");
+    // Not the -shm file: SQLite maps it into memory, and an immutable one would fault.
+    let undo = Immutable(vec![db.clone(), wal.clone()]);
+    for file in [&db, &wal] {
+        if let Err(why) = startup::chattr_immutable(file, true) {
+            eprintln!("skipped: the file system does not take chattr +i: {why}");
+            return;
+        }
+    }
+    let (status, _) = create_until_refused(&d).await;
+    assert_eq!(status, 503);
+    wait_until("readyz to report the read-only database", &d, async || {
+        readyz(&d).await
+            == (
+                503,
+                json!({"status": "not_ready", "reason": "metadata_read_only"}),
+            )
+    })
+    .await;
+    assert!(
+        write_failure_lines(&d.logs(), "read_only") >= 1,
+        "{}",
+        d.logs()
+    );
+    assert!(
+        d.metric("credproxy_metadata_write_failures_total{reason=\"read_only\"}")
+            .await
+            >= 1.0
+    );
+    let (status, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, &body["secrets"]),
+        (200, &json!({"k": "kept"})),
+        "reads go on"
+    );
+
+    drop(undo);
+    wait_until("readiness to come back", &d, async || {
+        readyz(&d).await.0 == 200
+    })
+    .await;
+    d.create("Production", json!({"k": "again"})).await;
 }

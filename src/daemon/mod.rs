@@ -23,7 +23,7 @@ use crate::lifecycle::sd_notify;
 use crate::manager::local::{KeyError, Keyring, LocalManager};
 use crate::manager::{self, Registry};
 use crate::metadata::sqlite::SqliteMetadata;
-use crate::metadata::{Metadata, MetadataError};
+use crate::metadata::{Metadata, MetadataError, Observed};
 use crate::metrics::Metrics;
 use crate::migrate::Migrator;
 use crate::reload::Reloader;
@@ -115,7 +115,10 @@ async fn build_checked(config: Config) -> Result<Parts, StartError> {
         source: e,
     })?;
     let metrics = Arc::new(Metrics::new());
-    let metadata = open_metadata(&config).await?;
+    let metadata: Arc<dyn Metadata> = Arc::new(Observed::new(
+        open_metadata(&config).await?,
+        metrics.metadata_write_failures.clone(),
+    ));
     let keys = Arc::new(load_keyring(&config, metadata.as_ref()).await?);
     let mut registry = Registry::new();
     registry.insert(

@@ -18,6 +18,13 @@ use super::{
 pub trait Liveness: Send + Sync + 'static {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), MetadataError>;
+
+    /// Why writes fail now, if the last write failed in a way that persists (the disk is
+    /// full, the database read-only or unreachable) and none has succeeded since. Only the
+    /// observing wrapper ([`super::Observed`]) keeps track; a bare backend says `None`.
+    fn write_fault(&self) -> Option<super::Fault> {
+        None
+    }
 }
 
 /// The credential rows: references to where each credential's secret lives, its non-secret
