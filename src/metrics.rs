@@ -23,6 +23,11 @@ pub const OAUTH_OUTCOMES: [&str; 7] = [
     "write_failed",
 ];
 
+/// Label values of `credproxy_metadata_write_failures_total{reason}` (the metadata
+/// database's failure kinds).
+pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
+    ["full", "read_only", "locked", "unavailable", "other"];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub access_denied: IntCounter,
     pub journal_pending: IntGauge,
+    pub metadata_write_failures: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -252,6 +258,20 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let metadata_write_failures = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_metadata_write_failures_total",
+                    "Failed writes to the metadata database by reason (full, read_only, locked, unavailable, other).",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+        );
+        for reason in METADATA_WRITE_FAILURE_REASONS {
+            metadata_write_failures.with_label_values(&[reason]);
+        }
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -299,6 +319,7 @@ impl Metrics {
             config_reloads,
             access_denied,
             journal_pending,
+            metadata_write_failures,
         }
     }
 

@@ -44,6 +44,12 @@ pub(super) const JOURNAL_INSERT_COLUMNS: &str = "credential_id, store_id, name, 
 pub(super) const SEALED_COLUMNS: &str =
     "name, version, key_id, wrapped_key, ciphertext, created_at";
 
+/// Every master key id something in the database is sealed under, one row each, in order.
+pub(super) const SEALED_KEY_IDS: &str = "SELECT key_id FROM local_secrets \
+     UNION SELECT key_id FROM oauth_pending \
+     UNION SELECT auth_key_id FROM managers WHERE auth_key_id IS NOT NULL \
+     ORDER BY 1";
+
 /// The columns [`sealed_summary`] reads: one row per name of `local_secrets`.
 pub(super) const SEALED_SUMMARY_COLUMNS: &str =
     "name, MAX(version), MIN(created_at), MAX(created_at)";
