@@ -2,6 +2,7 @@
 //! manager holds, and clean up copies that a crash, move or delete left behind.
 
 mod error;
+mod failures;
 mod input;
 mod journal;
 mod locks;
@@ -204,7 +205,7 @@ impl Service {
         let label = runtime.topology.metric_label(manager_id);
         let timeout = runtime.config.manager_timeout;
         drop(runtime);
-        call_manager(&self.metrics, timeout, &label, operation, fut).await
+        call_manager(&self.metrics, timeout, manager_id, &label, operation, fut).await
     }
 
     /// The name a credential's secret gets in `manager_id`: `{prefix}{environment}/{id}` in the
@@ -235,6 +236,7 @@ impl Service {
 pub(crate) async fn call_manager<T>(
     metrics: &Metrics,
     timeout: Duration,
+    manager_id: &str,
     label: &str,
     operation: &'static str,
     fut: impl Future<Output = Result<T, ManagerError>>,
@@ -257,7 +259,7 @@ pub(crate) async fn call_manager<T>(
         .with_label_values(&[label, operation])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        tracing::debug!(manager = label, operation, error = %e, "secrets manager call failed");
+        failures::log(manager_id, operation, e);
     }
     result
 }
