@@ -273,3 +273,43 @@ async fn a_rewritten_access_file_is_picked_up_and_a_rotated_out_value_is_not_kep
     );
     assert!(!logs.contains(&second) && !logs.contains("not-a-token"));
 }
+
+/// Key Vault stops accepting the cached Entra token (revoked, or the app's secret rotated):
+/// the SDK's own retry sends the same token again; the renewal asks Entra ID for a new one,
+/// once, and the request succeeds.
+#[tokio::test]
+async fn key_vault_refusing_the_cached_entra_token_gets_a_new_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let azure = common::fakes::azure(dir.path()).await;
+    let d = Daemon::start(|c, dir| {
+        let manager = table(&[
+            ("id", "kv".into()),
+            ("type", "azure".into()),
+            ("vault_url", azure.vault_url().into()),
+            ("authority_host", azure.authority().into()),
+            ("tenant_id", common::fakes::AZURE_TENANT.into()),
+            ("client_id", common::fakes::AZURE_CLIENT_ID.into()),
+            (
+                "client_secret",
+                file_ref(dir, "azure-secret", common::fakes::AZURE_CLIENT_SECRET),
+            ),
+            ("ca_file", azure.ca_file.display().to_string().into()),
+        ]);
+        c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
+        route(c, &[("Production", "kv")]);
+        common::set(c, "backends", "access_check_interval", "1h");
+    })
+    .await;
+    let id = d.create("Production", json!({"k": "v1"})).await;
+    let before = azure.state().token_requests;
+    // The vault no longer accepts the token the daemon holds.
+    azure.state().issued_token = Some("revoked-everywhere".into());
+    let (status, body) = patch(&d, &id, "v2").await;
+    assert_eq!(status, 200, "{body}\n{}", d.logs());
+    assert_eq!(azure.state().token_requests, before + 1, "one new token");
+    assert_eq!(renewals(&d, "renewed").await, 1.0);
+    let (status, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!((status, body["secrets"]["k"].as_str()), (200, Some("v2")));
+}
