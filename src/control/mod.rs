@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub(crate) use definition::{check_auth, check_create, check_settings, CheckedManager};
 pub use error::ControlError;
+pub(crate) use managers::check_name;
 pub use managers::{CreateManager, DeletePlan, ManagerView, PatchManager};
+pub(crate) use routing::check_environment_name;
 pub use routing::{RoutingBody, RoutingView};
 
 use crate::access::Policy;
@@ -61,7 +64,7 @@ pub struct Applied {
 }
 
 /// The workspace a request names, `default` when it names none.
-fn workspace_or_default(given: Option<String>) -> Result<String, ControlError> {
+pub(crate) fn workspace_or_default(given: Option<String>) -> Result<String, ControlError> {
     let workspace = given.unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
     if !crate::config::is_valid_name(&workspace) {
         return Err(ControlError::invalid(

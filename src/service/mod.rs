@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 pub use error::ServiceError;
+pub(crate) use input::{check_fields, check_patch, check_scope, CreateFields};
 pub use input::{CreateRequest, OAuthInput, PatchRequest};
 pub use moves::MoveOutcome;
 pub use refresh::{Refreshed, Trigger};
@@ -224,11 +225,16 @@ impl Service {
             .manager(manager_id)
             .map(|m| m.prefix.as_str())
             .unwrap_or("");
-        if workspace == DEFAULT_WORKSPACE {
-            format!("{prefix}{environment}/{id}")
-        } else {
-            format!("{prefix}workspaces/{workspace}/{environment}/{id}")
-        }
+        secret_name(prefix, workspace, environment, id)
+    }
+}
+
+/// `Service::secret_name` for a manager with `prefix`.
+pub(crate) fn secret_name(prefix: &str, workspace: &str, environment: &str, id: &str) -> String {
+    if workspace == DEFAULT_WORKSPACE {
+        format!("{prefix}{environment}/{id}")
+    } else {
+        format!("{prefix}workspaces/{workspace}/{environment}/{id}")
     }
 }
 
