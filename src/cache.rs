@@ -287,7 +287,7 @@ mod tests {
                 updated_at: 0,
             }),
             secrets,
-            valid_until: valid_for.map(|d| SystemTime::now() + d),
+            valid_until: valid_for.map(crate::time::from_now),
         }
     }
 

@@ -10,12 +10,12 @@ use std::task::{Context, Poll, Waker};
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, ConfigError, Principal};
+use crate::config::{Config, ConfigError, CredentialLimits, Principal};
 use crate::control::{self, CheckedManager, CreateManager, PatchManager, RoutingBody};
 use crate::metadata::{ClientAuth, OAuthDescription};
 use crate::oauth::{Grant, OAuthError};
 use crate::secret::{SecretFields, SecretString};
-use crate::server::api::{decode_json, ApiError, Query};
+use crate::server::api::{parse_json, ApiError, Query};
 use crate::service::{CreateFields, CreateRequest, PatchRequest};
 
 pub use crate::manager::names::{decode as decode_name, encode as encode_name};
@@ -38,9 +38,10 @@ pub struct QueryView {
     pub delete_credentials: bool,
 }
 
-pub fn query(raw: Option<&str>) -> QueryView {
-    let q = Query::parse(raw);
-    QueryView {
+/// A query string as the API reads it, or the API's refusal (a parameter given twice).
+pub fn query(raw: Option<&str>) -> Result<QueryView, ApiError> {
+    let q = Query::parse(raw)?;
+    Ok(QueryView {
         pairs: q
             .pairs()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -50,16 +51,16 @@ pub fn query(raw: Option<&str>) -> QueryView {
         workspace: q.get("workspace").map(str::to_owned),
         dry_run: q.flag("dry_run", "true"),
         delete_credentials: q.flag("credentials", "delete"),
-    }
+    })
 }
 
 /// `Query::get`: the first value of `name`.
 pub fn query_get(raw: Option<&str>, name: &str) -> Option<String> {
-    Query::parse(raw).get(name).map(str::to_owned)
+    Query::parse(raw).ok()?.get(name).map(str::to_owned)
 }
 
 // --- request bodies --------------------------------------------------------------------------
-// Each decodes with the handler's own `decode_json`, then makes the checks its use case makes
+// Each decodes with the handler's own `parse_json`, then makes the checks its use case makes
 // before it needs the runtime (the manager table, the database), in the same order.
 
 /// `POST /v1/credentials` after every check that needs no runtime.
@@ -76,14 +77,19 @@ pub struct CredentialCreate {
 }
 
 pub fn credential_create(body: &[u8]) -> Result<CredentialCreate, ApiError> {
-    let request: CreateRequest = decode_json(body)?;
+    let request: CreateRequest = parse_json(body)?;
     let workspace = crate::service::check_scope(request.workspace, &request.environment)?;
     let CreateFields {
         integration_type,
         metadata,
         oauth,
         expires_at,
-    } = crate::service::check_fields(request.integration_type, request.metadata, request.oauth)?;
+    } = crate::service::check_fields(
+        request.integration_type,
+        request.metadata,
+        request.oauth,
+        &CredentialLimits::default(),
+    )?;
     Ok(CredentialCreate {
         workspace,
         environment: request.environment,
@@ -106,8 +112,8 @@ pub struct CredentialPatch {
 }
 
 pub fn credential_patch(body: &[u8]) -> Result<CredentialPatch, ApiError> {
-    let request: PatchRequest = decode_json(body)?;
-    let expires_at = crate::service::check_patch(&request)?;
+    let request: PatchRequest = parse_json(body)?;
+    let expires_at = crate::service::check_patch(&request, &CredentialLimits::default())?;
     Ok(CredentialPatch {
         secrets: request.secrets,
         metadata: request.metadata,
@@ -128,7 +134,7 @@ pub struct ManagerCreate {
 }
 
 pub fn manager_create(body: &[u8]) -> Result<ManagerCreate, ApiError> {
-    let body: CreateManager = decode_json(body)?;
+    let body: CreateManager = parse_json(body)?;
     let workspace = control::workspace_or_default(body.workspace)?;
     let CheckedManager {
         id,
@@ -171,7 +177,7 @@ pub struct ManagerPatch {
 }
 
 pub fn manager_patch(kind: &str, body: &[u8]) -> Result<ManagerPatch, ApiError> {
-    let body: PatchManager = decode_json(body)?;
+    let body: PatchManager = parse_json(body)?;
     let Some(descriptor) = crate::manager::descriptor::find(kind) else {
         return Err(control::ControlError::invalid("type", "not built into this binary").into());
     };
@@ -200,7 +206,7 @@ pub struct RoutingPut {
 }
 
 pub fn routing_put(body: &[u8]) -> Result<RoutingPut, ApiError> {
-    let body: RoutingBody = decode_json(body)?;
+    let body: RoutingBody = parse_json(body)?;
     let workspace = control::workspace_or_default(body.workspace)?;
     for env in body.environments.keys() {
         control::check_environment_name(env)?;
@@ -240,7 +246,8 @@ pub fn secret_name(prefix: &str, workspace: &str, environment: &str, id: &str) -
 /// What a credential read with the query string `raw` hands out: the field names the audit
 /// line lists, and the response's `secrets` object as bytes.
 pub fn select_fields(secrets: &SecretFields, raw: Option<&str>) -> (Vec<String>, Vec<u8>) {
-    let fields = Query::parse(raw).fields();
+    // A query the API refuses selects nothing here (the API answers 400 before any read).
+    let fields = Query::parse(raw).ok().and_then(|q| q.fields());
     let names = secrets.selected_names(fields.as_deref());
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::new(&mut out);
@@ -315,7 +322,9 @@ mod tests {
                 .as_deref(),
             Some("abc")
         );
-        let q = query(Some("fields=a,,b&limit=0&workspace=w%20x"));
+        let q = query(Some("fields=a,,b&limit=0&workspace=w%20x"))
+            .ok()
+            .unwrap();
         assert_eq!(q.fields, Some(vec!["a".to_owned(), "b".to_owned()]));
         assert_eq!(q.page.ok(), Some((1, 0)));
         assert_eq!(q.workspace.as_deref(), Some("w x"));

@@ -23,6 +23,11 @@ pub const OAUTH_OUTCOMES: [&str; 7] = [
     "write_failed",
 ];
 
+/// Label values of `credproxy_metadata_write_failures_total{reason}` (the metadata
+/// database's failure kinds).
+pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
+    ["full", "read_only", "locked", "unavailable", "other"];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -44,6 +49,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub access_denied: IntCounter,
     pub journal_pending: IntGauge,
+    pub metadata_write_failures: IntCounterVec,
+    pub access_renewals: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -252,6 +259,31 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let metadata_write_failures = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_metadata_write_failures_total",
+                    "Failed writes to the metadata database by reason (full, read_only, locked, unavailable, other).",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+        );
+        for reason in METADATA_WRITE_FAILURE_REASONS {
+            metadata_write_failures.with_label_values(&[reason]);
+        }
+        let access_renewals = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_backend_access_renewals_total",
+                    "Secrets manager clients rebuilt with fresh access (renewed: after a refusal; rotated: access-detail files changed), renewals whose fresh access was refused again, renewals skipped while backing off, and rebuilds that failed.",
+                ),
+                &["manager", "outcome"],
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -299,6 +331,8 @@ impl Metrics {
             config_reloads,
             access_denied,
             journal_pending,
+            metadata_write_failures,
+            access_renewals,
         }
     }
 

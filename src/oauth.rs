@@ -294,7 +294,11 @@ fn transport_detail(e: &reqwest::Error) -> String {
 /// half its lifetime instead, so a short-lived token is not refreshed the moment it is issued.
 pub fn due_at_ms(config: &OAuthConfig, record: &CredentialRecord) -> Option<i64> {
     let expires_ms = record.expires_at?.saturating_mul(1000);
-    let lifetime_ms = (record.expires_at? - record.updated_at).max(0) * 1000;
+    let lifetime_ms = record
+        .expires_at?
+        .saturating_sub(record.updated_at)
+        .max(0)
+        .saturating_mul(1000);
     let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / 2);
     let span = (config.jitter.as_millis() as i64).min(lifetime_ms / 4);
     let jitter = if span > 0 {
@@ -304,7 +308,7 @@ pub fn due_at_ms(config: &OAuthConfig, record: &CredentialRecord) -> Option<i64>
     } else {
         0
     };
-    Some(expires_ms - window - jitter)
+    Some(expires_ms.saturating_sub(window).saturating_sub(jitter))
 }
 
 /// Per-credential exponential back-off after failed refreshes, so a broken token endpoint is

@@ -100,10 +100,14 @@ impl Topology {
     /// per customer vault) share one label per type, `api:aws`, so a metric's label set stays
     /// bounded by the file's managers plus the types; the file's managers and `local` keep
     /// their ids.
+    /// A manager no longer in the topology (an API manager retired while a move or a read
+    /// still names it) is `removed`: its id, which may be any customer's, never becomes a label.
     pub fn metric_label(&self, id: &str) -> String {
         match self.managers.get(id) {
             Some(m) if m.source == Source::Api => format!("api:{}", m.kind),
-            _ => id.to_owned(),
+            Some(_) => id.to_owned(),
+            None if id == LOCAL_MANAGER_ID => id.to_owned(),
+            None => "removed".to_owned(),
         }
     }
 

@@ -94,6 +94,12 @@ impl SecretFields {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 
+    /// Bytes of every field name and value: what one credential weighs, whatever its
+    /// encoding in a store adds.
+    pub fn byte_size(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.expose().len()).sum()
+    }
+
     /// Overlays `other` on `self`: a PATCH changes only the fields it names.
     pub fn merge(&mut self, other: SecretFields) {
         self.0.extend(other.0);
@@ -159,7 +165,18 @@ impl fmt::Debug for SecretFields {
 /// offending value, which here would be a secret.
 const SECRETS_SHAPE: &str = "`secrets` must be an object whose values are strings";
 
-struct FieldsVisitor;
+/// The longest secret field name a caller may send.
+pub const MAX_FIELD_NAME_BYTES: usize = 128;
+
+/// Deserialises `secrets` from a request body, where (unlike a value read back from a store)
+/// a field name must be 1 to `MAX_FIELD_NAME_BYTES` bytes of printable text and appear once.
+pub fn strict_fields<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretFields>, D::Error> {
+    d.deserialize_any(FieldsVisitor { strict: true }).map(Some)
+}
+
+struct FieldsVisitor {
+    strict: bool,
+}
 
 macro_rules! reject_scalar {
     ($($name:ident: $ty:ty),*) => {
@@ -179,6 +196,14 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
         let mut fields = BTreeMap::new();
         while let Some(key) = access.next_key::<String>()? {
+            if self.strict {
+                check_field_name(&key).map_err(de::Error::custom)?;
+                if fields.contains_key(&key) {
+                    return Err(de::Error::custom(format_args!(
+                        "`secrets` names the field `{key}` more than once"
+                    )));
+                }
+            }
             let value = access.next_value::<SecretValueSeed>()?;
             fields.insert(key, value.0);
         }
@@ -204,7 +229,20 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 
 impl<'de> Deserialize<'de> for SecretFields {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(FieldsVisitor)
+        deserializer.deserialize_any(FieldsVisitor { strict: false })
+    }
+}
+
+/// Why a field name is refused, without quoting it (it is malformed, so it may be anything).
+fn check_field_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("a field name in `secrets` is empty")
+    } else if name.len() > MAX_FIELD_NAME_BYTES {
+        Err("a field name in `secrets` is longer than 128 bytes")
+    } else if name.chars().any(char::is_control) {
+        Err("a field name in `secrets` contains a control character")
+    } else {
+        Ok(())
     }
 }
 
@@ -247,6 +285,82 @@ impl<'de> Deserialize<'de> for SecretValueSeed {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ValueVisitor)
     }
+}
+
+/// A deserialiser's error message with every value it quotes taken out, for error details and
+/// logs. serde's messages quote what they were given (`invalid type: string "…"`, ``unknown
+/// variant `…` ``), and what they were given may be a secret pasted into the wrong field. Kinds,
+/// expectations and our own key names stay: `invalid type: string, expected u64`.
+pub fn without_values(message: &str) -> String {
+    // serde_json appends the position; callers give positions in their own words.
+    let message = match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => &message[..i],
+        _ => message,
+    };
+    let (head, expected) = match message.split_once(", expected ") {
+        Some((head, expected)) => (head, Some(expected)),
+        None => (message, None),
+    };
+    let head = if let Some(unexpected) = head
+        .strip_prefix("invalid type: ")
+        .map(|u| ("invalid type: ", u))
+        .or_else(|| {
+            head.strip_prefix("invalid value: ")
+                .map(|u| ("invalid value: ", u))
+        }) {
+        // `string "abc"` → `string`; the kinds serde names never contain a quote.
+        let kind = unexpected
+            .1
+            .split([' '])
+            .take_while(|w| !w.starts_with(['"', '`']))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("{}{kind}", unexpected.0)
+    } else if head.starts_with("unknown variant ") {
+        "unknown variant".to_owned()
+    } else {
+        unquote(head)
+    };
+    match expected {
+        Some(e) => format!("{head}, expected {}", unquote(e)),
+        None => head,
+    }
+}
+
+/// Drops every `"…"` segment, and every `` `…` `` one that is not a short identifier (a key or
+/// variant name of ours) or one or two punctuation characters (a token a parser expected).
+fn unquote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[start] as char;
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(len) = after.find(quote) else {
+            // An unterminated quote: everything after it may be the value.
+            out.push_str("(value withheld)");
+            return out;
+        };
+        let inner = &after[..len];
+        // Kept: names (`environment`) and the parser's expected tokens (`=`, `#`).
+        let identifier = quote == '`'
+            && !inner.is_empty()
+            && ((inner.len() <= 64
+                && inner
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+                || (inner.len() <= 2 && inner.chars().all(|c| c.is_ascii_punctuation())));
+        if identifier {
+            out.push('`');
+            out.push_str(inner);
+            out.push('`');
+        } else {
+            out.push_str("(value withheld)");
+        }
+        rest = &after[len + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -303,5 +417,45 @@ mod tests {
         assert!(SecretString::from("ab****yz").looks_masked());
         assert!(SecretString::from("***").looks_masked());
         assert!(!SecretString::from("gho_realtoken").looks_masked());
+    }
+
+    #[test]
+    fn deserialiser_messages_lose_their_values_and_keep_their_shape() {
+        for (message, shown) in [
+            (
+                "invalid type: string \"sk_live_canary\", expected u64 at line 1 column 20",
+                "invalid type: string, expected u64",
+            ),
+            (
+                "invalid value: integer `-5`, expected a positive number",
+                "invalid value: integer, expected a positive number",
+            ),
+            (
+                "unknown variant `sk_live_canary`, expected `basic` or `body`",
+                "unknown variant, expected `basic` or `body`",
+            ),
+            (
+                "unknown field `colour`, expected one of `environment`, `secrets`",
+                "unknown field `colour`, expected one of `environment`, `secrets`",
+            ),
+            (
+                "unknown field `sk live canary`, expected `a`",
+                "unknown field (value withheld), expected `a`",
+            ),
+            ("missing field `environment`", "missing field `environment`"),
+            (
+                "invalid length 3, expected 2 elements",
+                "invalid length 3, expected 2 elements",
+            ),
+            (
+                "unknown time unit \"sk_live_canary\", supported units: ns",
+                "unknown time unit (value withheld), supported units: ns",
+            ),
+            ("bad \"sk_live_canary", "bad (value withheld)"),
+        ] {
+            let got = without_values(message);
+            assert_eq!(got, shown, "{message}");
+            assert!(!got.contains("canary"), "{got}");
+        }
     }
 }

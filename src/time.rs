@@ -32,14 +32,31 @@ pub fn to_unix(t: SystemTime) -> i64 {
     }
 }
 
-pub fn from_unix(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
+/// 9999-12-31T23:59:59Z: the last second RFC 3339 can write, and so the latest time the API
+/// accepts or stores.
+pub const LATEST_UNIX: i64 = 253_402_300_799;
+
+/// A stored time brought into the range the API can write (1970 to 9999). Rows written before
+/// input was range-checked, or edited by hand, must not panic a read that formats them or a
+/// refresh that does arithmetic on them.
+pub fn clamp_unix(secs: i64) -> i64 {
+    secs.clamp(0, LATEST_UNIX)
 }
 
+/// `d` from now, never overflowing: a lifetime a peer announced can be any number.
+pub fn from_now(d: Duration) -> SystemTime {
+    let latest = from_unix(LATEST_UNIX);
+    SystemTime::now()
+        .checked_add(d)
+        .map_or(latest, |t| t.min(latest))
+}
+
+pub fn from_unix(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(clamp_unix(secs) as u64)
+}
+
+/// Never panics: humantime's formatter fails (and `to_string` then panics) past the year 9999,
+/// so the time is clamped first.
 pub fn rfc3339(secs: i64) -> String {
     humantime::format_rfc3339_seconds(from_unix(secs)).to_string()
 }
@@ -53,11 +70,27 @@ pub fn serialize_opt_rfc3339<S: Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string()),
+        Some(t) => s.serialize_str(&rfc3339(to_unix(*t))),
         None => s.serialize_none(),
     }
 }
 
 pub fn serialize_opt_unix_rfc3339<S: Serializer>(t: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
     serialize_opt_rfc3339(&t.map(from_unix), s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_stored_or_announced_time_formats_without_panicking() {
+        for secs in [i64::MIN, -1, 0, LATEST_UNIX, LATEST_UNIX + 1, i64::MAX] {
+            let text = rfc3339(secs);
+            assert!(text.ends_with('Z'), "{text}");
+            assert_eq!(parse_rfc3339(&text), Some(clamp_unix(secs)));
+        }
+        assert_eq!(to_unix(from_now(Duration::MAX)), LATEST_UNIX);
+        assert!(from_now(Duration::from_secs(5)) > SystemTime::now());
+    }
 }

@@ -151,6 +151,7 @@ async fn tcp_listener_needs_the_token_and_refuses_proxied_requests() {
     let d = Daemon::start(|c, dir| {
         let token = dir.join("tcp.token");
         std::fs::write(&token, "s3cret-token\n").unwrap();
+        common::restrict_to_owner(&token);
         let mut tcp = toml::Table::new();
         tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
         tcp.insert("token_file".into(), token.display().to_string().into());

@@ -113,6 +113,8 @@ async fn tcp_send(
 fn tcp_listener(c: &mut toml::Table, dir: &Path, port: u16) {
     let token = dir.join("tcp.token");
     std::fs::write(&token, TCP_TOKEN).unwrap();
+    // Private to its owner, like a master key: a looser mode refuses the start.
+    common::restrict_to_owner(&token);
     let mut tcp = toml::Table::new();
     tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
     tcp.insert("token_file".into(), token.display().to_string().into());

@@ -193,6 +193,30 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Panics are logged through the log (with where they happened) instead of the default hook's
+/// stderr line, and a formatted panic message is withheld: it is built from runtime values,
+/// which may be secrets. A fixed message (`panic!("literal")`) is shown.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&'static str>()
+            .copied()
+            .unwrap_or("(message withheld: it may quote runtime values)");
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            location,
+            message,
+            "panic"
+        );
+    }));
+}
+
 fn serve(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -202,6 +226,7 @@ fn serve(path: PathBuf) -> ExitCode {
         }
     };
     init_logging(&config);
+    quiet_panics();
     // Everything the daemon creates (database, WAL, generated key) is private to it; the
     // socket's mode is set explicitly.
     crate::sys::set_umask(0o077);

@@ -6,9 +6,11 @@
 //! whether a user or group exists, is checked where the daemon is assembled (the `setup` module).
 
 mod defaults;
+mod limits;
 mod raw;
 mod restart;
 mod secret_ref;
+mod server;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use defaults::*;
+pub use limits::{key_words, CredentialLimits};
 pub use secret_ref::SecretRef;
 
 use crate::secret::SecretString;
@@ -68,10 +71,15 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `backends.timeout`: the deadline of one call to a secrets manager.
     pub manager_timeout: Duration,
+    /// `backends.access_check_interval`: how often files holding managers' access details are
+    /// checked for new content.
+    pub access_check_interval: Duration,
     pub log: LogConfig,
     pub oauth: OAuthConfig,
     pub reload: ReloadConfig,
     pub migration: MigrationConfig,
+    /// `[credentials]`: what one credential may hold.
+    pub credentials: CredentialLimits,
     pub managers: Vec<ManagerConfig>,
     pub routing: RoutingConfig,
     pub access: Vec<AccessRule>,
@@ -86,6 +94,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
+    /// Requests one caller (a uid on the socket; TCP callers together) may have in flight.
+    pub max_requests_per_caller: usize,
+    /// How long reading a request's body may take, from its headers on.
+    pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub tcp: Option<TcpConfig>,
 }
@@ -312,8 +324,17 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigError::Syntax(e.message().to_owned() + &validate::location(text, &e))
+        // The path names the key (`cache.ttl`), the span its place; neither quotes the value.
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+            let key = e.path().to_string();
+            let e = e.into_inner();
+            let message = crate::secret::without_values(e.message());
+            let at = validate::location(text, &e);
+            ConfigError::Syntax(match key.as_str() {
+                "" | "." => format!("{message}{at}"),
+                _ => format!("`{key}`: {message}{at}"),
+            })
         })?;
         validate::validate(raw)
     }
@@ -329,6 +350,17 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn syntax_and_type_errors_name_the_place_never_the_text() {
+        let e = err("[server]\nsocket = \"/tmp/s\"\n[store]\nurl = \"sk_live_canary\" oops\n");
+        assert!(e.contains("line 4, column"), "{e}");
+        let e2 = err("[server]\nrequest_timeout = \"sk_live_canary\"\n");
+        let e3 = err("[log]\nformat = \"sk_live_canary\"\n");
+        for e in [e, e2, e3] {
+            assert!(!e.contains("canary"), "{e}");
+        }
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub(super) struct RawConfig {
     pub(super) reload: RawReload,
     #[serde(default)]
     pub(super) migration: RawMigration,
+    #[serde(default)]
+    pub(super) credentials: super::limits::RawCredentials,
     #[serde(default, rename = "secrets_manager")]
     pub(super) secrets_managers: Vec<RawManager>,
     #[serde(default)]
@@ -50,6 +52,9 @@ pub(super) struct RawServer {
     pub(super) header_read_timeout: Option<Duration>,
     pub(super) max_body_bytes: Option<usize>,
     pub(super) max_concurrent_requests: Option<usize>,
+    pub(super) max_requests_per_caller: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) body_read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub(super) shutdown_grace: Option<Duration>,
     pub(super) tcp: Option<RawTcp>,
@@ -102,6 +107,8 @@ pub(super) struct RawCache {
 pub(super) struct RawBackends {
     #[serde(default, with = "humantime_serde")]
     pub(super) timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) access_check_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

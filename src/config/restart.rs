@@ -27,6 +27,11 @@ const RESTART_ONLY: &[RestartOnly] = &[
     restart_only!("server.socket_group", server.socket_group),
     restart_only!("server.request_timeout", server.request_timeout),
     restart_only!("server.header_read_timeout", server.header_read_timeout),
+    restart_only!("server.body_read_timeout", server.body_read_timeout),
+    restart_only!(
+        "server.max_requests_per_caller",
+        server.max_requests_per_caller
+    ),
     restart_only!("server.max_body_bytes", server.max_body_bytes),
     restart_only!(
         "server.max_concurrent_requests",

@@ -3,8 +3,7 @@
 //! type-specific keys, and the user and group names of access rules, are checked where the
 //! daemon is assembled (the `setup` module), since they need the rest of the crate.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use super::defaults::*;
 use super::raw::*;
@@ -16,7 +15,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .data_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
 
-    let server = validate_server(raw.server, &data_dir)?;
+    let server = super::server::validate(raw.server, &data_dir)?;
     let metrics = match (raw.metrics.enabled, raw.metrics.listen) {
         (Some(false), _) => None,
         (_, Some(listen)) => Some(MetricsConfig { listen }),
@@ -113,6 +112,16 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must be at least 100ms",
         ));
     }
+    let access_check_interval = raw
+        .backends
+        .access_check_interval
+        .unwrap_or(DEFAULT_ACCESS_CHECK_INTERVAL);
+    if access_check_interval < MIN_PERIOD {
+        return Err(invalid(
+            "backends.access_check_interval",
+            "must be at least 100ms",
+        ));
+    }
     let oauth = validate_oauth(raw.oauth)?;
     let reload = ReloadConfig {
         watch: raw.reload.watch.unwrap_or(false),
@@ -164,10 +173,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         storage,
         cache,
         manager_timeout,
+        access_check_interval,
         log,
         oauth,
         reload,
         migration,
+        credentials: super::limits::validate(raw.credentials)?,
         managers,
         routing,
         access,
@@ -206,100 +217,6 @@ fn validate_oauth(raw: RawOAuth) -> Result<OAuthConfig, ConfigError> {
         ));
     }
     Ok(o)
-}
-
-fn validate_server(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {
-    let socket = raw
-        .socket
-        .unwrap_or_else(|| data_dir.join(DEFAULT_SOCKET_NAME));
-    // sun_path holds 108 bytes including the terminating NUL.
-    if socket.as_os_str().len() > 107 {
-        return Err(invalid("server.socket", "path is longer than 107 bytes"));
-    }
-    let socket_mode = match raw.socket_mode {
-        None => DEFAULT_SOCKET_MODE,
-        Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "server.socket_mode",
-                    "expected an octal mode such as \"0660\"",
-                )
-            })?,
-    };
-    if socket_mode & 0o002 != 0 {
-        return Err(invalid(
-            "server.socket_mode",
-            "world-writable sockets let any local user connect; use the group instead",
-        ));
-    }
-    let positive = |key: &str, d: Option<Duration>, default: Duration| {
-        let d = d.unwrap_or(default);
-        if d.is_zero() {
-            Err(invalid(key, "must be greater than zero"))
-        } else {
-            Ok(d)
-        }
-    };
-    let tcp = match raw.tcp {
-        None => None,
-        Some(t) => {
-            if !t.listen.ip().is_loopback() {
-                return Err(ConfigError::NotLoopback {
-                    key: "server.tcp.listen".into(),
-                    addr: t.listen,
-                });
-            }
-            let token_header = t
-                .token_header
-                .unwrap_or_else(|| DEFAULT_TOKEN_HEADER.into())
-                .to_ascii_lowercase();
-            if hyper::header::HeaderName::from_bytes(token_header.as_bytes()).is_err() {
-                return Err(invalid(
-                    "server.tcp.token_header",
-                    "not a valid header name",
-                ));
-            }
-            Some(TcpConfig {
-                listen: t.listen,
-                token_file: t.token_file,
-                token_header,
-            })
-        }
-    };
-    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
-    if max_body_bytes < 1024 {
-        return Err(invalid("server.max_body_bytes", "must be at least 1024"));
-    }
-    let max_concurrent_requests = raw
-        .max_concurrent_requests
-        .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS);
-    if max_concurrent_requests == 0 {
-        return Err(invalid(
-            "server.max_concurrent_requests",
-            "must be greater than zero",
-        ));
-    }
-    Ok(ServerConfig {
-        socket,
-        socket_mode,
-        socket_group: raw.socket_group,
-        request_timeout: positive(
-            "server.request_timeout",
-            raw.request_timeout,
-            DEFAULT_REQUEST_TIMEOUT,
-        )?,
-        header_read_timeout: positive(
-            "server.header_read_timeout",
-            raw.header_read_timeout,
-            DEFAULT_HEADER_READ_TIMEOUT,
-        )?,
-        max_body_bytes,
-        max_concurrent_requests,
-        shutdown_grace: raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-        tcp,
-    })
 }
 
 fn validate_managers(raw: Vec<RawManager>) -> Result<Vec<ManagerConfig>, ConfigError> {
@@ -450,13 +367,19 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
     })
 }
 
+/// Where a syntax error is, as a line and column: never the line's text, which may hold an
+/// inline token.
 pub(super) fn location(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
-            let start = span.start.min(text.len());
-            let line = text[..start].matches('\n').count() + 1;
-            let content = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!(" (line {line}: `{content}`)")
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
         }
         None => String::new(),
     }

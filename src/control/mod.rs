@@ -136,7 +136,7 @@ impl ControlPlane {
                 .cloned();
             let instance = match reuse {
                 Some(instance) => instance,
-                None => manager::build(m).await?,
+                None => manager::renewing::build(m, self.renewals(m.id.clone())).await?,
             };
             registry.insert(m.id.clone(), instance);
             match old {
@@ -294,7 +294,15 @@ impl ControlPlane {
     ) -> Result<Arc<dyn SecretsManager>, ControlError> {
         let auth = definition::open(&self.keys, row)?;
         let config = definition::manager_config(row, auth);
-        Ok(manager::build(&config).await?)
+        let label = match row.source {
+            ManagerSource::Api => format!("api:{}", row.kind),
+            ManagerSource::File => row.id.clone(),
+        };
+        Ok(manager::renewing::build(&config, self.renewals(label)).await?)
+    }
+
+    fn renewals(&self, label: String) -> manager::renewing::Observer {
+        manager::renewing::counting(Arc::clone(self.service.metrics()), label)
     }
 
     /// Records the file's managers (settings, and access details resolved now and sealed), so

@@ -16,6 +16,7 @@ pub mod hashicorp;
 pub mod local;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 pub mod names;
+pub mod renewing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,7 +88,7 @@ pub struct Versioned {
     pub expires_in: Option<Duration>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct PutRequest<'a> {
     /// The logical name (`{prefix}{environment}/{credential id}`); a store maps it to its own
     /// alphabet if it has to.
@@ -228,6 +229,11 @@ pub trait SecretsManager: Send + Sync + 'static {
         .await
         .map(drop)
     }
+
+    /// Rebuilds the client if the files holding its access details changed since it was
+    /// built. Only the `renewing` wrapper, which every configured manager is built in, has
+    /// anything to do.
+    async fn renew_if_rotated(&self) {}
 }
 
 /// The configured stores by id, `local` always among them.
@@ -286,7 +292,9 @@ pub(crate) fn parse_table<T: serde::de::DeserializeOwned>(
         .settings
         .clone()
         .try_into()
-        .map_err(|e: toml::de::Error| setting_error(manager, "", e.message().to_owned()))
+        .map_err(|e: toml::de::Error| {
+            setting_error(manager, "", crate::secret::without_values(e.message()))
+        })
 }
 
 /// Checks a manager's settings against its type's descriptor, without reading any secret.

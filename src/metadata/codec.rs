@@ -44,6 +44,12 @@ pub(super) const JOURNAL_INSERT_COLUMNS: &str = "credential_id, store_id, name, 
 pub(super) const SEALED_COLUMNS: &str =
     "name, version, key_id, wrapped_key, ciphertext, created_at";
 
+/// Every master key id something in the database is sealed under, one row each, in order.
+pub(super) const SEALED_KEY_IDS: &str = "SELECT key_id FROM local_secrets \
+     UNION SELECT key_id FROM oauth_pending \
+     UNION SELECT auth_key_id FROM managers WHERE auth_key_id IS NOT NULL \
+     ORDER BY 1";
+
 /// The columns [`sealed_summary`] reads: one row per name of `local_secrets`.
 pub(super) const SEALED_SUMMARY_COLUMNS: &str =
     "name, MAX(version), MIN(created_at), MAX(created_at)";
@@ -149,11 +155,11 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
             name: row.text(7)?,
             version: row.opt_text(8)?,
         },
-        expires_at: row.opt_int(9)?,
+        expires_at: row.opt_int(9)?.map(crate::time::clamp_unix),
         needs_reauth: row.flag(10)?,
         row_version: row.int(11)?,
-        created_at: row.int(12)?,
-        updated_at: row.int(13)?,
+        created_at: crate::time::clamp_unix(row.int(12)?),
+        updated_at: crate::time::clamp_unix(row.int(13)?),
         workspace: row.text(14)?,
         id,
     })

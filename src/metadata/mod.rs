@@ -13,6 +13,8 @@
 //! secret settings are sealed before they reach this layer.
 
 mod codec;
+mod fault;
+mod observed;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod records;
@@ -20,6 +22,8 @@ mod roles;
 mod schema;
 pub mod sqlite;
 
+pub use fault::Fault;
+pub use observed::Observed;
 pub use records::{
     ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
     ManagerSource, ManagerState, OAuthDescription, RoutingRecord, SealedRecord, SealedSummary,
@@ -48,4 +52,23 @@ pub enum MetadataError {
     Database(String),
     #[error("metadata record is corrupt: {0}")]
     Corrupt(String),
+    /// The database failed for a reason that is its own, not the request's: full, read-only,
+    /// locked, unreachable. Classified for logs, metrics and readiness; the text is the
+    /// database's (it names files and tables, never values).
+    #[error("metadata database error: {message}")]
+    Storage { fault: Fault, message: String },
+}
+
+impl MetadataError {
+    /// What kind of database failure this is; `None` for the answers that are outcomes, not
+    /// failures (a lost compare-and-swap, a key already taken).
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            MetadataError::Conflict | MetadataError::AlreadyExists => None,
+            MetadataError::Storage { fault, .. } => Some(*fault),
+            MetadataError::SchemaTooNew { .. }
+            | MetadataError::Database(_)
+            | MetadataError::Corrupt(_) => Some(Fault::Other),
+        }
+    }
 }

@@ -18,6 +18,13 @@ use super::{
 pub trait Liveness: Send + Sync + 'static {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), MetadataError>;
+
+    /// Why writes fail now, if the last write failed in a way that persists (the disk is
+    /// full, the database read-only or unreachable) and none has succeeded since. Only the
+    /// observing wrapper ([`super::Observed`]) keeps track; a bare backend says `None`.
+    fn write_fault(&self) -> Option<super::Fault> {
+        None
+    }
 }
 
 /// The credential rows: references to where each credential's secret lives, its non-secret
@@ -121,6 +128,9 @@ pub trait SealedRows: Send + Sync + 'static {
         current_key_id: &str,
         limit: usize,
     ) -> Result<Vec<SealedRecord>, MetadataError>;
+    /// Every master key id that wraps something in the database: the local store's rows,
+    /// sealed token responses awaiting write-back, and secrets managers' access details.
+    async fn sealed_key_ids(&self) -> Result<Vec<String>, MetadataError>;
     /// Replaces the wrapped data key of one version (key rotation), if still wrapped by `old_key_id`.
     async fn sealed_rewrap(
         &self,

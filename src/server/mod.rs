@@ -4,6 +4,7 @@
 //! own future.
 
 pub mod api;
+mod limits;
 pub mod unix;
 
 use std::convert::Infallible;
@@ -42,8 +43,10 @@ pub struct App {
     pub audit: bool,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub shutdown_grace: Duration,
+    per_caller: Arc<limits::PerCaller>,
     ready: AtomicBool,
 }
 
@@ -70,8 +73,10 @@ impl App {
             audit: config.log.audit,
             request_timeout: config.server.request_timeout,
             header_read_timeout: config.server.header_read_timeout,
+            body_read_timeout: config.server.body_read_timeout,
             max_concurrent_requests: config.server.max_concurrent_requests,
             shutdown_grace: config.server.shutdown_grace,
+            per_caller: limits::PerCaller::new(config.server.max_requests_per_caller),
             ready: AtomicBool::new(false),
             service,
             migrator,
@@ -121,11 +126,13 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
         });
     let Listeners { unix, tcp, metrics } = listeners;
     tokio::pin!(shutdown);
+    let mut accept_errors = limits::AcceptErrors::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = unix.accept() => match accepted {
                 Ok((stream, _)) => {
+                    accept_errors.succeeded();
                     let caller = match stream.peer_cred() {
                         Ok(cred) => Caller::Unix { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() },
                         Err(e) => {
@@ -135,15 +142,21 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
                     };
                     serve_api(&app, &graceful, &api, stream, Transport::Unix(caller));
                 }
-                Err(e) => accept_failed(e).await,
+                Err(e) => accept_errors.failed(&e).await,
             },
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
-                Ok(stream) => serve_api(&app, &graceful, &api, stream, Transport::Tcp),
-                Err(e) => accept_failed(e).await,
+                Ok(stream) => {
+                    accept_errors.succeeded();
+                    serve_api(&app, &graceful, &api, stream, Transport::Tcp)
+                }
+                Err(e) => accept_errors.failed(&e).await,
             },
             accepted = accept_tcp(metrics.as_ref()) => match accepted {
-                Ok(stream) => serve_metrics(&app, &graceful, stream),
-                Err(e) => accept_failed(e).await,
+                Ok(stream) => {
+                    accept_errors.succeeded();
+                    serve_metrics(&app, &graceful, stream)
+                }
+                Err(e) => accept_errors.failed(&e).await,
             },
         }
     }
@@ -165,12 +178,6 @@ async fn accept_tcp(listener: Option<&TcpListener>) -> std::io::Result<tokio::ne
         }),
         None => std::future::pending().await,
     }
-}
-
-/// Running out of file descriptors must not spin the accept loop.
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 fn serve_api<S, T>(
@@ -198,7 +205,12 @@ fn serve_api<S, T>(
             let route = target.route;
             let response = match admit(&app, &request, transport) {
                 Err(e) => e.into_response(),
-                Ok(caller) => {
+                Ok(caller) => 'admitted: {
+                    // Held until the answer is ready: one caller's slow requests use up its
+                    // own share, not everybody's.
+                    let Some(_slot) = app.per_caller.try_acquire(&caller) else {
+                        break 'admitted overloaded(true).into_response();
+                    };
                     request.extensions_mut().insert(caller);
                     request.extensions_mut().insert(target);
                     match api.ready().await {
@@ -231,8 +243,11 @@ fn serve_api<S, T>(
             Ok::<_, Infallible>(response)
         }
     });
+    // Half-closed connections are answered: a client may send its request and shut down its
+    // write side (as `nc -N` and some proxies do) and still expect the response.
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        .half_close(true)
         .header_read_timeout(app.header_read_timeout)
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
@@ -289,17 +304,27 @@ fn middleware_error(e: tower::BoxError) -> ApiError {
             )
         }
     } else if e.is::<tower::load_shed::error::Overloaded>() {
-        ApiError {
-            retry_after: Some(Duration::from_secs(1)),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "too many requests in flight; retry shortly",
-            )
-        }
+        overloaded(false)
     } else {
         tracing::error!(error = %e, "request failed in middleware");
         ApiError::internal()
+    }
+}
+
+/// `503 overloaded`: every slot is taken, or (`own_share`) this caller's share of them.
+fn overloaded(own_share: bool) -> ApiError {
+    let error = ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry shortly",
+        )
+    };
+    if own_share {
+        error.with_detail("this caller has server.max_requests_per_caller requests in flight")
+    } else {
+        error
     }
 }
 
@@ -359,6 +384,7 @@ where
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        .half_close(true)
         .header_read_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);

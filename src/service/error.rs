@@ -18,6 +18,8 @@ pub enum ServiceError {
     Forbidden,
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("the credential is too large: {0}")]
+    TooLarge(String),
     #[error("the credential changed concurrently")]
     Conflict,
     #[error("secrets manager `{manager}` is read-only")]

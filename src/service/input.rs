@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::ServiceError;
-use crate::config::{is_valid_name, DEFAULT_WORKSPACE};
+use crate::config::{is_valid_name, CredentialLimits, DEFAULT_WORKSPACE};
 use crate::metadata::{ClientAuth, OAuthDescription};
 use crate::secret::SecretFields;
 
@@ -25,7 +25,7 @@ pub struct CreateRequest {
     pub secrets_manager_id: Option<String>,
     #[serde(default)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::secret::strict_fields")]
     pub secrets: Option<SecretFields>,
     #[serde(default)]
     pub oauth: Option<OAuthInput>,
@@ -52,7 +52,7 @@ pub struct OAuthInput {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::secret::strict_fields")]
     pub secrets: Option<SecretFields>,
     #[serde(default)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
@@ -104,6 +104,7 @@ pub(crate) fn check_fields(
     integration_type: Option<String>,
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     oauth: Option<OAuthInput>,
+    limits: &CredentialLimits,
 ) -> Result<CreateFields, ServiceError> {
     let integration_type = integration_type.unwrap_or_default();
     if integration_type.is_empty()
@@ -115,7 +116,7 @@ pub(crate) fn check_fields(
         ));
     }
     let metadata = metadata.unwrap_or_default();
-    check_metadata(&metadata)?;
+    check_metadata(&metadata, limits)?;
     let (oauth, expires_at) = match oauth {
         Some(o) => {
             let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
@@ -131,20 +132,82 @@ pub(crate) fn check_fields(
     })
 }
 
-/// The checks `patch` makes before it reads the credential: metadata, and the new expiry,
-/// which it answers.
-pub(crate) fn check_patch(request: &PatchRequest) -> Result<Option<i64>, ServiceError> {
+/// The checks `patch` makes before it reads the credential: metadata, the size of the secret
+/// fields it brings (the merged value is checked again), and the new expiry, which it answers.
+pub(crate) fn check_patch(
+    request: &PatchRequest,
+    limits: &CredentialLimits,
+) -> Result<Option<i64>, ServiceError> {
     if let Some(m) = &request.metadata {
-        check_metadata(m)?;
+        check_metadata(m, limits)?;
+    }
+    if let Some(s) = &request.secrets {
+        check_secrets_size(s, limits)?;
     }
     request.expires_at.as_ref().map(parse_expiry).transpose()
 }
 
-fn check_metadata(m: &serde_json::Map<String, serde_json::Value>) -> Result<(), ServiceError> {
+/// Metadata is stored in plaintext, so a key that names sensitive material (an API key pasted
+/// into the wrong object) is refused, at any depth, with the key's path.
+pub(super) fn check_metadata(
+    m: &serde_json::Map<String, serde_json::Value>,
+    limits: &CredentialLimits,
+) -> Result<(), ServiceError> {
     let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
     if size > MAX_METADATA_BYTES {
         return Err(ServiceError::Invalid(format!(
             "`metadata` is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    sensitive_key(m, "metadata", limits, 0)
+}
+
+fn sensitive_key(
+    m: &serde_json::Map<String, serde_json::Value>,
+    path: &str,
+    limits: &CredentialLimits,
+    depth: usize,
+) -> Result<(), ServiceError> {
+    for (key, value) in m {
+        let here = format!("{path}.{key}");
+        if let Some(term) = limits.sensitive_match(key) {
+            return Err(ServiceError::Invalid(format!(
+                "`{here}` names sensitive material (`{term}` in credentials.sensitive_metadata_keys); metadata is stored in plaintext, put secret values in `secrets`"
+            )));
+        }
+        let mut nested: Vec<&serde_json::Value> = vec![value];
+        while let Some(v) = nested.pop() {
+            match v {
+                // The size cap above bounds the depth serde_json accepted (128) anyway.
+                serde_json::Value::Object(inner) if depth < 32 => {
+                    sensitive_key(inner, &here, limits, depth + 1)?
+                }
+                serde_json::Value::Array(items) => nested.extend(items),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A credential's secret fields after a create or a PATCH merged them: within
+/// `[credentials]` limits, or `413`.
+pub(super) fn check_secrets_size(
+    secrets: &SecretFields,
+    limits: &CredentialLimits,
+) -> Result<(), ServiceError> {
+    if secrets.len() > limits.max_secret_fields {
+        return Err(ServiceError::TooLarge(format!(
+            "the credential would hold {} secret fields; credentials.max_secret_fields is {}",
+            secrets.len(),
+            limits.max_secret_fields
+        )));
+    }
+    let bytes = secrets.byte_size();
+    if bytes > limits.max_secret_bytes {
+        return Err(ServiceError::TooLarge(format!(
+            "the credential's secret fields would total {bytes} bytes; credentials.max_secret_bytes is {}",
+            limits.max_secret_bytes
         )));
     }
     Ok(())
@@ -208,8 +271,7 @@ fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
     })
 }
 
-/// 9999-12-31T23:59:59Z.
-const LATEST_EXPIRY: i64 = 253_402_300_799;
+use crate::time::LATEST_UNIX as LATEST_EXPIRY;
 
 /// A fresh idempotency token per logical write (AWS wants 32-64 characters). A token reused
 /// for a different value is an error there, so it is never derived from the row version.

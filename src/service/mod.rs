@@ -2,6 +2,7 @@
 //! manager holds, and clean up copies that a crash, move or delete left behind.
 
 mod error;
+mod failures;
 mod input;
 mod journal;
 mod locks;
@@ -125,9 +126,10 @@ impl Service {
         self.runtime.load().policy.allows(caller, action, scope)
     }
 
-    /// Whether `caller` may do `action` on `record`. A caller that cannot see the record's
-    /// workspace is told it does not exist, exactly as for an id that does not: no answer
-    /// reveals what another workspace holds.
+    /// Whether `caller` may do `action` on `record`. A caller that may not read the record (its
+    /// workspace or its environment) is told it does not exist, exactly as for an id that does
+    /// not: no answer reveals what another workspace or environment holds. A caller that may
+    /// read it but not do `action` is told `Forbidden`.
     fn check_access(
         &self,
         caller: &Caller,
@@ -135,14 +137,11 @@ impl Service {
         record: &CredentialRecord,
     ) -> Result<(), ServiceError> {
         let policy = &self.runtime.load().policy;
-        if !policy.allows(caller, Action::Read, Scope::workspace(&record.workspace)) {
+        let scope = Scope::credential(&record.workspace, &record.environment);
+        if !policy.allows(caller, Action::Read, scope) {
             return Err(ServiceError::NotFound);
         }
-        if !policy.allows(
-            caller,
-            action,
-            Scope::credential(&record.workspace, &record.environment),
-        ) {
+        if !policy.allows(caller, action, scope) {
             return Err(ServiceError::Forbidden);
         }
         Ok(())
@@ -207,7 +206,7 @@ impl Service {
         let label = runtime.topology.metric_label(manager_id);
         let timeout = runtime.config.manager_timeout;
         drop(runtime);
-        call_manager(&self.metrics, timeout, &label, operation, fut).await
+        call_manager(&self.metrics, timeout, manager_id, &label, operation, fut).await
     }
 
     /// The name a credential's secret gets in `manager_id`: `{prefix}{environment}/{id}` in the
@@ -243,6 +242,7 @@ pub(crate) fn secret_name(prefix: &str, workspace: &str, environment: &str, id: 
 pub(crate) async fn call_manager<T>(
     metrics: &Metrics,
     timeout: Duration,
+    manager_id: &str,
     label: &str,
     operation: &'static str,
     fut: impl Future<Output = Result<T, ManagerError>>,
@@ -265,7 +265,7 @@ pub(crate) async fn call_manager<T>(
         .with_label_values(&[label, operation])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        tracing::debug!(manager = label, operation, error = %e, "secrets manager call failed");
+        failures::log(manager_id, operation, e);
     }
     result
 }

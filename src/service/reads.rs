@@ -73,6 +73,7 @@ impl Service {
                 let read = call_manager(
                     &metrics,
                     timeout,
+                    &loc.manager_id,
                     &runtime.topology.metric_label(&loc.manager_id),
                     "get",
                     manager.get(&loc.name, loc.version.as_deref()),
@@ -101,7 +102,7 @@ impl Service {
             };
             let valid_until = earliest(
                 record.expires_at.map(crate::time::from_unix),
-                read.expires_in.map(|d| SystemTime::now() + d),
+                read.expires_in.map(crate::time::from_now),
             );
             Ok(Loaded {
                 record: Arc::new(record),

@@ -3,10 +3,11 @@
 //! the credential belongs hands over to `moves.rs`.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::error::manager_failure;
-use super::input::{check_fields, check_patch, check_scope, write_token, CreateFields};
+use super::input::{
+    check_fields, check_patch, check_scope, check_secrets_size, write_token, CreateFields,
+};
 use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
@@ -36,12 +37,18 @@ impl Service {
         ) {
             return Err(ServiceError::Forbidden);
         }
+        let limits = self.runtime().config.credentials.clone();
         let CreateFields {
             integration_type,
             metadata,
             oauth,
             expires_at,
-        } = check_fields(request.integration_type, request.metadata, request.oauth)?;
+        } = check_fields(
+            request.integration_type,
+            request.metadata,
+            request.oauth,
+            &limits,
+        )?;
 
         let runtime = self.runtime();
         let pin = request.secrets_manager_id;
@@ -106,7 +113,7 @@ impl Service {
                 Loaded {
                     record: Arc::new(record.clone()),
                     secrets: read.value,
-                    valid_until: read.expires_in.map(|d| SystemTime::now() + d),
+                    valid_until: read.expires_in.map(crate::time::from_now),
                 },
             );
             return Ok(WriteOutcome { record });
@@ -120,6 +127,7 @@ impl Service {
         let secrets = request.secrets.filter(|s| !s.is_empty()).ok_or_else(|| {
             ServiceError::Invalid("`secrets` must hold at least one field".into())
         })?;
+        check_secrets_size(&secrets, &limits)?;
         let _guard = self.locks.lock(&id).await;
         let name = Self::secret_name(&runtime, &target.manager_id, &workspace, &environment, &id);
         let journal_id = self.journal(&id, &target.manager_id, &name).await?;
@@ -169,7 +177,8 @@ impl Service {
         if !self.allows(caller, Action::Write, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
-        let new_expiry = check_patch(&request)?;
+        let limits = self.runtime().config.credentials.clone();
+        let new_expiry = check_patch(&request, &limits)?;
         let _guard = self.locks.lock(id).await;
         let current = self
             .metadata
@@ -243,6 +252,7 @@ impl Service {
             .value;
         if let Some(patch) = request.secrets {
             value.merge(patch);
+            check_secrets_size(&value, &limits)?;
         }
 
         if moving {

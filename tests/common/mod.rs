@@ -5,6 +5,7 @@
 pub mod fakes;
 pub mod inprocess;
 pub mod peers;
+pub mod startup;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -373,4 +374,10 @@ pub fn route(c: &mut toml::Table, environments: &[(&str, &str)]) {
         .map(|(e, m)| ((*e).to_owned(), toml::Value::from(*m)))
         .collect();
     set(c, "routing", "environments", envs);
+}
+
+/// chmod 600: what the daemon requires of key and token files.
+pub fn restrict_to_owner(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

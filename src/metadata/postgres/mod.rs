@@ -25,7 +25,7 @@ use self::fleet::listen;
 use self::pool::{tls_for, Pool};
 use super::codec::Columns;
 use super::schema::{self, Dialect};
-use super::{Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
+use super::{Fault, Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
 
 /// The channel that carries credential invalidations: `<origin>:<credential id>`.
 const CHANNEL: &str = "credproxy_invalidate";
@@ -54,9 +54,35 @@ const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 fn db_err(e: tokio_postgres::Error) -> MetadataError {
     // The server's message names tables and constraints, never values.
-    MetadataError::Database(match e.as_db_error() {
+    let message = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
+    };
+    match fault(&e) {
+        Some(fault) => MetadataError::Storage { fault, message },
+        None => MetadataError::Database(message),
+    }
+}
+
+/// The kinds of failure that are the database's own, by SQLSTATE (and a lost connection).
+fn fault(e: &tokio_postgres::Error) -> Option<Fault> {
+    if e.is_closed() {
+        return Some(Fault::Unavailable);
+    }
+    let Some(code) = e.code() else {
+        // No server answer: the connection or its socket failed (an I/O error underneath).
+        let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+        return io.then_some(Fault::Unavailable);
+    };
+    let code = code.code();
+    Some(match code {
+        "53100" => Fault::Full,
+        "25006" => Fault::ReadOnly,
+        "55P03" | "40P01" | "40001" | "57014" => Fault::Locked,
+        _ if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") => {
+            Fault::Unavailable
+        }
+        _ => return None,
     })
 }
 

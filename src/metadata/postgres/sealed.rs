@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata};
-use crate::metadata::codec::{self, SEALED_COLUMNS, SEALED_SUMMARY_COLUMNS};
+use crate::metadata::codec::{self, SEALED_COLUMNS, SEALED_KEY_IDS, SEALED_SUMMARY_COLUMNS};
 use crate::metadata::{MetadataError, SealedRecord, SealedRows, SealedSummary};
 
 #[async_trait]
@@ -120,6 +120,14 @@ impl SealedRows for PostgresMetadata {
             .await
             .map_err(db_err)?;
         decode_all(rows, codec::sealed)
+    }
+
+    async fn sealed_key_ids(&self) -> Result<Vec<String>, MetadataError> {
+        let conn = self.pool.get().await?;
+        let rows = conn.query(SEALED_KEY_IDS, &[]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(db_err))
+            .collect()
     }
 
     async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), MetadataError> {

@@ -10,7 +10,7 @@ mod leases;
 mod pending;
 mod sealed;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -18,7 +18,7 @@ use rusqlite::{Connection, Row};
 
 use super::codec::Columns;
 use super::schema::{self, Dialect};
-use super::{Liveness, MetadataError, SCHEMA_VERSION};
+use super::{Fault, Liveness, MetadataError, SCHEMA_VERSION};
 
 /// How SQLite spells the shared schema.
 const DIALECT: Dialect = Dialect {
@@ -36,10 +36,70 @@ const DIALECT: Dialect = Dialect {
 pub struct SqliteMetadata {
     // One connection: SQLite serialises writers anyway, and the hot read path is the cache.
     conn: Arc<Mutex<Connection>>,
+    /// The database file, to tell why an I/O error happened.
+    path: Arc<PathBuf>,
 }
 
 fn db_err(e: rusqlite::Error) -> MetadataError {
-    MetadataError::Database(e.to_string())
+    use rusqlite::ErrorCode as C;
+    let fault = match e.sqlite_error_code() {
+        Some(C::DiskFull) => Fault::Full,
+        Some(C::ReadOnly) => Fault::ReadOnly,
+        Some(C::DatabaseBusy | C::DatabaseLocked) => Fault::Locked,
+        Some(
+            C::SystemIoFailure
+            | C::CannotOpen
+            | C::NotADatabase
+            | C::PermissionDenied
+            | C::FileLockingProtocolFailed
+            | C::NoLargeFileSupport,
+        ) => Fault::Unavailable,
+        _ => return MetadataError::Database(e.to_string()),
+    };
+    MetadataError::Storage {
+        fault,
+        message: e.to_string(),
+    }
+}
+
+/// Below this much free space an I/O error is taken for a full disk: SQLite reports ENOSPC
+/// as SQLITE_FULL only on some paths (growing the WAL index gives SQLITE_IOERR_SHMSIZE).
+const NEARLY_FULL: u64 = 64 * 1024;
+
+/// An I/O error does not say why. Writing an immutable file or one on a read-only mount, and
+/// writing a full disk, are told apart here from what the file system says about the files.
+fn refine(error: MetadataError, path: &Path) -> MetadataError {
+    let MetadataError::Storage {
+        fault: Fault::Unavailable,
+        message,
+    } = error
+    else {
+        return error;
+    };
+    let wal = {
+        let mut p = path.as_os_str().to_owned();
+        p.push("-wal");
+        PathBuf::from(p)
+    };
+    let refused = [path, wal.as_path()].into_iter().find_map(|p| {
+        let e = crate::sys::check_writable(p).err()?;
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EROFS | libc::EPERM | libc::EACCES)
+        )
+        .then(|| format!("{message} ({} is not writable: {e})", p.display()))
+    });
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let free = crate::sys::available_bytes(dir.unwrap_or(Path::new("."))).ok();
+    let (fault, message) = match (refused, free) {
+        (Some(message), _) => (Fault::ReadOnly, message),
+        (None, Some(free)) if free < NEARLY_FULL => (
+            Fault::Full,
+            format!("{message} ({free} bytes free beside {})", path.display()),
+        ),
+        _ => (Fault::Unavailable, message),
+    };
+    MetadataError::Storage { fault, message }
 }
 
 impl SqliteMetadata {
@@ -84,6 +144,7 @@ impl SqliteMetadata {
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_owned()),
         })
     }
 
@@ -107,6 +168,7 @@ impl SqliteMetadata {
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_owned()),
         })
     }
 
@@ -116,9 +178,10 @@ impl SqliteMetadata {
         F: FnOnce(&mut Connection) -> Result<T, MetadataError> + Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
+        let path = Arc::clone(&self.path);
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
+            f(&mut guard).map_err(|e| refine(e, &path))
         })
         .await
         .map_err(|e| MetadataError::Database(format!("worker failed: {e}")))?
@@ -208,6 +271,23 @@ fn query_first<T>(
         .transpose()
 }
 
+#[cfg(test)]
+impl SqliteMetadata {
+    /// Caps the database at its current size (`max_page_count`, this connection only): a
+    /// write that needs another page then fails with SQLITE_FULL, as on a full disk.
+    pub(crate) async fn cap_at_current_size(&self) {
+        self.with(|c| {
+            let pages: i64 = c
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(db_err)?;
+            c.pragma_update(None, "max_page_count", pages)
+                .map_err(db_err)
+        })
+        .await
+        .unwrap();
+    }
+}
+
 #[async_trait]
 impl Liveness for SqliteMetadata {
     async fn ping(&self) -> Result<(), MetadataError> {
@@ -271,6 +351,22 @@ mod tests {
             let mode = std::fs::metadata(file).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{}", file.display());
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_refused_by_a_read_only_database_is_classified_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteMetadata::open(&path).unwrap();
+        store.create_credential(&record("a"), 0).await.unwrap();
+        let read_only = SqliteMetadata::open_read_only(&path).unwrap();
+        let e = read_only
+            .create_credential(&record("b"), 0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.fault(), Some(Fault::ReadOnly), "{e}");
+        assert!(e.to_string().contains("readonly database"), "{e}");
+        assert!(read_only.get_credential("a").await.unwrap().is_some());
     }
 
     pub(super) fn record(id: &str) -> CredentialRecord {

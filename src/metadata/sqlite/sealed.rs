@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::params;
 
 use super::{db_err, query_all, query_first, SqliteMetadata};
-use crate::metadata::codec::{self, SEALED_COLUMNS, SEALED_SUMMARY_COLUMNS};
+use crate::metadata::codec::{self, SEALED_COLUMNS, SEALED_KEY_IDS, SEALED_SUMMARY_COLUMNS};
 use crate::metadata::{MetadataError, SealedRecord, SealedRows, SealedSummary};
 
 #[async_trait]
@@ -137,6 +137,17 @@ impl SealedRows for SqliteMetadata {
         .await
     }
 
+    async fn sealed_key_ids(&self) -> Result<Vec<String>, MetadataError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(SEALED_KEY_IDS).map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
     async fn sealed_rewrap(
         &self,
         record: &SealedRecord,
@@ -185,5 +196,58 @@ mod tests {
         assert_eq!(store.sealed_latest("n").await.unwrap().unwrap().version, 3);
         let (list, more) = store.sealed_list(Some("n"), 0, 10).await.unwrap();
         assert_eq!((list.len(), list[0].latest_version, more), (1, 3, false));
+    }
+
+    #[tokio::test]
+    async fn every_key_id_something_is_sealed_under_is_listed_once() {
+        use crate::metadata::PendingTokenRows;
+        use crate::metadata::{ControlRows, ManagerRecord, ManagerSource, ManagerState};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteMetadata::open(&dir.path().join("m.db")).unwrap();
+        assert!(store.sealed_key_ids().await.unwrap().is_empty());
+        let sealed = |name: &str, key: &str| SealedRecord {
+            name: name.into(),
+            version: 1,
+            key_id: key.into(),
+            wrapped_key: vec![1],
+            ciphertext: vec![2],
+            created_at: 1,
+        };
+        store
+            .sealed_insert(&sealed("a", "local-key"))
+            .await
+            .unwrap();
+        store
+            .sealed_insert(&sealed("b", "local-key"))
+            .await
+            .unwrap();
+        store
+            .pending_token_put("cred", &sealed("cred", "pending-key"))
+            .await
+            .unwrap();
+        let manager = |id: &str, auth: Option<SealedRecord>| ManagerRecord {
+            id: id.into(),
+            workspace: "default".into(),
+            name: id.into(),
+            kind: "hashicorp".into(),
+            prefix: "credproxy/".into(),
+            settings: serde_json::Map::new(),
+            auth_keys: vec![],
+            auth,
+            source: ManagerSource::Api,
+            state: ManagerState::Active,
+            row_version: 1,
+            created_at: 1,
+            updated_at: 1,
+        };
+        store
+            .manager_insert(&manager("m1", Some(sealed("m1", "manager-key"))))
+            .await
+            .unwrap();
+        store.manager_insert(&manager("m2", None)).await.unwrap();
+        assert_eq!(
+            store.sealed_key_ids().await.unwrap(),
+            ["local-key", "manager-key", "pending-key"]
+        );
     }
 }

@@ -11,6 +11,7 @@ use hyper::Request;
 use super::body::{ok_json, read_json, Body};
 use super::{require, ApiError, Query};
 use crate::access::{Action, Caller};
+use crate::metadata::Fault;
 use crate::server::App;
 use crate::service::ServiceError;
 
@@ -18,18 +19,31 @@ pub(super) fn health() -> Response<Body> {
     ok_json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
-/// Ready once start-up is done and while the metadata database answers.
+/// Ready once start-up is done, while the metadata database answers, and while it can be
+/// written: after a write failed because the disk is full or the database read-only or
+/// unreachable, not ready until a write succeeds again (the instance heartbeat retries every
+/// two seconds). Reads are served meanwhile; readiness is what orchestrators and operators
+/// look at.
 pub(super) async fn ready(app: &App) -> Response<Body> {
-    let ready = app.is_ready() && app.service.metadata().ping().await.is_ok();
-    let status = if ready {
-        StatusCode::OK
+    let metadata = app.service.metadata();
+    let reason = if !app.is_ready() {
+        Some("starting")
+    } else if metadata.ping().await.is_err() {
+        Some("metadata_unreachable")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        metadata.write_fault().map(|fault| match fault {
+            Fault::Full => "metadata_full",
+            Fault::ReadOnly => "metadata_read_only",
+            _ => "metadata_unwritable",
+        })
     };
-    ok_json(
-        status,
-        &serde_json::json!({"status": if ready { "ready" } else { "not_ready" }}),
-    )
+    match reason {
+        None => ok_json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Some(reason) => ok_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "not_ready", "reason": reason}),
+        ),
+    }
 }
 
 pub(super) async fn routing(

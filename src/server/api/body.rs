@@ -49,23 +49,66 @@ fn serialisation_failed(e: serde_json::Error) -> Response<Body> {
     ApiError::internal().into_response()
 }
 
-/// Reads a JSON body within the size limit into a buffer that is wiped afterwards (it may
-/// hold secrets), and parses it. Parse errors name the problem without quoting values.
+/// Reads a JSON body within the size limit and the body-read timeout into a buffer that is
+/// wiped afterwards (it may hold secrets), and parses it. Parse errors name the key path and the
+/// position, never a value.
 pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
     app: &App,
     request: Request<Incoming>,
 ) -> Result<T, ApiError> {
-    if let Some(ct) = request.headers().get(CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("");
-        if !ct.starts_with("application/json") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "request bodies must be application/json",
-            ));
+    check_content_type(request.headers())?;
+    let buffer = tokio::time::timeout(app.body_read_timeout, collect(app, request.into_body()))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive within the body-read timeout",
+            )
+        })??;
+    parse_json(&buffer)
+}
+
+/// One `Content-Type`, and it is JSON: `application/json`, with parameters at most (a
+/// `charset` must be UTF-8). Absent is taken as JSON, as curl and most clients omit it.
+fn check_content_type(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
+    let unsupported = || {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "request bodies must be application/json",
+        )
+    };
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
+        return Ok(());
+    };
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+            "the request has more than one Content-Type header",
+        ));
+    }
+    let value = value.to_str().map_err(|_| unsupported())?;
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(unsupported());
+    }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').ok_or_else(unsupported)?;
+        if name.trim().eq_ignore_ascii_case("charset")
+            && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        {
+            return Err(unsupported());
         }
     }
-    let mut body = Limited::new(request.into_body(), app.max_body_bytes);
+    Ok(())
+}
+
+async fn collect(app: &App, body: Incoming) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let mut body = Limited::new(body, app.max_body_bytes);
     let mut buffer = Zeroizing::new(Vec::new());
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -87,27 +130,45 @@ pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
             buffer.extend_from_slice(&data);
         }
     }
-    decode_json(&buffer)
+    Ok(buffer)
 }
 
-/// Parses a request body already read. Parse errors name the problem without quoting values.
-pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(buffer: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(buffer).map_err(|e| {
-        let detail = match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                format!("malformed JSON at line {} column {}", e.line(), e.column())
-            }
-            // Data errors come from our own types: unknown or missing fields, wrong types of
-            // non-secret fields, and the secrets visitor's fixed message. None quote a secret.
-            _ => e.to_string(),
-        };
+/// Every body is a JSON object: serde would also fill a struct from an array, by position.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(buffer: &[u8]) -> Result<T, ApiError> {
+    let invalid = |detail: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             "the request body is not valid JSON for this call",
         )
         .with_detail(detail)
-    })
+    };
+    let first = buffer.iter().position(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|i| buffer[i] != b'{') {
+        return Err(invalid("the body must be a JSON object".into()));
+    }
+    let describe = |path: &str, e: serde_json::Error| {
+        let at = format!("line {} column {}", e.line(), e.column());
+        invalid(match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                format!("malformed JSON at {at}")
+            }
+            _ => {
+                let message = crate::secret::without_values(&e.to_string());
+                match path {
+                    "" | "." => format!("{message} (at {at})"),
+                    _ => format!("`{path}`: {message} (at {at})"),
+                }
+            }
+        })
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(buffer);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        describe(&path, e.into_inner())
+    })?;
+    deserializer.end().map_err(|e| describe("", e))?;
+    Ok(value)
 }
 
 #[cfg(test)]

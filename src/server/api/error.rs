@@ -33,7 +33,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
     }
@@ -94,9 +94,11 @@ impl From<ServiceError> for ApiError {
             NotFound => ApiError::new(StatusCode::NOT_FOUND, "not_found", "credential not found"),
             Forbidden => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the caller is not allowed to do this"),
             Invalid(detail) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "the request is invalid").with_detail(detail),
+            TooLarge(detail) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "credential_too_large", "the credential would exceed the configured size limits ([credentials] in the configuration)").with_detail(detail),
             Conflict => ApiError::new(StatusCode::CONFLICT, "conflict", "the credential was changed concurrently; read it again and retry"),
             ReadOnly { .. } => ApiError::new(StatusCode::CONFLICT, "read_only_store", "the credential's secrets manager is read-only; credproxy never writes, refreshes or moves credentials there"),
-            UnknownManager(id) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_secrets_manager", "no secrets manager with that id is configured").with_detail(format!("secrets_manager_id `{id}`")),
+            // The id is the caller's own input: not repeated back.
+            UnknownManager(_) => ApiError::new(StatusCode::BAD_REQUEST, "unknown_secrets_manager", "no secrets manager with that id is configured (or visible to this caller)"),
             ManagerNotLoaded(_) => ApiError {
                 retry_after: Some(Duration::from_secs(1)),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets_manager_not_loaded", "the credential's secrets manager is not loaded on this instance (it cannot be built, or was created moments ago); retry later")

@@ -17,7 +17,7 @@ use super::App;
 use crate::access::{Action, Caller};
 use crate::service::ServiceError;
 
-pub(crate) use body::decode_json;
+pub(crate) use body::parse_json;
 pub use body::Body;
 pub use error::ApiError;
 
@@ -129,27 +129,38 @@ fn known_path(path: &str) -> bool {
     .any(|m| classify(m, path).route != RouteId::Unknown)
 }
 
-/// A request's query string, decoded once.
+/// A request's query string, decoded once. A parameter given twice is refused: which one
+/// counts would otherwise be a guess (`fields=a&fields=b`).
 pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
-    pub(crate) fn parse(query: Option<&str>) -> Self {
-        Self(
-            query
-                .unwrap_or("")
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    let decode = |s: &str| {
-                        percent_encoding::percent_decode_str(&s.replace('+', " "))
-                            .decode_utf8_lossy()
-                            .into_owned()
+    pub(crate) fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let (k, v) = (decode(k), decode(v));
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                let shown =
+                    if k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        format!("`{k}`")
+                    } else {
+                        "a parameter".to_owned()
                     };
-                    (decode(k), decode(v))
-                })
-                .collect(),
-        )
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "a query parameter is given more than once",
+                )
+                .with_detail(format!("{shown} appears more than once")));
+            }
+            pairs.push((k, v));
+        }
+        Ok(Self(pairs))
     }
 
     /// The first value of `name`.
@@ -221,10 +232,7 @@ pub async fn handle(
         credential: id.clone(),
         fields: None,
     };
-    let response = match dispatch(app, caller, route, id, request, &mut audit).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
+    let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
     if app.audit
         && matches!(
             route,
@@ -253,6 +261,28 @@ pub async fn handle(
     response
 }
 
+/// Runs a handler so that a panic in it answers `500` with the error shape (and the request
+/// still gets its audit line and metrics) instead of a dropped connection.
+async fn guarded(
+    route: RouteId,
+    handler: impl std::future::Future<Output = Result<Response<Body>, ApiError>>,
+) -> Response<Body> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => {
+            // The panic hook has logged where; the payload is not repeated (it may quote
+            // values).
+            tracing::error!(
+                route = route.as_str(),
+                "a request handler panicked; answered 500"
+            );
+            ApiError::internal().into_response()
+        }
+    }
+}
+
 async fn dispatch(
     app: &Arc<App>,
     caller: Caller,
@@ -261,7 +291,7 @@ async fn dispatch(
     request: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
-    let query = Query::parse(request.uri().query());
+    let query = Query::parse(request.uri().query())?;
     let id = id.as_deref().unwrap_or_default();
     match route {
         RouteId::Health => Ok(admin::health()),
@@ -307,5 +337,47 @@ pub fn unknown_or_method(path: &str) -> ApiError {
         )
     } else {
         ApiError::not_found_route()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_the_error_shape() {
+        async fn panics() -> Result<Response<Body>, ApiError> {
+            let stored: Option<i64> = None;
+            // What a broken invariant looks like: an unwrap on a value that is not there.
+            stored.map(|_| ()).expect("a stored value");
+            Err(ApiError::internal())
+        }
+        let response = guarded(RouteId::CredentialGet, panics()).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            br#"{"error":{"code":"internal","message":"internal error"}}"#
+        );
+    }
+
+    #[test]
+    fn routes_and_ids_are_classified() {
+        let t = classify(&Method::GET, "/v1/credentials/abc");
+        assert_eq!(
+            (t.route, t.id.as_deref()),
+            (RouteId::CredentialGet, Some("abc"))
+        );
+        assert_eq!(
+            classify(&Method::PUT, "/v1/credentials/abc").route,
+            RouteId::Unknown
+        );
+        assert_eq!(
+            unknown_or_method("/v1/credentials/abc").code,
+            "method_not_allowed"
+        );
+        assert_eq!(unknown_or_method("/v2").code, "route_not_found");
     }
 }

@@ -62,7 +62,10 @@ impl Service {
             // current one and let the refresh finish on its own.
             let runtime = self.runtime.load();
             let left = Duration::from_millis(
-                (expires_at.saturating_mul(1000) - crate::time::now_unix_ms()).max(0) as u64,
+                (expires_at
+                    .saturating_mul(1000)
+                    .saturating_sub(crate::time::now_unix_ms()))
+                .max(0) as u64,
             );
             let budget = (runtime.config.server.request_timeout / 2).min(left);
             match tokio::time::timeout(budget, task).await {

@@ -64,7 +64,11 @@ impl Service {
         })?;
         let client_secret = value.get(CLIENT_SECRET).cloned();
         if let Some(e) = record.expires_at {
-            let left = (e * 1000 - crate::time::now_unix_ms()).max(0) as f64 / 1000.0;
+            let left = (e
+                .saturating_mul(1000)
+                .saturating_sub(crate::time::now_unix_ms()))
+            .max(0) as f64
+                / 1000.0;
             self.metrics.oauth_time_to_expiry.observe(left);
         }
 
@@ -146,7 +150,8 @@ impl Service {
         ) else {
             return;
         };
-        let lifetime = Duration::from_secs((expires_at - crate::time::now_unix()).max(0) as u64);
+        let lifetime =
+            Duration::from_secs(expires_at.saturating_sub(crate::time::now_unix()).max(0) as u64);
         let interval = lifetime.saturating_sub(config.refresh_before.min(lifetime / 2));
         if interval >= advised {
             return;

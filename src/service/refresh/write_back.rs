@@ -34,7 +34,7 @@ impl Tokens {
             // Rounded down: a token is never believed valid longer than it is.
             expires_at: grant
                 .expires_in
-                .map(|d| crate::time::now_unix() + d.as_secs() as i64),
+                .map(|d| crate::time::to_unix(crate::time::from_now(d))),
         }
     }
 

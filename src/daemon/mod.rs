@@ -1,5 +1,11 @@
 //! Assembles the daemon from a validated config: metadata store, keys, stores, service,
 //! listeners and background tasks; runs it until a shutdown signal; tears it down in order.
+//! What can refuse the start is checked first, before anything is created (`start`).
+
+mod start;
+mod tasks;
+
+pub use start::{load_keyring, preflight, read_tcp_token, Early};
 
 use std::future::Future;
 use std::path::Path;
@@ -14,10 +20,10 @@ use crate::access::Policy;
 use crate::config::{Config, ConfigError, DatabaseUrl, LOCAL_MANAGER_ID};
 use crate::control::ControlPlane;
 use crate::lifecycle::sd_notify;
-use crate::manager::local::{KeyError, Keyring, LocalManager, MasterKey};
+use crate::manager::local::{KeyError, Keyring, LocalManager};
 use crate::manager::{self, Registry};
 use crate::metadata::sqlite::SqliteMetadata;
-use crate::metadata::{Metadata, MetadataError};
+use crate::metadata::{Metadata, MetadataError, Observed};
 use crate::metrics::Metrics;
 use crate::migrate::Migrator;
 use crate::reload::Reloader;
@@ -44,6 +50,18 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("master key file {path} does not exist (store.master_key_file){expected}. Restore it, or for a new installation create one with `credproxy keygen --out {path}` (or set store.generate_master_key = true)")]
+    MasterKeyMissing { path: String, expected: String },
+    #[error("master key file {path} does not exist, and the metadata database {database} holds data sealed under master key id {expected}, which a new key could not open: refusing to generate one (store.generate_master_key = true). Restore the key with id {expected} to {path}, or name its file in store.master_key_file or store.previous_master_key_files; to start from scratch on purpose, move the database away")]
+    MasterKeyLost {
+        path: String,
+        database: String,
+        expected: String,
+    },
+    #[error(
+        "server.tcp.token_file {path} is readable by group or others (mode {mode:o}); chmod 600 it"
+    )]
+    TokenPermissions { path: String, mode: u32 },
 }
 
 /// The parts a daemon is made of, built but not yet serving. Tests swap stores in `registry`.
@@ -53,28 +71,6 @@ pub struct Parts {
     pub keys: Arc<Keyring>,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
-}
-
-pub fn load_keyring(config: &Config) -> Result<Keyring, KeyError> {
-    let path = &config.storage.master_key_file;
-    if !path.exists() && config.storage.generate_master_key {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| KeyError::Write {
-                path: parent.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        }
-        MasterKey::generate().write_new(path)?;
-        tracing::warn!(path = %path.display(), "generated a new master key (store.generate_master_key = true); back it up: without it the local store cannot be read");
-    }
-    let current = MasterKey::load(path)?;
-    let previous = config
-        .storage
-        .previous_master_key_files
-        .iter()
-        .map(|p| MasterKey::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Keyring::new(current, previous))
 }
 
 pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartError> {
@@ -108,27 +104,40 @@ pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartEr
 
 /// Builds everything that does not listen yet.
 pub async fn build(config: Config) -> Result<Parts, StartError> {
-    let config = Arc::new(crate::setup::check(config)?);
+    build_checked(crate::setup::check(config)?).await
+}
+
+/// [`build`] for a configuration `setup::check` has passed.
+async fn build_checked(config: Config) -> Result<Parts, StartError> {
+    let config = Arc::new(config);
     std::fs::create_dir_all(&config.storage.data_dir).map_err(|e| StartError::DataDir {
         path: config.storage.data_dir.display().to_string(),
         source: e,
     })?;
-    let metadata = open_metadata(&config).await?;
-    let keys = Arc::new(load_keyring(&config)?);
+    let metrics = Arc::new(Metrics::new());
+    let metadata: Arc<dyn Metadata> = Arc::new(Observed::new(
+        open_metadata(&config).await?,
+        metrics.metadata_write_failures.clone(),
+    ));
+    let keys = Arc::new(load_keyring(&config, metadata.as_ref()).await?);
     let mut registry = Registry::new();
     registry.insert(
         LOCAL_MANAGER_ID,
         Arc::new(LocalManager::new(Arc::clone(&keys), Arc::clone(&metadata))),
     );
     for manager in &config.managers {
-        registry.insert(manager.id.clone(), manager::build(manager).await?);
+        let renewals = manager::renewing::counting(Arc::clone(&metrics), manager.id.clone());
+        registry.insert(
+            manager.id.clone(),
+            manager::renewing::build(manager, renewals).await?,
+        );
     }
     Ok(Parts {
         config,
         metadata,
         keys,
         registry,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
     })
 }
 
@@ -137,10 +146,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
     let (owner_uid, _) = crate::sys::effective_ids();
     let policy = Policy::new(parts.config.access.clone(), owner_uid, socket_gid);
     let tcp_token = match &parts.config.server.tcp {
-        Some(tcp) => Some(
-            crate::config::SecretRef::File(tcp.token_file.clone())
-                .resolve("server.tcp.token_file")?,
-        ),
+        Some(tcp) => Some(read_tcp_token(tcp)?),
         None => None,
     };
     let runtime = Runtime {
@@ -187,7 +193,7 @@ pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
     Ok(Listeners { unix, tcp, metrics })
 }
 
-async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+pub(crate) async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen {
@@ -206,11 +212,22 @@ pub fn journal_grace(config: &Config) -> Duration {
 
 /// Runs the daemon until `shutdown` completes. Returns once the socket is removed.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let config = crate::setup::check(config)?;
+    let early = preflight(&config).await?;
     let socket_path = config.server.socket.clone();
-    let parts = build(config).await?;
+    let parts = build_checked(config).await?;
     let config = Arc::clone(&parts.config);
     let keys = Arc::clone(&parts.keys);
-    let listeners = bind(&config).await?;
+    let unix = server::unix::bind(
+        &config.server.socket,
+        config.server.socket_mode,
+        config.server.socket_group.as_ref(),
+    )?;
+    let listeners = Listeners {
+        unix,
+        tcp: early.tcp,
+        metrics: early.metrics,
+    };
     let socket_gid =
         server::unix::socket_gid(&socket_path).unwrap_or(crate::sys::effective_ids().1);
     let app = assemble(parts, socket_gid)?;
@@ -256,14 +273,18 @@ pub async fn serve_app(
         });
     }
     let sweep_interval = service.runtime().config.storage.journal_sweep_interval;
-    tasks.spawn(sweep_journal_forever(
+    tasks.spawn(tasks::sweep_journal_forever(
         Arc::clone(&service),
         grace,
         sweep_interval,
         stop_rx.clone(),
     ));
-    tasks.spawn(rotate_keys(Arc::clone(&service), keys));
-    tasks.spawn(refresh_tokens_forever(
+    tasks.spawn(tasks::rotate_keys(Arc::clone(&service), keys));
+    tasks.spawn(tasks::refresh_tokens_forever(
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(tasks::renew_rotated_access_forever(
         Arc::clone(&service),
         stop_rx.clone(),
     ));
@@ -304,7 +325,7 @@ pub async fn serve_app(
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hup) => {
-            tasks.spawn(reload_on_sighup(
+            tasks.spawn(tasks::reload_on_sighup(
                 Arc::clone(&app.reloader),
                 hup,
                 stop_rx.clone(),
@@ -315,7 +336,11 @@ pub async fn serve_app(
         }
     }
     let reload = service.runtime().config.reload.clone();
-    tasks.spawn(reload_on_change(Arc::clone(&app.reloader), reload, stop_rx));
+    tasks.spawn(tasks::reload_on_change(
+        Arc::clone(&app.reloader),
+        reload,
+        stop_rx,
+    ));
 
     app.set_ready(true);
     sd_notify("READY=1");
@@ -341,115 +366,6 @@ pub async fn serve_app(
         tracing::warn!(error = %e, "could not remove the socket file");
     }
     tracing::info!("credproxy stopped");
-}
-
-async fn sweep_journal_forever(
-    service: Arc<Service>,
-    grace: Duration,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        match service.sweep_journal(grace).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(pending = n, "journal entries still pending"),
-            Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
-        }
-        // Deleting a retiring manager's last abandoned copy empties it; the migrator only
-        // prunes at the end of a pass, and with nothing left to move the next one may be an
-        // hour away.
-        match service.prune_retired().await {
-            Ok(dropped) if !dropped.is_empty() => {
-                tracing::info!(stores = ?dropped, "the journal sweep left removed managers empty; released them")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not check removed managers"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// The background refresher: renews tokens inside their window before any reader needs them.
-async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
-    loop {
-        // A pass is not cancelled at shutdown: a token answer must reach its write-back. Each
-        // refresh is bounded by its timeouts.
-        match service.refresh_due().await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(refreshed = n, "background refresh pass"),
-            Err(e) => tracing::warn!(error = %e, "background refresh pass failed"),
-        }
-        if *stop.borrow() {
-            return;
-        }
-        let interval = service.runtime().config.oauth.scan_interval;
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
-    let local = LocalManager::new(keys, Arc::clone(service.metadata()));
-    match local.rotate().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            records = n,
-            "re-wrapped local data keys under the current master key"
-        ),
-        Err(e) => tracing::error!(error = %e, "master key rotation incomplete"),
-    }
-}
-
-/// SIGHUP reloads the configuration (`systemctl reload`, `kill -HUP`).
-async fn reload_on_sighup(
-    reloader: Arc<Reloader>,
-    mut hup: tokio::signal::unix::Signal,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            Some(()) = hup.recv() => {
-                let _ = reloader.reload("SIGHUP").await;
-            }
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// With `reload.watch`, polls the config file and reloads when its content changes (polling
-/// also sees Kubernetes' ConfigMap symlink swaps, which inotify watches on the file miss).
-async fn reload_on_change(
-    reloader: Arc<Reloader>,
-    config: crate::config::ReloadConfig,
-    mut stop: watch::Receiver<bool>,
-) {
-    use sha2::Digest;
-    let Some(path) = reloader.path().filter(|_| config.watch) else {
-        return;
-    };
-    let digest = |p: &Path| {
-        std::fs::read(p)
-            .ok()
-            .map(|bytes| sha2::Sha256::digest(&bytes))
-    };
-    let mut seen = digest(&path);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(config.watch_interval) => {}
-            _ = stop.changed() => return,
-        }
-        let now = digest(&path);
-        if now.is_some() && now != seen {
-            // Remembered even if the reload fails, so a broken file is reported once.
-            seen = now;
-            let _ = reloader.reload("file change").await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,146 @@
+//! The daemon's background tasks: the journal sweep, the OAuth refresher, master key
+//! rotation of the local store, and the reload triggers (SIGHUP, file changes).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::manager::local::{Keyring, LocalManager};
+use crate::reload::Reloader;
+use crate::service::Service;
+
+pub(super) async fn sweep_journal_forever(
+    service: Arc<Service>,
+    grace: Duration,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match service.sweep_journal(grace).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pending = n, "journal entries still pending"),
+            Err(e) => tracing::warn!(error = %e, "journal sweep failed"),
+        }
+        // Deleting a retiring manager's last abandoned copy empties it; the migrator only
+        // prunes at the end of a pass, and with nothing left to move the next one may be an
+        // hour away.
+        match service.prune_retired().await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(stores = ?dropped, "the journal sweep left removed managers empty; released them")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not check removed managers"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Rebuilds the clients of managers whose access-detail files changed (a rotated Kubernetes
+/// Secret, a token file Vault Agent rewrote), before a store has to refuse the old details.
+pub(super) async fn renew_rotated_access_forever(
+    service: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let runtime = service.runtime();
+        let interval = runtime.config.access_check_interval;
+        let managers: Vec<_> = runtime
+            .registry
+            .ids()
+            .filter_map(|id| runtime.registry.get(id).cloned())
+            .collect();
+        drop(runtime);
+        for manager in managers {
+            manager.renew_if_rotated().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The background refresher: renews tokens inside their window before any reader needs them.
+pub(super) async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    loop {
+        // A pass is not cancelled at shutdown: a token answer must reach its write-back. Each
+        // refresh is bounded by its timeouts.
+        match service.refresh_due().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(refreshed = n, "background refresh pass"),
+            Err(e) => tracing::warn!(error = %e, "background refresh pass failed"),
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let interval = service.runtime().config.oauth.scan_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+pub(super) async fn rotate_keys(service: Arc<Service>, keys: Arc<Keyring>) {
+    let local = LocalManager::new(keys, Arc::clone(service.metadata()));
+    match local.rotate().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            records = n,
+            "re-wrapped local data keys under the current master key"
+        ),
+        Err(e) => tracing::error!(error = %e, "master key rotation incomplete"),
+    }
+}
+
+/// SIGHUP reloads the configuration (`systemctl reload`, `kill -HUP`).
+pub(super) async fn reload_on_sighup(
+    reloader: Arc<Reloader>,
+    mut hup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => {
+                let _ = reloader.reload("SIGHUP").await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// With `reload.watch`, polls the config file and reloads when its content changes (polling
+/// also sees Kubernetes' ConfigMap symlink swaps, which inotify watches on the file miss).
+pub(super) async fn reload_on_change(
+    reloader: Arc<Reloader>,
+    config: crate::config::ReloadConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    use sha2::Digest;
+    let Some(path) = reloader.path().filter(|_| config.watch) else {
+        return;
+    };
+    let digest = |p: &Path| {
+        std::fs::read(p)
+            .ok()
+            .map(|bytes| sha2::Sha256::digest(&bytes))
+    };
+    let mut seen = digest(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(config.watch_interval) => {}
+            _ = stop.changed() => return,
+        }
+        let now = digest(&path);
+        if now.is_some() && now != seen {
+            // Remembered even if the reload fails, so a broken file is reported once.
+            seen = now;
+            let _ = reloader.reload("file change").await;
+        }
+    }
+}
