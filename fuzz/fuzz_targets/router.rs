@@ -122,6 +122,8 @@ fuzz_target!(|data: &[u8]| {
         encoded.append_pair(k, v);
     }
     let encoded = encoded.finish();
-    let again = query(Some(&encoded)).ok().expect("distinct names stay distinct");
+    let again = query(Some(&encoded))
+        .ok()
+        .expect("distinct names stay distinct");
     assert_eq!(again.pairs, q.pairs, "{encoded:?}");
 });
