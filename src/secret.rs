@@ -297,7 +297,8 @@ pub fn without_values(message: &str) -> String {
         Some(i) if message[i..].contains(" column ") => &message[..i],
         _ => message,
     };
-    let (head, expected) = match message.split_once(", expected ") {
+    // The last one: a quoted value may itself contain the words.
+    let (head, expected) = match message.rsplit_once(", expected ") {
         Some((head, expected)) => (head, Some(expected)),
         None => (message, None),
     };
@@ -452,6 +453,14 @@ mod tests {
                 "unknown time unit (value withheld), supported units: ns",
             ),
             ("bad \"sk_live_canary", "bad (value withheld)"),
+            (
+                "unknown variant `x, expected canary`, expected `basic` or `body`",
+                "unknown variant, expected `basic` or `body`",
+            ),
+            (
+                "invalid type: string \"a, expected canary\", expected a sequence",
+                "invalid type: string, expected a sequence",
+            ),
         ] {
             let got = without_values(message);
             assert_eq!(got, shown, "{message}");

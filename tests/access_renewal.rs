@@ -272,6 +272,30 @@ async fn a_rewritten_access_file_is_picked_up_and_a_rotated_out_value_is_not_kep
         "{logs}"
     );
     assert!(!logs.contains(&second) && !logs.contains("not-a-token"));
+
+    // A file rotated to something that cannot even be built (emptied): the old client is not
+    // kept either, and a good value afterwards brings the manager back.
+    rewrite(&path, &second);
+    let started = Instant::now();
+    while patch(&d, &id, "v4").await.0 != 200 {
+        assert!(started.elapsed() < DEADLINE, "not back:\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rewrite(&path, "");
+    let started = Instant::now();
+    while renewals(&d, "build_failed").await < 1.0 {
+        assert!(started.elapsed() < DEADLINE, "not noticed:\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = patch(&d, &id, "v5").await;
+    assert_eq!(status, 502, "the rotated-out token is not used: {body}");
+    let third = token(&openbao).await;
+    rewrite(&path, &third);
+    let started = Instant::now();
+    while patch(&d, &id, "v6").await.0 != 200 {
+        assert!(started.elapsed() < DEADLINE, "not back:\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Key Vault stops accepting the cached Entra token (revoked, or the app's secret rotated):

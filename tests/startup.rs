@@ -442,6 +442,17 @@ async fn a_full_disk_fails_writes_with_the_reason_and_recovers_by_itself() {
         (lines as u64) <= periods + 1 && (lines as f64) < failures,
         "{lines} lines for {failures} failures in {periods} periods: not rate-limited:\n{logs}"
     );
+    // And it stays so while writes go on failing, though the heartbeat's small writes (every
+    // 2 s) still fit: readiness does not flip back on their account.
+    for _ in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(create_until_refused(&d).await.0, 503);
+        assert_eq!(
+            readyz(&d).await.0,
+            503,
+            "ready again while the disk is full"
+        );
+    }
     for (i, id) in &earlier {
         let reply = d
             .call_raw(Method::GET, &format!("/v1/credentials/{id}"), &[], None)

@@ -113,24 +113,28 @@ pub(super) fn validate(raw: RawCredentials) -> Result<CredentialLimits, ConfigEr
     })
 }
 
-/// A key's words, lower-case: split at anything but letters and digits, and where a lower-case
-/// letter or digit is followed by an upper-case one (`apiKey` → `api`, `key`).
+/// A key's words, lower-case: split at anything but letters and digits, where a lower-case
+/// letter or digit is followed by an upper-case one (`apiKey` → `api`, `key`), and before the
+/// last capital of a run followed by a lower-case letter (`DBPassword` → `db`, `password`).
 pub fn key_words(key: &str) -> Vec<String> {
+    let chars: Vec<char> = key.chars().collect();
     let mut words = Vec::new();
     let mut current = String::new();
-    let mut previous_lower = false;
-    for c in key.chars() {
+    for (i, &c) in chars.iter().enumerate() {
         if !c.is_alphanumeric() {
             if !current.is_empty() {
                 words.push(std::mem::take(&mut current));
             }
-            previous_lower = false;
             continue;
         }
-        if c.is_uppercase() && previous_lower && !current.is_empty() {
+        let previous = i.checked_sub(1).map(|p| chars[p]);
+        let next = chars.get(i + 1).copied();
+        let after_lower = previous.is_some_and(|p| p.is_lowercase() || p.is_ascii_digit());
+        let ends_capitals =
+            previous.is_some_and(char::is_uppercase) && next.is_some_and(char::is_lowercase);
+        if c.is_uppercase() && (after_lower || ends_capitals) && !current.is_empty() {
             words.push(std::mem::take(&mut current));
         }
-        previous_lower = c.is_lowercase() || c.is_ascii_digit();
         current.extend(c.to_lowercase());
     }
     if !current.is_empty() {
@@ -154,6 +158,9 @@ mod tests {
             ("hubspotAccessToken", "token"),
             ("DB_PASSWORD", "password"),
             ("client.secret", "secret"),
+            ("DBPassword", "password"),
+            ("APIToken", "token"),
+            ("APIKey", "api_key"),
         ] {
             assert_eq!(limits.sensitive_match(key).as_deref(), Some(term), "{key}");
         }

@@ -47,8 +47,11 @@ struct Current {
 }
 
 struct State {
-    /// Renewals in a row whose fresh access was refused as well.
+    /// Renewals in a row whose fresh access was refused as well (or that could not build).
     refusals: u32,
+    /// The client generation a refusal was last counted for: requests refused together on
+    /// one fresh client count once.
+    counted: Option<u64>,
     /// No renewal before this, after refusals.
     not_before: Option<Instant>,
 }
@@ -79,6 +82,7 @@ pub async fn build(
         generation: AtomicU64::new(0),
         state: tokio::sync::Mutex::new(State {
             refusals: 0,
+            counted: None,
             not_before: None,
         }),
         files: std::sync::Mutex::new(fingerprint),
@@ -113,6 +117,48 @@ fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
     digest.finalize().into()
 }
 
+impl State {
+    /// One more failed renewal: the next waits twice as long (1 s up to 5 min).
+    fn back_off(&mut self) -> Duration {
+        self.refusals = self.refusals.saturating_add(1);
+        let wait = BACKOFF_MIN
+            .saturating_mul(1 << self.refusals.saturating_sub(1).min(16))
+            .min(BACKOFF_MAX);
+        self.not_before = Some(Instant::now() + wait);
+        wait
+    }
+}
+
+/// What stands in for a client whose access details were rotated to something that cannot
+/// even be built: the old client must not go on using a value that was rotated out.
+struct Unusable {
+    info: ManagerInfo,
+    reason: String,
+}
+
+#[async_trait]
+impl SecretsManager for Unusable {
+    fn describe(&self) -> ManagerInfo {
+        self.info.clone()
+    }
+
+    async fn get(&self, _: &str, _: Option<&str>) -> Result<Versioned, ManagerError> {
+        Err(ManagerError::Denied(self.reason.clone()))
+    }
+
+    async fn put(&self, _: PutRequest<'_>) -> Result<String, ManagerError> {
+        Err(ManagerError::Denied(self.reason.clone()))
+    }
+
+    async fn delete(&self, _: &str) -> Result<(), ManagerError> {
+        Err(ManagerError::Denied(self.reason.clone()))
+    }
+
+    async fn list(&self, _: ListRequest) -> Result<Page, ManagerError> {
+        Err(ManagerError::Denied(self.reason.clone()))
+    }
+}
+
 impl Renewing {
     fn now(&self) -> Arc<Current> {
         self.current.load_full()
@@ -136,12 +182,10 @@ impl Renewing {
         let result = call(Arc::clone(&fresh.manager)).await;
         let mut state = self.state.lock().await;
         match &result {
+            Err(ManagerError::Denied(_)) if state.counted == Some(fresh.generation) => {}
             Err(ManagerError::Denied(reason)) => {
-                state.refusals = state.refusals.saturating_add(1);
-                let wait = BACKOFF_MIN
-                    .saturating_mul(1 << state.refusals.saturating_sub(1).min(16))
-                    .min(BACKOFF_MAX);
-                state.not_before = Some(Instant::now() + wait);
+                state.counted = Some(fresh.generation);
+                let wait = state.back_off();
                 (self.observer)("refused_again");
                 tracing::warn!(
                     manager = %self.config.id,
@@ -161,7 +205,7 @@ impl Renewing {
     /// A fresh client, unless one was made since `seen` (then that one), or renewals are backing
     /// off, or the manager cannot be built.
     async fn renew(&self, seen: u64, refused: &str) -> Option<Arc<Current>> {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
         let current = self.now();
         if current.generation != seen {
             return Some(current);
@@ -173,7 +217,9 @@ impl Renewing {
         tracing::info!(manager = %self.config.id, error = %refused,
             "the secrets manager refused access; renewing it (new token or login, access details re-read)");
         let fresh = self.rebuild("renewed").await;
-        drop(state);
+        if fresh.is_none() {
+            state.back_off();
+        }
         fresh
     }
 
@@ -254,8 +300,18 @@ impl SecretsManager for Renewing {
             state.refusals = 0;
             state.not_before = None;
         } else {
-            // Not retried until the content changes again; the store's refusals still renew.
+            // The old value was rotated out: calls are refused until the files hold something
+            // that builds (checked again when they change, or when a refusal renews).
             *self.files.lock().unwrap_or_else(|p| p.into_inner()) = now;
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            let info = self.now().manager.describe();
+            self.current.store(Arc::new(Current {
+                manager: Arc::new(Unusable {
+                    info,
+                    reason: "its access details were rotated to a value that cannot be used; see the daemon's log".into(),
+                }),
+                generation,
+            }));
         }
     }
 }

@@ -22,6 +22,10 @@ use super::{
 
 /// At most one log line per kind of failure (read or write, and fault) this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// A persistent fault clears only once writes have gone this long without one: on a full disk
+/// small writes that fit in pages already allocated (the heartbeat) still succeed while
+/// anything larger fails, and readiness must not flip back on their account.
+pub const CLEAR_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Access {
@@ -31,8 +35,11 @@ enum Access {
 
 #[derive(Default)]
 struct State {
-    /// The persistent fault of the last write, until a write succeeds.
+    /// The persistent fault of the last write, until a write succeeds with none failing for
+    /// `CLEAR_AFTER`.
     blocked: Option<Fault>,
+    /// When a write last failed with a persistent fault.
+    last_fault: Option<Instant>,
     /// Writes failed since the last one that succeeded.
     failed: u64,
     /// Per kind: when a line was last logged, and how many were held back since.
@@ -93,6 +100,9 @@ impl Observed {
 
     fn written(&self) {
         let mut state = self.state();
+        if state.last_fault.is_some_and(|t| t.elapsed() < CLEAR_AFTER) {
+            return;
+        }
         let failed = std::mem::take(&mut state.failed);
         if let Some(fault) = state.blocked.take() {
             tracing::info!(
@@ -112,6 +122,7 @@ impl Observed {
                 state.failed += 1;
                 if fault.persists() {
                     state.blocked = Some(fault);
+                    state.last_fault = Some(now);
                 }
             }
             match state.logged.get_mut(&(access, fault)) {
@@ -511,8 +522,13 @@ mod tests {
                 .unwrap(),
             vec!["h".to_owned()]
         );
-        // A write that fits clears it.
+        // A write that fits does not clear it at once: on a full disk small writes succeed
+        // while larger ones go on failing.
         observed.instance_heartbeat("a", "h2").await.unwrap();
+        assert_eq!(observed.write_fault(), Some(Fault::Full));
+        // Once writes have gone CLEAR_AFTER without failing, the next success clears it.
+        observed.state().last_fault = Instant::now().checked_sub(CLEAR_AFTER);
+        observed.instance_heartbeat("a", "h3").await.unwrap();
         assert_eq!(observed.write_fault(), None);
     }
 

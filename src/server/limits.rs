@@ -104,6 +104,13 @@ impl AcceptErrors {
 
     /// Logs (at most once per 10 s) and waits before the next accept.
     pub async fn failed(&mut self, e: &std::io::Error) {
+        // One connection that went away before it was accepted says nothing about the next.
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+        ) {
+            return;
+        }
         self.consecutive = self.consecutive.saturating_add(1);
         let now = Instant::now();
         if self.last_logged.is_none_or(|t| now - t >= LOG_EVERY) {

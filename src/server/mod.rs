@@ -126,13 +126,18 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
         });
     let Listeners { unix, tcp, metrics } = listeners;
     tokio::pin!(shutdown);
-    let mut accept_errors = limits::AcceptErrors::new();
+    // One back-off per listener: the metrics port running out of luck must not stall the socket.
+    let (mut unix_errors, mut tcp_errors, mut metrics_errors) = (
+        limits::AcceptErrors::new(),
+        limits::AcceptErrors::new(),
+        limits::AcceptErrors::new(),
+    );
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = unix.accept() => match accepted {
                 Ok((stream, _)) => {
-                    accept_errors.succeeded();
+                    unix_errors.succeeded();
                     let caller = match stream.peer_cred() {
                         Ok(cred) => Caller::Unix { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() },
                         Err(e) => {
@@ -142,21 +147,21 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
                     };
                     serve_api(&app, &graceful, &api, stream, Transport::Unix(caller));
                 }
-                Err(e) => accept_errors.failed(&e).await,
+                Err(e) => unix_errors.failed(&e).await,
             },
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
                 Ok(stream) => {
-                    accept_errors.succeeded();
+                    tcp_errors.succeeded();
                     serve_api(&app, &graceful, &api, stream, Transport::Tcp)
                 }
-                Err(e) => accept_errors.failed(&e).await,
+                Err(e) => tcp_errors.failed(&e).await,
             },
             accepted = accept_tcp(metrics.as_ref()) => match accepted {
                 Ok(stream) => {
-                    accept_errors.succeeded();
+                    metrics_errors.succeeded();
                     serve_metrics(&app, &graceful, stream)
                 }
-                Err(e) => accept_errors.failed(&e).await,
+                Err(e) => metrics_errors.failed(&e).await,
             },
         }
     }

@@ -33,6 +33,11 @@ pub(super) fn log(manager: &str, operation: &'static str, error: &ManagerError) 
     let now = Instant::now();
     let suppressed = {
         let mut seen = seen().lock().unwrap_or_else(|p| p.into_inner());
+        // Keyed by manager id, and API managers come and go: forget everything now and then
+        // rather than grow without bound (at worst one extra line each).
+        if seen.len() >= 4096 {
+            seen.clear();
+        }
         let entry = seen.entry(key).or_insert((now - EVERY * 2, 0));
         if now.duration_since(entry.0) < EVERY {
             entry.1 += 1;

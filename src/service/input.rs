@@ -8,6 +8,9 @@ use crate::config::{is_valid_name, CredentialLimits, DEFAULT_WORKSPACE};
 use crate::metadata::{ClientAuth, OAuthDescription};
 use crate::secret::SecretFields;
 
+/// Deepest nesting of objects accepted in `metadata`.
+const MAX_METADATA_DEPTH: usize = 16;
+
 /// Largest metadata object accepted, serialised.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
@@ -178,9 +181,14 @@ fn sensitive_key(
         let mut nested: Vec<&serde_json::Value> = vec![value];
         while let Some(v) = nested.pop() {
             match v {
-                // The size cap above bounds the depth serde_json accepted (128) anyway.
-                serde_json::Value::Object(inner) if depth < 32 => {
+                serde_json::Value::Object(inner) if depth < MAX_METADATA_DEPTH => {
                     sensitive_key(inner, &here, limits, depth + 1)?
+                }
+                // Not skipped unchecked: refused.
+                serde_json::Value::Object(_) => {
+                    return Err(ServiceError::Invalid(format!(
+                        "`metadata` nests objects deeper than {MAX_METADATA_DEPTH} levels"
+                    )))
                 }
                 serde_json::Value::Array(items) => nested.extend(items),
                 _ => {}

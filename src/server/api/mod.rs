@@ -129,6 +129,8 @@ fn known_path(path: &str) -> bool {
     .any(|m| classify(m, path).route != RouteId::Unknown)
 }
 
+const MAX_QUERY_PARAMETERS: usize = 32;
+
 /// A request's query string, decoded once. A parameter given twice is refused: which one
 /// counts would otherwise be a guess (`fields=a&fields=b`).
 pub(crate) struct Query(Vec<(String, String)>);
@@ -136,7 +138,17 @@ pub(crate) struct Query(Vec<(String, String)>);
 impl Query {
     pub(crate) fn parse(query: Option<&str>) -> Result<Self, ApiError> {
         let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            // No route takes more than a handful; a URI of thousands costs nothing to refuse.
+            if pairs.len() == MAX_QUERY_PARAMETERS {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "too many query parameters",
+                )
+                .with_detail(format!("at most {MAX_QUERY_PARAMETERS}")));
+            }
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let decode = |s: &str| {
                 percent_encoding::percent_decode_str(&s.replace('+', " "))
@@ -144,7 +156,7 @@ impl Query {
                     .into_owned()
             };
             let (k, v) = (decode(k), decode(v));
-            if pairs.iter().any(|(seen, _)| *seen == k) {
+            if !seen.insert(k.clone()) {
                 let shown =
                     if k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                         format!("`{k}`")
@@ -291,7 +303,11 @@ async fn dispatch(
     request: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
-    let query = Query::parse(request.uri().query())?;
+    // Probes (also served without a token on the metrics port) take no parameters.
+    let query = match route {
+        RouteId::Health | RouteId::Ready => Query::parse(None)?,
+        _ => Query::parse(request.uri().query())?,
+    };
     let id = id.as_deref().unwrap_or_default();
     match route {
         RouteId::Health => Ok(admin::health()),
