@@ -174,7 +174,10 @@ async fn outside_a_user_namespace_a_workers_uid_reaches_the_rules() {
     let out = get(production.clone()).await.unwrap();
     assert!(!out.status.success(), "Production is not in the rule");
     // A credential the worker may not read is answered as one that does not exist.
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_found"),
+        "{out:?}"
+    );
     wait_until("the worker's audit lines", &d, async || {
         let logs = d.logs();
         let audited = |id: &str, status: &str| {
