@@ -80,3 +80,45 @@ log "benchmarks compile and run once (criterion test mode)"
 cargo test --locked --bench cache
 log "cargo test"
 cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
+
+# --- fuzzing ---------------------------------------------------------------------------------
+# Every cargo fuzz target in fuzz/ (a workspace of its own) for CREDPROXY_FUZZ_SECONDS seconds
+# each (0 skips), starting from the seeds committed in fuzz/corpus/. What the fuzzer adds goes
+# to .peers/fuzz-corpus/, so the tree stays clean; a crash fails the run and leaves its input
+# in fuzz/artifacts/TARGET/ (replay: cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/FILE).
+fuzz_seconds="${CREDPROXY_FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+  fuzz_started=$SECONDS
+  cargo_fuzz_version=0.13.2
+  if ! .peers/cargo/bin/cargo-fuzz --version 2>/dev/null | grep -qF " $cargo_fuzz_version"; then
+    log "installing cargo-fuzz $cargo_fuzz_version (into .peers/cargo)"
+    cargo install --locked --root .peers/cargo cargo-fuzz --version "$cargo_fuzz_version"
+  fi
+  export PATH="$PWD/.peers/cargo/bin:$PATH"
+  # libFuzzer's instrumentation wants nightly. Without it, stable is told to accept nightly
+  # flags (RUSTC_BOOTSTRAP=1) and runs without AddressSanitizer, whose runtime it lacks.
+  # CREDPROXY_FUZZ_TOOLCHAIN=stable forces that path.
+  if [ "${CREDPROXY_FUZZ_TOOLCHAIN:-}" != stable ] && rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null; then
+    fuzz=(cargo +nightly fuzz)
+    fuzz_flags=(--debug-assertions)
+  else
+    fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz)
+    fuzz_flags=(--debug-assertions --sanitizer none)
+  fi
+  log "cargo fuzz build (${fuzz[*]} ${fuzz_flags[*]})"
+  "${fuzz[@]}" build "${fuzz_flags[@]}"
+  fuzz_failed=()
+  for target in $("${fuzz[@]}" list); do
+    log "fuzzing $target for ${fuzz_seconds}s"
+    mkdir -p ".peers/fuzz-corpus/$target"
+    if ! "${fuzz[@]}" run "${fuzz_flags[@]}" "$target" ".peers/fuzz-corpus/$target" \
+        "fuzz/corpus/$target" -- -max_total_time="$fuzz_seconds" -timeout=20 -print_final_stats=1; then
+      fuzz_failed+=("$target")
+    fi
+  done
+  log "fuzzing took $((SECONDS - fuzz_started))s"
+  if ((${#fuzz_failed[@]})); then
+    echo "fuzz targets that crashed: ${fuzz_failed[*]} (inputs in fuzz/artifacts/)" >&2
+    exit 1
+  fi
+fi

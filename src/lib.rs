@@ -15,6 +15,9 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+/// Entry points for the fuzz targets in `fuzz/` only; not part of the crate's API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod manager;
 pub mod metadata;

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub access_denied: IntCounter,
     pub journal_pending: IntGauge,
     pub metadata_write_failures: IntCounterVec,
+    pub access_renewals: IntCounterVec,
     pub store_purges: IntCounterVec,
     pub store_purges_pending: IntGaugeVec,
 }
@@ -278,6 +279,17 @@ impl Metrics {
         for reason in METADATA_WRITE_FAILURE_REASONS {
             metadata_write_failures.with_label_values(&[reason]);
         }
+        let access_renewals = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_backend_access_renewals_total",
+                    "Secrets manager clients rebuilt with fresh access (renewed: after a refusal; rotated: access-detail files changed), renewals whose fresh access was refused again, renewals skipped while backing off, and rebuilds that failed.",
+                ),
+                &["manager", "outcome"],
+            )
+            .unwrap(),
+        );
         let store_purges = register(
             r,
             IntCounterVec::new(
@@ -348,6 +360,7 @@ impl Metrics {
             access_denied,
             journal_pending,
             metadata_write_failures,
+            access_renewals,
             store_purges,
             store_purges_pending,
         }

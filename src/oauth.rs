@@ -57,8 +57,9 @@ impl OAuthError {
     }
 }
 
+/// Why the token request got no answer to parse.
 #[derive(Debug, thiserror::Error)]
-enum HttpError {
+pub(crate) enum HttpError {
     #[error("{0}")]
     Transport(String),
     #[error("HTTP {status}")]
@@ -99,66 +100,93 @@ impl TokenClient {
         refresh_token: &SecretString,
         timeout: Duration,
     ) -> Result<Grant, OAuthError> {
-        let token_url =
-            TokenUrl::new(oauth.token_url.clone()).map_err(|_| OAuthError::Protocol {
-                detail: "the token URL is not a valid URL".into(),
-            })?;
-        let mut client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
-            .set_token_uri(token_url)
-            .set_auth_type(match oauth.client_auth {
-                ClientAuth::Basic => AuthType::BasicAuth,
-                ClientAuth::Body => AuthType::RequestBody,
-            });
-        if let Some(secret) = client_secret {
-            client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
-        }
-        let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
-        let mut request = client.exchange_refresh_token(&refresh_token);
-        if !oauth.scopes.is_empty() {
-            request = request.add_scopes(oauth.scopes.iter().cloned().map(Scope::new));
-        }
-        let http = self.http.clone().ok_or_else(|| OAuthError::Unavailable {
-            detail: "no HTTP client for token endpoints (TLS set-up failed at start)".into(),
-            retry_after: None,
-        })?;
-        let send = move |r: HttpRequest| send(http.clone(), r, timeout);
-        match request.request_async(&send).await {
-            Ok(token) => {
-                let access_token = token.access_token().secret();
-                if access_token.is_empty() {
-                    return Err(OAuthError::Protocol {
-                        detail: "empty access_token".into(),
-                    });
+        let http = self.http.clone();
+        exchange(
+            oauth,
+            client_secret,
+            refresh_token,
+            move |r: HttpRequest| {
+                let http = http.clone();
+                async move {
+                    let http = http.ok_or_else(|| {
+                        HttpError::Transport(
+                            "no HTTP client for token endpoints (TLS set-up failed at start)"
+                                .into(),
+                        )
+                    })?;
+                    send(http, r, timeout).await
                 }
-                Ok(Grant {
-                    access_token: SecretString::new(access_token.clone()),
-                    refresh_token: token
-                        .refresh_token()
-                        .filter(|r| !r.secret().is_empty())
-                        .map(|r| SecretString::new(r.secret().clone())),
-                    expires_in: token.expires_in(),
-                })
+            },
+        )
+        .await
+    }
+}
+
+/// The refresh-token grant over `transport`, and what the answer means: `refresh` with the
+/// network, the fuzz targets with a canned answer.
+pub(crate) async fn exchange<T, F>(
+    oauth: &OAuthDescription,
+    client_secret: Option<&SecretString>,
+    refresh_token: &SecretString,
+    transport: T,
+) -> Result<Grant, OAuthError>
+where
+    T: Fn(HttpRequest) -> F,
+    F: std::future::Future<Output = Result<HttpResponse, HttpError>>,
+{
+    let token_url = TokenUrl::new(oauth.token_url.clone()).map_err(|_| OAuthError::Protocol {
+        detail: "the token URL is not a valid URL".into(),
+    })?;
+    let mut client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
+        .set_token_uri(token_url)
+        .set_auth_type(match oauth.client_auth {
+            ClientAuth::Basic => AuthType::BasicAuth,
+            ClientAuth::Body => AuthType::RequestBody,
+        });
+    if let Some(secret) = client_secret {
+        client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+    }
+    let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
+    let mut request = client.exchange_refresh_token(&refresh_token);
+    if !oauth.scopes.is_empty() {
+        request = request.add_scopes(oauth.scopes.iter().cloned().map(Scope::new));
+    }
+    match request.request_async(&transport).await {
+        Ok(token) => {
+            let access_token = token.access_token().secret();
+            if access_token.is_empty() {
+                return Err(OAuthError::Protocol {
+                    detail: "empty access_token".into(),
+                });
             }
-            Err(RequestTokenError::ServerResponse(e)) => Err(OAuthError::Rejected {
-                code: error_code(e.error()),
-            }),
-            Err(RequestTokenError::Request(HttpError::Status {
-                status,
-                retry_after,
-            })) => Err(OAuthError::Unavailable {
-                detail: format!("HTTP {status}"),
-                retry_after,
-            }),
-            Err(RequestTokenError::Request(e)) => Err(OAuthError::Unavailable {
-                detail: e.to_string(),
-                retry_after: None,
-            }),
-            // The body may hold tokens: only the JSON path of the failure is reported.
-            Err(RequestTokenError::Parse(e, _body)) => Err(OAuthError::Protocol {
-                detail: format!("unexpected content at `{}`", e.path()),
-            }),
-            Err(RequestTokenError::Other(detail)) => Err(OAuthError::Protocol { detail }),
+            Ok(Grant {
+                access_token: SecretString::new(access_token.clone()),
+                refresh_token: token
+                    .refresh_token()
+                    .filter(|r| !r.secret().is_empty())
+                    .map(|r| SecretString::new(r.secret().clone())),
+                expires_in: token.expires_in(),
+            })
         }
+        Err(RequestTokenError::ServerResponse(e)) => Err(OAuthError::Rejected {
+            code: error_code(e.error()),
+        }),
+        Err(RequestTokenError::Request(HttpError::Status {
+            status,
+            retry_after,
+        })) => Err(OAuthError::Unavailable {
+            detail: format!("HTTP {status}"),
+            retry_after,
+        }),
+        Err(RequestTokenError::Request(e)) => Err(OAuthError::Unavailable {
+            detail: e.to_string(),
+            retry_after: None,
+        }),
+        // The body may hold tokens: only the JSON path of the failure is reported.
+        Err(RequestTokenError::Parse(e, _body)) => Err(OAuthError::Protocol {
+            detail: format!("unexpected content at `{}`", e.path()),
+        }),
+        Err(RequestTokenError::Other(detail)) => Err(OAuthError::Protocol { detail }),
     }
 }
 
@@ -199,17 +227,8 @@ async fn send(
         .await
         .map_err(|e| HttpError::Transport(transport_detail(&e)))?;
     let status = response.status();
-    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        return Err(HttpError::Status {
-            status: status.as_u16(),
-            retry_after,
-        });
+    if let Some(e) = unavailable(status, response.headers()) {
+        return Err(e);
     }
     let headers = response.headers().clone();
     let mut response = response;
@@ -228,6 +247,25 @@ async fn send(
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     Ok(out)
+}
+
+/// A 5xx or 429 answer: worth retrying, after `Retry-After` seconds if the server says so.
+pub(crate) fn unavailable(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+) -> Option<HttpError> {
+    if !(status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS) {
+        return None;
+    }
+    let retry_after = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    Some(HttpError::Status {
+        status: status.as_u16(),
+        retry_after,
+    })
 }
 
 /// A transport failure without the URL (it names the token endpoint, which is fine, but a

@@ -159,6 +159,7 @@ impl Purger {
         let result = crate::service::call_manager(
             self.service.metrics(),
             runtime.config.manager_timeout,
+            &entry.manager_id,
             &label,
             "purge",
             manager.purge_deleted(&entry.name),

@@ -27,6 +27,9 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(120);
 /// `backends.timeout`: the deadline of one call to a secrets manager.
 pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(3);
+/// `backends.access_check_interval`: Kubernetes updates a mounted Secret within about a minute;
+/// reading a few small files every 10 s is nothing.
+pub const DEFAULT_ACCESS_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MIGRATION_CONCURRENCY: usize = 4;

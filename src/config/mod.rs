@@ -71,6 +71,9 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `backends.timeout`: the deadline of one call to a secrets manager.
     pub manager_timeout: Duration,
+    /// `backends.access_check_interval`: how often files holding managers' access details are
+    /// checked for new content.
+    pub access_check_interval: Duration,
     pub log: LogConfig,
     pub oauth: OAuthConfig,
     pub reload: ReloadConfig,

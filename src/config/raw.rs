@@ -107,6 +107,8 @@ pub(super) struct RawCache {
 pub(super) struct RawBackends {
     #[serde(default, with = "humantime_serde")]
     pub(super) timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) access_check_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -112,6 +112,16 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must be at least 100ms",
         ));
     }
+    let access_check_interval = raw
+        .backends
+        .access_check_interval
+        .unwrap_or(DEFAULT_ACCESS_CHECK_INTERVAL);
+    if access_check_interval < MIN_PERIOD {
+        return Err(invalid(
+            "backends.access_check_interval",
+            "must be at least 100ms",
+        ));
+    }
     let oauth = validate_oauth(raw.oauth)?;
     let reload = ReloadConfig {
         watch: raw.reload.watch.unwrap_or(false),
@@ -163,6 +173,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         storage,
         cache,
         manager_timeout,
+        access_check_interval,
         log,
         oauth,
         reload,

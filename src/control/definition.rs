@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::managers::{check_name, check_prefix};
 use super::ControlError;
-use crate::config::{ManagerConfig, SealedAuth};
-use crate::manager::descriptor::Descriptor;
+use crate::config::{is_valid_name, ManagerConfig, SealedAuth, DEFAULT_PREFIX, LOCAL_MANAGER_ID};
+use crate::manager::descriptor::{self, Descriptor};
 use crate::manager::local::Keyring;
 use crate::metadata::{ManagerRecord, SealedRecord};
 use crate::secret::{SecretFields, SecretString};
@@ -71,6 +72,61 @@ pub(super) fn open(keys: &Keyring, record: &ManagerRecord) -> Result<SecretField
     })
 }
 
+/// A create body's parts that need no runtime to check, checked.
+pub(crate) struct CheckedManager {
+    pub id: String,
+    pub descriptor: &'static Descriptor,
+    pub prefix: String,
+    pub auth: SecretFields,
+}
+
+/// The checks `create_manager` makes once the caller may create in the workspace: the id
+/// (a fresh one when absent), the name, the type, the prefix, the settings and the access
+/// details.
+pub(crate) fn check_create(
+    id: Option<String>,
+    name: &str,
+    kind: &str,
+    prefix: Option<String>,
+    settings: &Map<String, Value>,
+    auth: Map<String, Value>,
+) -> Result<CheckedManager, ControlError> {
+    let id = match id {
+        Some(id) => id,
+        None => format!("m-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+    };
+    if !is_valid_name(&id) {
+        return Err(ControlError::invalid(
+            "id",
+            "1-128 letters, digits, `-`, `_` or `.`",
+        ));
+    }
+    if id == LOCAL_MANAGER_ID {
+        return Err(ControlError::invalid(
+            "id",
+            "`local` is the local encrypted store",
+        ));
+    }
+    check_name(name)?;
+    let descriptor = descriptor::find(kind).ok_or_else(|| {
+        let built: Vec<&str> = descriptor::TYPES.iter().map(|d| d.kind).collect();
+        ControlError::invalid(
+            "type",
+            format!("unknown type (this binary has: {})", built.join(", ")),
+        )
+    })?;
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+    check_prefix(&prefix)?;
+    check_settings(descriptor, settings)?;
+    let auth = check_auth(descriptor, auth)?;
+    Ok(CheckedManager {
+        id,
+        descriptor,
+        prefix,
+        auth,
+    })
+}
+
 /// Flattens nested objects to dotted keys (`{"approle": {"role_id": ..}}` → `approle.role_id`).
 fn flatten(prefix: &str, object: &Map<String, Value>, out: &mut Vec<(String, Value)>) {
     for (k, v) in object {
@@ -84,7 +140,7 @@ fn flatten(prefix: &str, object: &Map<String, Value>, out: &mut Vec<(String, Val
 
 /// Checks a body's `settings` (non-secret keys) against the descriptor. Errors name the key,
 /// never a value.
-pub(super) fn check_settings(
+pub(crate) fn check_settings(
     descriptor: &Descriptor,
     settings: &Map<String, Value>,
 ) -> Result<(), ControlError> {
@@ -118,7 +174,7 @@ pub(super) fn check_settings(
 
 /// Checks a body's `auth` (secret keys, string values) and returns it as secret fields under
 /// dotted names.
-pub(super) fn check_auth(
+pub(crate) fn check_auth(
     descriptor: &Descriptor,
     auth: Map<String, Value>,
 ) -> Result<SecretFields, ControlError> {

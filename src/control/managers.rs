@@ -6,9 +6,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{definition, workspace_or_default, ControlError, ControlPlane};
+use super::definition::{self, CheckedManager};
+use super::{workspace_or_default, ControlError, ControlPlane};
 use crate::access::{Action, Caller, Scope};
-use crate::config::{is_valid_name, LOCAL_MANAGER_ID};
+use crate::config::LOCAL_MANAGER_ID;
 use crate::manager::descriptor;
 use crate::metadata::{ManagerRecord, ManagerSource, ManagerState};
 use crate::routing::Source;
@@ -152,36 +153,19 @@ impl ControlPlane {
         {
             return Err(ControlError::Forbidden);
         }
-        let id = match body.id {
-            Some(id) => id,
-            None => format!("m-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
-        };
-        if !is_valid_name(&id) {
-            return Err(ControlError::invalid(
-                "id",
-                "1-128 letters, digits, `-`, `_` or `.`",
-            ));
-        }
-        if id == LOCAL_MANAGER_ID {
-            return Err(ControlError::invalid(
-                "id",
-                "`local` is the local encrypted store",
-            ));
-        }
-        check_name(&body.name)?;
-        let descriptor = descriptor::find(&body.kind).ok_or_else(|| {
-            let built: Vec<&str> = descriptor::TYPES.iter().map(|d| d.kind).collect();
-            ControlError::invalid(
-                "type",
-                format!("unknown type (this binary has: {})", built.join(", ")),
-            )
-        })?;
-        let prefix = body
-            .prefix
-            .unwrap_or_else(|| crate::config::DEFAULT_PREFIX.to_owned());
-        check_prefix(&prefix)?;
-        definition::check_settings(descriptor, &body.settings)?;
-        let auth = definition::check_auth(descriptor, body.auth)?;
+        let CheckedManager {
+            id,
+            descriptor,
+            prefix,
+            auth,
+        } = definition::check_create(
+            body.id,
+            &body.name,
+            &body.kind,
+            body.prefix,
+            &body.settings,
+            body.auth,
+        )?;
         let runtime = self.service.runtime();
         if runtime.topology.manager(&id).is_some()
             || self.service.metadata().manager_get(&id).await?.is_some()
@@ -429,14 +413,14 @@ fn local_view() -> ManagerView {
     }
 }
 
-pub(super) fn check_name(name: &str) -> Result<(), ControlError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ControlError> {
     if name.trim().is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
         return Err(ControlError::invalid("name", "1-128 printable characters"));
     }
     Ok(())
 }
 
-fn check_prefix(prefix: &str) -> Result<(), ControlError> {
+pub(super) fn check_prefix(prefix: &str) -> Result<(), ControlError> {
     if prefix.len() > 256 || prefix.chars().any(char::is_control) {
         return Err(ControlError::invalid(
             "prefix",

@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub(crate) use definition::{check_auth, check_create, check_settings, CheckedManager};
 pub use error::ControlError;
+pub(crate) use managers::check_name;
 pub use managers::{CreateManager, DeletePlan, ManagerView, PatchManager};
+pub(crate) use routing::check_environment_name;
 pub use routing::{RoutingBody, RoutingView};
 
 use crate::access::Policy;
@@ -61,7 +64,7 @@ pub struct Applied {
 }
 
 /// The workspace a request names, `default` when it names none.
-fn workspace_or_default(given: Option<String>) -> Result<String, ControlError> {
+pub(crate) fn workspace_or_default(given: Option<String>) -> Result<String, ControlError> {
     let workspace = given.unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
     if !crate::config::is_valid_name(&workspace) {
         return Err(ControlError::invalid(
@@ -133,7 +136,7 @@ impl ControlPlane {
                 .cloned();
             let instance = match reuse {
                 Some(instance) => instance,
-                None => manager::build(m).await?,
+                None => manager::renewing::build(m, self.renewals(m.id.clone())).await?,
             };
             registry.insert(m.id.clone(), instance);
             match old {
@@ -291,7 +294,15 @@ impl ControlPlane {
     ) -> Result<Arc<dyn SecretsManager>, ControlError> {
         let auth = definition::open(&self.keys, row)?;
         let config = definition::manager_config(row, auth);
-        Ok(manager::build(&config).await?)
+        let label = match row.source {
+            ManagerSource::Api => format!("api:{}", row.kind),
+            ManagerSource::File => row.id.clone(),
+        };
+        Ok(manager::renewing::build(&config, self.renewals(label)).await?)
+    }
+
+    fn renewals(&self, label: String) -> manager::renewing::Observer {
+        manager::renewing::counting(Arc::clone(self.service.metrics()), label)
     }
 
     /// Records the file's managers (settings, and access details resolved now and sealed), so

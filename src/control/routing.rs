@@ -110,12 +110,7 @@ impl ControlPlane {
             check("default".into(), id)?;
         }
         for (env, id) in &body.environments {
-            if !is_valid_name(env) {
-                return Err(ControlError::invalid(
-                    "environments",
-                    "an environment name is not 1-128 letters, digits, `-`, `_` or `.`",
-                ));
-            }
+            check_environment_name(env)?;
             check(format!("environments.{env}"), id)?;
         }
         self.service
@@ -131,5 +126,17 @@ impl ControlPlane {
         let mut view = self.routing_view(&workspace);
         view.moves_planned = Some(applied.moves_planned);
         Ok(view)
+    }
+}
+
+/// An environment a routing body names must be a valid name.
+pub(crate) fn check_environment_name(env: &str) -> Result<(), ControlError> {
+    if is_valid_name(env) {
+        Ok(())
+    } else {
+        Err(ControlError::invalid(
+            "environments",
+            "an environment name is not 1-128 letters, digits, `-`, `_` or `.`",
+        ))
     }
 }

@@ -126,7 +126,11 @@ async fn build_checked(config: Config) -> Result<Parts, StartError> {
         Arc::new(LocalManager::new(Arc::clone(&keys), Arc::clone(&metadata))),
     );
     for manager in &config.managers {
-        registry.insert(manager.id.clone(), manager::build(manager).await?);
+        let renewals = manager::renewing::counting(Arc::clone(&metrics), manager.id.clone());
+        registry.insert(
+            manager.id.clone(),
+            manager::renewing::build(manager, renewals).await?,
+        );
     }
     Ok(Parts {
         config,
@@ -277,6 +281,10 @@ pub async fn serve_app(
     ));
     tasks.spawn(tasks::rotate_keys(Arc::clone(&service), keys));
     tasks.spawn(tasks::refresh_tokens_forever(
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(tasks::renew_rotated_access_forever(
         Arc::clone(&service),
         stop_rx.clone(),
     ));

@@ -62,6 +62,31 @@ pub(super) async fn purge_forever(purger: Purger, mut stop: watch::Receiver<bool
     }
 }
 
+/// Rebuilds the clients of managers whose access-detail files changed (a rotated Kubernetes
+/// Secret, a token file Vault Agent rewrote), before a store has to refuse the old details.
+pub(super) async fn renew_rotated_access_forever(
+    service: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let runtime = service.runtime();
+        let interval = runtime.config.access_check_interval;
+        let managers: Vec<_> = runtime
+            .registry
+            .ids()
+            .filter_map(|id| runtime.registry.get(id).cloned())
+            .collect();
+        drop(runtime);
+        for manager in managers {
+            manager.renew_if_rotated().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// The background refresher: renews tokens inside their window before any reader needs them.
 pub(super) async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
     loop {

@@ -16,6 +16,7 @@ pub mod hashicorp;
 pub mod local;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 pub mod names;
+pub mod renewing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,7 +104,7 @@ pub enum Purge {
     Waiting,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct PutRequest<'a> {
     /// The logical name (`{prefix}{environment}/{credential id}`); a store maps it to its own
     /// alphabet if it has to.
@@ -256,6 +257,11 @@ pub trait SecretsManager: Send + Sync + 'static {
         .await
         .map(drop)
     }
+
+    /// Rebuilds the client if the files holding its access details changed since it was
+    /// built. Only the `renewing` wrapper, which every configured manager is built in, has
+    /// anything to do.
+    async fn renew_if_rotated(&self) {}
 }
 
 /// The configured stores by id, `local` always among them.

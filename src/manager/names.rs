@@ -19,6 +19,9 @@ pub fn encode(name: &str, max: usize) -> Option<String> {
 
 /// The credproxy name for a store name made by `encode`; `None` for names it did not make.
 pub fn decode(encoded: &str) -> Option<String> {
+    if encoded.is_empty() {
+        return None; // `encode` never makes the empty name
+    }
     let bytes = encoded.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -30,7 +33,9 @@ pub fn decode(encoded: &str) -> Option<String> {
             }
             b'-' => {
                 let hex = encoded.get(i + 1..i + 3)?;
-                if hex.bytes().any(|c| c.is_ascii_uppercase()) {
+                // Exactly two lowercase hex digits, as `encode` writes them (`from_str_radix`
+                // alone would also take `+b` or `B0`).
+                if !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
                     return None;
                 }
                 let byte = u8::from_str_radix(hex, 16).ok()?;

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::ServiceError;
-use crate::config::CredentialLimits;
+use crate::config::{is_valid_name, CredentialLimits, DEFAULT_WORKSPACE};
 use crate::metadata::{ClientAuth, OAuthDescription};
 use crate::secret::SecretFields;
 
@@ -66,6 +66,85 @@ fn explicit_null<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
+}
+
+/// The checks `create` makes before it asks whether the caller may write there: the
+/// environment and the workspace (`default` when absent) must be valid names. Answers the
+/// workspace.
+pub(crate) fn check_scope(
+    workspace: Option<String>,
+    environment: &str,
+) -> Result<String, ServiceError> {
+    if !is_valid_name(environment) {
+        return Err(ServiceError::Invalid(
+            "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
+        ));
+    }
+    let workspace = workspace.unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
+    if !is_valid_name(&workspace) {
+        return Err(ServiceError::Invalid(
+            "`workspace` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
+        ));
+    }
+    Ok(workspace)
+}
+
+/// The fields of a create request that need no runtime to check, checked.
+#[derive(Debug)]
+pub(crate) struct CreateFields {
+    pub integration_type: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub oauth: Option<OAuthDescription>,
+    pub expires_at: Option<i64>,
+}
+
+/// The checks `create` makes once the caller may write: integration type, metadata, and the
+/// OAuth description with its expiry.
+pub(crate) fn check_fields(
+    integration_type: Option<String>,
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    oauth: Option<OAuthInput>,
+    limits: &CredentialLimits,
+) -> Result<CreateFields, ServiceError> {
+    let integration_type = integration_type.unwrap_or_default();
+    if integration_type.is_empty()
+        || integration_type.len() > 128
+        || integration_type.chars().any(char::is_control)
+    {
+        return Err(ServiceError::Invalid(
+            "`integration_type` must be 1-128 printable characters".into(),
+        ));
+    }
+    let metadata = metadata.unwrap_or_default();
+    check_metadata(&metadata, limits)?;
+    let (oauth, expires_at) = match oauth {
+        Some(o) => {
+            let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
+            (Some(check_oauth(o)?), expires_at)
+        }
+        None => (None, None),
+    };
+    Ok(CreateFields {
+        integration_type,
+        metadata,
+        oauth,
+        expires_at,
+    })
+}
+
+/// The checks `patch` makes before it reads the credential: metadata, the size of the secret
+/// fields it brings (the merged value is checked again), and the new expiry, which it answers.
+pub(crate) fn check_patch(
+    request: &PatchRequest,
+    limits: &CredentialLimits,
+) -> Result<Option<i64>, ServiceError> {
+    if let Some(m) = &request.metadata {
+        check_metadata(m, limits)?;
+    }
+    if let Some(s) = &request.secrets {
+        check_secrets_size(s, limits)?;
+    }
+    request.expires_at.as_ref().map(parse_expiry).transpose()
 }
 
 /// Metadata is stored in plaintext, so a key that names sensitive material (an API key pasted
@@ -134,7 +213,7 @@ pub(super) fn check_secrets_size(
     Ok(())
 }
 
-pub(super) fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
+fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
     check_token_url(&o.token_url)?;
     if o.client_id.is_empty() || o.client_id.len() > 512 {
         return Err(ServiceError::Invalid(
@@ -176,7 +255,7 @@ fn check_token_url(raw: &str) -> Result<(), ServiceError> {
     }
 }
 
-pub(super) fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
+fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
     match v {
         serde_json::Value::Number(n) => n.as_i64(),
         serde_json::Value::String(s) => crate::time::parse_rfc3339(s),

@@ -2,6 +2,7 @@
 //! manager holds, and clean up copies that a crash, move or delete left behind.
 
 mod error;
+mod failures;
 mod input;
 mod journal;
 mod locks;
@@ -18,6 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 pub use error::ServiceError;
+pub(crate) use input::{check_fields, check_patch, check_scope, CreateFields};
 pub use input::{CreateRequest, OAuthInput, PatchRequest};
 pub use moves::MoveOutcome;
 pub use refresh::{Refreshed, Trigger};
@@ -204,7 +206,7 @@ impl Service {
         let label = runtime.topology.metric_label(manager_id);
         let timeout = runtime.config.manager_timeout;
         drop(runtime);
-        call_manager(&self.metrics, timeout, &label, operation, fut).await
+        call_manager(&self.metrics, timeout, manager_id, &label, operation, fut).await
     }
 
     /// The name a credential's secret gets in `manager_id`: `{prefix}{environment}/{id}` in the
@@ -223,11 +225,16 @@ impl Service {
             .manager(manager_id)
             .map(|m| m.prefix.as_str())
             .unwrap_or("");
-        if workspace == DEFAULT_WORKSPACE {
-            format!("{prefix}{environment}/{id}")
-        } else {
-            format!("{prefix}workspaces/{workspace}/{environment}/{id}")
-        }
+        secret_name(prefix, workspace, environment, id)
+    }
+}
+
+/// `Service::secret_name` for a manager with `prefix`.
+pub(crate) fn secret_name(prefix: &str, workspace: &str, environment: &str, id: &str) -> String {
+    if workspace == DEFAULT_WORKSPACE {
+        format!("{prefix}{environment}/{id}")
+    } else {
+        format!("{prefix}workspaces/{workspace}/{environment}/{id}")
     }
 }
 
@@ -235,6 +242,7 @@ impl Service {
 pub(crate) async fn call_manager<T>(
     metrics: &Metrics,
     timeout: Duration,
+    manager_id: &str,
     label: &str,
     operation: &'static str,
     fut: impl Future<Output = Result<T, ManagerError>>,
@@ -257,7 +265,7 @@ pub(crate) async fn call_manager<T>(
         .with_label_values(&[label, operation])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        tracing::debug!(manager = label, operation, error = %e, "secrets manager call failed");
+        failures::log(manager_id, operation, e);
     }
     result
 }

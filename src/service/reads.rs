@@ -73,6 +73,7 @@ impl Service {
                 let read = call_manager(
                     &metrics,
                     timeout,
+                    &loc.manager_id,
                     &runtime.topology.metric_label(&loc.manager_id),
                     "get",
                     manager.get(&loc.name, loc.version.as_deref()),

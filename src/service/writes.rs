@@ -5,11 +5,13 @@
 use std::sync::Arc;
 
 use super::error::manager_failure;
-use super::input::{check_metadata, check_oauth, check_secrets_size, parse_expiry, write_token};
+use super::input::{
+    check_fields, check_patch, check_scope, check_secrets_size, write_token, CreateFields,
+};
 use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
-use crate::config::{is_valid_name, DEFAULT_WORKSPACE, LOCAL_MANAGER_ID};
+use crate::config::{is_valid_name, LOCAL_MANAGER_ID};
 use crate::manager::{ManagerError, PutRequest, SecretsManager};
 use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
 use crate::secret::SecretFields;
@@ -27,19 +29,7 @@ impl Service {
         request: CreateRequest,
     ) -> Result<WriteOutcome, ServiceError> {
         let environment = request.environment;
-        if !is_valid_name(&environment) {
-            return Err(ServiceError::Invalid(
-                "`environment` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
-            ));
-        }
-        let workspace = request
-            .workspace
-            .unwrap_or_else(|| DEFAULT_WORKSPACE.to_owned());
-        if !is_valid_name(&workspace) {
-            return Err(ServiceError::Invalid(
-                "`workspace` must be 1-128 letters, digits, `-`, `_` or `.`".into(),
-            ));
-        }
+        let workspace = check_scope(request.workspace, &environment)?;
         if !self.allows(
             caller,
             Action::Write,
@@ -47,25 +37,18 @@ impl Service {
         ) {
             return Err(ServiceError::Forbidden);
         }
-        let integration_type = request.integration_type.unwrap_or_default();
-        if integration_type.is_empty()
-            || integration_type.len() > 128
-            || integration_type.chars().any(char::is_control)
-        {
-            return Err(ServiceError::Invalid(
-                "`integration_type` must be 1-128 printable characters".into(),
-            ));
-        }
-        let metadata = request.metadata.unwrap_or_default();
         let limits = self.runtime().config.credentials.clone();
-        check_metadata(&metadata, &limits)?;
-        let (oauth, expires_at) = match request.oauth {
-            Some(o) => {
-                let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
-                (Some(check_oauth(o)?), expires_at)
-            }
-            None => (None, None),
-        };
+        let CreateFields {
+            integration_type,
+            metadata,
+            oauth,
+            expires_at,
+        } = check_fields(
+            request.integration_type,
+            request.metadata,
+            request.oauth,
+            &limits,
+        )?;
 
         let runtime = self.runtime();
         let pin = request.secrets_manager_id;
@@ -195,15 +178,7 @@ impl Service {
             return Err(ServiceError::Forbidden);
         }
         let limits = self.runtime().config.credentials.clone();
-        if let Some(m) = &request.metadata {
-            check_metadata(m, &limits)?;
-        }
-        if let Some(s) = &request.secrets {
-            // The merged value is checked again below; this refuses an oversized PATCH before
-            // the store is read.
-            check_secrets_size(s, &limits)?;
-        }
-        let new_expiry = request.expires_at.as_ref().map(parse_expiry).transpose()?;
+        let new_expiry = check_patch(&request, &limits)?;
         let _guard = self.locks.lock(id).await;
         let current = self
             .metadata

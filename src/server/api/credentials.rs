@@ -26,12 +26,7 @@ pub(super) async fn get(
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     let service = &app.service;
-    let fields: Option<Vec<String>> = query.get("fields").map(|v| {
-        v.split(',')
-            .filter(|f| !f.is_empty())
-            .map(str::to_owned)
-            .collect()
-    });
+    let fields = query.fields();
     let (entry, status) = service.get(caller, id).await?;
     let secrets = &entry.loaded.secrets;
     if app.audit {

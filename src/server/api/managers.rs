@@ -72,11 +72,10 @@ pub(super) async fn delete(
     id: &str,
     query: &Query,
 ) -> Result<Response<Body>, ApiError> {
-    let flag = |name: &str, yes: &str| query.get(name).is_some_and(|v| v == yes || v == "1");
-    let dry_run = flag("dry_run", "true");
+    let dry_run = query.flag("dry_run", "true");
     let plan = app
         .control
-        .delete_manager(caller, id, dry_run, flag("credentials", "delete"))
+        .delete_manager(caller, id, dry_run, query.flag("credentials", "delete"))
         .await?;
     let status = if dry_run {
         StatusCode::OK
@@ -108,25 +107,7 @@ pub(super) async fn secrets(
         )
         .with_detail("`secretsmanager_id` is required")
     })?;
-    let number = |name: &str, default: usize, max: usize| -> Result<usize, ApiError> {
-        match query.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "the request is invalid",
-                    )
-                    .with_detail(format!("`{name}` must be a whole number up to {max}"))
-                }),
-        }
-    };
-    let limit = number("limit", 50, 500)?.max(1);
-    let offset = number("offset", 0, 1_000_000)?;
+    let (limit, offset) = query.page()?;
     let page = app
         .service
         .list_manager_secrets(

@@ -17,6 +17,7 @@ use super::App;
 use crate::access::{Action, Caller};
 use crate::service::ServiceError;
 
+pub(crate) use body::parse_json;
 pub use body::Body;
 pub use error::ApiError;
 
@@ -163,12 +164,53 @@ impl Query {
     }
 
     /// The first value of `name`.
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.pairs().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
 
-    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// `?fields=a,b`: the secret fields a read asks for; `None` for all of them.
+    pub(crate) fn fields(&self) -> Option<Vec<String>> {
+        self.get("fields").map(|v| {
+            v.split(',')
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+    }
+
+    /// Whether the first value of `name` is `yes` or `1`.
+    pub(crate) fn flag(&self, name: &str, yes: &str) -> bool {
+        self.get(name).is_some_and(|v| v == yes || v == "1")
+    }
+
+    /// `?limit=&offset=` of a listing: `limit` 1-500 (50 when absent), `offset` up to a million.
+    pub(crate) fn page(&self) -> Result<(usize, usize), ApiError> {
+        let limit = self.number("limit", 50, 500)?.max(1);
+        let offset = self.number("offset", 0, 1_000_000)?;
+        Ok((limit, offset))
+    }
+
+    /// A whole number `name` up to `max`, `default` when absent.
+    fn number(&self, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the request is invalid",
+                    )
+                    .with_detail(format!("`{name}` must be a whole number up to {max}"))
+                }),
+        }
     }
 }
 
