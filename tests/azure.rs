@@ -319,8 +319,11 @@ async fn a_name_that_can_be_neither_recovered_nor_purged_is_a_documented_conflic
 
     let logs = d.logs();
     let warned = |needle: &str| {
-        logs.lines()
-            .any(|l| l.contains(" WARN ") && l.contains("manager=kv") && l.contains(needle))
+        logs.lines().any(|l| {
+            l.contains(" WARN ")
+                && (l.contains("manager=kv") || l.contains("manager=\"kv\""))
+                && l.contains(needle)
+        })
     };
     assert!(
         warned("recover refused (ForbiddenByRbac); purge refused (ForbiddenByRbac)"),

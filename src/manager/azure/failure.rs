@@ -1,12 +1,8 @@
 //! What Key Vault answered when a call failed, read once: the HTTP status and Key Vault's most
 //! specific error code (the innermost `innererror.code`, such as `ObjectIsDeletedButRecoverable`
-//! under the generic `Conflict`), how that classifies as a [`ManagerError`], and the WARN line
-//! a failure the caller sees gets — rate-limited, naming the manager, the operation and the
-//! code, never a value or a token.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+//! under the generic `Conflict`), and how that classifies as a [`ManagerError`] whose text
+//! names the code (and never a value or a token): the WARN line every failed store call gets
+//! (`service::failures`) shows it.
 
 use azure_core::error::ErrorKind;
 
@@ -18,12 +14,6 @@ pub(super) const DELETED_BUT_RECOVERABLE: &str = "ObjectIsDeletedButRecoverable"
 pub(super) const BEING_DELETED: &str = "ObjectIsBeingDeleted";
 /// The recovery of the name is still running.
 pub(super) const BEING_RECOVERED: &str = "ObjectIsBeingRecovered";
-
-/// At most one WARN line per operation and error code this often.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-/// Distinct (operation, code) pairs remembered; codes come from the server, so the map is
-/// bounded rather than trusted to stay small.
-const MAX_TRACKED: usize = 64;
 
 /// A failed Key Vault call.
 #[derive(Debug)]
@@ -101,12 +91,6 @@ impl Failure {
         }
     }
 
-    /// Whether the caller is told something went wrong that an operator should see: every
-    /// failure but a 404, which is an answer (the secret is not there).
-    fn worth_a_warning(&self) -> bool {
-        self.status() != Some(404)
-    }
-
     pub(super) fn into_error(self) -> ManagerError {
         match self {
             Failure::Refused { status, code } => match status {
@@ -126,82 +110,6 @@ impl Failure {
     }
 }
 
-/// Per operation and code: when a line was last logged, and how many were held back since.
-type Logged = HashMap<(&'static str, String), (Instant, u64)>;
-
-/// The WARN lines of one manager, at most one per operation and code per [`LOG_EVERY`], each
-/// saying how many were held back since the last.
-#[derive(Default)]
-pub(super) struct Warnings {
-    logged: Mutex<Logged>,
-}
-
-impl Warnings {
-    /// Whether a line for `operation` and `code` is due now, and how many were held back.
-    fn due(&self, operation: &'static str, code: &str) -> Option<u64> {
-        let now = Instant::now();
-        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        if logged.len() >= MAX_TRACKED && !logged.contains_key(&(operation, code.to_owned())) {
-            logged.retain(|_, (last, _)| now.duration_since(*last) < LOG_EVERY);
-            if logged.len() >= MAX_TRACKED {
-                logged.clear();
-            }
-        }
-        match logged.get_mut(&(operation, code.to_owned())) {
-            Some((last, held)) if now.duration_since(*last) < LOG_EVERY => {
-                *held += 1;
-                None
-            }
-            Some((last, held)) => {
-                *last = now;
-                Some(std::mem::take(held))
-            }
-            None => {
-                logged.insert((operation, code.to_owned()), (now, 0));
-                Some(0)
-            }
-        }
-    }
-
-    /// Logs `failure` of `operation` (unless it is a plain 404 or a line was logged lately)
-    /// and turns it into the caller's error.
-    pub(super) fn failed(
-        &self,
-        manager: &str,
-        operation: &'static str,
-        failure: Failure,
-    ) -> ManagerError {
-        if failure.worth_a_warning() {
-            if let Some(suppressed) = self.due(operation, failure.code()) {
-                match &failure {
-                    Failure::Refused { status, code } => tracing::warn!(
-                        manager = %manager, operation, status, code = %code, suppressed,
-                        "Key Vault refused a request"
-                    ),
-                    Failure::Credential(e) | Failure::Unreachable(e) | Failure::Other(e) => {
-                        tracing::warn!(
-                            manager = %manager, operation, code = %failure.code(), suppressed,
-                            error = %e, "Key Vault request failed"
-                        )
-                    }
-                }
-            }
-        }
-        failure.into_error()
-    }
-
-    /// Logs a refusal that is not one call's failure but the outcome of several (a name that
-    /// can be neither recovered nor purged), under the same rate limit.
-    pub(super) fn refused(&self, manager: &str, operation: &'static str, reason: &str) {
-        if let Some(suppressed) = self.due(operation, reason) {
-            tracing::warn!(
-                manager = %manager, operation, reason = %reason, suppressed,
-                "Key Vault refused a request"
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,22 +124,5 @@ mod tests {
         let plain = br#"{"error":{"code":"SecretNotFound","message":"not found"}}"#;
         assert_eq!(innermost_code(plain).as_deref(), Some("SecretNotFound"));
         assert_eq!(innermost_code(b"not json"), None);
-    }
-
-    #[test]
-    fn warnings_are_held_back_per_operation_and_code() {
-        let w = Warnings::default();
-        assert_eq!(w.due("put", "Forbidden"), Some(0));
-        assert_eq!(w.due("put", "Forbidden"), None);
-        assert_eq!(w.due("put", "Forbidden"), None);
-        assert_eq!(w.due("get", "Forbidden"), Some(0), "per operation");
-        assert_eq!(w.due("put", "Throttled"), Some(0), "per code");
-        for i in 0..2 * MAX_TRACKED {
-            w.due("put", &format!("code-{i}"));
-        }
-        assert!(
-            w.logged.lock().unwrap().len() <= MAX_TRACKED,
-            "bounded even when every line is recent"
-        );
     }
 }

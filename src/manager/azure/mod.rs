@@ -9,7 +9,7 @@
 //!
 //! This file holds the manager and its requests; `settings` holds what the configuration may
 //! say, `credential` how the manager gets its Entra ID tokens, `failure` how a failed call is
-//! read and logged, and `soft_delete` deleted secrets: purges, recoveries, names to reclaim.
+//! read, and `soft_delete` deleted secrets: purges, recoveries, names to reclaim.
 
 mod credential;
 mod failure;
@@ -36,7 +36,7 @@ use super::{
 use crate::config::{ConfigError, ManagerConfig};
 use crate::secret::SecretFields;
 use credential::{Credential, Flow};
-use failure::{Failure, Warnings, BEING_DELETED};
+use failure::{Failure, BEING_DELETED};
 
 /// Key Vault secret names are 1-127 characters.
 const MAX_NAME: usize = 127;
@@ -46,7 +46,6 @@ pub struct AzureManager {
     id: String,
     client: SecretClient,
     purge_on_delete: bool,
-    warnings: Warnings,
 }
 
 /// An HTTP client for the vault and the identity endpoint: no redirects, the extra CA if
@@ -132,18 +131,12 @@ impl AzureManager {
             id: manager.id.clone(),
             client,
             purge_on_delete: settings.purge_on_delete,
-            warnings: Warnings::default(),
         }))
     }
 
-    /// `failure` of `operation` as the caller's error, logged at WARN (rate-limited).
-    fn failed(&self, operation: &'static str, failure: Failure) -> ManagerError {
-        self.warnings.failed(&self.id, operation, failure)
-    }
-
-    /// A failed SDK call of `operation` as the caller's error, logged at WARN (rate-limited).
-    fn sdk_failed(&self, operation: &'static str, e: azure_core::Error) -> ManagerError {
-        self.failed(operation, Failure::from_sdk(e))
+    /// A failed SDK call as the caller's error (logged at WARN where the call was made).
+    fn sdk_failed(e: azure_core::Error) -> ManagerError {
+        Failure::from_sdk(e).into_error()
     }
 
     fn vault_name(name: &str) -> Result<String, ManagerError> {
@@ -178,7 +171,7 @@ impl SecretsManager for AzureManager {
             .get_secret(&vault_name, Some(options))
             .await
             .and_then(|r| r.into_model())
-            .map_err(|e| self.sdk_failed("get", e))?;
+            .map_err(Self::sdk_failed)?;
         let value = SecretFields::from_json(secret.value.as_deref().unwrap_or("").as_bytes())
             .map_err(|e| ManagerError::Permanent(format!("stored value: {e}")))?;
         Ok(Versioned {
@@ -213,7 +206,7 @@ impl SecretsManager for AzureManager {
             Err(e) => match Failure::from_sdk(e) {
                 // Not there, or a delete of it already running: deleted either way.
                 f if f.status() == Some(404) || f.is(409, BEING_DELETED) => Ok(()),
-                f => Err(self.failed("delete", f)),
+                f => Err(f.into_error()),
             },
         }
     }
@@ -230,13 +223,9 @@ impl SecretsManager for AzureManager {
         let mut pager = self
             .client
             .list_secret_properties(None)
-            .map_err(|e| self.sdk_failed("list", e))?;
+            .map_err(Self::sdk_failed)?;
         let mut window = super::Window::new(&request);
-        while let Some(props) = pager
-            .try_next()
-            .await
-            .map_err(|e| self.sdk_failed("list", e))?
-        {
+        while let Some(props) = pager.try_next().await.map_err(Self::sdk_failed)? {
             let id = props.id.clone().unwrap_or_default();
             let vault_name = id
                 .trim_end_matches('/')

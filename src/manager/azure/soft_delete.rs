@@ -45,7 +45,7 @@ impl AzureManager {
             // 403: no permission to read deleted secrets; the SDK's pollers read that as
             // "done" too, and the purge answers for itself.
             if !matches!(failure.status(), Some(404 | 403)) {
-                return Err(self.failed("get_deleted", failure));
+                return Err(failure.into_error());
             }
         }
         match self.client.purge_deleted_secret(vault_name, None).await {
@@ -54,7 +54,7 @@ impl AzureManager {
                 f if f.status() == Some(404) => Ok(Purge::Gone),
                 // Still being deleted, or being recovered (then Gone, once recovered).
                 f if f.is(409, BEING_DELETED) || f.is(409, BEING_RECOVERED) => Ok(Purge::Waiting),
-                f => Err(self.failed("purge", f)),
+                f => Err(f.into_error()),
             },
         }
     }
@@ -86,14 +86,9 @@ impl AzureManager {
                 tokio::time::sleep(pause).await;
                 pause = longer(pause);
             } else {
-                return Err(self.failed("put", failure));
+                return Err(failure.into_error());
             }
         }
-        self.warnings.refused(
-            &self.id,
-            "put",
-            "the name stayed busy (being deleted or recovered)",
-        );
         Err(ManagerError::Transient(
             "Key Vault kept the name busy (being deleted or recovered)".into(),
         ))
@@ -117,14 +112,14 @@ impl AzureManager {
             {
                 return Ok(())
             }
-            Err(f) => return Err(self.failed("recover", f)),
+            Err(f) => return Err(f.into_error()),
         };
         if !self.purge_on_delete {
             let reason = format!(
                 "recover refused ({}); purge not allowed (purge_on_delete is false)",
                 recover_refused.code()
             );
-            return Err(self.name_unavailable(reason));
+            return Err(ManagerError::NameUnavailable(reason));
         }
         match self.client.purge_deleted_secret(vault_name, None).await {
             Ok(_) => {
@@ -133,19 +128,14 @@ impl AzureManager {
             }
             Err(e) => match Failure::from_sdk(e) {
                 f if f.status() == Some(404) || f.is(409, BEING_DELETED) => Ok(()),
-                f if f.status() == Some(403) => Err(self.name_unavailable(format!(
+                f if f.status() == Some(403) => Err(ManagerError::NameUnavailable(format!(
                     "recover refused ({}); purge refused ({})",
                     recover_refused.code(),
                     f.code()
                 ))),
-                f => Err(self.failed("purge", f)),
+                f => Err(f.into_error()),
             },
         }
-    }
-
-    fn name_unavailable(&self, reason: String) -> ManagerError {
-        self.warnings.refused(&self.id, "put", &reason);
-        ManagerError::NameUnavailable(reason)
     }
 
     /// Recovers the deleted `vault_name` and waits until the secret is readable again, as the
