@@ -2,7 +2,8 @@
 //! manager and hands them to local workers over a Unix socket at the moment they are needed.
 //!
 //! Layout, top-down in the order a request travels (ARCHITECTURE.md has the layer rules and
-//! the invariants): `cli` → `daemon` → `server` → `reload` → `control` → `migrate`/`setup` →
+//! the invariants): `cli` → `daemon` → `server` → `reload` → `control` →
+//! `migrate`/`purge`/`setup` →
 //! `service` → `cache`/`oauth`/`routing`/`access` → `manager` (where secrets live) /
 //! `metadata` (the metadata database) → the leaves `config`, `secret`, `time`, `metrics`,
 //! `sys` (every `unsafe` block), `lifecycle`, `client`.
@@ -23,6 +24,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod migrate;
 pub mod oauth;
+pub mod purge;
 pub mod reload;
 pub mod routing;
 pub mod secret;

@@ -28,6 +28,10 @@ pub const OAUTH_OUTCOMES: [&str; 7] = [
 pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
     ["full", "read_only", "locked", "unavailable", "other"];
 
+/// Label values of `credproxy_store_purges_total{outcome}`: purged; gone (nothing left to
+/// purge); waiting (the delete still runs); denied (no permission); failed (anything else).
+pub const PURGE_OUTCOMES: [&str; 5] = ["purged", "gone", "waiting", "denied", "failed"];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -51,6 +55,8 @@ pub struct Metrics {
     pub journal_pending: IntGauge,
     pub metadata_write_failures: IntCounterVec,
     pub access_renewals: IntCounterVec,
+    pub store_purges: IntCounterVec,
+    pub store_purges_pending: IntGaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -284,6 +290,28 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let store_purges = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_store_purges_total",
+                    "Attempts to purge soft-deleted secrets, by manager and outcome (purged, gone, waiting, denied, failed).",
+                ),
+                &["manager", "outcome"],
+            )
+            .unwrap(),
+        );
+        let store_purges_pending = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "credproxy_store_purges_pending",
+                    "Soft-deleted secrets awaiting their purge, by manager.",
+                ),
+                &["manager"],
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -333,6 +361,8 @@ impl Metrics {
             journal_pending,
             metadata_write_failures,
             access_renewals,
+            store_purges,
+            store_purges_pending,
         }
     }
 

@@ -13,7 +13,7 @@ use credproxy::metadata::postgres::PostgresMetadata;
 use credproxy::metadata::sqlite::SqliteMetadata;
 use credproxy::metadata::{
     CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
-    ManagerSource, ManagerState, Metadata, MetadataError, RoutingRecord, SealedRecord,
+    ManagerSource, ManagerState, Metadata, MetadataError, PurgeEntry, RoutingRecord, SealedRecord,
 };
 use hyper::Method;
 use serde_json::json;
@@ -427,7 +427,76 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     );
     store.sealed_delete("s/x").await.unwrap();
     assert!(store.sealed_latest("s/x").await.unwrap().is_none());
+    purge_suite(&store, &other).await;
     control_suite(&store, &other).await;
+}
+
+fn purge(name: &str, next_at_ms: i64, created_at_ms: i64) -> PurgeEntry {
+    PurgeEntry {
+        manager_id: "kv".into(),
+        name: name.into(),
+        credential_id: format!("c-{name}"),
+        attempts: 0,
+        next_at_ms,
+        last_outcome: None,
+        created_at_ms,
+    }
+}
+
+/// Soft-deleted secrets awaiting their purge: one entry per manager and name, listed when due
+/// (the longest due first), rescheduled and removed only as read (an entry added again since
+/// is left alone), and counted per manager, whose release they hold up.
+async fn purge_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
+    store.purge_add(&purge("p1", 200, 1)).await.unwrap();
+    store.purge_add(&purge("p2", 100, 1)).await.unwrap();
+    assert_eq!(
+        other.purge_due(150, 10).await.unwrap(),
+        vec![purge("p2", 100, 1)]
+    );
+    let due: Vec<String> = other
+        .purge_due(1_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(due, ["p2", "p1"]);
+    assert_eq!(other.purge_due(1_000, 1).await.unwrap().len(), 1);
+    assert_eq!(
+        other.purge_counts().await.unwrap(),
+        HashMap::from([("kv".to_owned(), 2)])
+    );
+    assert!(
+        other.manager_in_use("kv").await.unwrap(),
+        "a pending purge keeps its manager"
+    );
+    // An attempt is recorded on the entry it was made on.
+    let tried = PurgeEntry {
+        attempts: 1,
+        next_at_ms: 5_000,
+        last_outcome: Some("waiting".into()),
+        ..purge("p2", 100, 1)
+    };
+    store.purge_reschedule(&tried).await.unwrap();
+    assert_eq!(other.purge_get("kv", "p2").await.unwrap().unwrap(), tried);
+    assert!(
+        other.purge_due(1_000, 10).await.unwrap().len() == 1,
+        "p2 is not due now"
+    );
+    // Deleted again later: the new entry replaces it, and a worker holding the older one can
+    // neither reschedule nor remove the new one.
+    store.purge_add(&purge("p2", 100, 2)).await.unwrap();
+    other.purge_reschedule(&tried).await.unwrap();
+    other.purge_remove(&tried).await.unwrap();
+    assert_eq!(
+        store.purge_get("kv", "p2").await.unwrap().unwrap(),
+        purge("p2", 100, 2)
+    );
+    other.purge_remove(&purge("p2", 100, 2)).await.unwrap();
+    other.purge_remove(&purge("p1", 200, 1)).await.unwrap();
+    assert!(store.purge_get("kv", "p2").await.unwrap().is_none());
+    assert!(store.purge_counts().await.unwrap().is_empty());
+    assert!(!store.manager_in_use("kv").await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,7 +540,7 @@ async fn a_version_3_postgresql_database_is_upgraded_in_place() {
     tokio::spawn(connection);
     client
         .batch_execute(
-            "DROP TABLE managers, routing, control;
+            "DROP TABLE managers, routing, control, purges;
              ALTER TABLE credentials DROP COLUMN workspace;
              UPDATE credproxy_schema SET version = 3;
              INSERT INTO credentials (id, environment, integration_type, metadata, store_id,
@@ -493,6 +562,49 @@ async fn a_version_3_postgresql_database_is_upgraded_in_place() {
     assert_eq!(
         b.manager_get("m1").await.unwrap().unwrap(),
         manager("m1", "default")
+    );
+    let version: i64 = client
+        .query_one("SELECT version FROM credproxy_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, credproxy::metadata::SCHEMA_VERSION);
+}
+
+/// A database a version 4 binary created and wrote gains the purge table in place, and what
+/// it wrote stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_4_postgresql_database_gains_the_purge_table_in_place() {
+    let pg = peers::postgres().await;
+    let url = pg.url();
+    // Version 4's schema is this binary's without what version 5 added.
+    drop(PostgresMetadata::open(&url).await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "DROP TABLE purges;
+             UPDATE credproxy_schema SET version = 4;
+             INSERT INTO credentials (id, environment, integration_type, metadata, store_id,
+                 store_name, store_version, row_version, created_at, updated_at)
+             VALUES ('old', 'Production', 'github', '{\"team\":\"core\"}', 'local',
+                 'Production/old', '1', 1, 10, 10);",
+        )
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(PostgresMetadata::open(&url), PostgresMetadata::open(&url));
+    let (a, b): (Arc<dyn Metadata>, Arc<dyn Metadata>) =
+        (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+    assert_eq!(
+        a.get_credential("old").await.unwrap().unwrap(),
+        record("old", None)
+    );
+    a.purge_add(&purge("p", 1, 1)).await.unwrap();
+    assert_eq!(
+        b.purge_get("kv", "p").await.unwrap().unwrap(),
+        purge("p", 1, 1)
     );
     let version: i64 = client
         .query_one("SELECT version FROM credproxy_schema", &[])

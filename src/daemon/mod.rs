@@ -322,6 +322,11 @@ pub async fn serve_app(
     }
     // Also how an interrupted migration resumes: the first pass plans from the database.
     tasks.spawn(Arc::clone(&app.migrator).run(stop_rx.clone()));
+    // After the control plane too: a purge of an API manager's secret needs that manager.
+    tasks.spawn(tasks::purge_forever(
+        crate::purge::Purger::new(Arc::clone(&service)),
+        stop_rx.clone(),
+    ));
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hup) => {

@@ -1,5 +1,6 @@
-//! The daemon's background tasks: the journal sweep, the OAuth refresher, master key
-//! rotation of the local store, and the reload triggers (SIGHUP, file changes).
+//! The daemon's background tasks: the journal sweep, the purges of soft-deleted secrets, the
+//! OAuth refresher, master key rotation of the local store, and the reload triggers (SIGHUP,
+//! file changes).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::manager::local::{Keyring, LocalManager};
+use crate::purge::Purger;
 use crate::reload::Reloader;
 use crate::service::Service;
 
@@ -35,6 +37,26 @@ pub(super) async fn sweep_journal_forever(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How often recorded purges are looked for: they are due a second after their delete, and
+/// again as their back-off says.
+const PURGE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Purges soft-deleted secrets once their manager has finished deleting them. A pass is not
+/// cancelled at shutdown; each attempt is bounded by the manager timeout.
+pub(super) async fn purge_forever(purger: Purger, mut stop: watch::Receiver<bool>) {
+    loop {
+        match purger.pass().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(attempted = n, "purge pass"),
+            Err(e) => tracing::debug!(error = %e, "purge pass failed; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PURGE_SCAN_INTERVAL) => {}
             _ = stop.changed() => return,
         }
     }

@@ -52,6 +52,10 @@ pub enum ManagerError {
     /// account that is not active). The reason names no secret.
     #[error("{0}")]
     Unusable(String),
+    /// The name is held by a deleted secret that credproxy may neither recover nor purge
+    /// (Key Vault's soft delete). The reason names the refusals, never a value.
+    #[error("the name is held by a deleted secret: {0}")]
+    NameUnavailable(String),
 }
 
 impl ManagerError {
@@ -75,6 +79,7 @@ impl ManagerError {
             ManagerError::ReadOnly => "read_only",
             ManagerError::Permanent(_) => "error",
             ManagerError::Unusable(_) => "unusable",
+            ManagerError::NameUnavailable(_) => "name_unavailable",
         }
     }
 }
@@ -86,6 +91,17 @@ pub struct Versioned {
     pub version: String,
     /// Seconds until the token expires, for stores that know it (Composio's `expires_in`).
     pub expires_in: Option<Duration>,
+}
+
+/// What one attempt to purge a soft-deleted secret found ([`SecretsManager::purge_deleted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// Purged now.
+    Purged,
+    /// Nothing deleted is left under the name: purged already, recovered, or in use again.
+    Gone,
+    /// The delete is still in progress; ask again later.
+    Waiting,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +233,18 @@ pub trait SecretsManager: Send + Sync + 'static {
     }
 
     async fn list(&self, request: ListRequest) -> Result<Page, ManagerError>;
+
+    /// Whether a delete leaves a soft-deleted secret that is to be purged once the store has
+    /// finished deleting it (Key Vault with `purge_on_delete`): whoever deletes records the
+    /// name and calls [`purge_deleted`](Self::purge_deleted) later until it is done.
+    fn purges_after_delete(&self) -> bool {
+        false
+    }
+
+    /// One attempt to purge the soft-deleted secret `name`.
+    async fn purge_deleted(&self, _name: &str) -> Result<Purge, ManagerError> {
+        Ok(Purge::Gone)
+    }
 
     /// A cheap authenticated call that proves the access details work, made before a manager
     /// given through the API is saved. By default: list one secret.

@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::{ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretsManager, Versioned};
+use super::{
+    ListRequest, ManagerError, ManagerInfo, Page, Purge, PutRequest, SecretsManager, Versioned,
+};
 use crate::config::{ConfigError, ManagerConfig};
 
 /// Told the outcome of every renewal (for a metric): `renewed`, `refused_again`, `backed_off`,
@@ -281,6 +283,18 @@ impl SecretsManager for Renewing {
 
     async fn probe(&self) -> Result<(), ManagerError> {
         self.with_renewal(|m| async move { m.probe().await }).await
+    }
+
+    fn purges_after_delete(&self) -> bool {
+        self.now().manager.purges_after_delete()
+    }
+
+    /// Not renewed on a refusal: a purge refused for want of the purge permission (Key
+    /// Vault's 403) says nothing about the access itself, and renewing on it would put the
+    /// manager's renewals into back-off for every other call. Access that really expired is
+    /// renewed by the next read or write; the purge is tried again later anyway.
+    async fn purge_deleted(&self, name: &str) -> Result<Purge, ManagerError> {
+        self.now().manager.purge_deleted(name).await
     }
 
     async fn renew_if_rotated(&self) {

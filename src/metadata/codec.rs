@@ -4,7 +4,8 @@
 
 use super::{
     CredentialRecord, JournalEntry, JournalKind, Location, ManagerRecord, ManagerSource,
-    ManagerState, MetadataError, OAuthDescription, RoutingRecord, SealedRecord, SealedSummary,
+    ManagerState, MetadataError, OAuthDescription, PurgeEntry, RoutingRecord, SealedRecord,
+    SealedSummary,
 };
 
 /// Typed access to the columns of one result row, by position. A value of the wrong type is
@@ -38,6 +39,10 @@ pub(super) const JOURNAL_COLUMNS: &str = "id, credential_id, store_id, name, cre
 
 /// The columns a new journal entry is written to (its id is the database's).
 pub(super) const JOURNAL_INSERT_COLUMNS: &str = "credential_id, store_id, name, created_at, kind";
+
+/// The columns [`purge_entry`] reads, in its order; also the insert order.
+pub(super) const PURGE_COLUMNS: &str =
+    "store_id, name, credential_id, attempts, next_at_ms, last_outcome, created_at_ms";
 
 /// The columns [`sealed`] reads, in its order, from `local_secrets` or `oauth_pending`; also
 /// the insert order.
@@ -251,6 +256,19 @@ pub(super) fn journal_entry(row: &dyn Columns) -> Result<JournalEntry, MetadataE
         name: row.text(3)?,
         created_at: row.int(4)?,
         kind: JournalKind::parse(&row.text(5)?)?,
+    })
+}
+
+/// A row of [`PURGE_COLUMNS`].
+pub(super) fn purge_entry(row: &dyn Columns) -> Result<PurgeEntry, MetadataError> {
+    Ok(PurgeEntry {
+        manager_id: row.text(0)?,
+        name: row.text(1)?,
+        credential_id: row.text(2)?,
+        attempts: row.int(3)?,
+        next_at_ms: row.int(4)?,
+        last_outcome: row.opt_text(5)?,
+        created_at_ms: row.int(6)?,
     })
 }
 

@@ -1,8 +1,9 @@
 //! The metadata database: credential references and their non-sensitive metadata, the write
 //! journal, the sealed rows of the local encrypted store, OAuth refresh leases and pending
-//! token responses, the instances of a fleet, and the control plane (secrets managers and
-//! routing defined through the API, per workspace). Two backends: SQLite (the default, one
-//! file) and PostgreSQL (fleet mode, many instances sharing one database).
+//! token responses, soft-deleted secrets awaiting their purge, the instances of a fleet, and the
+//! control plane (secrets managers and routing defined through the API, per workspace). Two
+//! backends: SQLite (the default, one file) and PostgreSQL (fleet mode, many instances sharing
+//! one database).
 //!
 //! What the database does is split into role traits ([`CredentialRows`], [`JournalRows`],
 //! [`SealedRows`], ...) so a component depends only on the rows it touches; [`Metadata`] is
@@ -26,15 +27,16 @@ pub use fault::Fault;
 pub use observed::Observed;
 pub use records::{
     ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
-    ManagerSource, ManagerState, OAuthDescription, RoutingRecord, SealedRecord, SealedSummary,
+    ManagerSource, ManagerState, OAuthDescription, PurgeEntry, RoutingRecord, SealedRecord,
+    SealedSummary,
 };
 pub use roles::{
     ControlRows, CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness,
-    Metadata, PendingTokenRows, SealedRows,
+    Metadata, PendingTokenRows, PurgeRows, SealedRows,
 };
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

@@ -17,7 +17,7 @@ use prometheus::IntCounterVec;
 use super::{
     ControlRows, CredentialRecord, CredentialRows, Fault, FleetRows, Invalidation, JournalEntry,
     JournalRows, LeaseRows, Liveness, ManagerRecord, Metadata, MetadataError, PendingTokenRows,
-    RoutingRecord, SealedRecord, SealedRows, SealedSummary,
+    PurgeEntry, PurgeRows, RoutingRecord, SealedRecord, SealedRows, SealedSummary,
 };
 
 /// At most one log line per kind of failure (read or write, and fault) this often.
@@ -486,6 +486,41 @@ impl ControlRows for Observed {
     async fn routing_put(&self, record: &RoutingRecord) -> Result<(), MetadataError> {
         self.write("routing_put", self.inner.routing_put(record))
             .await
+    }
+}
+
+#[async_trait]
+impl PurgeRows for Observed {
+    async fn purge_add(&self, entry: &PurgeEntry) -> Result<(), MetadataError> {
+        self.write("purge_add", self.inner.purge_add(entry)).await
+    }
+
+    async fn purge_get(
+        &self,
+        manager_id: &str,
+        name: &str,
+    ) -> Result<Option<PurgeEntry>, MetadataError> {
+        self.read("purge_get", self.inner.purge_get(manager_id, name))
+            .await
+    }
+
+    async fn purge_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PurgeEntry>, MetadataError> {
+        self.read("purge_due", self.inner.purge_due(now_ms, limit))
+            .await
+    }
+
+    async fn purge_reschedule(&self, entry: &PurgeEntry) -> Result<(), MetadataError> {
+        self.write("purge_reschedule", self.inner.purge_reschedule(entry))
+            .await
+    }
+
+    async fn purge_remove(&self, entry: &PurgeEntry) -> Result<(), MetadataError> {
+        self.write("purge_remove", self.inner.purge_remove(entry))
+            .await
+    }
+
+    async fn purge_counts(&self) -> Result<HashMap<String, u64>, MetadataError> {
+        self.read("purge_counts", self.inner.purge_counts()).await
     }
 }
 

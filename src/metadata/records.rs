@@ -105,6 +105,27 @@ impl JournalKind {
     }
 }
 
+/// A secret a secrets manager deleted softly and credproxy still has to purge (Key Vault with
+/// `purge_on_delete`): kept until the manager says nothing is left under the name. Names a
+/// location and a credential id, never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeEntry {
+    pub manager_id: String,
+    pub name: String,
+    /// The credential whose copy it was, for logs.
+    pub credential_id: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+    /// When the next attempt is due, in Unix milliseconds.
+    pub next_at_ms: i64,
+    /// How the last attempt ended (a metric outcome, such as `waiting` or `denied`), if any.
+    pub last_outcome: Option<String>,
+    /// When the delete was journaled, in Unix milliseconds; an entry added again for the same
+    /// name (deleted again later) gets a new one, so a worker finishing the older one cannot
+    /// remove it.
+    pub created_at_ms: i64,
+}
+
 /// One sealed version in the local encrypted store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedRecord {

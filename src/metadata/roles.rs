@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    CredentialRecord, Invalidation, JournalEntry, ManagerRecord, MetadataError, RoutingRecord,
-    SealedRecord, SealedSummary,
+    CredentialRecord, Invalidation, JournalEntry, ManagerRecord, MetadataError, PurgeEntry,
+    RoutingRecord, SealedRecord, SealedSummary,
 };
 
 /// Whether the database answers at all.
@@ -77,7 +77,8 @@ pub trait CredentialRows: Send + Sync + 'static {
     /// Whether any credential's recorded location is this copy.
     async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError>;
 
-    /// Whether any credential or journal entry still refers to the store `manager_id`.
+    /// Whether any credential, journal entry or pending purge still refers to the store
+    /// `manager_id`.
     async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError>;
 
     /// OAuth credentials not marked for re-authorisation whose token expires at or before
@@ -99,6 +100,30 @@ pub trait JournalRows: Send + Sync + 'static {
     /// Every entry, oldest first. An entry whose kind cannot be read is an error, never a
     /// guess: the wrong guess would delete a copy that must stay.
     async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError>;
+}
+
+/// Soft-deleted secrets awaiting their purge (`purges`), one per manager and name. Every
+/// instance sharing the database works them; a lease per entry (`LeaseRows`) keeps it to one
+/// at a time.
+#[async_trait]
+pub trait PurgeRows: Send + Sync + 'static {
+    /// Records a purge to make, replacing an earlier entry for the same manager and name.
+    async fn purge_add(&self, entry: &PurgeEntry) -> Result<(), MetadataError>;
+    /// The entry for `name` in `manager_id`, if any.
+    async fn purge_get(
+        &self,
+        manager_id: &str,
+        name: &str,
+    ) -> Result<Option<PurgeEntry>, MetadataError>;
+    /// Entries due at `now_ms` (Unix milliseconds), the longest due first.
+    async fn purge_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PurgeEntry>, MetadataError>;
+    /// Records an attempt (`attempts`, `next_at_ms`, `last_outcome`) if the entry is still the
+    /// one read (same `created_at_ms`).
+    async fn purge_reschedule(&self, entry: &PurgeEntry) -> Result<(), MetadataError>;
+    /// Removes the entry if it is still the one read (same `created_at_ms`).
+    async fn purge_remove(&self, entry: &PurgeEntry) -> Result<(), MetadataError>;
+    /// Entries per manager id; managers with none are absent.
+    async fn purge_counts(&self) -> Result<std::collections::HashMap<String, u64>, MetadataError>;
 }
 
 /// The sealed versions of the local encrypted store (`local_secrets`).
@@ -260,6 +285,7 @@ pub trait Metadata:
     + LeaseRows
     + FleetRows
     + ControlRows
+    + PurgeRows
 {
 }
 
@@ -272,5 +298,6 @@ impl<T> Metadata for T where
         + LeaseRows
         + FleetRows
         + ControlRows
+        + PurgeRows
 {
 }

@@ -165,6 +165,25 @@ const OBJECTS: &[(i64, &str)] = &[
         4,
         "INSERT INTO control (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
     ),
+    // Version 5: soft-deleted secrets awaiting their purge (Key Vault with purge_on_delete).
+    // Times in milliseconds: attempts back off from one second.
+    (
+        5,
+        "CREATE TABLE {if_new}purges (
+    store_id      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    credential_id TEXT NOT NULL,
+    attempts      {int} NOT NULL,
+    next_at_ms    {int} NOT NULL,
+    last_outcome  TEXT,
+    created_at_ms {int} NOT NULL,
+    PRIMARY KEY (store_id, name)
+)",
+    ),
+    (
+        5,
+        "CREATE INDEX {if_new}purges_due ON purges (next_at_ms)",
+    ),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

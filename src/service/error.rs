@@ -53,6 +53,12 @@ pub enum ServiceError {
     },
     #[error("secrets manager `{manager}` holds this credential in a state that cannot be used: {reason}")]
     Unusable { manager: String, reason: String },
+    /// The credential's name in the manager is held by a deleted secret credproxy may neither
+    /// recover nor purge.
+    #[error(
+        "secrets manager `{manager}` keeps a deleted secret under the credential's name: {reason}"
+    )]
+    NameUnavailable { manager: String, reason: String },
 }
 
 impl LoadFailure for ServiceError {
@@ -90,6 +96,7 @@ pub(super) fn manager_failure(manager: &str, e: ManagerError) -> ServiceError {
             retry_after: UNAVAILABLE_RETRY_AFTER,
         },
         ManagerError::Unusable(reason) => ServiceError::Unusable { manager, reason },
+        ManagerError::NameUnavailable(reason) => ServiceError::NameUnavailable { manager, reason },
         e @ (ManagerError::Denied(_) | ManagerError::Permanent(_)) => ServiceError::ManagerFailed {
             manager,
             detail: e.to_string(),

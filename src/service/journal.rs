@@ -10,7 +10,25 @@ use std::time::Duration;
 
 use super::error::manager_failure;
 use super::{Runtime, Service, ServiceError};
-use crate::metadata::{JournalEntry, JournalKind};
+use crate::metadata::{JournalEntry, JournalKind, PurgeEntry};
+
+/// How long after a soft delete its purge is first tried: Key Vault takes seconds to finish
+/// deleting, and a purge before that is refused.
+const FIRST_PURGE_AFTER_MS: i64 = 1_000;
+
+/// The purge a soft delete of `entry`'s copy leaves to do.
+fn purge_entry(entry: &JournalEntry) -> PurgeEntry {
+    let now = crate::time::now_unix_ms();
+    PurgeEntry {
+        manager_id: entry.manager_id.clone(),
+        name: entry.name.clone(),
+        credential_id: entry.credential_id.clone(),
+        attempts: 0,
+        next_at_ms: now + FIRST_PURGE_AFTER_MS,
+        last_outcome: None,
+        created_at_ms: now,
+    }
+}
 
 impl Service {
     pub(super) async fn journal(
@@ -98,6 +116,11 @@ impl Service {
             self.call(&entry.manager_id, "delete", manager.delete(&entry.name))
                 .await
                 .map_err(|e| manager_failure(&entry.manager_id, e))?;
+            if manager.purges_after_delete() {
+                // Before the journal entry goes: a crash in between deletes again (a no-op)
+                // and records the purge again.
+                self.metadata.purge_add(&purge_entry(entry)).await?;
+            }
             self.metadata.journal_remove(entry.id).await?;
             Ok(true)
         }

@@ -1,16 +1,20 @@
 //! Faithful wire-level fakes of the three managers that have no emulator here, driven by the
 //! real SDK crates through the daemon: Azure Key Vault (HTTPS with a test CA, the 401 bearer
-//! challenge, an Entra ID token endpoint), Google Secret Manager (REST/JSON, service-account
+//! challenge, an Entra ID token endpoint, and soft delete as Microsoft documents it: deletes and
+//! recoveries that take time, `deletedsecrets` read, purge and recover, `409` with
+//! `ObjectIsBeingDeleted`, `ObjectIsDeletedButRecoverable` and `ObjectIsBeingRecovered` in
+//! `innererror`, `403 ForbiddenByRbac` for a missing permission), Google Secret Manager (REST/JSON, service-account
 //! JWTs verified against the key's public half, CRC32C checksums), and Composio's connected
 //! accounts API. Each is strict: a request the real service would reject is rejected, so a
 //! wrong request fails the test. Faults (throttling) are switched on from the test.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -176,14 +180,72 @@ pub type AzureVersion = (String, String, Option<String>, i64);
 pub struct AzureState {
     /// name → versions (oldest first) of (version id, value, content type, created).
     pub secrets: BTreeMap<String, Vec<AzureVersion>>,
-    /// Soft-deleted names, purgeable.
+    /// Soft-deleted names whose delete has completed: recoverable and purgeable.
     pub deleted: BTreeMap<String, Vec<AzureVersion>>,
+    /// Soft deletes still running, and when each completes. Meanwhile the name answers 404 to
+    /// reads (live and deleted) and `409 ObjectIsBeingDeleted` to writes, purges and recoveries.
+    pub deleting: BTreeMap<String, (Vec<AzureVersion>, Instant)>,
+    /// Recoveries still running, and when each secret is readable again; meanwhile a write to
+    /// the name answers `409 ObjectIsBeingRecovered`.
+    pub recovering: BTreeMap<String, (Vec<AzureVersion>, Instant)>,
+    /// How long a soft delete runs (zero: done when the DELETE answers).
+    pub delete_delay: Duration,
+    /// How long a recovery runs.
+    pub recover_delay: Duration,
+    /// Secret operations the identity has no permission for (`"purge"`, `"recover"`): 403.
+    pub forbidden: BTreeSet<&'static str>,
+    /// Every vault request answered: (method, path, status).
+    pub log: Vec<(String, String, u16)>,
     pub issued_token: Option<String>,
     pub token_requests: usize,
     pub challenges: usize,
     pub throttle_next: usize,
     pub throttled: usize,
     pub page_size: usize,
+}
+
+impl AzureState {
+    /// Completes the soft deletes and recoveries whose time has come.
+    fn advance(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .deleting
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let (versions, _) = self.deleting.remove(&name).unwrap();
+            self.deleted.insert(name, versions);
+        }
+        let due: Vec<String> = self
+            .recovering
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let (versions, _) = self.recovering.remove(&name).unwrap();
+            self.secrets.insert(name, versions);
+        }
+    }
+
+    /// Completes every running soft delete now (a test's way to end a long delete).
+    pub fn finish_deletes(&mut self) {
+        let now = Instant::now();
+        for (_, at) in self.deleting.values_mut() {
+            *at = now;
+        }
+        self.advance();
+    }
+
+    /// How many answers to `method` on a path starting with `path` had `status`.
+    pub fn answered(&self, method: &str, path: &str, status: u16) -> usize {
+        self.log
+            .iter()
+            .filter(|(m, p, s)| m == method && p.starts_with(path) && *s == status)
+            .count()
+    }
 }
 
 pub struct AzureFake {
@@ -204,6 +266,24 @@ impl AzureFake {
     }
 }
 
+/// Key Vault's conflict: the generic `Conflict` code, the specific one in `innererror`.
+fn azure_conflict(inner: &str, message: &str) -> Response<Full<Bytes>> {
+    reply(
+        409,
+        json!({"error": {"code": "Conflict", "message": message, "innererror": {"code": inner}}}),
+    )
+}
+
+/// Key Vault's answer to an identity without the permission (RBAC).
+fn azure_forbidden(action: &str) -> Response<Full<Bytes>> {
+    reply(
+        403,
+        json!({"error": {"code": "Forbidden",
+            "message": format!("Caller is not authorized to perform action on resource.\r\nAction: 'Microsoft.KeyVault/vaults/secrets/{action}/action'"),
+            "innererror": {"code": "ForbiddenByRbac"}}}),
+    )
+}
+
 fn azure_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     reply(status, json!({"error": {"code": code, "message": message}}))
 }
@@ -219,9 +299,33 @@ fn azure_bundle(host: &str, name: &str, v: &AzureVersion) -> Value {
     })
 }
 
+/// A deleted secret as Key Vault describes it: the latest version's bundle without its value,
+/// with where to recover it and when it will be purged on its own.
+fn azure_deleted_bundle(host: &str, name: &str, last: &AzureVersion) -> Value {
+    let mut bundle = azure_bundle(host, name, last);
+    bundle["recoveryId"] = json!(format!("https://{host}/deletedsecrets/{name}"));
+    bundle["deletedDate"] = json!(now());
+    bundle["scheduledPurgeDate"] = json!(now() + 90 * 86400);
+    bundle.as_object_mut().unwrap().remove("value");
+    bundle
+}
+
 fn azure_handle(state: &Mutex<AzureState>, port: u16, call: Call) -> Response<Full<Bytes>> {
-    let host_header = call.header("host").unwrap_or_default().to_owned();
     let mut s = state.lock().unwrap();
+    s.advance();
+    let (method, path) = (call.method.clone(), call.path.clone());
+    let vault = call
+        .header("host")
+        .is_some_and(|h| h.starts_with(AZURE_VAULT_HOST));
+    let response = azure_answer(&mut s, port, call);
+    if vault {
+        s.log.push((method, path, response.status().as_u16()));
+    }
+    response
+}
+
+fn azure_answer(s: &mut AzureState, port: u16, call: Call) -> Response<Full<Bytes>> {
+    let host_header = call.header("host").unwrap_or_default().to_owned();
     // Entra ID token endpoint.
     if host_header.starts_with(AZURE_LOGIN_HOST) {
         let form: BTreeMap<String, String> = url::form_urlencoded::parse(&call.body)
@@ -301,8 +405,14 @@ fn azure_handle(state: &Mutex<AzureState>, port: u16, call: Call) -> Response<Fu
                     "The request URI contains an invalid name",
                 );
             }
+            if s.deleting.contains_key(*name) {
+                return azure_conflict("ObjectIsBeingDeleted", &format!("Secret {name} is currently being deleted and cannot be re-created; retry later."));
+            }
             if s.deleted.contains_key(*name) {
-                return azure_error(409, "Conflict", "Secret is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged.");
+                return azure_conflict("ObjectIsDeletedButRecoverable", &format!("Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged."));
+            }
+            if s.recovering.contains_key(*name) {
+                return azure_conflict("ObjectIsBeingRecovered", &format!("Secret {name} is currently being recovered and cannot be re-created; retry later."));
             }
             let Some(body) = call.json() else {
                 return azure_error(400, "BadParameter", "The request body is not valid JSON.");
@@ -378,31 +488,73 @@ fn azure_handle(state: &Mutex<AzureState>, port: u16, call: Call) -> Response<Fu
             });
             reply(200, json!({"value": page, "nextLink": next}))
         }
-        ("DELETE", ["secrets", name]) => match s.secrets.remove(*name) {
-            Some(versions) => {
-                let last = versions.last().unwrap().clone();
-                s.deleted.insert(name.to_string(), versions);
-                let mut bundle = azure_bundle(&host, name, &last);
-                bundle["recoveryId"] = json!(format!("https://{host}/deletedsecrets/{name}"));
-                bundle["deletedDate"] = json!(now());
-                bundle["scheduledPurgeDate"] = json!(now() + 90 * 86400);
-                bundle.as_object_mut().unwrap().remove("value");
-                reply(200, bundle)
+        ("DELETE", ["secrets", name]) => {
+            if s.deleting.contains_key(*name) {
+                return azure_conflict(
+                    "ObjectIsBeingDeleted",
+                    "Secret is currently being deleted.",
+                );
             }
-            None => azure_error(
-                404,
-                "SecretNotFound",
-                "A secret with (name/id) was not found in this key vault.",
+            let Some(versions) = s.secrets.remove(*name) else {
+                return azure_error(
+                    404,
+                    "SecretNotFound",
+                    "A secret with (name/id) was not found in this key vault.",
+                );
+            };
+            let bundle = azure_deleted_bundle(&host, name, versions.last().unwrap());
+            let done = Instant::now() + s.delete_delay;
+            s.deleting.insert(name.to_string(), (versions, done));
+            s.advance();
+            reply(200, bundle)
+        }
+        ("GET", ["deletedsecrets", name]) => match s.deleted.get(*name) {
+            Some(versions) => reply(
+                200,
+                azure_deleted_bundle(&host, name, versions.last().unwrap()),
             ),
-        },
-        ("DELETE", ["deletedsecrets", name]) => match s.deleted.remove(*name) {
-            Some(_) => {
-                let mut r = Response::new(Full::new(Bytes::new()));
-                *r.status_mut() = StatusCode::NO_CONTENT;
-                r
-            }
             None => azure_error(404, "SecretNotFound", "Deleted Secret not found"),
         },
+        // Purge.
+        ("DELETE", ["deletedsecrets", name]) => {
+            if s.forbidden.contains("purge") {
+                return azure_forbidden("purge");
+            }
+            if s.deleting.contains_key(*name) {
+                return azure_conflict(
+                    "ObjectIsBeingDeleted",
+                    "Secret is currently being deleted.",
+                );
+            }
+            match s.deleted.remove(*name) {
+                Some(_) => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+                None => azure_error(404, "SecretNotFound", "Deleted Secret not found"),
+            }
+        }
+        ("POST", ["deletedsecrets", name, "recover"]) => {
+            if s.forbidden.contains("recover") {
+                return azure_forbidden("recover");
+            }
+            if s.deleting.contains_key(*name) {
+                return azure_conflict(
+                    "ObjectIsBeingDeleted",
+                    "Secret is currently being deleted.",
+                );
+            }
+            let Some(versions) = s.deleted.remove(*name) else {
+                return azure_error(404, "SecretNotFound", "Deleted Secret not found");
+            };
+            let mut bundle = azure_bundle(&host, name, versions.last().unwrap());
+            bundle.as_object_mut().unwrap().remove("value");
+            let done = Instant::now() + s.recover_delay;
+            s.recovering.insert(name.to_string(), (versions, done));
+            s.advance();
+            reply(200, bundle)
+        }
         _ => azure_error(400, "BadParameter", "The request URI is not supported."),
     }
 }

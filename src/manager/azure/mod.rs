@@ -1,16 +1,20 @@
 //! Azure Key Vault (`type = "azure"`): one secret per credential, named by `names::encode`
 //! (Key Vault allows only letters, digits and dashes), whose value is the JSON object of its
 //! sensitive fields. Every write makes a new version, whose id the reference records. Delete
-//! is Key Vault's soft delete, followed by a purge when `purge_on_delete` is set. The SDK's
-//! retry policy honours `Retry-After` on 429. Authentication: a client secret of an app
+//! is Key Vault's soft delete; with `purge_on_delete` the caller records the name and the
+//! purge follows in the background, once Key Vault has finished deleting (`soft_delete`). The
+//! SDK's retry policy honours `Retry-After` on 429. Authentication: a client secret of an app
 //! registration, else workload identity (AKS, `AZURE_FEDERATED_TOKEN_FILE`), else the
 //! instance's managed identity.
 //!
 //! This file holds the manager and its requests; `settings` holds what the configuration may
-//! say and `credential` how the manager gets its Entra ID tokens.
+//! say, `credential` how the manager gets its Entra ID tokens, `failure` how a failed call is
+//! read, and `soft_delete` deleted secrets: purges, recoveries, names to reclaim.
 
 mod credential;
+mod failure;
 mod settings;
+mod soft_delete;
 
 pub use settings::{parse_settings, AzureSettings, DESCRIPTOR};
 
@@ -19,19 +23,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use azure_core::http::{ClientOptions, StatusCode, Transport};
+use azure_core::http::{ClientOptions, Transport};
 use azure_core::time;
 use azure_security_keyvault_secrets::models::{SecretClientGetSecretOptions, SetSecretParameters};
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use futures::TryStreamExt;
 
 use super::{
-    names, ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretSummary, SecretsManager,
-    Versioned,
+    names, ListRequest, ManagerError, ManagerInfo, Page, Purge, PutRequest, SecretSummary,
+    SecretsManager, Versioned,
 };
 use crate::config::{ConfigError, ManagerConfig};
 use crate::secret::SecretFields;
 use credential::{Credential, Flow};
+use failure::{Failure, BEING_DELETED};
 
 /// Key Vault secret names are 1-127 characters.
 const MAX_NAME: usize = 127;
@@ -62,36 +67,6 @@ fn http_client(settings: &AzureSettings, hosts: &[&str]) -> Result<reqwest::Clie
         }
     }
     builder.build().map_err(|e| format!("HTTP client: {e}"))
-}
-
-fn classify(e: azure_core::Error) -> ManagerError {
-    use azure_core::error::ErrorKind;
-    match e.kind() {
-        ErrorKind::HttpResponse {
-            status, error_code, ..
-        } => {
-            let code = error_code.clone().unwrap_or_default();
-            match *status {
-                StatusCode::NotFound => ManagerError::NotFound,
-                StatusCode::Unauthorized | StatusCode::Forbidden => {
-                    ManagerError::Denied(format!("Key Vault refused access ({code})"))
-                }
-                StatusCode::TooManyRequests => ManagerError::Throttled { retry_after: None },
-                StatusCode::Conflict => ManagerError::Permanent(format!(
-                    "Key Vault conflict ({code}): a deleted secret of that name is awaiting purge"
-                )),
-                s if u16::from(s) >= 500 => {
-                    ManagerError::Transient(format!("Key Vault HTTP {}", u16::from(s)))
-                }
-                s => ManagerError::Permanent(format!("Key Vault HTTP {} ({code})", u16::from(s))),
-            }
-        }
-        ErrorKind::Credential => ManagerError::Denied(format!("Entra ID token: {e}")),
-        ErrorKind::Connection | ErrorKind::Io => {
-            ManagerError::Transient(format!("Key Vault unreachable: {e}"))
-        }
-        _ => ManagerError::Permanent(format!("Key Vault: {e}")),
-    }
 }
 
 fn host_of(url: &str) -> String {
@@ -159,6 +134,11 @@ impl AzureManager {
         }))
     }
 
+    /// A failed SDK call as the caller's error (logged at WARN where the call was made).
+    fn sdk_failed(e: azure_core::Error) -> ManagerError {
+        Failure::from_sdk(e).into_error()
+    }
+
     fn vault_name(name: &str) -> Result<String, ManagerError> {
         names::encode(name, MAX_NAME).ok_or_else(|| {
             ManagerError::Permanent(format!(
@@ -190,9 +170,8 @@ impl SecretsManager for AzureManager {
             .client
             .get_secret(&vault_name, Some(options))
             .await
-            .map_err(classify)?
-            .into_model()
-            .map_err(classify)?;
+            .and_then(|r| r.into_model())
+            .map_err(Self::sdk_failed)?;
         let value = SecretFields::from_json(secret.value.as_deref().unwrap_or("").as_bytes())
             .map_err(|e| ManagerError::Permanent(format!("stored value: {e}")))?;
         Ok(Versioned {
@@ -216,52 +195,37 @@ impl SecretsManager for AzureManager {
         let body = parameters
             .try_into()
             .map_err(|e: azure_core::Error| ManagerError::Permanent(e.to_string()))?;
-        let secret = self
-            .client
-            .set_secret(&vault_name, body, None)
-            .await
-            .map_err(classify)?
-            .into_model()
-            .map_err(classify)?;
+        let secret = self.set_reclaiming(&vault_name, body).await?;
         Ok(version_of(secret.id.as_deref()))
     }
 
     async fn delete(&self, name: &str) -> Result<(), ManagerError> {
         let vault_name = Self::vault_name(name)?;
-        match self
-            .client
-            .delete_secret(&vault_name, None)
-            .await
-            .map_err(classify)
-        {
-            Ok(_) | Err(ManagerError::NotFound) => {}
-            Err(e) => return Err(e),
+        match self.client.delete_secret(&vault_name, None).await {
+            Ok(_) => Ok(()),
+            Err(e) => match Failure::from_sdk(e) {
+                // Not there, or a delete of it already running: deleted either way.
+                f if f.status() == Some(404) || f.is(409, BEING_DELETED) => Ok(()),
+                f => Err(f.into_error()),
+            },
         }
-        if self.purge_on_delete {
-            // The soft delete completes asynchronously; purge answers 409 until it has.
-            for attempt in 0..10 {
-                match self
-                    .client
-                    .purge_deleted_secret(&vault_name, None)
-                    .await
-                    .map_err(classify)
-                {
-                    Ok(_) | Err(ManagerError::NotFound) if attempt > 0 => return Ok(()),
-                    Ok(_) => return Ok(()),
-                    Err(ManagerError::NotFound) | Err(ManagerError::Permanent(_)) => {
-                        tokio::time::sleep(Duration::from_millis(200)).await
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(())
+    }
+
+    fn purges_after_delete(&self) -> bool {
+        self.purge_on_delete
+    }
+
+    async fn purge_deleted(&self, name: &str) -> Result<Purge, ManagerError> {
+        self.purge(&Self::vault_name(name)?).await
     }
 
     async fn list(&self, request: ListRequest) -> Result<Page, ManagerError> {
-        let mut pager = self.client.list_secret_properties(None).map_err(classify)?;
+        let mut pager = self
+            .client
+            .list_secret_properties(None)
+            .map_err(Self::sdk_failed)?;
         let mut window = super::Window::new(&request);
-        while let Some(props) = pager.try_next().await.map_err(classify)? {
+        while let Some(props) = pager.try_next().await.map_err(Self::sdk_failed)? {
             let id = props.id.clone().unwrap_or_default();
             let vault_name = id
                 .trim_end_matches('/')

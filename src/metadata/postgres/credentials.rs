@@ -177,7 +177,8 @@ impl CredentialRows for PostgresMetadata {
         let conn = self.pool.get().await?;
         conn.query_one(
             "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
-             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1)",
+             OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1) \
+             OR EXISTS (SELECT 1 FROM purges WHERE store_id = $1)",
             &[&manager_id],
         )
         .await

@@ -12,6 +12,7 @@ mod journal;
 mod leases;
 mod pending;
 mod pool;
+mod purges;
 mod sealed;
 
 use std::sync::Arc;

@@ -185,7 +185,8 @@ impl CredentialRows for SqliteMetadata {
         self.with(move |c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = ?1) \
-                 OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1)",
+                 OR EXISTS (SELECT 1 FROM journal WHERE store_id = ?1) \
+                 OR EXISTS (SELECT 1 FROM purges WHERE store_id = ?1)",
                 params![manager_id],
                 |r| r.get::<_, bool>(0),
             )

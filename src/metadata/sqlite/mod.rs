@@ -8,6 +8,7 @@ mod fleet;
 mod journal;
 mod leases;
 mod pending;
+mod purges;
 mod sealed;
 
 use std::path::{Path, PathBuf};
@@ -463,6 +464,52 @@ mod tests {
         let store = SqliteMetadata::open(&path).unwrap();
         assert_eq!(store.control_version().await.unwrap(), 1);
         assert_eq!(store.routing_all().await.unwrap().len(), 1);
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_version_4_database_gains_the_purge_table_in_place() {
+        use crate::metadata::{PurgeEntry, PurgeRows};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // What a version 4 binary left: its schema and a credential it wrote.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&schema::ddl(&DIALECT, 1..=4)).unwrap();
+            c.execute(
+                "INSERT INTO credentials (id, environment, integration_type, metadata, \
+                 store_id, store_name, store_version, row_version, created_at, updated_at) \
+                 VALUES ('old', 'Production', 'github', '{}', 'local', 'Production/old', '1', \
+                 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 4).unwrap();
+        }
+        let entry = PurgeEntry {
+            manager_id: "kv".into(),
+            name: "n".into(),
+            credential_id: "old".into(),
+            attempts: 0,
+            next_at_ms: 1,
+            last_outcome: None,
+            created_at_ms: 1,
+        };
+        {
+            let store = SqliteMetadata::open(&path).unwrap();
+            assert_eq!(
+                store.get_credential("old").await.unwrap().unwrap().id,
+                "old"
+            );
+            store.purge_add(&entry).await.unwrap();
+        }
+        // Reopening runs nothing again, and the entry is still there.
+        let store = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(store.purge_due(1, 10).await.unwrap(), vec![entry]);
         let c = Connection::open(&path).unwrap();
         let v: i64 = c
             .pragma_query_value(None, "user_version", |r| r.get(0))

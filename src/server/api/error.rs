@@ -120,6 +120,7 @@ impl From<ServiceError> for ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable", "the access token has expired and could not be refreshed yet; retry later")
             },
             Unusable { reason, .. } => ApiError::new(StatusCode::CONFLICT, "credential_unusable", "the secrets manager holds this credential in a state that cannot be handed out").with_detail(reason),
+            NameUnavailable { .. } => ApiError::new(StatusCode::CONFLICT, "store_name_unavailable", "the secrets manager keeps a deleted secret under this credential's name, and credproxy may neither recover nor purge it; grant the recover (or purge) permission, or recover or purge it there, and retry"),
         }
     }
 }
