@@ -337,6 +337,11 @@ async fn lenient_parsing_is_gone() {
             "HTTP/1.1 400",
         ),
         (json_ct, format!("{valid} {{}}"), "HTTP/1.1 400"),
+        (
+            json_ct,
+            r#"{"environment":"P","integration_type":"x","secrets":{"a":"b"},"oauth":["https://idp.example/t","c"]}"#.into(),
+            "HTTP/1.1 400",
+        ),
     ];
     let mut answers = Vec::new();
     for (headers, body, expected) in cases {

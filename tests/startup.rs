@@ -267,6 +267,40 @@ async fn a_lost_master_key_is_not_replaced_by_a_new_one() {
 }
 
 #[tokio::test]
+async fn a_master_key_file_holding_another_key_refuses_the_start() {
+    let mut d = Daemon::start(|_, _| {}).await;
+    let id = d.create("Production", json!({"token": "sealed"})).await;
+    assert!(d.terminate().await.success());
+    let key = d.dir.path().join("data/master.key");
+    let right = credproxy::manager::local::MasterKey::load(&key)
+        .unwrap()
+        .id()
+        .to_owned();
+    let saved = d.dir.path().join("saved.key");
+    std::fs::rename(&key, &saved).unwrap();
+    // Another environment's key put in its place.
+    let other = credproxy::manager::local::MasterKey::generate();
+    other.write_new(&key).unwrap();
+
+    let (dir, config) = d.take_for_restart(|_| {});
+    let mut again = Daemon::spawn(dir, config, &[]);
+    let logs = refused(&mut again).await;
+    for needle in [right.as_str(), other.id(), "previous_master_key_files"] {
+        assert!(logs.contains(needle), "`{needle}` missing:\n{logs}");
+    }
+    // The right key back: served as before.
+    std::fs::remove_file(&key).unwrap();
+    std::fs::rename(&saved, &key).unwrap();
+    let (dir, config) = again.take_for_restart(|_| {});
+    let mut restored = Daemon::spawn(dir, config, &[]);
+    restored.wait_ready().await;
+    let (status, _) = restored
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn without_key_generation_a_missing_key_names_the_key_id_expected() {
     let mut d = Daemon::start(|_, _| {}).await;
     d.create("Production", json!({"token": "sealed"})).await;

@@ -58,6 +58,13 @@ pub enum StartError {
         database: String,
         expected: String,
     },
+    #[error("the metadata database {database} holds data sealed under master key id {unknown}, which neither store.master_key_file {path} (key id {current}) nor store.previous_master_key_files holds: every such credential would fail. Put the key with id {unknown} back in {path}, or name its file in store.previous_master_key_files (then its data is re-wrapped under the current key)")]
+    MasterKeyWrong {
+        path: String,
+        current: String,
+        database: String,
+        unknown: String,
+    },
     #[error(
         "server.tcp.token_file {path} is readable by group or others (mode {mode:o}); chmod 600 it"
     )]

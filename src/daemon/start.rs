@@ -175,6 +175,23 @@ pub async fn load_keyring(config: &Config, metadata: &dyn Metadata) -> Result<Ke
         tracing::warn!(path = %path.display(), key_id = key.id(), "generated a new master key (store.generate_master_key = true); back it up: without it the local store cannot be read");
     }
     let current = MasterKey::load(path)?;
+    // A key file that is there but is not the one the data was sealed under (overwritten,
+    // mixed up between environments) is as bad as a lost one: refused before anything is
+    // served, rather than every local credential answering 502.
+    let unknown: Vec<String> = metadata
+        .sealed_key_ids()
+        .await?
+        .into_iter()
+        .filter(|id| id != current.id() && !previous.iter().any(|k| k.id() == id))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(StartError::MasterKeyWrong {
+            path: path.display().to_string(),
+            current: current.id().to_owned(),
+            database: describe(&storage.database),
+            unknown: unknown.join(", "),
+        });
+    }
     Ok(Keyring::new(current, previous))
 }
 

@@ -30,7 +30,7 @@ pub struct CreateRequest {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, deserialize_with = "crate::secret::strict_fields")]
     pub secrets: Option<SecretFields>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_only")]
     pub oauth: Option<OAuthInput>,
     /// For read-only managers: the id of the account there (e.g. a Composio connected account).
     #[serde(default)]
@@ -63,6 +63,29 @@ pub struct PatchRequest {
     pub secrets_manager_id: Option<Option<String>>,
     #[serde(default)]
     pub expires_at: Option<serde_json::Value>,
+}
+
+/// A nested struct from a JSON object only: serde would also fill it from an array, by
+/// position, which is never what a caller meant.
+fn object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(ObjectOnly(std::marker::PhantomData))
 }
 
 fn explicit_null<'de, D: serde::Deserializer<'de>>(
