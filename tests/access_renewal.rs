@@ -142,77 +142,16 @@ async fn a_revoked_token_is_replaced_from_its_file_on_the_same_request() {
 #[tokio::test]
 async fn approle_logs_in_again_on_the_request_the_revoked_token_failed() {
     let openbao = peers::openbao().await;
-    token(&openbao).await; // the policy
-    bao(
-        &openbao,
-        M::POST,
-        "/v1/sys/auth/approle",
-        Some(json!({"type": "approle"})),
-    )
-    .await;
-    let (status, _) = bao(
-        &openbao,
-        M::POST,
-        "/v1/auth/approle/role/credproxy",
-        Some(json!({"token_policies": ["credproxy"], "token_ttl": "1h"})),
-    )
-    .await;
-    assert!(status < 300);
-    let (_, role) = bao(
-        &openbao,
-        M::GET,
-        "/v1/auth/approle/role/credproxy/role-id",
-        None,
-    )
-    .await;
-    let (_, secret) = bao(
-        &openbao,
-        M::POST,
-        "/v1/auth/approle/role/credproxy/secret-id",
-        Some(json!({})),
-    )
-    .await;
-    let (role_id, secret_id) = (
-        role["data"]["role_id"].as_str().unwrap().to_owned(),
-        secret["data"]["secret_id"].as_str().unwrap().to_owned(),
-    );
+    let (role_id, secret_id) = peers::setup_approle(&openbao, "1h").await;
     let d = Daemon::start(|c, dir| {
-        let approle = table(&[
-            ("role_id", file_ref(dir, "role-id", &role_id)),
-            ("secret_id", file_ref(dir, "secret-id", &secret_id)),
-        ]);
-        let manager = table(&[
-            ("id", "vault".into()),
-            ("type", "hashicorp".into()),
-            ("address", openbao.url().into()),
-            ("approle", approle),
-        ]);
+        let manager = peers::approle_manager(dir, &openbao, &role_id, &secret_id);
         c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
         route(c, &[("Production", "vault")]);
         common::set(c, "backends", "access_check_interval", "1h");
     })
     .await;
     let id = d.create("Production", json!({"k": "v1"})).await;
-    // Revoke every token but root's.
-    let (_, accessors) = bao(
-        &openbao,
-        M::from_bytes(b"LIST").unwrap(),
-        "/v1/auth/token/accessors",
-        None,
-    )
-    .await;
-    let (_, me) = bao(&openbao, M::GET, "/v1/auth/token/lookup-self", None).await;
-    for accessor in accessors["data"]["keys"].as_array().unwrap() {
-        if accessor != &me["data"]["accessor"] {
-            bao(
-                &openbao,
-                M::POST,
-                "/v1/auth/token/revoke-accessor",
-                Some(json!({"accessor": accessor})),
-            )
-            .await;
-        }
-    }
+    peers::revoke_all_but_root(&openbao).await;
     // The very next write succeeds: refused, logged in again, retried.
     let (status, body) = patch(&d, &id, "v2").await;
     assert_eq!(status, 200, "{body}\n{}", d.logs());
@@ -306,19 +245,7 @@ async fn key_vault_refusing_the_cached_entra_token_gets_a_new_one_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let azure = common::fakes::azure(dir.path()).await;
     let d = Daemon::start(|c, dir| {
-        let manager = table(&[
-            ("id", "kv".into()),
-            ("type", "azure".into()),
-            ("vault_url", azure.vault_url().into()),
-            ("authority_host", azure.authority().into()),
-            ("tenant_id", common::fakes::AZURE_TENANT.into()),
-            ("client_id", common::fakes::AZURE_CLIENT_ID.into()),
-            (
-                "client_secret",
-                file_ref(dir, "azure-secret", common::fakes::AZURE_CLIENT_SECRET),
-            ),
-            ("ca_file", azure.ca_file.display().to_string().into()),
-        ]);
+        let manager = azure.manager(dir, false);
         c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
         route(c, &[("Production", "kv")]);
         common::set(c, "backends", "access_check_interval", "1h");

@@ -11,32 +11,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::fakes::{self, AzureFake};
-use common::{file_ref, set, table, Daemon, DEADLINE};
+use common::{set, Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::{json, Value};
 
 /// A value no log line may ever show.
 const CANARY: &str = "CANARY-kv-value-5e7a";
 
-fn azure_manager(dir: &Path, fake: &AzureFake, purge_on_delete: bool) -> toml::Value {
-    table(&[
-        ("id", "kv".into()),
-        ("type", "azure".into()),
-        ("vault_url", fake.vault_url().into()),
-        ("authority_host", fake.authority().into()),
-        ("tenant_id", fakes::AZURE_TENANT.into()),
-        ("client_id", fakes::AZURE_CLIENT_ID.into()),
-        (
-            "client_secret",
-            file_ref(dir, "azure-secret", fakes::AZURE_CLIENT_SECRET),
-        ),
-        ("ca_file", fake.ca_file.display().to_string().into()),
-        ("purge_on_delete", purge_on_delete.into()),
-    ])
-}
-
 async fn start(dir: &Path, fake: &AzureFake, purge_on_delete: bool) -> Daemon {
-    let manager = azure_manager(dir, fake, purge_on_delete);
+    let manager = fake.manager(dir, purge_on_delete);
     Daemon::start(|c, _| {
         c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
         set(c, "cache", "ttl", "50ms");

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::peers::{self, aws_manager, bao, vault_manager, Peer};
-use common::{contains_bytes, file_ref, route, table, Daemon};
+use common::{contains_bytes, route, Daemon};
 use hyper::Method;
 use serde_json::json;
 
@@ -384,70 +384,12 @@ async fn a_concurrent_writer_in_vault_is_a_conflict_not_an_overwrite() {
     assert_eq!(data["data"]["token"], "theirs", "not silently overwritten");
 }
 
-async fn setup_approle(openbao: &Peer, token_ttl: &str) -> (String, String) {
-    use reqwest::Method as M;
-    bao(
-        openbao,
-        M::POST,
-        "/v1/sys/auth/approle",
-        Some(json!({"type": "approle"})),
-    )
-    .await;
-    let policy =
-        r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#;
-    let (status, _) = bao(
-        openbao,
-        M::PUT,
-        "/v1/sys/policies/acl/credproxy",
-        Some(json!({"policy": policy})),
-    )
-    .await;
-    assert!(status < 300);
-    let (status, _) = bao(
-        openbao,
-        M::POST,
-        "/v1/auth/approle/role/credproxy",
-        Some(
-            json!({"token_policies": ["credproxy"], "token_ttl": token_ttl, "token_max_ttl": "1h"}),
-        ),
-    )
-    .await;
-    assert!(status < 300);
-    let (_, role) = bao(
-        openbao,
-        M::GET,
-        "/v1/auth/approle/role/credproxy/role-id",
-        None,
-    )
-    .await;
-    let (_, secret) = bao(
-        openbao,
-        M::POST,
-        "/v1/auth/approle/role/credproxy/secret-id",
-        Some(json!({})),
-    )
-    .await;
-    (
-        role["data"]["role_id"].as_str().unwrap().to_owned(),
-        secret["data"]["secret_id"].as_str().unwrap().to_owned(),
-    )
-}
-
 #[tokio::test]
 async fn approle_logs_in_renews_and_recovers_from_a_revoked_token() {
     let openbao = peers::openbao().await;
-    let (role_id, secret_id) = setup_approle(&openbao, "3s").await;
+    let (role_id, secret_id) = peers::setup_approle(&openbao, "3s").await;
     let d = Daemon::start(|c, dir| {
-        let approle = table(&[
-            ("role_id", file_ref(dir, "role-id", &role_id)),
-            ("secret_id", file_ref(dir, "secret-id", &secret_id)),
-        ]);
-        let manager = table(&[
-            ("id", "vault".into()),
-            ("type", "hashicorp".into()),
-            ("address", openbao.url().into()),
-            ("approle", approle),
-        ]);
+        let manager = peers::approle_manager(dir, &openbao, &role_id, &secret_id);
         c.insert("secrets_manager".into(), toml::Value::Array(vec![manager]));
         route(c, &[("Production", "vault")]);
         common::set(c, "cache", "ttl", "100ms");
@@ -476,31 +418,7 @@ async fn approle_logs_in_renews_and_recovers_from_a_revoked_token() {
     );
 
     // Revoke every token but root's: the daemon must log in again by itself.
-    let (_, accessors) = bao(
-        &openbao,
-        reqwest::Method::from_bytes(b"LIST").unwrap(),
-        "/v1/auth/token/accessors",
-        None,
-    )
-    .await;
-    let (_, me) = bao(
-        &openbao,
-        reqwest::Method::GET,
-        "/v1/auth/token/lookup-self",
-        None,
-    )
-    .await;
-    for accessor in accessors["data"]["keys"].as_array().unwrap() {
-        if accessor != &me["data"]["accessor"] {
-            bao(
-                &openbao,
-                reqwest::Method::POST,
-                "/v1/auth/token/revoke-accessor",
-                Some(json!({"accessor": accessor})),
-            )
-            .await;
-        }
-    }
+    peers::revoke_all_but_root(&openbao).await;
     let deadline = std::time::Instant::now() + common::DEADLINE;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -12,23 +12,6 @@ use common::{file_ref, route, set, table, Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::{json, Value};
 
-fn azure_manager(dir: &Path, fake: &AzureFake) -> toml::Value {
-    table(&[
-        ("id", "kv".into()),
-        ("type", "azure".into()),
-        ("vault_url", fake.vault_url().into()),
-        ("authority_host", fake.authority().into()),
-        ("tenant_id", fakes::AZURE_TENANT.into()),
-        ("client_id", fakes::AZURE_CLIENT_ID.into()),
-        (
-            "client_secret",
-            file_ref(dir, "azure-secret", fakes::AZURE_CLIENT_SECRET),
-        ),
-        ("ca_file", fake.ca_file.display().to_string().into()),
-        ("purge_on_delete", true.into()),
-    ])
-}
-
 fn gcp_manager(fake: &GcpFake) -> toml::Value {
     table(&[
         ("id", "gsm".into()),
@@ -142,7 +125,7 @@ async fn azure_key_vault_round_trips_versions_lists_and_purges() {
     let dir = tempfile::tempdir().unwrap();
     let fake = fakes::azure(dir.path()).await;
     let d = start(
-        vec![azure_manager(dir.path(), &fake)],
+        vec![fake.manager(dir.path(), true)],
         &[("Production", "kv")],
     )
     .await;
@@ -459,7 +442,7 @@ async fn the_instructions_list_every_type_and_credentials_move_between_clouds() 
     let dir = tempfile::tempdir().unwrap();
     let (azure, gcp) = (fakes::azure(dir.path()).await, fakes::gcp(dir.path()).await);
     let d = start(
-        vec![azure_manager(dir.path(), &azure), gcp_manager(&gcp)],
+        vec![azure.manager(dir.path(), true), gcp_manager(&gcp)],
         &[("Production", "kv")],
     )
     .await;

@@ -264,6 +264,24 @@ impl AzureFake {
     pub fn state(&self) -> std::sync::MutexGuard<'_, AzureState> {
         self.state.lock().unwrap()
     }
+
+    /// `[[secrets_manager]]` `kv` on this vault, the client secret in a file under `dir`.
+    pub fn manager(&self, dir: &Path, purge_on_delete: bool) -> toml::Value {
+        super::table(&[
+            ("id", "kv".into()),
+            ("type", "azure".into()),
+            ("vault_url", self.vault_url().into()),
+            ("authority_host", self.authority().into()),
+            ("tenant_id", AZURE_TENANT.into()),
+            ("client_id", AZURE_CLIENT_ID.into()),
+            (
+                "client_secret",
+                super::file_ref(dir, "azure-secret", AZURE_CLIENT_SECRET),
+            ),
+            ("ca_file", self.ca_file.display().to_string().into()),
+            ("purge_on_delete", purge_on_delete.into()),
+        ])
+    }
 }
 
 /// Key Vault's conflict: the generic `Conflict` code, the specific one in `innererror`.

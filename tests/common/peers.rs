@@ -440,3 +440,92 @@ fn users_uid(name: &str) -> u32 {
         .unwrap()
         .expect("no user `postgres`: install Debian's postgresql package")
 }
+
+/// An AppRole `credproxy` whose tokens (policy `credproxy`: the KV engine) live `token_ttl`;
+/// answers its role id and a secret id.
+pub async fn setup_approle(openbao: &Peer, token_ttl: &str) -> (String, String) {
+    use reqwest::Method as M;
+    bao(
+        openbao,
+        M::POST,
+        "/v1/sys/auth/approle",
+        Some(serde_json::json!({"type": "approle"})),
+    )
+    .await;
+    let policy =
+        r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#;
+    let (status, _) = bao(
+        openbao,
+        M::PUT,
+        "/v1/sys/policies/acl/credproxy",
+        Some(serde_json::json!({"policy": policy})),
+    )
+    .await;
+    assert!(status < 300);
+    let (status, _) = bao(
+        openbao,
+        M::POST,
+        "/v1/auth/approle/role/credproxy",
+        Some(
+            serde_json::json!({"token_policies": ["credproxy"], "token_ttl": token_ttl, "token_max_ttl": "1h"}),
+        ),
+    )
+    .await;
+    assert!(status < 300);
+    let (_, role) = bao(
+        openbao,
+        M::GET,
+        "/v1/auth/approle/role/credproxy/role-id",
+        None,
+    )
+    .await;
+    let (_, secret) = bao(
+        openbao,
+        M::POST,
+        "/v1/auth/approle/role/credproxy/secret-id",
+        Some(serde_json::json!({})),
+    )
+    .await;
+    (
+        role["data"]["role_id"].as_str().unwrap().to_owned(),
+        secret["data"]["secret_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `[[secrets_manager]]` `vault` logging in with AppRole, the ids in files under `dir`.
+pub fn approle_manager(dir: &Path, openbao: &Peer, role_id: &str, secret_id: &str) -> toml::Value {
+    let approle = table(&[
+        ("role_id", file_ref(dir, "role-id", role_id)),
+        ("secret_id", file_ref(dir, "secret-id", secret_id)),
+    ]);
+    table(&[
+        ("id", "vault".into()),
+        ("type", "hashicorp".into()),
+        ("address", openbao.url().into()),
+        ("approle", approle),
+    ])
+}
+
+/// Revokes every token but root's.
+pub async fn revoke_all_but_root(openbao: &Peer) {
+    use reqwest::Method as M;
+    let (_, accessors) = bao(
+        openbao,
+        M::from_bytes(b"LIST").unwrap(),
+        "/v1/auth/token/accessors",
+        None,
+    )
+    .await;
+    let (_, me) = bao(openbao, M::GET, "/v1/auth/token/lookup-self", None).await;
+    for accessor in accessors["data"]["keys"].as_array().unwrap() {
+        if accessor != &me["data"]["accessor"] {
+            bao(
+                openbao,
+                M::POST,
+                "/v1/auth/token/revoke-accessor",
+                Some(serde_json::json!({"accessor": accessor})),
+            )
+            .await;
+        }
+    }
+}
