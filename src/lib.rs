@@ -9,6 +9,7 @@
 //! `sys` (every `unsafe` block), `lifecycle`, `client`.
 
 pub mod access;
+pub mod audit;
 pub mod cache;
 pub mod cli;
 pub mod client;

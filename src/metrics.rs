@@ -57,6 +57,7 @@ pub struct Metrics {
     pub access_renewals: IntCounterVec,
     pub store_purges: IntCounterVec,
     pub store_purges_pending: IntGaugeVec,
+    pub audit_dropped: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -312,6 +313,14 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let audit_dropped = register(
+            r,
+            IntCounter::new(
+                "credproxy_audit_lines_dropped_total",
+                "Audit lines lost: dropped because the audit buffer was full, or not written.",
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -363,6 +372,7 @@ impl Metrics {
             access_renewals,
             store_purges,
             store_purges_pending,
+            audit_dropped,
         }
     }
 

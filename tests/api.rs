@@ -269,12 +269,16 @@ async fn canary_secrets_never_reach_logs_metrics_errors_or_the_database_in_clear
     .await;
     let metrics = d.metrics_text().await;
 
-    let logs = d.logs();
+    // The rejected request's line is the last one; once it is there, all of them are.
+    let logs = d
+        .log_until("the audit lines", |l| {
+            l.contains("credproxy::audit") && l.contains("status=400")
+        })
+        .await;
     assert!(
         logs.contains("TRACE") || logs.contains("DEBUG"),
         "trace logging was on"
     );
-    assert!(logs.contains("credproxy::audit"), "audit lines are written");
     assert!(
         !logs.contains("CANARY"),
         "a secret reached the log:\n{logs}"

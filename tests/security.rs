@@ -48,11 +48,10 @@ async fn callers_without_a_matching_rule_are_refused() {
     assert_eq!(status, 403);
     let (status, _) = d.call(Method::GET, "/v1/secretsmanagers", None).await;
     assert_eq!(status, 403);
-    let logs = d.logs();
-    assert!(
-        logs.contains("credproxy::audit") && logs.contains("status=403"),
-        "refusals are audited:\n{logs}"
-    );
+    d.log_until("the refusals' audit lines", |l| {
+        l.contains("credproxy::audit") && l.contains("status=403")
+    })
+    .await;
     assert!(d
         .metrics_text()
         .await

@@ -7,6 +7,7 @@
 
 mod defaults;
 mod limits;
+mod log;
 mod raw;
 mod restart;
 mod secret_ref;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 
 pub use defaults::*;
 pub use limits::{key_words, CredentialLimits};
+pub use log::{LogConfig, LogFormat};
 pub use secret_ref::SecretRef;
 
 use crate::secret::SecretString;
@@ -190,20 +192,6 @@ pub struct OAuthConfig {
     pub scan_interval: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: LogFormat,
-    pub audit: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

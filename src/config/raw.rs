@@ -154,6 +154,11 @@ pub(super) struct RawLog {
     pub(super) level: Option<String>,
     pub(super) format: Option<LogFormat>,
     pub(super) audit: Option<bool>,
+    pub(super) audit_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) audit_flush_interval: Option<Duration>,
+    pub(super) audit_buffer: Option<usize>,
+    pub(super) audit_blocking: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

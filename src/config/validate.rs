@@ -94,17 +94,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(invalid("backends.timeout", "must be greater than zero"));
     }
 
-    let log = LogConfig {
-        level: raw.log.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
-        format: raw.log.format.unwrap_or(LogFormat::Text),
-        audit: raw.log.audit.unwrap_or(true),
-    };
-    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        return Err(invalid(
-            "log.level",
-            "not a valid level or filter directive",
-        ));
-    }
+    let log = super::log::validate(raw.log)?;
 
     if storage.journal_sweep_interval < MIN_PERIOD {
         return Err(invalid(

@@ -45,6 +45,8 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -180,7 +182,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
     let reloader = Arc::new(Reloader::new(Arc::clone(&control)));
     Ok(Arc::new(App::new(
         service, migrator, reloader, control, tcp_token,
-    )))
+    )?))
 }
 
 pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
@@ -347,6 +349,16 @@ pub async fn serve_app(
             tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /v1/reload")
         }
     }
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        Ok(usr1) => {
+            tasks.spawn(tasks::reopen_audit_on_sigusr1(
+                Arc::clone(&app),
+                usr1,
+                stop_rx.clone(),
+            ));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot install the SIGUSR1 handler"),
+    }
     let reload = service.runtime().config.reload.clone();
     tasks.spawn(tasks::reload_on_change(
         Arc::clone(&app.reloader),
@@ -377,6 +389,9 @@ pub async fn serve_app(
     if let Err(e) = std::fs::remove_file(socket_path) {
         tracing::warn!(error = %e, "could not remove the socket file");
     }
+    // After the drain: the last requests' lines are in the buffer by now.
+    let closing = Arc::clone(&app);
+    let _ = tokio::task::spawn_blocking(move || closing.close_audit()).await;
     tracing::info!("credproxy stopped");
 }
 

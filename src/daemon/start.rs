@@ -29,6 +29,9 @@ pub async fn preflight(config: &Config) -> Result<Early, StartError> {
         read_tcp_token(tcp)?;
     }
     check_key_files(config).await?;
+    if let Some(path) = config.log.audit_file.as_ref().filter(|_| config.log.audit) {
+        crate::audit::check_file(path)?;
+    }
     warn_of_a_partial_user_namespace();
     let tcp = match &config.server.tcp {
         Some(t) => Some(super::listen(t.listen).await?),

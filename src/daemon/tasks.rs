@@ -136,6 +136,26 @@ pub(super) async fn reload_on_sighup(
     }
 }
 
+/// SIGUSR1 reopens the audit file (logrotate's `postrotate`); without one it is ignored
+/// rather than ending the process, which is SIGUSR1's default.
+pub(super) async fn reopen_audit_on_sigusr1(
+    app: Arc<crate::server::App>,
+    mut usr1: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = usr1.recv() => {
+                if let Some(log) = &app.audit_log {
+                    log.reopen();
+                    tracing::info!("SIGUSR1: audit file reopened");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// With `reload.watch`, polls the config file and reloads when its content changes (polling
 /// also sees Kubernetes' ConfigMap symlink swaps, which inotify watches on the file miss).
 pub(super) async fn reload_on_change(

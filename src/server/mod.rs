@@ -41,6 +41,8 @@ pub struct App {
     pub token_header: HeaderName,
     pub max_body_bytes: usize,
     pub audit: bool,
+    /// Where audit lines go when `audit` is on.
+    pub audit_log: Option<crate::audit::AuditLog>,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -57,20 +59,29 @@ impl App {
         reloader: Arc<crate::reload::Reloader>,
         control: Arc<crate::control::ControlPlane>,
         tcp_token: Option<SecretString>,
-    ) -> Self {
+    ) -> Result<Self, crate::audit::OpenError> {
         let runtime = service.runtime();
         let config = &runtime.config;
+        let audit_log = if config.log.audit {
+            Some(crate::audit::AuditLog::start(
+                audit_settings(&config.log),
+                Some(service.metrics().audit_dropped.clone()),
+            )?)
+        } else {
+            None
+        };
         let token_header = config
             .server
             .tcp
             .as_ref()
             .and_then(|t| HeaderName::from_bytes(t.token_header.as_bytes()).ok())
             .unwrap_or_else(|| HeaderName::from_static(crate::config::DEFAULT_TOKEN_HEADER));
-        Self {
+        Ok(Self {
             tcp_token,
             token_header,
             max_body_bytes: config.server.max_body_bytes,
             audit: config.log.audit,
+            audit_log,
             request_timeout: config.server.request_timeout,
             header_read_timeout: config.server.header_read_timeout,
             body_read_timeout: config.server.body_read_timeout,
@@ -82,6 +93,13 @@ impl App {
             migrator,
             reloader,
             control,
+        })
+    }
+
+    /// Writes out the audit lines still buffered; the last step of a shutdown.
+    pub fn close_audit(&self) {
+        if let Some(log) = &self.audit_log {
+            log.close();
         }
     }
 
@@ -91,6 +109,19 @@ impl App {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+}
+
+fn audit_settings(log: &crate::config::LogConfig) -> crate::audit::Settings {
+    crate::audit::Settings {
+        format: match log.format {
+            crate::config::LogFormat::Text => crate::audit::Format::Text,
+            crate::config::LogFormat::Json => crate::audit::Format::Json,
+        },
+        file: log.audit_file.clone(),
+        flush_interval: log.audit_flush_interval,
+        buffer: log.audit_buffer,
+        blocking: log.audit_blocking,
     }
 }
 

@@ -179,6 +179,23 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The log once `done` holds for it: audit lines are written by a writer of their own,
+    /// up to `log.audit_flush_interval` after the answer.
+    pub async fn log_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let logs = self.logs();
+            if done(&logs) {
+                return logs;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "timed out waiting for {what} in the log:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let reply = self
             .call_raw(method, path, &[], body.map(|b| b.to_string().into_bytes()))

@@ -245,30 +245,31 @@ pub async fn handle(
         fields: None,
     };
     let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
-    if app.audit
-        && matches!(
-            route,
-            RouteId::CredentialCreate
-                | RouteId::CredentialGet
-                | RouteId::CredentialPatch
-                | RouteId::CredentialDelete
-                | RouteId::CredentialRefresh
-        )
-    {
-        let (uid, gid, pid) = match caller {
-            Caller::Unix { uid, gid, pid } => (Some(uid), Some(gid), pid),
-            Caller::Tcp => (None, None, None),
+    let audited = matches!(
+        route,
+        RouteId::CredentialCreate
+            | RouteId::CredentialGet
+            | RouteId::CredentialPatch
+            | RouteId::CredentialDelete
+            | RouteId::CredentialRefresh
+    );
+    if let Some(log) = app.audit_log.as_ref().filter(|_| audited) {
+        let who = match caller {
+            Caller::Unix { uid, gid, pid } => crate::audit::Who::Unix { uid, gid, pid },
+            Caller::Tcp => crate::audit::Who::Tcp,
         };
-        tracing::info!(
-            target: "credproxy::audit",
-            route = route.as_str(),
-            transport = if uid.is_some() { "unix" } else { "tcp" },
-            uid, gid, pid,
-            credential = audit.credential.as_deref().unwrap_or("-"),
-            fields = ?audit.fields,
-            status = response.status().as_u16(),
-            "access"
-        );
+        let fields = audit
+            .fields
+            .as_ref()
+            .map(|names| names.iter().map(String::as_str));
+        log.record(crate::audit::Access {
+            route: route.as_str(),
+            who,
+            credential: audit.credential.as_deref().unwrap_or("-"),
+            fields,
+            status: response.status().as_u16(),
+        })
+        .await;
     }
     response
 }
