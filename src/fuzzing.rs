@@ -19,7 +19,7 @@ use crate::server::api::{parse_json, ApiError, Query};
 use crate::service::{CreateFields, CreateRequest, PatchRequest};
 
 pub use crate::manager::names::{decode as decode_name, encode as encode_name};
-pub use crate::server::api::{classify, unknown_or_method, RouteId, Target};
+pub use crate::server::api::{unknown_or_method, RouteId};
 
 // --- the router's query strings --------------------------------------------------------------
 
@@ -39,6 +39,21 @@ pub struct QueryView {
 }
 
 /// A query string as the API reads it, or the API's refusal (a parameter given twice).
+/// A path's route and its id segment, as the server classifies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub route: RouteId,
+    pub id: Option<String>,
+}
+
+pub fn classify(method: &http::Method, path: &str) -> Classified {
+    let target = crate::server::api::classify(method, path);
+    Classified {
+        route: target.route,
+        id: target.id(path).map(str::to_owned),
+    }
+}
+
 pub fn query(raw: Option<&str>) -> Result<QueryView, ApiError> {
     let q = Query::parse(raw)?;
     Ok(QueryView {

@@ -5,6 +5,7 @@
 
 pub mod api;
 mod limits;
+mod observe;
 pub mod unix;
 
 use std::convert::Infallible;
@@ -24,12 +25,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
 
 use crate::access::Caller;
 use crate::secret::SecretString;
 use crate::service::Service;
-use api::{ApiError, Body};
+use api::ApiError;
 
 /// Shared state of the request handlers.
 pub struct App {
@@ -49,6 +49,10 @@ pub struct App {
     pub max_concurrent_requests: usize,
     pub shutdown_grace: Duration,
     per_caller: Arc<limits::PerCaller>,
+    /// Requests in flight, all callers together: beyond `max_concurrent_requests` a request is
+    /// answered 503 at once instead of queueing without bound.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    observed: observe::RequestMetrics,
     ready: AtomicBool,
 }
 
@@ -88,6 +92,10 @@ impl App {
             max_concurrent_requests: config.server.max_concurrent_requests,
             shutdown_grace: config.server.shutdown_grace,
             per_caller: limits::PerCaller::new(config.server.max_requests_per_caller),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                config.server.max_concurrent_requests,
+            )),
+            observed: observe::RequestMetrics::new(),
             ready: AtomicBool::new(false),
             service,
             migrator,
@@ -141,20 +149,6 @@ enum Transport {
 /// connections in flight for at most the configured grace period.
 pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
-    let api = ServiceBuilder::new()
-        // Shedding beyond the limit answers 503 at once instead of queueing without bound.
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            app.max_concurrent_requests,
-        ))
-        .timeout(app.request_timeout)
-        .service_fn({
-            let app = Arc::clone(&app);
-            move |request: Request<Incoming>| {
-                let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(handle(&app, request).await) }
-            }
-        });
     let Listeners { unix, tcp, metrics } = listeners;
     tokio::pin!(shutdown);
     // One back-off per listener: the metrics port running out of luck must not stall the socket.
@@ -176,14 +170,14 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
                             continue;
                         }
                     };
-                    serve_api(&app, &graceful, &api, stream, Transport::Unix(caller));
+                    serve_api(&app, &graceful, stream, Transport::Unix(caller));
                 }
                 Err(e) => unix_errors.failed(&e).await,
             },
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
                 Ok(stream) => {
                     tcp_errors.succeeded();
-                    serve_api(&app, &graceful, &api, stream, Transport::Tcp)
+                    serve_api(&app, &graceful, stream, Transport::Tcp)
                 }
                 Err(e) => tcp_errors.failed(&e).await,
             },
@@ -216,25 +210,13 @@ async fn accept_tcp(listener: Option<&TcpListener>) -> std::io::Result<tokio::ne
     }
 }
 
-fn serve_api<S, T>(
-    app: &Arc<App>,
-    graceful: &GracefulShutdown,
-    api: &T,
-    stream: S,
-    transport: Transport,
-) where
+fn serve_api<S>(app: &Arc<App>, graceful: &GracefulShutdown, stream: S, transport: Transport)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    T: tower::Service<Request<Incoming>, Response = Response<Body>, Error = tower::BoxError>
-        + Clone
-        + Send
-        + 'static,
-    T::Future: Send,
 {
     let app_for_conn = Arc::clone(app);
-    let api = api.clone();
-    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let app = Arc::clone(&app_for_conn);
-        let mut api = api.clone();
         async move {
             let started = Instant::now();
             let target = api::classify(request.method(), request.uri().path());
@@ -247,35 +229,31 @@ fn serve_api<S, T>(
                     let Some(_slot) = app.per_caller.try_acquire(&caller) else {
                         break 'admitted overloaded(true).into_response();
                     };
-                    request.extensions_mut().insert(caller);
-                    request.extensions_mut().insert(target);
-                    match api.ready().await {
-                        Ok(ready) => match ready.call(request).await {
-                            Ok(r) => r,
-                            Err(e) => middleware_error(e).into_response(),
-                        },
-                        Err(e) => middleware_error(e).into_response(),
-                    }
+                    let Ok(_permit) = app.in_flight.try_acquire() else {
+                        break 'admitted overloaded(false).into_response();
+                    };
+                    within(
+                        started + app.request_timeout,
+                        api::handle(&app, caller, target, request),
+                    )
+                    .await
+                    .unwrap_or_else(|| timed_out().into_response())
                 }
             };
+            let status = response.status();
+            let elapsed = started.elapsed();
             tracing::debug!(
                 route = route.as_str(),
-                status = response.status().as_u16(),
-                micros = started.elapsed().as_micros() as u64,
+                status = status.as_u16(),
+                micros = elapsed.as_micros() as u64,
                 "request"
             );
             let metrics = app.service.metrics();
-            if response.status() == StatusCode::FORBIDDEN {
+            if status == StatusCode::FORBIDDEN {
                 metrics.access_denied.inc();
             }
-            metrics
-                .http_requests
-                .with_label_values(&[route.as_str(), response.status().as_str()])
-                .inc();
-            metrics
-                .http_duration
-                .with_label_values(&[route.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+            app.observed
+                .observe(metrics, route, status.as_u16(), elapsed.as_secs_f64());
             Ok::<_, Infallible>(response)
         }
     });
@@ -292,6 +270,23 @@ fn serve_api<S, T>(
             tracing::debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// Runs `handler` until `deadline`; `None` if it did not finish by then. A handler that
+/// finishes on its first poll (a cached read) never arms a timer.
+async fn within<T>(deadline: Instant, handler: impl Future<Output = T>) -> Option<T> {
+    let mut handler = std::pin::pin!(handler);
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match handler.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await;
+    match first {
+        Some(v) => Some(v),
+        None => tokio::time::timeout_at(deadline, handler).await.ok(),
+    }
 }
 
 /// Transport-level checks before a request reaches the API: on TCP, the token header and no
@@ -329,21 +324,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn middleware_error(e: tower::BoxError) -> ApiError {
-    if e.is::<tower::timeout::error::Elapsed>() {
-        ApiError {
-            retry_after: Some(Duration::from_secs(1)),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "request_timeout",
-                "the request took longer than the configured timeout",
-            )
-        }
-    } else if e.is::<tower::load_shed::error::Overloaded>() {
-        overloaded(false)
-    } else {
-        tracing::error!(error = %e, "request failed in middleware");
-        ApiError::internal()
+/// `503 request_timeout`: the handler ran past `server.request_timeout`.
+fn timed_out() -> ApiError {
+    ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            "the request took longer than the configured timeout",
+        )
     }
 }
 
@@ -362,32 +351,6 @@ fn overloaded(own_share: bool) -> ApiError {
     } else {
         error
     }
-}
-
-async fn handle(app: &Arc<App>, mut request: Request<Incoming>) -> Response<Body> {
-    let caller = match caller_of(&request) {
-        Ok(caller) => caller,
-        Err(e) => return e.into_response(),
-    };
-    let target = match request.extensions_mut().remove::<api::Target>() {
-        Some(t) => t,
-        None => api::classify(request.method(), request.uri().path()),
-    };
-    api::handle(app, caller, target, request).await
-}
-
-/// The caller `serve_api` attached after admitting the request. A request without one skipped
-/// admission (a wiring bug): taking it for either transport would apply rules it never passed,
-/// so it is refused.
-fn caller_of<B>(request: &Request<B>) -> Result<Caller, ApiError> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .copied()
-        .ok_or_else(|| {
-            tracing::error!("a request reached the API without a caller identity; refused");
-            ApiError::internal()
-        })
 }
 
 fn serve_metrics<S>(app: &Arc<App>, graceful: &GracefulShutdown, stream: S)
@@ -431,81 +394,22 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use http_body_util::{BodyExt, Empty};
-
     use super::*;
 
-    async fn app(dir: &Path) -> Arc<App> {
-        let config = crate::config::Config::parse(&format!(
-            r#"
-[server]
-socket = "{dir}/api.sock"
-[store]
-data_dir = "{dir}/data"
-master_key_file = "{dir}/data/master.key"
-generate_master_key = true
-"#,
-            dir = dir.display()
-        ))
-        .unwrap();
-        let parts = crate::daemon::build(config).await.unwrap();
-        crate::daemon::assemble(parts, crate::sys::effective_ids().1).unwrap()
-    }
-
-    /// Sends one GET to `handle` over an in-memory connection, with `caller` attached as
-    /// `serve_api` does after admission, or without one.
-    async fn get(app: &Arc<App>, caller: Option<Caller>, path: &str) -> (StatusCode, Bytes) {
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let app = Arc::clone(app);
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let app = Arc::clone(&app);
-            async move {
-                if let Some(caller) = caller {
-                    request.extensions_mut().insert(caller);
-                }
-                Ok::<_, Infallible>(handle(&app, request).await)
-            }
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_done_at_once_needs_no_timer_and_a_slow_one_is_cut_at_the_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(within(deadline, async { 7 }).await, Some(7));
+        let slow = within(deadline, async {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            8
         });
-        tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(server), service));
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let request = Request::get(path)
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status();
-        (
-            status,
-            response.into_body().collect().await.unwrap().to_bytes(),
-        )
-    }
-
-    #[tokio::test]
-    async fn a_request_without_a_caller_identity_is_refused_not_taken_for_tcp() {
-        let dir = tempfile::tempdir().unwrap();
-        let app = app(dir.path()).await;
-        let (status, body) = get(&app, None, "/healthz").await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(
-            &body[..],
-            br#"{"error":{"code":"internal","message":"internal error"}}"#
-        );
-        // With an identity the same request is served: the refusal is the missing caller's.
-        for caller in [
-            Caller::Tcp,
-            Caller::Unix {
-                uid: 0,
-                gid: 0,
-                pid: None,
-            },
-        ] {
-            let (status, _) = get(&app, Some(caller), "/healthz").await;
-            assert_eq!(status, StatusCode::OK);
-        }
+        assert_eq!(slow.await, Some(8));
+        let late = within(deadline, async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            9
+        });
+        assert_eq!(late.await, None);
+        assert!(Instant::now() >= deadline);
     }
 }

@@ -23,7 +23,7 @@ pub(super) async fn get(
     caller: &Caller,
     id: &str,
     query: &Query,
-    audit: &mut Audit,
+    audit: &mut Audit<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let service = &app.service;
     let fields = query.fields();
@@ -51,11 +51,11 @@ pub(super) async fn create(
     app: &Arc<App>,
     caller: &Caller,
     request: Request<Incoming>,
-    audit: &mut Audit,
+    audit: &mut Audit<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let body: CreateRequest = read_json(app, request).await?;
     let outcome = app.service.create(caller, body).await?;
-    audit.credential = Some(outcome.record.id.clone());
+    audit.credential = Some(outcome.record.id.clone().into());
     Ok(write_response(StatusCode::CREATED, &outcome.record))
 }
 

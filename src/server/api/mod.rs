@@ -21,7 +21,7 @@ pub(crate) use body::parse_json;
 pub use body::Body;
 pub use error::ApiError;
 
-/// Route names for metrics: a closed set.
+/// Route names for metrics: a closed set. `Unknown` stays last (it sizes per-route tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteId {
     CredentialCreate,
@@ -71,18 +71,52 @@ impl RouteId {
     }
 }
 
-/// A request's route and credential id, worked out once per request: the connection layer
-/// labels metrics with it and the handler dispatches on it.
-#[derive(Debug, Clone)]
+/// A request's route and where its id sits in the path, worked out once per request without
+/// allocating: the connection layer labels metrics with it and the handler dispatches on it.
+#[derive(Debug, Clone, Copy)]
 pub struct Target {
     pub route: RouteId,
-    pub id: Option<String>,
+    /// Byte range of the id segment in the path, for routes that name one.
+    id: Option<(usize, usize)>,
 }
 
-/// Splits a path into the route and its credential id.
+impl Target {
+    /// The id segment of `path`, the path this target was classified from.
+    pub fn id<'p>(&self, path: &'p str) -> Option<&'p str> {
+        self.id.and_then(|(start, end)| path.get(start..end))
+    }
+}
+
+/// At most this many segments make a route; a longer path is no route.
+const MAX_SEGMENTS: usize = 4;
+
+/// Splits a path into the route and its id.
 pub fn classify(method: &Method, path: &str) -> Target {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let route = match (method, segments.as_slice()) {
+    let trimmed = path.trim_end_matches('/');
+    let mut segments = [""; MAX_SEGMENTS];
+    let mut third = None;
+    let mut count = 0;
+    // `/a/b` splits into "", "a", "b": the leading empty segment is skipped.
+    let mut offset = 0;
+    for (i, segment) in trimmed.split('/').enumerate() {
+        let start = offset;
+        offset += segment.len() + 1;
+        if i == 0 {
+            continue;
+        }
+        if count == MAX_SEGMENTS {
+            return Target {
+                route: RouteId::Unknown,
+                id: None,
+            };
+        }
+        if count == 2 {
+            third = Some((start, start + segment.len()));
+        }
+        segments[count] = segment;
+        count += 1;
+    }
+    let route = match (method, &segments[..count]) {
         (&Method::GET, ["healthz"]) => RouteId::Health,
         (&Method::GET, ["readyz"]) => RouteId::Ready,
         (&Method::POST, ["v1", "credentials"]) => RouteId::CredentialCreate,
@@ -110,7 +144,7 @@ pub fn classify(method: &Method, path: &str) -> Target {
         | RouteId::CredentialRefresh
         | RouteId::ManagerGet
         | RouteId::ManagerPatch
-        | RouteId::ManagerDelete => segments.get(2).map(|s| s.to_string()),
+        | RouteId::ManagerDelete => third,
         _ => None,
     };
     Target { route, id }
@@ -227,8 +261,8 @@ impl Query {
 }
 
 /// The audit line's outcome and which fields were handed out.
-struct Audit {
-    credential: Option<String>,
+struct Audit<'a> {
+    credential: Option<std::borrow::Cow<'a, str>>,
     fields: Option<Vec<String>>,
 }
 
@@ -239,9 +273,12 @@ pub async fn handle(
     target: Target,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let Target { route, id } = target;
+    let route = target.route;
+    // The path outlives the request, which the handler consumes (a shared buffer: no copy).
+    let uri = request.uri().clone();
+    let id = target.id(uri.path());
     let mut audit = Audit {
-        credential: id.clone(),
+        credential: id.map(std::borrow::Cow::Borrowed),
         fields: None,
     };
     let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
@@ -300,16 +337,16 @@ async fn dispatch(
     app: &Arc<App>,
     caller: Caller,
     route: RouteId,
-    id: Option<String>,
+    id: Option<&str>,
     request: Request<Incoming>,
-    audit: &mut Audit,
+    audit: &mut Audit<'_>,
 ) -> Result<Response<Body>, ApiError> {
     // Probes (also served without a token on the metrics port) take no parameters.
     let query = match route {
         RouteId::Health | RouteId::Ready => Query::parse(None)?,
         _ => Query::parse(request.uri().query())?,
     };
-    let id = id.as_deref().unwrap_or_default();
+    let id = id.unwrap_or_default();
     match route {
         RouteId::Health => Ok(admin::health()),
         RouteId::Ready => Ok(admin::ready(app).await),
@@ -382,11 +419,29 @@ mod tests {
 
     #[test]
     fn routes_and_ids_are_classified() {
-        let t = classify(&Method::GET, "/v1/credentials/abc");
+        let path = "/v1/credentials/abc/";
+        let t = classify(&Method::GET, path);
+        assert_eq!((t.route, t.id(path)), (RouteId::CredentialGet, Some("abc")));
+        let path = "/v1/credentials/abc/refresh";
+        let t = classify(&Method::POST, path);
         assert_eq!(
-            (t.route, t.id.as_deref()),
-            (RouteId::CredentialGet, Some("abc"))
+            (t.route, t.id(path)),
+            (RouteId::CredentialRefresh, Some("abc"))
         );
+        for unknown in [
+            "",
+            "/",
+            "v1/credentials",
+            "//v1/credentials",
+            "/v1/credentials/a/b/c",
+        ] {
+            assert_eq!(
+                classify(&Method::POST, unknown).route,
+                RouteId::Unknown,
+                "{unknown}"
+            );
+        }
+        assert_eq!(classify(&Method::GET, "/v1/routing").id(""), None);
         assert_eq!(
             classify(&Method::PUT, "/v1/credentials/abc").route,
             RouteId::Unknown
