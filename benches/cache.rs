@@ -1,10 +1,10 @@
-//! Micro-benchmarks of the read path's pieces: a cache hit, and a cold read from the local
-//! encrypted store (SQLite + AES-GCM open). `cargo bench`.
+//! Micro-benchmarks of the read path's pieces: a cache hit (with and without its body), and a
+//! cold read from the local encrypted store (SQLite + AES-GCM open). `cargo bench`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use credproxy::cache::{Cache, LoadFailure, Loaded};
+use credproxy::cache::{view, Cache, LoadFailure, Loaded};
 use credproxy::manager::local::{Keyring, LocalManager, MasterKey};
 use credproxy::manager::{PutRequest, SecretsManager};
 use credproxy::metadata::sqlite::SqliteMetadata;
@@ -81,6 +81,16 @@ fn benches(c: &mut Criterion) {
                 .await
                 .unwrap();
             std::hint::black_box(entry);
+        })
+    });
+
+    c.bench_function("cache_hit_body", |b| {
+        b.to_async(&rt).iter(|| async {
+            let (entry, _) = cache
+                .get_or_load("c", || async { Ok(loaded()) })
+                .await
+                .unwrap();
+            std::hint::black_box(view::body(&entry, None, false));
         })
     });
 

@@ -293,16 +293,25 @@ fn transport_detail(e: &reqwest::Error) -> String {
 /// `refresh_before` (its lifetime is taken from when the row was last written), the window is
 /// half its lifetime instead, so a short-lived token is not refreshed the moment it is issued.
 pub fn due_at_ms(config: &OAuthConfig, record: &CredentialRecord) -> Option<i64> {
-    let expires_ms = record.expires_at?.saturating_mul(1000);
-    let lifetime_ms = record
-        .expires_at?
-        .saturating_sub(record.updated_at)
+    token_due_at_ms(config, &record.id, record.expires_at, record.updated_at)
+}
+
+/// [`due_at_ms`] from the parts it needs, for a credential known only by its cache entry.
+pub fn token_due_at_ms(
+    config: &OAuthConfig,
+    id: &str,
+    expires_at: Option<i64>,
+    updated_at: i64,
+) -> Option<i64> {
+    let expires_ms = expires_at?.saturating_mul(1000);
+    let lifetime_ms = expires_at?
+        .saturating_sub(updated_at)
         .max(0)
         .saturating_mul(1000);
     let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / 2);
     let span = (config.jitter.as_millis() as i64).min(lifetime_ms / 4);
     let jitter = if span > 0 {
-        let digest = Sha256::digest(record.id.as_bytes());
+        let digest = Sha256::digest(id.as_bytes());
         let n = u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]));
         (n % (span as u64 + 1)) as i64
     } else {

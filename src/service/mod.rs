@@ -26,7 +26,7 @@ pub use refresh::{Refreshed, Trigger};
 pub use writes::WriteOutcome;
 
 use crate::access::{Action, Caller, Policy, Scope};
-use crate::cache::Cache;
+use crate::cache::{Cache, Entry};
 use crate::config::{Config, DEFAULT_WORKSPACE};
 use crate::manager::local::Keyring;
 use crate::manager::{ManagerError, Registry, SecretsManager};
@@ -136,8 +136,23 @@ impl Service {
         action: Action,
         record: &CredentialRecord,
     ) -> Result<(), ServiceError> {
+        self.check_access_in(caller, action, &record.workspace, &record.environment)
+    }
+
+    /// `check_access` for a cached credential, which a read only needs to read.
+    fn check_entry_access(&self, caller: &Caller, entry: &Entry) -> Result<(), ServiceError> {
+        self.check_access_in(caller, Action::Read, entry.workspace(), entry.environment())
+    }
+
+    fn check_access_in(
+        &self,
+        caller: &Caller,
+        action: Action,
+        workspace: &str,
+        environment: &str,
+    ) -> Result<(), ServiceError> {
         let policy = &self.runtime.load().policy;
-        let scope = Scope::credential(&record.workspace, &record.environment);
+        let scope = Scope::credential(workspace, environment);
         if !policy.allows(caller, Action::Read, scope) {
             return Err(ServiceError::NotFound);
         }

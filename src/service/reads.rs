@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use super::error::manager_failure;
 use super::{call_manager, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
-use crate::cache::{CacheStatus, Entry, Loaded};
+use crate::cache::{CacheStatus, Entry, Loaded, Lookup};
 use crate::config::{is_valid_name, DEFAULT_WORKSPACE};
 use crate::manager::{ListRequest, ManagerError, Page};
 use crate::routing::Route;
@@ -16,7 +16,7 @@ use crate::routing::Route;
 impl Service {
     /// Resolves a credential, from the cache when fresh. Access is checked against the
     /// credential's workspace and environment before anything is returned, and before a
-    /// secrets manager is asked when nothing is cached.
+    /// secrets manager is asked when nothing is cached. A fresh entry costs one cache lookup.
     pub async fn get(
         self: &Arc<Self>,
         caller: &Caller,
@@ -28,26 +28,25 @@ impl Service {
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        match self.cache.peek(id) {
-            Some(entry) => self.check_access(caller, Action::Read, &entry.loaded.record)?,
-            None => {
+        let (entry, status) = match self.cache.lookup(id) {
+            Lookup::Fresh(entry) => (entry, CacheStatus::Hit),
+            Lookup::Expired(previous) => {
                 let record = self
                     .metadata
                     .get_credential(id)
                     .await?
                     .ok_or(ServiceError::NotFound)?;
                 self.check_access(caller, Action::Read, &record)?;
+                self.cache
+                    .load(id, previous, || self.loader(id.to_owned()))
+                    .await?
             }
-        }
-        let (entry, status) = self
-            .cache
-            .get_or_load(id, || self.loader(id.to_owned()))
-            .await?;
+        };
         self.metrics
             .cache_requests
             .with_label_values(&[status.as_str()])
             .inc();
-        self.check_access(caller, Action::Read, &entry.loaded.record)?;
+        self.check_entry_access(caller, &entry)?;
         self.checked_token(id, entry, status).await
     }
 

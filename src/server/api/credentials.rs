@@ -1,5 +1,6 @@
-//! `/v1/credentials`: create, read, patch, delete and force-refresh one credential, and the
-//! one place secret values are serialised for a caller.
+//! `/v1/credentials`: create, read, patch, delete and force-refresh one credential. A read
+//! answers with the body the cache rendered (`cache::view`, the one place secret values are
+//! serialised for a caller).
 
 use std::sync::Arc;
 
@@ -10,11 +11,11 @@ use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::body::{ok_json, read_json, secret_json, Body};
+use super::body::{json_response, ok_json, read_json, Body};
 use super::{ApiError, Audit, Query};
 use crate::access::Caller;
+use crate::cache::view;
 use crate::metadata::CredentialRecord;
-use crate::secret::SecretFields;
 use crate::server::App;
 use crate::service::{CreateRequest, PatchRequest};
 
@@ -28,19 +29,18 @@ pub(super) async fn get(
     let service = &app.service;
     let fields = query.fields();
     let (entry, status) = service.get(caller, id).await?;
-    let secrets = &entry.loaded.secrets;
     if app.audit {
-        audit.fields = Some(secrets.selected_names(fields.as_deref()));
+        audit.fields = Some(view::field_names(&entry, fields.as_deref()));
     }
-    let record = &entry.loaded.record;
     // A pin to a manager removed from the configuration: the credential falls back
     // along the chain (and is moved there); say so.
-    let pin_unavailable = record.pinned_manager.as_deref().is_some_and(|p| {
+    let pin_unavailable = entry.pinned_manager().is_some_and(|p| {
         service
-            .route_for(&record.workspace, &record.environment, Some(p))
+            .route_for(entry.workspace(), entry.environment(), Some(p))
             .pin_unavailable
     });
-    let mut response = credential_response(record, secrets, fields.as_deref(), pin_unavailable);
+    let body = view::body(&entry, fields.as_deref(), pin_unavailable);
+    let mut response = json_response(StatusCode::OK, body);
     response
         .headers_mut()
         .insert("cache-status", HeaderValue::from_static(status.as_str()));
@@ -124,51 +124,4 @@ fn write_response(status: StatusCode, record: &CredentialRecord) -> Response<Bod
             "pinned_secrets_manager_id": record.pinned_manager,
         }),
     )
-}
-
-/// The one place secret values are serialised for a caller.
-fn credential_response(
-    record: &CredentialRecord,
-    secrets: &SecretFields,
-    only: Option<&[String]>,
-    pin_unavailable: bool,
-) -> Response<Body> {
-    struct Exposed<'a>(&'a SecretFields, Option<&'a [String]>);
-    impl Serialize for Exposed<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            // Exposed on purpose: this is the response to an authorised read.
-            self.0.serialize_exposed(s, self.1)
-        }
-    }
-    #[derive(Serialize)]
-    struct View<'a> {
-        id: &'a str,
-        workspace: &'a str,
-        environment: &'a str,
-        integration_type: &'a str,
-        secrets_manager_id: &'a str,
-        pinned_secrets_manager_id: Option<&'a str>,
-        pin_unavailable: bool,
-        metadata: &'a serde_json::Map<String, serde_json::Value>,
-        secrets: Exposed<'a>,
-        #[serde(serialize_with = "crate::time::serialize_opt_unix_rfc3339")]
-        expires_at: Option<i64>,
-        needs_reauth: bool,
-        reference: Reference<'a>,
-    }
-    let view = View {
-        id: &record.id,
-        workspace: &record.workspace,
-        environment: &record.environment,
-        integration_type: &record.integration_type,
-        secrets_manager_id: &record.location.manager_id,
-        pinned_secrets_manager_id: record.pinned_manager.as_deref(),
-        pin_unavailable,
-        metadata: &record.metadata,
-        secrets: Exposed(secrets, only),
-        expires_at: record.expires_at,
-        needs_reauth: record.needs_reauth,
-        reference: reference(record),
-    };
-    secret_json(StatusCode::OK, &view)
 }

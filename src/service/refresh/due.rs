@@ -24,24 +24,23 @@ impl Service {
         entry: Arc<Entry>,
         status: CacheStatus,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        let record = &entry.loaded.record;
-        let Some(expires_at) = record.expires_at.filter(|_| record.oauth.is_some()) else {
+        let Some(expires_at) = entry.expires_at().filter(|_| entry.has_oauth()) else {
             return Ok((entry, status));
         };
-        if self.is_read_only(&record.location.manager_id) {
+        if self.is_read_only(entry.manager_id()) {
             // Refreshed by its own service; the cache entry already ends at `expires_in`.
             return Ok((entry, status));
         }
         let config = self.oauth_config();
         let expired = crate::time::now_unix_ms() >= expires_at.saturating_mul(1000);
-        if record.needs_reauth {
+        if entry.needs_reauth() {
             return if expired {
                 Err(ServiceError::NeedsReauth)
             } else {
                 Ok((entry, status))
             };
         }
-        if !self.is_due(&config, record) {
+        if !self.is_entry_due(&config, id, &entry) {
             return Ok((entry, status));
         }
         if let Some(wait) = self.oauth.backoff.remaining(id) {
@@ -54,7 +53,7 @@ impl Service {
                 Ok((entry, status))
             };
         }
-        let task = self.spawn_refresh(id, record.row_version, Trigger::Read);
+        let task = self.spawn_refresh(id, entry.row_version(), Trigger::Read);
         let outcome = if expired {
             task.await
         } else {
@@ -82,7 +81,7 @@ impl Service {
         match outcome {
             Ok(done) => {
                 let fresh = done.record();
-                let cached = self.cache.peek(id).map(|e| e.loaded.record.row_version);
+                let cached = self.cache.peek(id).map(|e| e.row_version());
                 if cached != Some(fresh.row_version) {
                     // Another process refreshed (or changed) it: our cached copy is old.
                     self.cache.invalidate(id);
@@ -92,9 +91,7 @@ impl Service {
                     .get_or_load(id, || self.loader(id.to_owned()))
                     .await?;
                 let expired = entry
-                    .loaded
-                    .record
-                    .expires_at
+                    .expires_at()
                     .is_some_and(|e| crate::time::now_unix_ms() >= e.saturating_mul(1000));
                 if expired {
                     return Err(ServiceError::TokenUnavailable {

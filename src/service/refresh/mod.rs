@@ -12,9 +12,10 @@ mod exchange;
 mod lease;
 mod write_back;
 
+use crate::cache::Entry;
 use crate::config::OAuthConfig;
 use crate::metadata::CredentialRecord;
-use crate::oauth::{due_at_ms, Backoff, TokenClient};
+use crate::oauth::{due_at_ms, token_due_at_ms, Backoff, TokenClient};
 
 use super::Service;
 
@@ -83,6 +84,14 @@ impl Service {
         record.oauth.is_some()
             && !record.needs_reauth
             && due_at_ms(config, record).is_some_and(|due| crate::time::now_unix_ms() >= due)
+    }
+
+    /// `is_due` for a cached credential.
+    fn is_entry_due(&self, config: &OAuthConfig, id: &str, entry: &Entry) -> bool {
+        entry.has_oauth()
+            && !entry.needs_reauth()
+            && token_due_at_ms(config, id, entry.expires_at(), entry.updated_at())
+                .is_some_and(|due| crate::time::now_unix_ms() >= due)
     }
 
     fn is_read_only(&self, manager_id: &str) -> bool {

@@ -4,6 +4,12 @@
 //!
 //! Freshness decisions use `tokio::time::Instant`, so tests drive them with paused time; moka's
 //! own expiry (on its wall clock) only reclaims memory a little after an entry is useless.
+//!
+//! What a load produces ([`Loaded`]) is turned into a compact [`Entry`] as it enters the cache:
+//! a small head and the response body rendered once ([`view`]).
+
+mod entry;
+pub mod view;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,6 +23,9 @@ use tokio::time::Instant;
 
 use crate::metadata::CredentialRecord;
 use crate::secret::SecretFields;
+use entry::Places;
+
+pub use entry::Entry;
 
 /// What a load produces: the credential's metadata and its secret fields.
 #[derive(Debug, Clone)]
@@ -25,13 +34,6 @@ pub struct Loaded {
     pub secrets: SecretFields,
     /// The moment the value stops being valid (token expiry); the cache never serves past it.
     pub valid_until: Option<SystemTime>,
-}
-
-#[derive(Debug)]
-pub struct Entry {
-    pub loaded: Loaded,
-    fresh_until: Instant,
-    stale_until: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,20 +62,29 @@ pub trait LoadFailure: Clone + Send + Sync + 'static {
 type Flight<E> = Shared<BoxFuture<'static, Result<Arc<Entry>, E>>>;
 
 pub struct Cache<E: LoadFailure> {
-    entries: moka::sync::Cache<String, Arc<Entry>>,
+    entries: moka::sync::Cache<Box<str>, Arc<Entry>>,
     inflight: Arc<Mutex<HashMap<String, Flight<E>>>>,
     /// Bumped by every invalidation; a load that started before one does not insert its result.
     generation: Arc<AtomicU64>,
+    /// The workspace, environment and manager names entries share.
+    places: Arc<Places>,
     ttl: Duration,
     stale_grace: Duration,
 }
 
+/// What the cache holds for a key right now.
+pub enum Lookup {
+    Fresh(Arc<Entry>),
+    /// Nothing fresh: a load is needed. An entry past its TTL is kept for stale-if-error.
+    Expired(Option<Arc<Entry>>),
+}
+
 struct ExpireAtStaleLimit;
 
-impl moka::Expiry<String, Arc<Entry>> for ExpireAtStaleLimit {
+impl moka::Expiry<Box<str>, Arc<Entry>> for ExpireAtStaleLimit {
     fn expire_after_create(
         &self,
-        _key: &String,
+        _key: &Box<str>,
         value: &Arc<Entry>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
@@ -102,6 +113,7 @@ impl<E: LoadFailure> Cache<E> {
             entries: builder.build(),
             inflight: Arc::default(),
             generation: Arc::default(),
+            places: Arc::default(),
             ttl,
             stale_grace,
         }
@@ -124,16 +136,36 @@ impl<E: LoadFailure> Cache<E> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
     {
-        let cached = self.entries.get(key);
-        let now = Instant::now();
-        if let Some(entry) = &cached {
-            if now < entry.fresh_until {
-                return Ok((Arc::clone(entry), CacheStatus::Hit));
-            }
+        match self.lookup(key) {
+            Lookup::Fresh(entry) => Ok((entry, CacheStatus::Hit)),
+            Lookup::Expired(previous) => self.load(key, previous, load).await,
         }
+    }
+
+    /// One look at the cache: the fresh value, or what is left for stale-if-error.
+    pub fn lookup(&self, key: &str) -> Lookup {
+        match self.entries.get(key) {
+            Some(entry) if Instant::now() < entry.fresh_until => Lookup::Fresh(entry),
+            previous => Lookup::Expired(previous),
+        }
+    }
+
+    /// The load half of [`Self::get_or_load`], after a [`Self::lookup`] found nothing fresh:
+    /// loads `key` (once for every caller asking at the same time); if that fails transiently,
+    /// serves `previous` as `Stale` while it is within its grace.
+    pub async fn load<F, Fut>(
+        &self,
+        key: &str,
+        previous: Option<Arc<Entry>>,
+        load: F,
+    ) -> Result<(Arc<Entry>, CacheStatus), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
         match self.load_once(key, load).await {
             Ok(entry) => Ok((entry, CacheStatus::Miss)),
-            Err(e) => match cached {
+            Err(e) => match previous {
                 Some(entry) if e.allows_stale() && Instant::now() < entry.stale_until => {
                     Ok((entry, CacheStatus::Stale))
                 }
@@ -144,9 +176,10 @@ impl<E: LoadFailure> Cache<E> {
 
     /// Only the cached value, if fresh (used where a load is not wanted).
     pub fn peek(&self, key: &str) -> Option<Arc<Entry>> {
-        self.entries
-            .get(key)
-            .filter(|e| Instant::now() < e.fresh_until)
+        match self.lookup(key) {
+            Lookup::Fresh(entry) => Some(entry),
+            Lookup::Expired(_) => None,
+        }
     }
 
     async fn load_once<F, Fut>(&self, key: &str, load: F) -> Result<Arc<Entry>, E>
@@ -181,10 +214,11 @@ impl<E: LoadFailure> Cache<E> {
         let generation = Arc::clone(&self.generation);
         let inflight = Arc::clone(&self.inflight);
         let entries = self.entries.clone();
+        let places = Arc::clone(&self.places);
         let (ttl, grace) = (self.ttl, self.stale_grace);
         async move {
             let loaded = load.await?;
-            let entry = Arc::new(make_entry(loaded, ttl, grace));
+            let entry = Arc::new(Entry::new(&loaded, &places, ttl, grace));
             // Checked under the same lock `invalidate` takes, so an invalidation either
             // happens-before this check (and we skip the insert) or after the insert (and
             // removes it).
@@ -192,7 +226,7 @@ impl<E: LoadFailure> Cache<E> {
             if generation.load(Ordering::Acquire) == started_generation
                 && entry.fresh_until > Instant::now()
             {
-                entries.insert(key, Arc::clone(&entry));
+                entries.insert(key.into(), Arc::clone(&entry));
             }
             Ok(entry)
         }
@@ -203,12 +237,12 @@ impl<E: LoadFailure> Cache<E> {
     /// Replaces the cached value after a write this process made (the written value is the
     /// newest, so readers need not go to the store for it).
     pub fn replace(&self, key: &str, loaded: Loaded) {
+        let entry = Entry::new(&loaded, &self.places, self.ttl, self.stale_grace);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.remove(key);
-        let entry = make_entry(loaded, self.ttl, self.stale_grace);
         if entry.fresh_until > Instant::now() {
-            self.entries.insert(key.to_owned(), Arc::new(entry));
+            self.entries.insert(key.into(), Arc::new(entry));
         } else {
             self.entries.invalidate(key);
         }
@@ -226,21 +260,6 @@ impl<E: LoadFailure> Cache<E> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.clear();
         self.entries.invalidate_all();
-    }
-}
-
-fn make_entry(loaded: Loaded, ttl: Duration, grace: Duration) -> Entry {
-    let now = Instant::now();
-    let validity = loaded.valid_until.map(|t| {
-        t.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-    });
-    let fresh_for = validity.map_or(ttl, |v| v.min(ttl));
-    let stale_for = validity.map_or(ttl + grace, |v| v.min(ttl + grace));
-    Entry {
-        loaded,
-        fresh_until: now + fresh_for,
-        stale_until: now + stale_for,
     }
 }
 
@@ -295,8 +314,9 @@ mod tests {
         Cache::new(Duration::from_secs(60), 100, Duration::from_secs(30), None)
     }
 
-    fn value(e: &Entry) -> String {
-        e.loaded.secrets.get("token").unwrap().expose().to_owned()
+    fn value(e: &Arc<Entry>) -> String {
+        let body: serde_json::Value = serde_json::from_slice(&view::body(e, None, false)).unwrap();
+        body["secrets"]["token"].as_str().unwrap().to_owned()
     }
 
     #[tokio::test]
