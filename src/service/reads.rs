@@ -30,15 +30,17 @@ impl Service {
         }
         let (entry, status) = match self.cache.lookup(id) {
             Lookup::Fresh(entry) => (entry, CacheStatus::Hit),
-            Lookup::Expired(previous) => {
+            Lookup::Expired(_) => {
                 let record = self
                     .metadata
                     .get_credential(id)
                     .await?
                     .ok_or(ServiceError::NotFound)?;
                 self.check_access(caller, Action::Read, &record)?;
+                // Looked up again: a read of the same id may have loaded it meanwhile, and
+                // loading it a second time is what single flight is there to prevent.
                 self.cache
-                    .load(id, previous, || self.loader(id.to_owned()))
+                    .get_or_load(id, || self.loader(id.to_owned()))
                     .await?
             }
         };
