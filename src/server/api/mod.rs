@@ -3,6 +3,7 @@
 //! transport-agnostic: the same handler serves the Unix socket and the loopback TCP listener.
 
 mod admin;
+mod batch;
 mod body;
 mod credentials;
 mod error;
@@ -29,6 +30,7 @@ pub enum RouteId {
     CredentialPatch,
     CredentialDelete,
     CredentialRefresh,
+    CredentialBatchGet,
     Managers,
     ManagerCreate,
     ManagerGet,
@@ -53,6 +55,7 @@ impl RouteId {
             RouteId::CredentialPatch => "credential_patch",
             RouteId::CredentialDelete => "credential_delete",
             RouteId::CredentialRefresh => "credential_refresh",
+            RouteId::CredentialBatchGet => "credential_batch_get",
             RouteId::Managers => "managers",
             RouteId::ManagerCreate => "manager_create",
             RouteId::ManagerGet => "manager_get",
@@ -90,6 +93,7 @@ pub fn classify(method: &Method, path: &str) -> Target {
         (&Method::PATCH, ["v1", "credentials", _]) => RouteId::CredentialPatch,
         (&Method::DELETE, ["v1", "credentials", _]) => RouteId::CredentialDelete,
         (&Method::POST, ["v1", "credentials", _, "refresh"]) => RouteId::CredentialRefresh,
+        (&Method::POST, ["v1", "credentials:batchGet"]) => RouteId::CredentialBatchGet,
         (&Method::GET, ["v1", "secretsmanagers"]) => RouteId::Managers,
         (&Method::GET, ["v1", "secretsmanagers", "instructions"]) => RouteId::Instructions,
         (&Method::GET, ["v1", "secretsmanagers", "secrets"]) => RouteId::ManagerSecrets,
@@ -230,6 +234,8 @@ impl Query {
 struct Audit {
     credential: Option<String>,
     fields: Option<Vec<String>>,
+    /// A batch read's items: one audit line each (id, status, fields handed out).
+    batch: Vec<(String, u16, Option<Vec<String>>)>,
 }
 
 /// Handles one request; never fails (errors become JSON error responses).
@@ -243,6 +249,7 @@ pub async fn handle(
     let mut audit = Audit {
         credential: id.clone(),
         fields: None,
+        batch: Vec::new(),
     };
     let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
     if app.audit
@@ -253,22 +260,37 @@ pub async fn handle(
                 | RouteId::CredentialPatch
                 | RouteId::CredentialDelete
                 | RouteId::CredentialRefresh
+                | RouteId::CredentialBatchGet
         )
     {
         let (uid, gid, pid) = match caller {
             Caller::Unix { uid, gid, pid } => (Some(uid), Some(gid), pid),
             Caller::Tcp => (None, None, None),
         };
-        tracing::info!(
-            target: "credproxy::audit",
-            route = route.as_str(),
-            transport = if uid.is_some() { "unix" } else { "tcp" },
-            uid, gid, pid,
-            credential = audit.credential.as_deref().unwrap_or("-"),
-            fields = ?audit.fields,
-            status = response.status().as_u16(),
-            "access"
-        );
+        let line = |credential: Option<&str>, fields: &Option<Vec<String>>, status: u16| {
+            tracing::info!(
+                target: "credproxy::audit",
+                route = route.as_str(),
+                transport = if uid.is_some() { "unix" } else { "tcp" },
+                uid, gid, pid,
+                credential = credential.unwrap_or("-"),
+                fields = ?fields,
+                status,
+                "access"
+            );
+        };
+        // A batch read answers 200 with a status per credential: one line for each. Refused
+        // whole (403, 400), it gets one line like any other request.
+        if audit.batch.is_empty() {
+            line(
+                audit.credential.as_deref(),
+                &audit.fields,
+                response.status().as_u16(),
+            );
+        }
+        for (id, status, fields) in &audit.batch {
+            line(Some(id), fields, *status);
+        }
     }
     response
 }
@@ -317,6 +339,7 @@ async fn dispatch(
         RouteId::CredentialPatch => credentials::patch(app, &caller, id, request).await,
         RouteId::CredentialDelete => credentials::delete(app, &caller, id).await,
         RouteId::CredentialRefresh => credentials::refresh(app, &caller, id).await,
+        RouteId::CredentialBatchGet => batch::get(app, &caller, request, audit).await,
         RouteId::Managers => managers::list(app, &caller, &query).await,
         RouteId::ManagerCreate => managers::create(app, &caller, request).await,
         RouteId::ManagerGet => managers::get(app, &caller, id).await,
