@@ -260,11 +260,13 @@ pub fn write_body(
     let secrets = rendered.secrets();
     let (secrets_start, secrets_end) = (secrets.start as usize, secrets.end as usize);
     let head = &json[..secrets_start];
-    match head
-        .windows(PIN_AVAILABLE.len())
-        .position(|w| w == PIN_AVAILABLE)
-        .filter(|_| pin_unavailable)
-    {
+    let pin_at = pin_unavailable
+        .then(|| {
+            head.windows(PIN_AVAILABLE.len())
+                .position(|w| w == PIN_AVAILABLE)
+        })
+        .flatten();
+    match pin_at {
         // The first match is the key itself: in the strings before it every quote is escaped.
         Some(at) => {
             out.extend_from_slice(&head[..at]);
