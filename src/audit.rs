@@ -178,22 +178,25 @@ impl AuditLog {
         })
     }
 
-    /// Records one access: the line is formatted at once; the future it returns completes at
-    /// once too, unless the buffer is full in blocking mode.
-    pub fn record<'n, I: Iterator<Item = &'n str>>(
-        &self,
-        access: Access<'_, I>,
-    ) -> impl std::future::Future<Output = ()> + Send + '_ {
-        let line = LINE.with_borrow_mut(|line| {
-            line.clear();
-            format_line(line, self.shared.settings.format, SystemTime::now(), access);
-            // Handed out of the thread-local so that a wait below cannot hold it.
-            std::mem::take(line)
-        });
-        self.append(line)
+    /// Records one access: formats its line, then appends it. Completes at once unless the
+    /// buffer is full in blocking mode.
+    pub async fn record<'n, I: Iterator<Item = &'n str>>(&self, access: Access<'_, I>) {
+        let line = self.line(access);
+        self.append(line).await;
     }
 
-    async fn append(&self, line: String) {
+    /// One access formatted as its line (for callers that must not hold the access across an
+    /// await: `append` it).
+    pub fn line<'n, I: Iterator<Item = &'n str>>(&self, access: Access<'_, I>) -> String {
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            format_line(line, self.shared.settings.format, SystemTime::now(), access);
+            // Handed out of the thread-local so that a wait in `append` cannot hold it.
+            std::mem::take(line)
+        })
+    }
+
+    pub async fn append(&self, line: String) {
         let shared = &*self.shared;
         loop {
             let room = shared.room.notified();

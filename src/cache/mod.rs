@@ -150,10 +150,10 @@ impl<E: LoadFailure> Cache<E> {
         }
     }
 
-    /// The load half of [`Self::get_or_load`], after a [`Self::lookup`] found nothing fresh:
-    /// loads `key` (once for every caller asking at the same time); if that fails transiently,
-    /// serves `previous` as `Stale` while it is within its grace.
-    pub async fn load<F, Fut>(
+    /// The load half of [`Self::get_or_load`], after a lookup found nothing fresh: loads `key`
+    /// (once for every caller asking at the same time); if that fails transiently, serves
+    /// `previous` as `Stale` while it is within its grace.
+    async fn load<F, Fut>(
         &self,
         key: &str,
         previous: Option<Arc<Entry>>,

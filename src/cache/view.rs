@@ -94,6 +94,14 @@ impl Rendered {
         );
         out.extend_from_slice(PIN_AVAILABLE);
         put(out, b",\"metadata\":", &record.metadata);
+        // Room for everything from here on, reserved while the buffer holds no secret: a Vec
+        // that grows copies its bytes and frees the old block without wiping it. JSON escaping
+        // makes a string at most six times longer.
+        out.reserve(
+            6 * (secrets.byte_size() + record.location.name.len())
+                + (16 + FIELD) * secrets.len()
+                + 160,
+        );
         out.extend_from_slice(b",\"secrets\":");
         let secrets_start = out.len();
         out.push(b'{');
@@ -220,7 +228,7 @@ pub fn body(entry: &Arc<Entry>, only: Option<&[String]>, pin_unavailable: bool) 
     if only.is_none() && !pin_unavailable {
         return Bytes::from_owner(FullBody(Arc::clone(entry)));
     }
-    let mut out = Zeroizing::new(Vec::with_capacity(entry.body.json().len()));
+    let mut out = Zeroizing::new(Vec::with_capacity(max_body_len(entry)));
     write_body(entry, only, pin_unavailable, &mut out);
     Bytes::from_owner(out)
 }
@@ -233,7 +241,14 @@ impl AsRef<[u8]> for FullBody {
     }
 }
 
+/// The most bytes [`write_body`] appends for `entry`: a selection of fields or
+/// `pin_unavailable` only ever makes the full body shorter.
+pub fn max_body_len(entry: &Entry) -> usize {
+    entry.body.json().len()
+}
+
 /// Appends the body of a read of `entry` to `out`, which the caller wipes (it holds secrets).
+/// The caller reserves [`max_body_len`] first: growing the Vec here would leave a copy behind.
 pub fn write_body(
     entry: &Entry,
     only: Option<&[String]>,
@@ -245,11 +260,13 @@ pub fn write_body(
     let secrets = rendered.secrets();
     let (secrets_start, secrets_end) = (secrets.start as usize, secrets.end as usize);
     let head = &json[..secrets_start];
-    match head
-        .windows(PIN_AVAILABLE.len())
-        .position(|w| w == PIN_AVAILABLE)
-        .filter(|_| pin_unavailable)
-    {
+    let pin_at = pin_unavailable
+        .then(|| {
+            head.windows(PIN_AVAILABLE.len())
+                .position(|w| w == PIN_AVAILABLE)
+        })
+        .flatten();
+    match pin_at {
         // The first match is the key itself: in the strings before it every quote is escaped.
         Some(at) => {
             out.extend_from_slice(&head[..at]);

@@ -1,9 +1,11 @@
-//! Reads: resolving a credential (through the cache), listing what a secrets manager holds, and
-//! where the routing chain puts an environment.
+//! Reads: resolving a credential (through the cache) or a batch of them, listing what a
+//! secrets manager holds, and where the routing chain puts an environment.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use futures::StreamExt;
 
 use super::error::manager_failure;
 use super::{call_manager, Service, ServiceError};
@@ -12,6 +14,13 @@ use crate::cache::{CacheStatus, Entry, Loaded, Lookup};
 use crate::config::{is_valid_name, DEFAULT_WORKSPACE};
 use crate::manager::{ListRequest, ManagerError, Page};
 use crate::routing::Route;
+
+/// The most credentials one batch read may ask for.
+pub const MAX_BATCH: usize = 100;
+
+/// How many of a batch's credentials are resolved at a time (cache hits take no time; misses
+/// are loads from a secrets manager, each bounded by its timeout).
+const BATCH_LOADS: usize = 16;
 
 impl Service {
     /// Resolves a credential, from the cache when fresh. Access is checked against the
@@ -30,15 +39,17 @@ impl Service {
         }
         let (entry, status) = match self.cache.lookup(id) {
             Lookup::Fresh(entry) => (entry, CacheStatus::Hit),
-            Lookup::Expired(previous) => {
+            Lookup::Expired(_) => {
                 let record = self
                     .metadata
                     .get_credential(id)
                     .await?
                     .ok_or(ServiceError::NotFound)?;
                 self.check_access(caller, Action::Read, &record)?;
+                // Looked up again: a read of the same id may have loaded it meanwhile, and
+                // loading it a second time is what single flight is there to prevent.
                 self.cache
-                    .load(id, previous, || self.loader(id.to_owned()))
+                    .get_or_load(id, || self.loader(id.to_owned()))
                     .await?
             }
         };
@@ -48,6 +59,46 @@ impl Service {
             .inc();
         self.check_entry_access(caller, &entry)?;
         self.checked_token(id, entry, status).await
+    }
+
+    /// Resolves up to [`MAX_BATCH`] credentials for one caller, each exactly as [`Self::get`]
+    /// would (an id the caller may not read is not found, like one that does not exist), in
+    /// the order asked. Misses load [`BATCH_LOADS`] at a time, through the cache's single
+    /// flight. The whole request is refused if the caller may read nothing at all, or if an id
+    /// is malformed or repeated (the detail names its position, never the id).
+    pub async fn get_many(
+        self: &Arc<Self>,
+        caller: &Caller,
+        ids: &[String],
+    ) -> Result<Vec<Result<(Arc<Entry>, CacheStatus), ServiceError>>, ServiceError> {
+        if !self.allows(caller, Action::Read, Scope::ANY) {
+            return Err(ServiceError::Forbidden);
+        }
+        if ids.is_empty() || ids.len() > MAX_BATCH {
+            return Err(ServiceError::Invalid(format!(
+                "`ids` must hold 1 to {MAX_BATCH} credential ids"
+            )));
+        }
+        let mut seen = std::collections::HashMap::with_capacity(ids.len());
+        for (position, id) in ids.iter().enumerate() {
+            if !is_valid_name(id) {
+                return Err(ServiceError::Invalid(format!(
+                    "`ids[{position}]` is not a credential id"
+                )));
+            }
+            if let Some(first) = seen.insert(id.as_str(), position) {
+                return Err(ServiceError::Invalid(format!(
+                    "`ids[{position}]` repeats `ids[{first}]`"
+                )));
+            }
+        }
+        // The reads made up front, not in a `map` over the stream: a closure there makes the
+        // future's `Send` depend on a higher-ranked lifetime the compiler cannot prove.
+        let reads: Vec<_> = ids.iter().map(|id| self.get(caller, id)).collect();
+        Ok(futures::stream::iter(reads)
+            .buffered(BATCH_LOADS)
+            .collect()
+            .await)
     }
 
     pub(super) fn loader(

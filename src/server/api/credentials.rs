@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::body::{json_response, ok_json, read_json, Body};
 use super::{ApiError, Audit, Query};
 use crate::access::Caller;
-use crate::cache::view;
+use crate::cache::{view, Entry};
 use crate::metadata::CredentialRecord;
 use crate::server::App;
 use crate::service::{CreateRequest, PatchRequest};
@@ -32,19 +32,22 @@ pub(super) async fn get(
     if app.audit {
         audit.fields = Some(view::field_names(&entry, fields.as_deref()));
     }
-    // A pin to a manager removed from the configuration: the credential falls back
-    // along the chain (and is moved there); say so.
-    let pin_unavailable = entry.pinned_manager().is_some_and(|p| {
-        service
-            .route_for(entry.workspace(), entry.environment(), Some(p))
-            .pin_unavailable
-    });
-    let body = view::body(&entry, fields.as_deref(), pin_unavailable);
+    let body = view::body(&entry, fields.as_deref(), pin_unavailable(app, &entry));
     let mut response = json_response(StatusCode::OK, body);
     response
         .headers_mut()
         .insert("cache-status", HeaderValue::from_static(status.as_str()));
     Ok(response)
+}
+
+/// Whether `entry` is pinned to a manager removed from the configuration: the credential falls
+/// back along the chain (and is moved there), and its read says so.
+pub(super) fn pin_unavailable(app: &App, entry: &Entry) -> bool {
+    entry.pinned_manager().is_some_and(|p| {
+        app.service
+            .route_for(entry.workspace(), entry.environment(), Some(p))
+            .pin_unavailable
+    })
 }
 
 pub(super) async fn create(

@@ -55,25 +55,31 @@ impl ApiError {
         )
     }
 
-    pub fn into_response(self) -> Response<Body> {
+    /// The `{"code", "message", "detail"}` object an error response carries under `error`, and
+    /// a batch read's item for a credential that failed.
+    pub(super) fn object(&self) -> impl Serialize + '_ {
         #[derive(Serialize)]
-        struct Inner<'a> {
+        struct Object<'a> {
             code: &'a str,
             message: &'a str,
             #[serde(skip_serializing_if = "Option::is_none")]
             detail: Option<&'a str>,
         }
-        #[derive(Serialize)]
-        struct Outer<'a> {
-            error: Inner<'a>,
+        Object {
+            code: self.code,
+            message: self.message,
+            detail: self.detail.as_deref(),
         }
-        // Two structs of strings: serialising them cannot fail.
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        #[derive(Serialize)]
+        struct Outer<T> {
+            error: T,
+        }
+        // Strings only: serialising them cannot fail.
         let body = serde_json::to_vec(&Outer {
-            error: Inner {
-                code: self.code,
-                message: self.message,
-                detail: self.detail.as_deref(),
-            },
+            error: self.object(),
         })
         .unwrap_or_default();
         let mut response = json_response(self.status, Bytes::from(body));

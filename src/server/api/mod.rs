@@ -3,6 +3,7 @@
 //! transport-agnostic: the same handler serves the Unix socket and the loopback TCP listener.
 
 mod admin;
+mod batch;
 mod body;
 mod credentials;
 mod error;
@@ -29,6 +30,7 @@ pub enum RouteId {
     CredentialPatch,
     CredentialDelete,
     CredentialRefresh,
+    CredentialBatchGet,
     Managers,
     ManagerCreate,
     ManagerGet,
@@ -53,6 +55,7 @@ impl RouteId {
             RouteId::CredentialPatch => "credential_patch",
             RouteId::CredentialDelete => "credential_delete",
             RouteId::CredentialRefresh => "credential_refresh",
+            RouteId::CredentialBatchGet => "credential_batch_get",
             RouteId::Managers => "managers",
             RouteId::ManagerCreate => "manager_create",
             RouteId::ManagerGet => "manager_get",
@@ -124,6 +127,7 @@ pub fn classify(method: &Method, path: &str) -> Target {
         (&Method::PATCH, ["v1", "credentials", _]) => RouteId::CredentialPatch,
         (&Method::DELETE, ["v1", "credentials", _]) => RouteId::CredentialDelete,
         (&Method::POST, ["v1", "credentials", _, "refresh"]) => RouteId::CredentialRefresh,
+        (&Method::POST, ["v1", "credentials:batchGet"]) => RouteId::CredentialBatchGet,
         (&Method::GET, ["v1", "secretsmanagers"]) => RouteId::Managers,
         (&Method::GET, ["v1", "secretsmanagers", "instructions"]) => RouteId::Instructions,
         (&Method::GET, ["v1", "secretsmanagers", "secrets"]) => RouteId::ManagerSecrets,
@@ -264,6 +268,8 @@ impl Query {
 struct Audit<'a> {
     credential: Option<std::borrow::Cow<'a, str>>,
     fields: Option<Vec<String>>,
+    /// A batch read's items: one audit line each (id, status, fields handed out).
+    batch: Vec<(String, u16, Option<Vec<String>>)>,
 }
 
 /// Handles one request; never fails (errors become JSON error responses).
@@ -280,6 +286,7 @@ pub async fn handle(
     let mut audit = Audit {
         credential: id.map(std::borrow::Cow::Borrowed),
         fields: None,
+        batch: Vec::new(),
     };
     let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
     let audited = matches!(
@@ -289,24 +296,38 @@ pub async fn handle(
             | RouteId::CredentialPatch
             | RouteId::CredentialDelete
             | RouteId::CredentialRefresh
+            | RouteId::CredentialBatchGet
     );
     if let Some(log) = app.audit_log.as_ref().filter(|_| audited) {
         let who = match caller {
             Caller::Unix { uid, gid, pid } => crate::audit::Who::Unix { uid, gid, pid },
             Caller::Tcp => crate::audit::Who::Tcp,
         };
-        let fields = audit
-            .fields
-            .as_ref()
-            .map(|names| names.iter().map(String::as_str));
-        log.record(crate::audit::Access {
-            route: route.as_str(),
-            who,
-            credential: audit.credential.as_deref().unwrap_or("-"),
-            fields,
-            status: response.status().as_u16(),
-        })
-        .await;
+        let line = |credential: &str, fields: &Option<Vec<String>>, status: u16| {
+            log.line(crate::audit::Access {
+                route: route.as_str(),
+                who,
+                credential,
+                fields: fields
+                    .as_ref()
+                    .map(|names| names.iter().map(String::as_str)),
+                status,
+            })
+        };
+        // A batch read answers 200 with a status per credential: one line for each. Refused
+        // whole (403, 400), it gets one line like any other request.
+        if audit.batch.is_empty() {
+            let one = line(
+                audit.credential.as_deref().unwrap_or("-"),
+                &audit.fields,
+                response.status().as_u16(),
+            );
+            log.append(one).await;
+        }
+        for (id, status, fields) in &audit.batch {
+            let one = line(id, fields, *status);
+            log.append(one).await;
+        }
     }
     response
 }
@@ -355,6 +376,7 @@ async fn dispatch(
         RouteId::CredentialPatch => credentials::patch(app, &caller, id, request).await,
         RouteId::CredentialDelete => credentials::delete(app, &caller, id).await,
         RouteId::CredentialRefresh => credentials::refresh(app, &caller, id).await,
+        RouteId::CredentialBatchGet => batch::get(app, &caller, request, audit).await,
         RouteId::Managers => managers::list(app, &caller, &query).await,
         RouteId::ManagerCreate => managers::create(app, &caller, request).await,
         RouteId::ManagerGet => managers::get(app, &caller, id).await,
