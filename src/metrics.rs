@@ -37,6 +37,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub cache_requests: IntCounterVec,
+    /// `cache_requests` for hit, miss and stale, resolved once: counted on every read.
+    cache_results: [IntCounter; 3],
     pub cache_evictions: IntCounter,
     pub cache_entries: IntGauge,
     pub backend_requests: IntCounterVec,
@@ -69,6 +71,15 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 impl Metrics {
+    /// The counter of `credproxy_cache_requests_total{result}`.
+    pub fn cache_result(&self, result: &str) -> &IntCounter {
+        match result {
+            "hit" => &self.cache_results[0],
+            "miss" => &self.cache_results[1],
+            _ => &self.cache_results[2],
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
@@ -351,6 +362,7 @@ impl Metrics {
             registry,
             http_requests,
             http_duration,
+            cache_results: ["hit", "miss", "stale"].map(|r| cache_requests.with_label_values(&[r])),
             cache_requests,
             cache_evictions,
             cache_entries,

@@ -232,9 +232,11 @@ where
                     let Ok(_permit) = app.in_flight.try_acquire() else {
                         break 'admitted overloaded(false).into_response();
                     };
+                    // Boxed once: moved into hyper's task and the deadline wrapper, the
+                    // handler's state would be copied at every move.
                     within(
                         started + app.request_timeout,
-                        api::handle(&app, caller, target, request),
+                        Box::pin(api::handle(&app, caller, target, request)),
                     )
                     .await
                     .unwrap_or_else(|| timed_out().into_response())

@@ -39,24 +39,10 @@ impl Service {
         }
         let (entry, status) = match self.cache.lookup(id) {
             Lookup::Fresh(entry) => (entry, CacheStatus::Hit),
-            Lookup::Expired(_) => {
-                let record = self
-                    .metadata
-                    .get_credential(id)
-                    .await?
-                    .ok_or(ServiceError::NotFound)?;
-                self.check_access(caller, Action::Read, &record)?;
-                // Looked up again: a read of the same id may have loaded it meanwhile, and
-                // loading it a second time is what single flight is there to prevent.
-                self.cache
-                    .get_or_load(id, || self.loader(id.to_owned()))
-                    .await?
-            }
+            // Boxed: a miss's state would otherwise make every read's future larger.
+            Lookup::Expired(_) => Box::pin(self.load_checked(caller, id)).await?,
         };
-        self.metrics
-            .cache_requests
-            .with_label_values(&[status.as_str()])
-            .inc();
+        self.metrics.cache_result(status.as_str()).inc();
         self.check_entry_access(caller, &entry)?;
         self.checked_token(id, entry, status).await
     }
@@ -99,6 +85,26 @@ impl Service {
             .buffered(BATCH_LOADS)
             .collect()
             .await)
+    }
+
+    /// A read the cache could not answer: access is checked against the metadata database's
+    /// row before a secrets manager is asked.
+    async fn load_checked(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        let record = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        self.check_access(caller, Action::Read, &record)?;
+        // Looked up again: a read of the same id may have loaded it meanwhile, and loading it
+        // a second time is what single flight is there to prevent.
+        self.cache
+            .get_or_load(id, || self.loader(id.to_owned()))
+            .await
     }
 
     pub(super) fn loader(

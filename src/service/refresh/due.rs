@@ -27,6 +27,18 @@ impl Service {
         let Some(expires_at) = entry.expires_at().filter(|_| entry.has_oauth()) else {
             return Ok((entry, status));
         };
+        // Boxed: the refresh's state would otherwise make every read's future larger, and a
+        // read's future is copied a few times per request.
+        Box::pin(self.checked_oauth_token(id, entry, status, expires_at)).await
+    }
+
+    async fn checked_oauth_token(
+        self: &Arc<Self>,
+        id: &str,
+        entry: Arc<Entry>,
+        status: CacheStatus,
+        expires_at: i64,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
         if self.is_read_only(entry.manager_id()) {
             // Refreshed by its own service; the cache entry already ends at `expires_in`.
             return Ok((entry, status));
