@@ -230,7 +230,12 @@ fn serve(path: PathBuf) -> ExitCode {
     // Everything the daemon creates (database, WAL, generated key) is private to it; the
     // socket's mode is set explicitly.
     crate::sys::set_umask(0o077);
-    match runtime().block_on(crate::daemon::serve(
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = runtime.enable_all().build().expect("tokio runtime");
+    match runtime.block_on(crate::daemon::serve(
         config,
         crate::lifecycle::shutdown_signal(),
     )) {

@@ -102,6 +102,8 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub tcp: Option<TcpConfig>,
+    /// Threads serving requests and running the background tasks; `0`: one per core.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

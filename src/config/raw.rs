@@ -53,6 +53,7 @@ pub(super) struct RawServer {
     pub(super) max_body_bytes: Option<usize>,
     pub(super) max_concurrent_requests: Option<usize>,
     pub(super) max_requests_per_caller: Option<usize>,
+    pub(super) worker_threads: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) body_read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]

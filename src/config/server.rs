@@ -107,7 +107,18 @@ pub(super) fn validate(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, 
             "must not be longer than server.request_timeout",
         ));
     }
+    // One by default: as a sidecar, credproxy shares its pod's cores with the workers it
+    // serves, and one thread answers cached reads with the least CPU per read (no wake-ups
+    // between threads). Hosts serving many workers give it more.
+    let worker_threads = raw.worker_threads.unwrap_or(1);
+    if worker_threads > 1024 {
+        return Err(invalid(
+            "server.worker_threads",
+            "must be at most 1024 (0: one per core)",
+        ));
+    }
     Ok(ServerConfig {
+        worker_threads,
         socket,
         socket_mode,
         socket_group: raw.socket_group,
