@@ -6,13 +6,21 @@
 #                                 off (the same file with only `audit = true` -> `false`):
 #                                 req/s, p50/p99, the daemon's CPU per request (user + kernel,
 #                                 fields 14 and 15 of /proc/PID/stat) and its RSS
+#   scripts/bench.sh memory [N]   RSS of N cached credentials (default 100000): the shipped
+#                                 config with [cache] capacity = N and ttl = 24h; N credentials
+#                                 written through the API, then each read once
+#   scripts/bench.sh cold [N]     cold reads through credproxy vs direct SDK calls to moto and
+#                                 OpenBao (examples/backend_latency.rs), N per backend (500)
+#   scripts/bench.sh profile      `perf record -g` of the daemon under cached reads, c = 64,
+#                                 audit on; prints the top of `perf report --no-children`
 #
 # Environment:
-#   BACKEND=local|aws|vault   where the credential lives (moto / OpenBao from
+#   BACKEND=local|aws|vault   read/profile: where the credential lives (moto / OpenBao from
 #                             .peers/, installed by scripts/test.sh); aws and vault add a
 #                             [[secrets_manager]] and routing.default to the shipped config
 #   DURATION=10s WARMUP=3s    length of each oha run and of the warm-up before each daemon's runs
 #   CONCURRENCY="1 16 64"     read: the concurrency levels
+#   CONNECTIONS=4             memory: connections the loader writes and reads over
 #
 # The daemon runs from a temporary directory holding a copy of config/, so the relative var/
 # paths land there; its stderr (log and audit lines, as systemd/journald would consume them) goes
@@ -22,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 mode=${1:-read}
-case "$mode" in read) ;; *)
+case "$mode" in read | memory | cold | profile) ;; *)
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
   exit 2 ;;
 esac
@@ -114,7 +122,8 @@ start_peer() {
 }
 case "$backend" in
   local) ;;
-  aws | vault) start_peer ;;
+  aws | vault) [ "$mode" = read ] || [ "$mode" = profile ] || die "BACKEND applies to read and profile only"
+    start_peer ;;
   *) die "BACKEND must be local, aws or vault" ;;
 esac
 
@@ -146,7 +155,9 @@ ticks=$(getconf CLK_TCK)
 # utime and stime (fields 14 and 15 of /proc/PID/stat; the command name may hold spaces).
 cpu_ticks() { sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}'; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$pid/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$pid/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+gauge() { curl -sf "http://$metrics_addr/metrics" | awk '$1 == "credproxy_cache_entries" {print $2}'; }
 curl_api() { curl -sf --unix-socket "$socket" -H 'content-type: application/json' "$@"; }
 
 header() {
@@ -216,4 +227,118 @@ bench_read() {
   echo "Audit lines written (audit on run): $(wc -l < "$work/daemon-audit-on.stderr"); stderr lines in the audit off run: $(wc -l < "$work/daemon-audit-off.stderr")"
 }
 
-bench_read
+# --- memory: N cached credentials -------------------------------------------------------------
+bench_memory() {
+  local n=${1:-100000} conns=${CONNECTIONS:-4}
+  build_daemon
+  log "cargo build --release --example bulk_credentials"
+  cargo build --release --locked --quiet --example bulk_credentials
+  local loader=$target/release/examples/bulk_credentials
+  grep -qx 'capacity = 10000' "$shipped" && grep -qx 'ttl = "5m"' "$shipped" || die "[cache] in config/credproxy.toml changed; update this script"
+  variant credproxy-memory.toml "s/^capacity = 10000\$/capacity = $n/" 's/^ttl = "5m"$/ttl = "24h"/'
+  header "memory of $n cached credentials"
+  echo "- config/credproxy.toml as shipped but [cache] capacity = $n and ttl = \"24h\" (audit on; stderr to a file in the temp dir)"
+  echo "- credentials: two 40-byte tokens (access_token, refresh_token), metadata {\"account\": \"acme-<i>\"}, environment Production, local store"
+  echo "- loader: examples/bulk_credentials.rs, $conns keep-alive connections over the Unix socket"
+  echo
+  start_daemon config/credproxy-memory.toml "$work/daemon-memory.stderr"
+  sleep 2
+  local idle g0
+  idle=$(rss_kb)
+  g0=$(gauge)
+  echo "idle RSS: $(mib "$idle") MiB (credproxy_cache_entries $g0; load $(load))"
+  "$loader" "$socket" create "$n" "$conns" "$work/ids"
+  local written gw
+  written=$(rss_kb)
+  gw=$(gauge)
+  echo "after the writes: RSS $(mib "$written") MiB, credproxy_cache_entries $gw (writes put the value in the cache)"
+  "$loader" "$socket" read "$work/ids" "$conns"
+  sleep 1
+  local after ga
+  after=$(rss_kb)
+  ga=$(gauge)
+  echo "after reading each once: RSS $(mib "$after") MiB (peak $(mib "$(hwm_kb)") MiB), credproxy_cache_entries $ga; load $(load)"
+  stop_daemon
+  [ "$ga" = "$n" ] || die "credproxy_cache_entries is $ga, not $n: not every credential is cached"
+
+  # The same credentials read into a fresh daemon's cache: no write path in the RSS.
+  start_daemon config/credproxy-memory.toml "$work/daemon-memory.stderr"
+  sleep 2
+  local idle2 after2 g2
+  idle2=$(rss_kb)
+  "$loader" "$socket" read "$work/ids" "$conns"
+  sleep 1
+  after2=$(rss_kb)
+  g2=$(gauge)
+  echo "restarted, idle RSS $(mib "$idle2") MiB; after reading each once (cold): RSS $(mib "$after2") MiB (peak $(mib "$(hwm_kb)") MiB), credproxy_cache_entries $g2; load $(load)"
+  stop_daemon
+  [ "$g2" = "$n" ] || die "after the restart credproxy_cache_entries is $g2, not $n"
+  echo
+  echo "| cache filled by | N | idle RSS MiB | RSS with N cached MiB | bytes per cached credential |"
+  echo "|---|---|---|---|---|"
+  printf '| writes, then one read each | %s | %s | %s | %d |\n' "$n" "$(mib "$idle")" "$(mib "$after")" $(( (after - idle) * 1024 / n ))
+  printf '| reads after a restart | %s | %s | %s | %d |\n' "$n" "$(mib "$idle2")" "$(mib "$after2")" $(( (after2 - idle2) * 1024 / n ))
+}
+
+# --- cold: examples/backend_latency.rs --------------------------------------------------------
+bench_cold() {
+  local n=${1:-500}
+  need_peers
+  build_daemon
+  log "cargo build --release --example backend_latency"
+  cargo build --release --locked --quiet --example backend_latency
+  header "cold reads, credproxy vs direct SDK calls"
+  echo "- examples/backend_latency.rs: moto and OpenBao dev server from .peers/; target/release/credproxy with [cache] ttl = \"1ns\" (every read a miss, checked), audit on"
+  echo
+  CREDPROXY_TEST_MOTO=$repo/.peers/venv/bin/moto_server CREDPROXY_TEST_BAO=$bao CREDPROXY_BIN=$bin \
+    "$target/release/examples/backend_latency" "$n"
+  echo
+  echo "load at the end: $(load)"
+}
+
+# --- profile: perf record of cached reads, c = 64, audit on -------------------------------------
+bench_profile() {
+  need_oha
+  need_jq
+  command -v perf >/dev/null 2>&1 || die "perf is not installed"
+  # The release profile with symbols, in its own target directory (target/profiling).
+  log "cargo build --profile profiling (release + debug symbols, not stripped)"
+  cargo build --locked --quiet --bin credproxy --profile profiling \
+    --config 'profile.profiling.inherits="release"' --config 'profile.profiling.debug=true' \
+    --config 'profile.profiling.strip=false'
+  bin=$target/profiling/credproxy
+  header "perf profile of cached reads, c = 64, audit on (BACKEND=$backend)"
+  start_daemon config/credproxy.toml "$work/daemon-profile.stderr"
+  local id
+  id=$(curl_api -X POST http://localhost/v1/credentials \
+    -d '{"environment":"Production","integration_type":"github","metadata":{"account":"acme-1"},"secrets":{"access_token":"gho_0123456789abcdef0123456789abcdef0123","refresh_token":"ghr_0123456789abcdef0123456789abcdef0123"}}' | jq -r .id)
+  local url="http://localhost/v1/credentials/$id"
+  oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" "$url" >/dev/null
+  local data=${PERF_DATA:-$work/perf.data}
+  perf record -g -o "$data" -p "$pid" 2>"$work/perf.log" &
+  local perf_pid=$!
+  pids+=("$perf_pid")
+  sleep 0.5
+  oha --no-tui --output-format json -z "$duration" -w -c 64 --unix-socket "$socket" "$url" > "$work/oha-profile.json"
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+  echo "- oha c=64 for $duration: $(jq '.summary.requestsPerSec | floor' "$work/oha-profile.json") req/s under perf; load $(load)"
+  echo "- perf data: $data"
+  echo
+  echo '```'
+  perf report -i "$data" --no-children --percent-limit 1 --stdio 2>/dev/null | head -150
+  echo '```'
+  echo
+  echo "Self time by mode (perf report --sort dso):"
+  echo '```'
+  perf report -i "$data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+  echo '```'
+  stop_daemon
+}
+
+case "$mode" in
+  read) bench_read ;;
+  memory) bench_memory "${2:-}" ;;
+  cold) bench_cold "${2:-}" ;;
+  profile) bench_profile ;;
+esac
