@@ -180,6 +180,7 @@ bench_read() {
   echo "- daemon stderr (log + audit lines) redirected to a file in the temp dir, as journald would consume it"
   echo "- $(oha --version): --unix-socket, keep-alive, -z $duration per row (-w: requests in flight at the deadline are waited for), after a $warmup warm-up at c=16; oha and the daemon share the machine's cores"
   echo "- CPU = the daemon's utime + stime (/proc/PID/stat fields 14, 15; CLK_TCK = $ticks) over the run / requests answered; RSS = VmRSS after the run"
+  echo "- load = /proc/loadavg after the row; it counts this bench too (oha + the daemon keep about 2 busy), so more than ~2 means other work shared the cores"
   echo
   echo "| audit | c | req/s | p50 | p99 | daemon CPU µs/req (user + kernel) | RSS MiB | load (1/5/15 min) |"
   echo "|---|---|---|---|---|---|---|---|"
