@@ -326,15 +326,25 @@ bench_profile() {
   echo "- oha c=64 for $duration: $(jq '.summary.requestsPerSec | floor' "$work/oha-profile.json") req/s under perf; load $(load)"
   echo "- perf data: $data"
   echo
+  stop_daemon
+  # Into files first: `| head` would end perf with SIGPIPE, and pipefail this script.
+  perf report -i "$data" --no-children --percent-limit 1 --stdio > "$work/report.txt" 2>/dev/null
+  perf report -i "$data" --no-children --percent-limit 0.5 --stdio -g none > "$work/flat.txt" 2>/dev/null
+  perf report -i "$data" --no-children --sort dso --stdio -g none > "$work/dso.txt" 2>/dev/null
+  echo "Self time by shared object (kernel = [kernel.kallsyms]):"
   echo '```'
-  perf report -i "$data" --no-children --percent-limit 1 --stdio 2>/dev/null | head -150
+  grep -v '^#' "$work/dso.txt" | grep -v '^$' | head -10
   echo '```'
   echo
-  echo "Self time by mode (perf report --sort dso):"
+  echo "Self time by symbol, >= 0.5 % (perf report --no-children -g none):"
   echo '```'
-  perf report -i "$data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+  grep -v '^#' "$work/flat.txt" | grep -v '^$' | cut -c1-160 | head -60
   echo '```'
-  stop_daemon
+  echo
+  echo "perf report --no-children --percent-limit 1 --stdio | head -150:"
+  echo '```'
+  head -150 "$work/report.txt"
+  echo '```'
 }
 
 case "$mode" in
