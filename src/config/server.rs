@@ -107,10 +107,9 @@ pub(super) fn validate(raw: RawServer, data_dir: &Path) -> Result<ServerConfig, 
             "must not be longer than server.request_timeout",
         ));
     }
-    // One by default: as a sidecar, credproxy shares its pod's cores with the workers it
-    // serves, and one thread answers cached reads with the least CPU per read (no wake-ups
-    // between threads). Hosts serving many workers give it more.
-    let worker_threads = raw.worker_threads.unwrap_or(1);
+    // One per core by default (0), as tokio does. One thread costs less CPU per read at low
+    // concurrency (no wake-ups between threads); more serve more reads at high concurrency.
+    let worker_threads = raw.worker_threads.unwrap_or(0);
     if worker_threads > 1024 {
         return Err(invalid(
             "server.worker_threads",
