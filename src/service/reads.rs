@@ -102,8 +102,10 @@ impl Service {
         self.check_access(caller, Action::Read, &record)?;
         // Looked up again: a read of the same id may have loaded it meanwhile, and loading it
         // a second time is what single flight is there to prevent.
+        // The row just read starts the load: reading it again would add a second trip to the
+        // metadata database to every cold read.
         self.cache
-            .get_or_load(id, || self.loader(id.to_owned()))
+            .get_or_load(id, || self.loader_from(id.to_owned(), Some(record)))
             .await
     }
 
@@ -111,14 +113,26 @@ impl Service {
         &self,
         id: String,
     ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
+        self.loader_from(id, None)
+    }
+
+    /// Loads `id` starting from `row` when the caller has just read it, else from a fresh read.
+    fn loader_from(
+        &self,
+        id: String,
+        row: Option<crate::metadata::CredentialRecord>,
+    ) -> impl Future<Output = Result<Loaded, ServiceError>> + Send + 'static {
         let metadata = Arc::clone(&self.metadata);
         let runtimes = Arc::clone(&self.runtime);
         let metrics = Arc::clone(&self.metrics);
         async move {
-            let mut record = metadata
-                .get_credential(&id)
-                .await?
-                .ok_or(ServiceError::NotFound)?;
+            let mut record = match row {
+                Some(row) => row,
+                None => metadata
+                    .get_credential(&id)
+                    .await?
+                    .ok_or(ServiceError::NotFound)?,
+            };
             let mut attempts = 0;
             let read = loop {
                 // Loaded per attempt: a reload may have brought the manager the row now names.
