@@ -196,32 +196,42 @@ impl AuditLog {
         })
     }
 
+    /// Appends `line`, waiting for room in blocking mode.
     pub async fn append(&self, line: String) {
-        let shared = &*self.shared;
+        let mut line = line;
         loop {
-            let room = shared.room.notified();
-            {
-                let mut state = shared.lock();
-                let fits = state.buffer.len() + line.len() <= shared.settings.buffer
-                    // A line longer than the whole buffer still goes, alone.
-                    || state.buffer.is_empty();
-                if fits && !state.closed {
-                    state.buffer.extend_from_slice(line.as_bytes());
-                    let write_at = shared.write_at();
-                    if state.buffer.len() >= write_at && state.buffer.len() - line.len() < write_at
-                    {
-                        shared.wake.notify_one();
-                    }
-                    break;
-                }
-                if !shared.settings.blocking || state.closed {
-                    drop(state);
-                    shared.dropped_line();
-                    break;
-                }
+            let room = self.shared.room.notified();
+            match self.offer(line) {
+                Ok(()) => return,
+                Err(back) => line = back,
             }
-            shared.wake.notify_one();
+            self.shared.wake.notify_one();
             room.await;
+        }
+    }
+
+    /// Appends `line` if it fits. When the buffer is full it is dropped and counted, except in
+    /// blocking mode, where it is handed back to be appended with [`Self::append`] — by a
+    /// caller that can wait without a deadline running.
+    pub fn offer(&self, line: String) -> Result<(), String> {
+        let shared = &*self.shared;
+        {
+            let mut state = shared.lock();
+            let fits = state.buffer.len() + line.len() <= shared.settings.buffer
+                // A line longer than the whole buffer still goes, alone.
+                || state.buffer.is_empty();
+            if fits && !state.closed {
+                state.buffer.extend_from_slice(line.as_bytes());
+                let write_at = shared.write_at();
+                if state.buffer.len() >= write_at && state.buffer.len() - line.len() < write_at {
+                    shared.wake.notify_one();
+                }
+            } else if shared.settings.blocking && !state.closed {
+                return Err(line);
+            } else {
+                drop(state);
+                shared.dropped_line();
+            }
         }
         LINE.with_borrow_mut(|spare| {
             if spare.capacity() == 0 {
@@ -230,6 +240,7 @@ impl AuditLog {
                 *spare = line;
             }
         });
+        Ok(())
     }
 
     /// Asks the writer to reopen the file (after log rotation moved it away).

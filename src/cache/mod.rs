@@ -136,9 +136,32 @@ impl<E: LoadFailure> Cache<E> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
     {
+        self.get_or_load_since(key, None, load).await
+    }
+
+    /// The invalidation count now: taken before reading what a load will start from (see
+    /// [`Self::get_or_load_since`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// As [`Self::get_or_load`], for a load that starts from something read when the
+    /// invalidation count was `since` (a credential row read before this call): an
+    /// invalidation after that moment keeps its result out of the cache, as it does for a
+    /// load that reads everything itself.
+    pub async fn get_or_load_since<F, Fut>(
+        &self,
+        key: &str,
+        since: Option<u64>,
+        load: F,
+    ) -> Result<(Arc<Entry>, CacheStatus), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
         match self.lookup(key) {
             Lookup::Fresh(entry) => Ok((entry, CacheStatus::Hit)),
-            Lookup::Expired(previous) => self.load(key, previous, load).await,
+            Lookup::Expired(previous) => self.load(key, previous, since, load).await,
         }
     }
 
@@ -157,13 +180,14 @@ impl<E: LoadFailure> Cache<E> {
         &self,
         key: &str,
         previous: Option<Arc<Entry>>,
+        since: Option<u64>,
         load: F,
     ) -> Result<(Arc<Entry>, CacheStatus), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
     {
-        match self.load_once(key, load).await {
+        match self.load_once(key, since, load).await {
             Ok(entry) => Ok((entry, CacheStatus::Miss)),
             Err(e) => match previous {
                 Some(entry) if e.allows_stale() && Instant::now() < entry.stale_until => {
@@ -182,7 +206,12 @@ impl<E: LoadFailure> Cache<E> {
         }
     }
 
-    async fn load_once<F, Fut>(&self, key: &str, load: F) -> Result<Arc<Entry>, E>
+    async fn load_once<F, Fut>(
+        &self,
+        key: &str,
+        since: Option<u64>,
+        load: F,
+    ) -> Result<Arc<Entry>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
@@ -192,7 +221,16 @@ impl<E: LoadFailure> Cache<E> {
             match inflight.get(key) {
                 Some(flight) => flight.clone(),
                 None => {
-                    let flight = self.start_flight(key.to_owned(), load());
+                    // A flight that ended between the caller's lookup and this lock has put
+                    // its value in (flights insert under this lock): no second load for it.
+                    if let Some(entry) = self
+                        .entries
+                        .get(key)
+                        .filter(|e| Instant::now() < e.fresh_until)
+                    {
+                        return Ok(entry);
+                    }
+                    let flight = self.start_flight(key.to_owned(), since, load());
                     inflight.insert(key.to_owned(), flight.clone());
                     flight
                 }
@@ -206,11 +244,11 @@ impl<E: LoadFailure> Cache<E> {
         result
     }
 
-    fn start_flight<Fut>(&self, key: String, load: Fut) -> Flight<E>
+    fn start_flight<Fut>(&self, key: String, since: Option<u64>, load: Fut) -> Flight<E>
     where
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
     {
-        let started_generation = self.generation.load(Ordering::Acquire);
+        let started_generation = since.unwrap_or_else(|| self.generation.load(Ordering::Acquire));
         let generation = Arc::clone(&self.generation);
         let inflight = Arc::clone(&self.inflight);
         let entries = self.entries.clone();
@@ -474,5 +512,38 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((value(&e).as_str(), s), ("after-write", CacheStatus::Miss));
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_after_the_row_was_read_keeps_the_load_out_of_the_cache() {
+        let cache = cache();
+        // The row is read (generation taken), then a write invalidates, then the load starts
+        // from the row read before it: its answer is served to this caller but not cached.
+        let since = cache.generation();
+        cache.invalidate("c");
+        let (e, s) = cache
+            .get_or_load_since("c", Some(since), || async {
+                Ok(loaded("from-the-old-row", None))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (value(&e).as_str(), s),
+            ("from-the-old-row", CacheStatus::Miss)
+        );
+        assert!(
+            cache.peek("c").is_none(),
+            "the old row's value is not cached"
+        );
+        // Without an invalidation in between the load is cached as usual.
+        let since = cache.generation();
+        cache
+            .get_or_load_since("c", Some(since), || async { Ok(loaded("current", None)) })
+            .await
+            .unwrap();
+        assert_eq!(
+            cache.peek("c").map(|e| value(&e)).as_deref(),
+            Some("current")
+        );
     }
 }

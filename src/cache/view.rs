@@ -98,7 +98,9 @@ impl Rendered {
         // that grows copies its bytes and frees the old block without wiping it. JSON escaping
         // makes a string at most six times longer.
         out.reserve(
-            6 * (secrets.byte_size() + record.location.name.len())
+            6 * (secrets.byte_size()
+                + record.location.name.len()
+                + record.location.version.as_deref().map_or(0, str::len))
                 + (16 + FIELD) * secrets.len()
                 + 160,
         );

@@ -232,14 +232,27 @@ where
                     let Ok(_permit) = app.in_flight.try_acquire() else {
                         break 'admitted overloaded(false).into_response();
                     };
+                    // A timeout far beyond any real one must not overflow the clock.
+                    let deadline = started
+                        .checked_add(app.request_timeout)
+                        .unwrap_or_else(|| started + Duration::from_secs(86_400 * 365));
+                    let mut unwritten = Vec::new();
                     // Boxed once: moved into hyper's task and the deadline wrapper, the
                     // handler's state would be copied at every move.
-                    within(
-                        started + app.request_timeout,
-                        Box::pin(api::handle(&app, caller, target, request)),
+                    let response = within(
+                        deadline,
+                        Box::pin(api::handle(&app, caller, target, request, &mut unwritten)),
                     )
                     .await
-                    .unwrap_or_else(|| timed_out().into_response())
+                    .unwrap_or_else(|| timed_out().into_response());
+                    // Audit lines waiting for room (log.audit_blocking) are written with no
+                    // deadline running: the request is answered only once they are.
+                    if let Some(log) = &app.audit_log {
+                        for line in unwritten {
+                            log.append(line).await;
+                        }
+                    }
+                    response
                 }
             };
             let status = response.status();
@@ -376,7 +389,7 @@ where
                 }
                 (&hyper::Method::GET, "/healthz" | "/readyz") => {
                     let target = api::classify(request.method(), request.uri().path());
-                    api::handle(&app, Caller::Tcp, target, request).await
+                    api::handle(&app, Caller::Tcp, target, request, &mut Vec::new()).await
                 }
                 _ => ApiError::not_found_route().into_response(),
             };

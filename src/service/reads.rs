@@ -94,6 +94,10 @@ impl Service {
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        // Before the row is read: an invalidation (a write, a delete, another instance's
+        // change) landing after this moment must keep a load started from this row out of the
+        // cache.
+        let since = self.cache.generation();
         let record = self
             .metadata
             .get_credential(id)
@@ -105,7 +109,9 @@ impl Service {
         // The row just read starts the load: reading it again would add a second trip to the
         // metadata database to every cold read.
         self.cache
-            .get_or_load(id, || self.loader_from(id.to_owned(), Some(record)))
+            .get_or_load_since(id, Some(since), || {
+                self.loader_from(id.to_owned(), Some(record))
+            })
             .await
     }
 

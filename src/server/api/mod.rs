@@ -272,12 +272,15 @@ struct Audit<'a> {
     batch: Vec<(String, u16, Option<Vec<String>>)>,
 }
 
-/// Handles one request; never fails (errors become JSON error responses).
+/// Handles one request; never fails (errors become JSON error responses). Audit lines that
+/// find the buffer full in blocking mode are left in `unwritten`: the caller appends them
+/// after the request's deadline no longer runs, so a timeout cannot drop them.
 pub async fn handle(
     app: &Arc<App>,
     caller: Caller,
     target: Target,
     request: Request<Incoming>,
+    unwritten: &mut Vec<String>,
 ) -> Response<Body> {
     let route = target.route;
     // The path outlives the request, which the handler consumes (a shared buffer: no copy).
@@ -322,11 +325,14 @@ pub async fn handle(
                 &audit.fields,
                 response.status().as_u16(),
             );
-            log.append(one).await;
+            if let Err(one) = log.offer(one) {
+                unwritten.push(one);
+            }
         }
         for (id, status, fields) in &audit.batch {
-            let one = line(id, fields, *status);
-            log.append(one).await;
+            if let Err(one) = log.offer(line(id, fields, *status)) {
+                unwritten.push(one);
+            }
         }
     }
     response
@@ -457,7 +463,7 @@ mod tests {
         }
         let target = classify(&Method::GET, "/v1/credentials/x");
         let bytes = size_of_returned(|(app, request): (Arc<App>, Request<Incoming>)| async move {
-            handle(&app, Caller::Tcp, target, request).await
+            handle(&app, Caller::Tcp, target, request, &mut Vec::new()).await
         });
         println!("the request future takes {bytes} bytes");
         assert!(bytes < 4096, "the request future takes {bytes} bytes");
