@@ -178,15 +178,7 @@ impl AuditLog {
         })
     }
 
-    /// Records one access: formats its line, then appends it. Completes at once unless the
-    /// buffer is full in blocking mode.
-    pub async fn record<'n, I: Iterator<Item = &'n str>>(&self, access: Access<'_, I>) {
-        let line = self.line(access);
-        self.append(line).await;
-    }
-
-    /// One access formatted as its line (for callers that must not hold the access across an
-    /// await: `append` it).
+    /// One access formatted as its line, to `offer` or `append`.
     pub fn line<'n, I: Iterator<Item = &'n str>>(&self, access: Access<'_, I>) -> String {
         LINE.with_borrow_mut(|line| {
             line.clear();
@@ -546,6 +538,13 @@ mod tests {
             credential: id,
             fields: Some(fields.iter().copied()),
             status: 200,
+        }
+    }
+
+    /// What the server does for one access: format the line, then append it.
+    impl AuditLog {
+        async fn record<'n, I: Iterator<Item = &'n str>>(&self, access: Access<'_, I>) {
+            self.append(self.line(access)).await;
         }
     }
 

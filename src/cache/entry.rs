@@ -166,30 +166,11 @@ impl Places {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metadata::{CredentialRecord, Location};
     use crate::secret::SecretFields;
 
     fn loaded(workspace: &str) -> Loaded {
         Loaded {
-            record: Arc::new(CredentialRecord {
-                id: "c".into(),
-                workspace: workspace.into(),
-                environment: "Production".into(),
-                integration_type: "t".into(),
-                metadata: Default::default(),
-                oauth: None,
-                pinned_manager: None,
-                location: Location {
-                    manager_id: "local".into(),
-                    name: "n".into(),
-                    version: None,
-                },
-                expires_at: None,
-                needs_reauth: false,
-                row_version: 1,
-                created_at: 0,
-                updated_at: 0,
-            }),
+            record: Arc::new(crate::cache::tests::record(workspace, "Production")),
             secrets: SecretFields::new(),
             valid_until: None,
         }

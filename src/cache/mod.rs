@@ -320,29 +320,34 @@ mod tests {
         }
     }
 
+    /// A credential row of `workspace` and `environment` (shared by the cache's tests).
+    pub(super) fn record(workspace: &str, environment: &str) -> CredentialRecord {
+        CredentialRecord {
+            id: "c".into(),
+            workspace: workspace.into(),
+            environment: environment.into(),
+            integration_type: "t".into(),
+            metadata: Default::default(),
+            oauth: None,
+            pinned_manager: None,
+            location: Location {
+                manager_id: "local".into(),
+                name: "n".into(),
+                version: None,
+            },
+            expires_at: None,
+            needs_reauth: false,
+            row_version: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
     fn loaded(value: &str, valid_for: Option<Duration>) -> Loaded {
         let mut secrets = SecretFields::new();
         secrets.insert("token", SecretString::from(value));
         Loaded {
-            record: Arc::new(CredentialRecord {
-                id: "c".into(),
-                workspace: "default".into(),
-                environment: "P".into(),
-                integration_type: "t".into(),
-                metadata: Default::default(),
-                oauth: None,
-                pinned_manager: None,
-                location: Location {
-                    manager_id: "local".into(),
-                    name: "n".into(),
-                    version: None,
-                },
-                expires_at: None,
-                needs_reauth: false,
-                row_version: 1,
-                created_at: 0,
-                updated_at: 0,
-            }),
+            record: Arc::new(record("default", "P")),
             secrets,
             valid_until: valid_for.map(crate::time::from_now),
         }

@@ -40,8 +40,7 @@ pub struct App {
     pub tcp_token: Option<SecretString>,
     pub token_header: HeaderName,
     pub max_body_bytes: usize,
-    pub audit: bool,
-    /// Where audit lines go when `audit` is on.
+    /// Where audit lines go; `None` with `log.audit = false`.
     pub audit_log: Option<crate::audit::AuditLog>,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -84,7 +83,6 @@ impl App {
             tcp_token,
             token_header,
             max_body_bytes: config.server.max_body_bytes,
-            audit: config.log.audit,
             audit_log,
             request_timeout: config.server.request_timeout,
             header_read_timeout: config.server.header_read_timeout,
@@ -102,6 +100,11 @@ impl App {
             reloader,
             control,
         })
+    }
+
+    /// Whether credential accesses are audited.
+    pub fn audits(&self) -> bool {
+        self.audit_log.is_some()
     }
 
     /// Writes out the audit lines still buffered; the last step of a shutdown.

@@ -59,7 +59,7 @@ pub(super) async fn get(
                 reserve(&mut out, head.len() + view::max_body_len(&entry) + 1);
                 out.extend_from_slice(&head);
                 view::write_body(&entry, only, pin_unavailable(app, &entry), &mut out);
-                let fields = app.audit.then(|| view::field_names(&entry, only));
+                let fields = app.audits().then(|| view::field_names(&entry, only));
                 (StatusCode::OK, fields)
             }
             Err(e) => {
@@ -74,7 +74,7 @@ pub(super) async fn get(
             }
         };
         out.push(b'}');
-        if app.audit {
+        if app.audits() {
             audit.batch.push((id.clone(), status.as_u16(), fields));
         }
     }

@@ -29,7 +29,7 @@ pub(super) async fn get(
     let service = &app.service;
     let fields = query.fields();
     let (entry, status) = service.get(caller, id).await?;
-    if app.audit {
+    if app.audits() {
         audit.fields = Some(view::field_names(&entry, fields.as_deref()));
     }
     let body = view::body(&entry, fields.as_deref(), pin_unavailable(app, &entry));
