@@ -45,7 +45,6 @@ pub struct App {
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
-    pub max_concurrent_requests: usize,
     pub shutdown_grace: Duration,
     per_caller: Arc<limits::PerCaller>,
     /// Requests in flight, all callers together: beyond `max_concurrent_requests` a request is
@@ -87,7 +86,6 @@ impl App {
             request_timeout: config.server.request_timeout,
             header_read_timeout: config.server.header_read_timeout,
             body_read_timeout: config.server.body_read_timeout,
-            max_concurrent_requests: config.server.max_concurrent_requests,
             shutdown_grace: config.server.shutdown_grace,
             per_caller: limits::PerCaller::new(config.server.max_requests_per_caller),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
