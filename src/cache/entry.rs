@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +26,8 @@ pub struct Entry {
     row_version: i64,
     needs_reauth: bool,
     has_oauth: bool,
+    /// When a read last used it, in the map's millisecond ticks (for eviction).
+    pub(super) last_used: AtomicU32,
     pub(super) fresh_until: Instant,
     pub(super) stale_until: Instant,
     pub(super) body: Rendered,
@@ -65,6 +68,7 @@ impl Entry {
             row_version: record.row_version,
             needs_reauth: record.needs_reauth,
             has_oauth: record.oauth.is_some(),
+            last_used: AtomicU32::new(0),
             fresh_until: now + fresh_for,
             stale_until: now + stale_for,
             body: Rendered::new(record, &loaded.secrets),

@@ -1,14 +1,16 @@
-//! The credential cache: a moka TTL cache bounded by capacity, single-flight loading so a
+//! The credential cache: a TTL cache bounded by capacity ([`map`]), single-flight loading so a
 //! burst of cold reads costs one store call, invalidation that a racing load cannot undo, and
 //! bounded stale-if-error.
 //!
-//! Freshness decisions use `tokio::time::Instant`, so tests drive them with paused time; moka's
-//! own expiry (on its wall clock) only reclaims memory a little after an entry is useless.
+//! Freshness decisions use `tokio::time::Instant`, so tests drive them with paused time; entries
+//! past their stale limit are dropped (and their bodies wiped) by [`Cache::sweep`], which the
+//! daemon runs every second.
 //!
 //! What a load produces ([`Loaded`]) is turned into a compact [`Entry`] as it enters the cache:
 //! a small head and the response body rendered once ([`view`]).
 
 mod entry;
+mod map;
 pub mod view;
 
 use std::collections::HashMap;
@@ -18,12 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
 use crate::metadata::CredentialRecord;
 use crate::secret::SecretFields;
 use entry::Places;
+use map::Map;
 
 pub use entry::Entry;
 
@@ -62,7 +64,7 @@ pub trait LoadFailure: Clone + Send + Sync + 'static {
 type Flight<E> = Shared<BoxFuture<'static, Result<Arc<Entry>, E>>>;
 
 pub struct Cache<E: LoadFailure> {
-    entries: moka::sync::Cache<Box<str>, Arc<Entry>>,
+    entries: Arc<Map>,
     inflight: Arc<Mutex<HashMap<String, Flight<E>>>>,
     /// Bumped by every invalidation; a load that started before one does not insert its result.
     generation: Arc<AtomicU64>,
@@ -79,19 +81,6 @@ pub enum Lookup {
     Expired(Option<Arc<Entry>>),
 }
 
-struct ExpireAtStaleLimit;
-
-impl moka::Expiry<Box<str>, Arc<Entry>> for ExpireAtStaleLimit {
-    fn expire_after_create(
-        &self,
-        _key: &Box<str>,
-        value: &Arc<Entry>,
-        _now: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.stale_until.saturating_duration_since(Instant::now()) + Duration::from_secs(1))
-    }
-}
-
 impl<E: LoadFailure> Cache<E> {
     pub fn new(
         ttl: Duration,
@@ -99,18 +88,8 @@ impl<E: LoadFailure> Cache<E> {
         stale_grace: Duration,
         evictions: Option<prometheus::IntCounter>,
     ) -> Self {
-        let mut builder = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .expire_after(ExpireAtStaleLimit);
-        if let Some(counter) = evictions {
-            builder = builder.eviction_listener(move |_k, _v, cause| {
-                if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
-                    counter.inc();
-                }
-            });
-        }
         Self {
-            entries: builder.build(),
+            entries: Arc::new(Map::new(capacity, evictions)),
             inflight: Arc::default(),
             generation: Arc::default(),
             places: Arc::default(),
@@ -120,8 +99,13 @@ impl<E: LoadFailure> Cache<E> {
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.entries.len() as u64
+    }
+
+    /// Drops the entries nothing may serve any more (past their stale limit), wiping their
+    /// secrets; returns how many.
+    pub fn sweep(&self) -> usize {
+        self.entries.sweep(Instant::now())
     }
 
     /// Returns the cached value for `key` if fresh; otherwise loads it (once, however many
@@ -167,8 +151,9 @@ impl<E: LoadFailure> Cache<E> {
 
     /// One look at the cache: the fresh value, or what is left for stale-if-error.
     pub fn lookup(&self, key: &str) -> Lookup {
-        match self.entries.get(key) {
-            Some(entry) if Instant::now() < entry.fresh_until => Lookup::Fresh(entry),
+        let now = Instant::now();
+        match self.entries.get(key, now) {
+            Some(entry) if now < entry.fresh_until => Lookup::Fresh(entry),
             previous => Lookup::Expired(previous),
         }
     }
@@ -223,10 +208,8 @@ impl<E: LoadFailure> Cache<E> {
                 None => {
                     // A flight that ended between the caller's lookup and this lock has put
                     // its value in (flights insert under this lock): no second load for it.
-                    if let Some(entry) = self
-                        .entries
-                        .get(key)
-                        .filter(|e| Instant::now() < e.fresh_until)
+                    let now = Instant::now();
+                    if let Some(entry) = self.entries.get(key, now).filter(|e| now < e.fresh_until)
                     {
                         return Ok(entry);
                     }
@@ -251,7 +234,7 @@ impl<E: LoadFailure> Cache<E> {
         let started_generation = since.unwrap_or_else(|| self.generation.load(Ordering::Acquire));
         let generation = Arc::clone(&self.generation);
         let inflight = Arc::clone(&self.inflight);
-        let entries = self.entries.clone();
+        let entries = Arc::clone(&self.entries);
         let places = Arc::clone(&self.places);
         let (ttl, grace) = (self.ttl, self.stale_grace);
         async move {
@@ -261,10 +244,9 @@ impl<E: LoadFailure> Cache<E> {
             // happens-before this check (and we skip the insert) or after the insert (and
             // removes it).
             let _guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if generation.load(Ordering::Acquire) == started_generation
-                && entry.fresh_until > Instant::now()
-            {
-                entries.insert(key.into(), Arc::clone(&entry));
+            let now = Instant::now();
+            if generation.load(Ordering::Acquire) == started_generation && entry.fresh_until > now {
+                entries.insert(&key, Arc::clone(&entry), now);
             }
             Ok(entry)
         }
@@ -279,10 +261,11 @@ impl<E: LoadFailure> Cache<E> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.remove(key);
-        if entry.fresh_until > Instant::now() {
-            self.entries.insert(key.into(), Arc::new(entry));
+        let now = Instant::now();
+        if entry.fresh_until > now {
+            self.entries.insert(key, Arc::new(entry), now);
         } else {
-            self.entries.invalidate(key);
+            self.entries.remove(key);
         }
     }
 
@@ -290,14 +273,14 @@ impl<E: LoadFailure> Cache<E> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.remove(key);
-        self.entries.invalidate(key);
+        self.entries.remove(key);
     }
 
     pub fn invalidate_all(&self) {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.clear();
-        self.entries.invalidate_all();
+        self.entries.clear();
     }
 }
 

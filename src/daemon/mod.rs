@@ -288,6 +288,10 @@ pub async fn serve_app(
         sweep_interval,
         stop_rx.clone(),
     ));
+    tasks.spawn(tasks::sweep_cache_forever(
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
     tasks.spawn(tasks::rotate_keys(Arc::clone(&service), keys));
     tasks.spawn(tasks::refresh_tokens_forever(
         Arc::clone(&service),

@@ -13,6 +13,20 @@ use crate::purge::Purger;
 use crate::reload::Reloader;
 use crate::service::Service;
 
+/// Every second, drops cached credentials nothing may serve any more, so a secret leaves
+/// memory soon after its stale limit even when no read touches it.
+pub(super) async fn sweep_cache_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        service.sweep_cache();
+    }
+}
+
 pub(super) async fn sweep_journal_forever(
     service: Arc<Service>,
     grace: Duration,

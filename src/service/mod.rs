@@ -193,6 +193,14 @@ impl Service {
         }
     }
 
+    /// Drops cached credentials past their stale limit (see [`Cache::sweep`]).
+    pub fn sweep_cache(&self) {
+        let swept = self.cache.sweep();
+        if swept > 0 {
+            tracing::debug!(swept, "dropped expired credentials from the cache");
+        }
+    }
+
     pub fn refresh_cache_gauge(&self) {
         self.metrics
             .cache_entries
