@@ -14,7 +14,7 @@ use crate::metadata::{CredentialRecord, CredentialRows, JournalEntry, MetadataEr
 impl CredentialRows for SqliteMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let id = id.to_owned();
-        self.with(move |c| {
+        self.read_inline(move |c| {
             query_first(
                 c,
                 &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"),
