@@ -6,6 +6,11 @@
 #                                 off (the same file with only `audit = true` -> `false`):
 #                                 req/s, p50/p99, the daemon's CPU per request (user + kernel,
 #                                 fields 14 and 15 of /proc/PID/stat) and its RSS
+#   scripts/bench.sh floor        the same oha runs and CPU accounting against examples/http_floor.rs:
+#                                 an HTTP/1.1 server on the daemon's runtime, hyper settings and
+#                                 socket that answers a fixed body of a cached read's size and
+#                                 does nothing else; the difference to `read` is credproxy's own
+#                                 cost per read
 #   scripts/bench.sh memory [N]   RSS of N cached credentials (default 100000): the shipped
 #                                 config with [cache] capacity = N and ttl = 24h; N credentials
 #                                 written through the API, then each read once
@@ -30,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 mode=${1:-read}
-case "$mode" in read | memory | cold | profile) ;; *)
+case "$mode" in read | floor | memory | cold | profile) ;; *)
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
   exit 2 ;;
 esac
@@ -168,6 +173,39 @@ header() {
   for note in "${notes[@]}"; do echo "- $note"; done
 }
 
+# One table row per concurrency level: oha against URL on $socket, the CPU and RSS of $pid.
+oha_rows() { # LABEL URL
+  local label=$1 url=$2 c
+  for c in ${CONCURRENCY:-1 16 64}; do
+    local before after json=$work/oha-$label-$c.json
+    before=$(cpu_ticks)
+    oha --no-tui --output-format json -z "$duration" -w -c "$c" --unix-socket "$socket" "$url" > "$json"
+    after=$(cpu_ticks)
+    local n bad
+    n=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
+    bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
+    [ "$n" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "$label, c=$c: not every request was answered 200"; }
+    local row
+    row=$(jq -r --argjson n "$n" '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")
+    read -r rps p50 p99 <<<"$row"
+    read -r u0 s0 <<<"$before"
+    read -r u1 s1 <<<"$after"
+    local cpu
+    cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n="$n" \
+      'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
+    printf '| %s | %s | %s | %.3f ms | %.3f ms | %s | %s | %s |\n' \
+      "$label" "$c" "$rps" "$p50" "$p99" "$cpu" "$(mib "$(rss_kb)")" "$(load)"
+  done
+}
+
+# The idle resident set and how much of it is the process's own (anonymous) memory rather than
+# pages of the executable mapped from the page cache (shared, clean, reclaimable).
+idle_rss() {
+  local anon
+  anon=$(awk '/^Anonymous:/ {print $2}' "/proc/$pid/smaps_rollup")
+  echo "$(mib "$(rss_kb)") MiB ($(mib "$anon") MiB anonymous)"
+}
+
 # --- read: cached reads with oha --------------------------------------------------------------
 bench_read() {
   need_oha
@@ -190,7 +228,7 @@ bench_read() {
     [ "$audit" = off ] && conf=config/credproxy-audit-off.toml
     start_daemon "$conf" "$work/daemon-audit-$audit.stderr"
     sleep 1
-    idle+=("audit $audit: $(mib "$(rss_kb)") MiB")
+    idle+=("audit $audit: $(idle_rss)")
     if [ -z "$id" ]; then
       id=$(curl_api -X POST http://localhost/v1/credentials \
         -d '{"environment":"Production","integration_type":"github","metadata":{"account":"acme-1"},"secrets":{"access_token":"gho_0123456789abcdef0123456789abcdef0123","refresh_token":"ghr_0123456789abcdef0123456789abcdef0123"}}' | jq -r .id)
@@ -201,31 +239,33 @@ bench_read() {
     local status
     status=$(curl -s -o /dev/null -D - --unix-socket "$socket" "$url" | tr -d '\r' | awk -F': ' 'tolower($1) == "cache-status" {print $2}')
     [ "$status" = hit ] || die "after the warm-up a read is not a cache hit (cache-status: $status)"
-    for c in ${CONCURRENCY:-1 16 64}; do
-      local before after json=$work/oha-$audit-$c.json
-      before=$(cpu_ticks)
-      oha --no-tui --output-format json -z "$duration" -w -c "$c" --unix-socket "$socket" "$url" > "$json"
-      after=$(cpu_ticks)
-      local n bad
-      n=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
-      bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
-      [ "$n" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "audit $audit, c=$c: not every request was answered 200"; }
-      local row
-      row=$(jq -r --argjson n "$n" '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")
-      read -r rps p50 p99 <<<"$row"
-      read -r u0 s0 <<<"$before"
-      read -r u1 s1 <<<"$after"
-      local cpu
-      cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n="$n" \
-        'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
-      printf '| %s | %s | %s | %.3f ms | %.3f ms | %s | %s | %s |\n' \
-        "$audit" "$c" "$rps" "$p50" "$p99" "$cpu" "$(mib "$(rss_kb)")" "$(load)"
-    done
+    oha_rows "$audit" "$url"
     stop_daemon
   done
   echo
   echo "Idle RSS (1 s after start, before any request): ${idle[0]}; ${idle[1]}"
   echo "Audit lines written (audit on run): $(wc -l < "$work/daemon-audit-on.stderr"); stderr lines in the audit off run: $(wc -l < "$work/daemon-audit-off.stderr")"
+}
+
+# --- floor: the same runs against a server that only answers ------------------------------
+bench_floor() {
+  need_oha
+  need_jq
+  log "cargo build --release --example http_floor"
+  cargo build --release --locked --quiet --example http_floor
+  header "the floor: examples/http_floor.rs over the Unix socket (no routing, access check, cache or audit)"
+  echo "- $(oha --version): as in \`read\`: -z $duration per row, -w, after a $warmup warm-up at c=16"
+  echo
+  echo "| server | c | req/s | p50 | p99 | server CPU µs/req (user + kernel) | RSS MiB | load (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|"
+  mkdir -p "$work/var"
+  "$target/release/examples/http_floor" "$socket" &
+  pid=$!
+  for _ in $(seq 200); do [ -S "$socket" ] && break; sleep 0.05; done
+  [ -S "$socket" ] || die "http_floor did not open $socket"
+  oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" http://localhost/ >/dev/null
+  oha_rows floor http://localhost/
+  stop_daemon
 }
 
 # --- memory: N cached credentials -------------------------------------------------------------
@@ -349,6 +389,7 @@ bench_profile() {
 
 case "$mode" in
   read) bench_read ;;
+  floor) bench_floor ;;
   memory) bench_memory "${2:-}" ;;
   cold) bench_cold "${2:-}" ;;
   profile) bench_profile ;;
