@@ -299,6 +299,9 @@ pub fn token_answer(
         client_id: "fuzz".into(),
         scopes: vec!["read".into()],
         client_auth: ClientAuth::Basic,
+        grant: Default::default(),
+        audience: None,
+        resource: None,
     };
     let refresh_token = SecretString::from("refresh-token");
     let transport = |_request| {
@@ -312,7 +315,7 @@ pub fn token_answer(
     ready(crate::oauth::exchange(
         &oauth,
         None,
-        &refresh_token,
+        Some(&refresh_token),
         transport,
     ))
 }

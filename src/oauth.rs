@@ -1,4 +1,5 @@
-//! OAuth 2 token requests: the refresh-token grant (through the `oauth2` crate) over an HTTP
+//! OAuth 2 token requests: the refresh-token and client-credentials grants (through the
+//! `oauth2` crate) over an HTTP
 //! client that follows no redirects and has a deadline, how a token endpoint's answers are
 //! classified, when a token is due, and how long to back off after a failure. Serialising
 //! refreshers and writing new tokens back is the service's job (`service::refresh`).
@@ -16,16 +17,17 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::OAuthConfig;
-use crate::metadata::{ClientAuth, CredentialRecord, OAuthDescription};
+use crate::metadata::{ClientAuth, CredentialRecord, GrantType, OAuthDescription};
 use crate::secret::SecretString;
 
 /// Largest token response read; real ones are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// What a successful refresh returned.
+/// What a successful token request returned.
 pub struct Grant {
     pub access_token: SecretString,
-    /// `None` when the server did not rotate the refresh token: the old one stays valid.
+    /// `None` when the server did not rotate the refresh token (the old one stays valid), and
+    /// always for the client-credentials grant, whose refresh tokens are not used.
     pub refresh_token: Option<SecretString>,
     pub expires_in: Option<Duration>,
 }
@@ -35,7 +37,7 @@ pub struct Grant {
 pub enum OAuthError {
     /// The server answered with an OAuth error (`invalid_grant`, `invalid_client`, ...):
     /// repeating the same request cannot succeed.
-    #[error("the token endpoint rejected the refresh with `{code}`")]
+    #[error("the token endpoint rejected the token request with `{code}`")]
     Rejected { code: String },
     /// Network failure, timeout, 5xx or 429: worth retrying later.
     #[error("the token endpoint is unavailable: {detail}")]
@@ -92,12 +94,13 @@ impl TokenClient {
         Self { http: http.ok() }
     }
 
-    /// Exchanges `refresh_token` at the credential's token endpoint.
+    /// Asks the credential's token endpoint for a new access token, with `refresh_token` for
+    /// the refresh-token grant (`None` for client credentials).
     pub async fn refresh(
         &self,
         oauth: &OAuthDescription,
         client_secret: Option<&SecretString>,
-        refresh_token: &SecretString,
+        refresh_token: Option<&SecretString>,
         timeout: Duration,
     ) -> Result<Grant, OAuthError> {
         let http = self.http.clone();
@@ -122,12 +125,13 @@ impl TokenClient {
     }
 }
 
-/// The refresh-token grant over `transport`, and what the answer means: `refresh` with the
-/// network, the fuzz targets with a canned answer.
+/// The credential's grant over `transport`, and what the answer means: `refresh` with the
+/// network, the fuzz targets with a canned answer. The refresh-token grant needs
+/// `refresh_token`; without one it fails before anything is sent.
 pub(crate) async fn exchange<T, F>(
     oauth: &OAuthDescription,
     client_secret: Option<&SecretString>,
-    refresh_token: &SecretString,
+    refresh_token: Option<&SecretString>,
     transport: T,
 ) -> Result<Grant, OAuthError>
 where
@@ -146,12 +150,34 @@ where
     if let Some(secret) = client_secret {
         client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
     }
-    let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
-    let mut request = client.exchange_refresh_token(&refresh_token);
-    if !oauth.scopes.is_empty() {
-        request = request.add_scopes(oauth.scopes.iter().cloned().map(Scope::new));
-    }
-    match request.request_async(&transport).await {
+    let scopes = oauth.scopes.iter().cloned().map(Scope::new);
+    let extra = [("audience", &oauth.audience), ("resource", &oauth.resource)];
+    let extra = extra
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.clone()?)));
+    let answer = match oauth.grant {
+        GrantType::RefreshToken => {
+            let refresh_token = refresh_token.ok_or_else(|| OAuthError::Protocol {
+                detail: "no refresh token to exchange".into(),
+            })?;
+            let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
+            let mut request = client
+                .exchange_refresh_token(&refresh_token)
+                .add_scopes(scopes);
+            for (name, value) in extra {
+                request = request.add_extra_param(name, value);
+            }
+            request.request_async(&transport).await
+        }
+        GrantType::ClientCredentials => {
+            let mut request = client.exchange_client_credentials().add_scopes(scopes);
+            for (name, value) in extra {
+                request = request.add_extra_param(name, value);
+            }
+            request.request_async(&transport).await
+        }
+    };
+    match answer {
         Ok(token) => {
             let access_token = token.access_token().secret();
             if access_token.is_empty() {
@@ -161,9 +187,11 @@ where
             }
             Ok(Grant {
                 access_token: SecretString::new(access_token.clone()),
+                // RFC 6749 §4.4.3: a client-credentials answer should carry no refresh token;
+                // one that does is not kept, since nothing would ever use it.
                 refresh_token: token
                     .refresh_token()
-                    .filter(|r| !r.secret().is_empty())
+                    .filter(|r| !r.secret().is_empty() && oauth.grant == GrantType::RefreshToken)
                     .map(|r| SecretString::new(r.secret().clone())),
                 expires_in: token.expires_in(),
             })

@@ -30,6 +30,9 @@ fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
             client_id: "c".into(),
             scopes: vec!["a".into()],
             client_auth: Default::default(),
+            grant: Default::default(),
+            audience: None,
+            resource: None,
         }),
         pinned_manager: None,
         location: Location {

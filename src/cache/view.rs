@@ -335,6 +335,9 @@ mod tests {
                 client_id: "c".into(),
                 scopes: vec![],
                 client_auth: Default::default(),
+                grant: Default::default(),
+                audience: None,
+                resource: None,
             }),
             pinned_manager: Some("vault\\1".into()),
             location: Location {

@@ -26,9 +26,9 @@ pub mod sqlite;
 pub use fault::Fault;
 pub use observed::Observed;
 pub use records::{
-    ClientAuth, CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
-    ManagerSource, ManagerState, OAuthDescription, PurgeEntry, RoutingRecord, SealedRecord,
-    SealedSummary,
+    ClientAuth, CredentialRecord, GrantType, Invalidation, JournalEntry, JournalKind, Location,
+    ManagerRecord, ManagerSource, ManagerState, OAuthDescription, PurgeEntry, RoutingRecord,
+    SealedRecord, SealedSummary,
 };
 pub use roles::{
     ControlRows, CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness,

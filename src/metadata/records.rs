@@ -26,6 +26,33 @@ pub struct OAuthDescription {
     /// How the client authenticates at the token endpoint.
     #[serde(default)]
     pub client_auth: ClientAuth,
+    /// What buys a new access token. Left out of the stored JSON when it is the default, so
+    /// rows of refresh-token credentials stay readable by binaries that predate the field.
+    #[serde(default, skip_serializing_if = "GrantType::is_refresh_token")]
+    pub grant: GrantType,
+    /// Sent as `audience` with every token request (Auth0 and others name the API this way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Sent as `resource` with every token request (RFC 8707 resource indicators).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+/// `refresh_token`: the stored refresh token buys the next access token (and maybe a new
+/// refresh token). `client_credentials`: the client id and secret alone buy it (RFC 6749
+/// §4.4), for server-to-server APIs that issue no refresh token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    #[default]
+    RefreshToken,
+    ClientCredentials,
+}
+
+impl GrantType {
+    fn is_refresh_token(&self) -> bool {
+        *self == GrantType::RefreshToken
+    }
 }
 
 /// `basic`: HTTP Basic with the client id and secret (RFC 6749's preferred way); `body`: both in

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::ServiceError;
 use crate::config::{is_valid_name, CredentialLimits, DEFAULT_WORKSPACE};
-use crate::metadata::{ClientAuth, OAuthDescription};
+use crate::metadata::{ClientAuth, GrantType, OAuthDescription};
 use crate::secret::SecretFields;
 
 /// Deepest nesting of objects accepted in `metadata`.
@@ -49,6 +49,12 @@ pub struct OAuthInput {
     pub expires_at: Option<serde_json::Value>,
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
+    #[serde(default)]
+    pub grant: Option<GrantType>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub resource: Option<String>,
 }
 
 /// `PATCH /v1/credentials/{id}`. `secrets_manager_id: null` unpins.
@@ -251,11 +257,33 @@ fn check_oauth(o: OAuthInput) -> Result<OAuthDescription, ServiceError> {
             "`oauth.client_id` must be 1-512 characters".into(),
         ));
     }
+    if o.audience
+        .as_ref()
+        .is_some_and(|a| a.is_empty() || a.len() > 2048 || a.chars().any(char::is_control))
+    {
+        return Err(ServiceError::Invalid(
+            "`oauth.audience` must be 1-2048 printable characters".into(),
+        ));
+    }
+    if let Some(resource) = &o.resource {
+        // RFC 8707 §2: an absolute URI without a fragment.
+        let valid = resource.len() <= 2048
+            && url::Url::parse(resource).is_ok_and(|u| u.fragment().is_none());
+        if !valid {
+            return Err(ServiceError::Invalid(
+                "`oauth.resource` must be an absolute URI without a fragment, at most 2048 characters"
+                    .into(),
+            ));
+        }
+    }
     Ok(OAuthDescription {
         token_url: o.token_url,
         client_id: o.client_id,
         scopes: o.scopes,
         client_auth: o.client_auth.unwrap_or_default(),
+        grant: o.grant.unwrap_or_default(),
+        audience: o.audience,
+        resource: o.resource,
     })
 }
 

@@ -8,12 +8,13 @@ use super::error::manager_failure;
 use super::input::{
     check_fields, check_patch, check_scope, check_secrets_size, write_token, CreateFields,
 };
+use super::refresh::{ACCESS_TOKEN, CLIENT_SECRET};
 use super::{CreateRequest, PatchRequest, Runtime, Service, ServiceError};
 use crate::access::{Action, Caller, Scope};
 use crate::cache::Loaded;
 use crate::config::{is_valid_name, LOCAL_MANAGER_ID};
 use crate::manager::{ManagerError, PutRequest, SecretsManager};
-use crate::metadata::{CredentialRecord, JournalEntry, JournalKind, Location};
+use crate::metadata::{CredentialRecord, GrantType, JournalEntry, JournalKind, Location};
 use crate::secret::SecretFields;
 
 /// What a write answers: never the secrets.
@@ -128,6 +129,20 @@ impl Service {
             ServiceError::Invalid("`secrets` must hold at least one field".into())
         })?;
         check_secrets_size(&secrets, &limits)?;
+        if let Some(oauth) = &record.oauth {
+            if oauth.grant == GrantType::ClientCredentials {
+                if secrets.get(CLIENT_SECRET).is_none() {
+                    return Err(ServiceError::Invalid(
+                        "the `client_credentials` grant needs `secrets.client_secret`".into(),
+                    ));
+                }
+                if secrets.get(ACCESS_TOKEN).is_none() {
+                    // No token yet: due at once, so the first read (or the background
+                    // refresher) buys one.
+                    record.expires_at = Some(record.created_at);
+                }
+            }
+        }
         let _guard = self.locks.lock(&id).await;
         let name = Self::secret_name(&runtime, &target.manager_id, &workspace, &environment, &id);
         let journal_id = self.journal(&id, &target.manager_id, &name).await?;
@@ -159,7 +174,7 @@ impl Service {
             Loaded {
                 record: Arc::new(record.clone()),
                 secrets,
-                valid_until: expires_at.map(crate::time::from_unix),
+                valid_until: record.expires_at.map(crate::time::from_unix),
             },
         );
         Ok(WriteOutcome { record })

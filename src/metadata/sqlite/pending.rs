@@ -84,6 +84,9 @@ mod tests {
             client_id: "c".into(),
             scopes: vec![],
             client_auth: Default::default(),
+            grant: Default::default(),
+            audience: None,
+            resource: None,
         });
         r.expires_at = Some(100);
         store.create_credential(&r, 0).await.unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::write_back::Tokens;
 use super::{Refreshed, Trigger, CLIENT_SECRET, REFRESH_TOKEN};
 use crate::config::OAuthConfig;
-use crate::metadata::{CredentialRecord, MetadataError};
+use crate::metadata::{CredentialRecord, GrantType, MetadataError};
 use crate::oauth::OAuthError;
 use crate::service::error::manager_failure;
 use crate::service::{Service, ServiceError};
@@ -59,10 +59,22 @@ impl Service {
             .await
             .map_err(|e| manager_failure(&loc.manager_id, e))?
             .value;
-        let refresh_token = value.get(REFRESH_TOKEN).cloned().ok_or_else(|| {
-            ServiceError::NotRefreshable(format!("the credential has no `{REFRESH_TOKEN}` field"))
-        })?;
+        let refresh_token = match oauth.grant {
+            GrantType::RefreshToken => {
+                Some(value.get(REFRESH_TOKEN).cloned().ok_or_else(|| {
+                    ServiceError::NotRefreshable(format!(
+                        "the credential has no `{REFRESH_TOKEN}` field"
+                    ))
+                })?)
+            }
+            GrantType::ClientCredentials => None,
+        };
         let client_secret = value.get(CLIENT_SECRET).cloned();
+        if oauth.grant == GrantType::ClientCredentials && client_secret.is_none() {
+            return Err(ServiceError::NotRefreshable(format!(
+                "the `client_credentials` grant needs a `{CLIENT_SECRET}` field"
+            )));
+        }
         if let Some(e) = record.expires_at {
             let left = (e
                 .saturating_mul(1000)
@@ -84,7 +96,7 @@ impl Service {
                 .refresh(
                     &oauth,
                     client_secret.as_ref(),
-                    &refresh_token,
+                    refresh_token.as_ref(),
                     config.timeout,
                 )
                 .await

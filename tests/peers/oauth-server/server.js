@@ -4,12 +4,14 @@
 // token that was already exchanged revokes its whole token family (every access and refresh
 // token descended from the same grant), the way Auth0, Okta and others do. Counters under
 // /admin/stats let tests assert how many token requests were made and whether a family was
-// ever revoked.
+// ever revoked. The client-credentials grant is served too: each client's tokens form one
+// family, and the `audience` and `resource` parameters of the last token request are kept.
 //
 //   node server.js --port 0 --access-lifetime 2
 //
 // prints `listening <port>` once ready. Endpoints:
-//   POST /token                  the token endpoint (grant_type=refresh_token)
+//   POST /token                  the token endpoint (grant_type=refresh_token or
+//                                client_credentials)
 //   GET  /resource               200 when the bearer access token is valid, else 401
 //   POST /admin/clients          {client_id, client_secret}
 //   POST /admin/grant            {client_id, scope?} -> {access_token, refresh_token, expires_in}
@@ -46,6 +48,10 @@ const stats = {
   max_in_flight: 0,
   // Seconds of validity the previous access token had left when it was refreshed.
   remaining_at_refresh: [],
+  client_credentials_issued: 0,
+  // `audience` and `resource` of the last token request (null when absent).
+  last_audience: null,
+  last_resource: null,
 };
 
 function revokeFamily(family) {
@@ -62,7 +68,15 @@ const model = {
     const c = clients.get(clientId);
     if (!c) return null;
     if (clientSecret !== null && clientSecret !== undefined && clientSecret !== c.secret) return null;
-    return { id: c.id, grants: ['refresh_token'], accessTokenLifetime: mode.accessLifetime };
+    return {
+      id: c.id,
+      grants: ['refresh_token', 'client_credentials'],
+      accessTokenLifetime: mode.accessLifetime,
+    };
+  },
+  // The client-credentials grant acts for the client itself: one token family per client.
+  async getUserFromClient(client) {
+    return { id: client.id, family: `client:${client.id}`, clientCredentials: true };
   },
   async getRefreshToken(refreshToken) {
     const t = refreshTokens.get(refreshToken);
@@ -87,6 +101,11 @@ const model = {
     return true;
   },
   async saveToken(token, client, user) {
+    if (user.clientCredentials) {
+      stats.client_credentials_issued += 1;
+      const previous = family(user.family).current;
+      if (previous) stats.remaining_at_refresh.push((previous.accessTokenExpiresAt - Date.now()) / 1000);
+    }
     const record = { ...token, client, user, family: user.family };
     accessTokens.set(token.accessToken, record);
     if (token.refreshToken) {
@@ -140,23 +159,26 @@ async function token(req, res, raw) {
       stats.unavailable += 1;
       return send(res, 503, { error: 'temporarily_unavailable' }, { 'retry-after': '1' });
     }
+    const body = Object.fromEntries(new URLSearchParams(raw));
+    stats.last_audience = body.audience ?? null;
+    stats.last_resource = body.resource ?? null;
     const request = new Request({
       headers: req.headers,
       method: req.method,
       query: {},
-      body: Object.fromEntries(new URLSearchParams(raw)),
+      body,
     });
     const response = new Response({ headers: {} });
     try {
       const t = await oauth.token(request, response, {
         accessTokenLifetime: mode.accessLifetime,
-        requireClientAuthentication: { refresh_token: true },
+        requireClientAuthentication: { refresh_token: true, client_credentials: true },
       });
       send(res, 200, {
         access_token: t.accessToken,
         token_type: 'Bearer',
         expires_in: Math.round((t.accessTokenExpiresAt - Date.now()) / 1000),
-        refresh_token: t.refreshToken,
+        ...(t.refreshToken ? { refresh_token: t.refreshToken } : {}),
         ...(t.scope ? { scope: [].concat(t.scope).join(' ') } : {}),
       });
     } catch (e) {
