@@ -23,6 +23,11 @@ pub const OAUTH_OUTCOMES: [&str; 7] = [
     "write_failed",
 ];
 
+/// Label values of `credproxy_cache_bypasses_total{outcome}`: loaded (read from the store);
+/// limited (within `cache.bypass_interval` of the last one, no store read); failed (the store
+/// read failed).
+pub const BYPASS_OUTCOMES: [&str; 3] = ["loaded", "limited", "failed"];
+
 /// Label values of `credproxy_metadata_write_failures_total{reason}` (the metadata
 /// database's failure kinds).
 pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
@@ -40,6 +45,7 @@ pub struct Metrics {
     /// `cache_requests` for hit, miss and stale, resolved once: counted on every read.
     cache_results: [IntCounter; 3],
     pub cache_evictions: IntCounter,
+    pub cache_bypasses: IntCounterVec,
     pub cache_entries: IntGauge,
     pub backend_requests: IntCounterVec,
     pub backend_duration: HistogramVec,
@@ -125,6 +131,20 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let cache_bypasses = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_cache_bypasses_total",
+                    "Reads that asked to bypass the cache (Cache-Control: no-cache), by outcome (loaded, limited, failed).",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        for outcome in BYPASS_OUTCOMES {
+            cache_bypasses.with_label_values(&[outcome]);
+        }
         let cache_entries = register(
             r,
             IntGauge::new("credproxy_cache_entries", "Credentials currently cached.").unwrap(),
@@ -365,6 +385,7 @@ impl Metrics {
             cache_results: ["hit", "miss", "stale"].map(|r| cache_requests.with_label_values(&[r])),
             cache_requests,
             cache_evictions,
+            cache_bypasses,
             cache_entries,
             backend_requests,
             backend_duration,

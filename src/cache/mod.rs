@@ -1,6 +1,7 @@
 //! The credential cache: a TTL cache bounded by capacity ([`map`]), single-flight loading so a
-//! burst of cold reads costs one store call, invalidation that a racing load cannot undo, and
-//! bounded stale-if-error.
+//! burst of cold reads costs one store call, invalidation that a racing load cannot undo,
+//! reloads that replace an entry a caller knows is out of date ([`Cache::reload`]), and bounded
+//! stale-if-error.
 //!
 //! Freshness decisions use `tokio::time::Instant`, so tests drive them with paused time; entries
 //! past their stale limit are dropped (and their bodies wiped) by [`Cache::sweep`], which the
@@ -43,6 +44,12 @@ pub enum CacheStatus {
     Hit,
     Miss,
     Stale,
+    /// A caller asked for the current value (`Cache-Control: no-cache`): read from the store,
+    /// whatever the cache held, and put in its place.
+    Bypass,
+    /// A bypass within `cache.bypass_interval` of the last one for the credential: answered
+    /// with the value that one loaded (the cached entry), without a store read.
+    BypassLimited,
 }
 
 impl CacheStatus {
@@ -51,6 +58,8 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::BypassLimited => "bypass-limited",
         }
     }
 }
@@ -63,9 +72,16 @@ pub trait LoadFailure: Clone + Send + Sync + 'static {
 
 type Flight<E> = Shared<BoxFuture<'static, Result<Arc<Entry>, E>>>;
 
+/// A load under way, and whether it is a reload that ignores what is cached ([`Cache::reload`]):
+/// a reload never joins an ordinary load, which may have started before the value changed.
+struct InFlight<E> {
+    flight: Flight<E>,
+    reload: bool,
+}
+
 pub struct Cache<E: LoadFailure> {
     entries: Arc<Map>,
-    inflight: Arc<Mutex<HashMap<String, Flight<E>>>>,
+    inflight: Arc<Mutex<HashMap<String, InFlight<E>>>>,
     /// Bumped by every invalidation; a load that started before one does not insert its result.
     generation: Arc<AtomicU64>,
     /// The workspace, environment and manager names entries share.
@@ -204,7 +220,7 @@ impl<E: LoadFailure> Cache<E> {
         let flight = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(key) {
-                Some(flight) => flight.clone(),
+                Some(f) => f.flight.clone(),
                 None => {
                     // A flight that ended between the caller's lookup and this lock has put
                     // its value in (flights insert under this lock): no second load for it.
@@ -214,17 +230,100 @@ impl<E: LoadFailure> Cache<E> {
                         return Ok(entry);
                     }
                     let flight = self.start_flight(key.to_owned(), since, load());
-                    inflight.insert(key.to_owned(), flight.clone());
+                    inflight.insert(
+                        key.to_owned(),
+                        InFlight {
+                            flight: flight.clone(),
+                            reload: false,
+                        },
+                    );
                     flight
                 }
             }
         };
+        self.land(key, flight).await
+    }
+
+    /// Awaits `flight` and takes it out of the in-flight table, unless another has replaced it.
+    async fn land(&self, key: &str, flight: Flight<E>) -> Result<Arc<Entry>, E> {
         let result = flight.clone().await;
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.get(key).is_some_and(|f| f.ptr_eq(&flight)) {
+        if inflight.get(key).is_some_and(|f| f.flight.ptr_eq(&flight)) {
             inflight.remove(key);
         }
         result
+    }
+
+    /// Loads `key` whatever the cache holds, and puts the result in place of the cached entry
+    /// (a caller that knows the cached value is out of date). Concurrent reloads of one key
+    /// share one load; ordinary reads that find nothing fresh join it too. The load reads
+    /// everything it starts from itself: if an invalidation comes after it starts, the entry is
+    /// dropped instead of replaced, so the cache never keeps the value this reload was meant
+    /// to replace. A failed reload leaves the cache as it was.
+    pub async fn reload<F, Fut>(&self, key: &str, load: F) -> Result<Arc<Entry>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(key).filter(|f| f.reload) {
+                Some(f) => f.flight.clone(),
+                None => {
+                    let since = self.generation.load(Ordering::Acquire);
+                    let flight = self.start_reload(key.to_owned(), since, load());
+                    inflight.insert(
+                        key.to_owned(),
+                        InFlight {
+                            flight: flight.clone(),
+                            reload: true,
+                        },
+                    );
+                    flight
+                }
+            }
+        };
+        self.land(key, flight).await
+    }
+
+    /// The result of the reload of `key` under way, if there is one.
+    pub async fn join_reload(&self, key: &str) -> Option<Result<Arc<Entry>, E>> {
+        let flight = {
+            let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight
+                .get(key)
+                .filter(|f| f.reload)
+                .map(|f| f.flight.clone())
+        }?;
+        Some(self.land(key, flight).await)
+    }
+
+    fn start_reload<Fut>(&self, key: String, since: u64, load: Fut) -> Flight<E>
+    where
+        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
+    {
+        let generation = Arc::clone(&self.generation);
+        let inflight = Arc::clone(&self.inflight);
+        let entries = Arc::clone(&self.entries);
+        let places = Arc::clone(&self.places);
+        let (ttl, grace) = (self.ttl, self.stale_grace);
+        async move {
+            let loaded = load.await?;
+            let entry = Arc::new(Entry::new(&loaded, &places, ttl, grace));
+            let _guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if generation.load(Ordering::Acquire) == since && entry.fresh_until > now {
+                entries.insert(&key, Arc::clone(&entry), now);
+            } else {
+                entries.remove(&key);
+            }
+            // Ordinary loads still in flight started before this read: their older values
+            // must not land over it.
+            generation.fetch_add(1, Ordering::AcqRel);
+            Ok(entry)
+        }
+        .boxed()
+        .shared()
     }
 
     fn start_flight<Fut>(&self, key: String, since: Option<u64>, load: Fut) -> Flight<E>
@@ -533,5 +632,100 @@ mod tests {
             cache.peek("c").map(|e| value(&e)).as_deref(),
             Some("current")
         );
+    }
+
+    #[tokio::test]
+    async fn a_reload_replaces_a_fresh_entry_and_concurrent_reloads_load_once() {
+        let cache = Arc::new(cache());
+        cache
+            .get_or_load("c", || async { Ok(loaded("old", None)) })
+            .await
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (cache, calls, gate) = (cache.clone(), calls.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .reload("c", move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        Ok(loaded("new", None))
+                    })
+                    .await
+                    .map(|e| value(&e))
+            }));
+        }
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        // Plain reads keep the fresh entry while the reload runs.
+        assert_eq!(cache.peek("c").map(|e| value(&e)).as_deref(), Some("old"));
+        gate.notify_one();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "new");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.peek("c").map(|e| value(&e)).as_deref(), Some("new"));
+        // A failed reload leaves the entry as it was.
+        assert_eq!(
+            cache
+                .reload("c", || async { Err(Fail::Down) })
+                .await
+                .unwrap_err(),
+            Fail::Down
+        );
+        assert_eq!(cache.peek("c").map(|e| value(&e)).as_deref(), Some("new"));
+    }
+
+    #[tokio::test]
+    async fn a_plain_load_that_started_before_a_reload_does_not_land_over_it() {
+        let cache = Arc::new(cache());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (c2, g2) = (cache.clone(), gate.clone());
+        let slow = tokio::spawn(async move {
+            c2.get_or_load("c", move || async move {
+                g2.notified().await;
+                Ok(loaded("older", None))
+            })
+            .await
+            .map(|(e, _)| value(&e))
+        });
+        while cache.inflight.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        cache
+            .reload("c", || async { Ok(loaded("current", None)) })
+            .await
+            .unwrap();
+        gate.notify_one();
+        assert_eq!(slow.await.unwrap().unwrap(), "older");
+        assert_eq!(
+            cache.peek("c").map(|e| value(&e)).as_deref(),
+            Some("current")
+        );
+        // A reload overtaken by an invalidation (a write) drops the entry, so the value it was
+        // meant to replace is not served either.
+        let (c3, gate) = (cache.clone(), Arc::new(tokio::sync::Notify::new()));
+        let g3 = gate.clone();
+        let reload = tokio::spawn(async move {
+            c3.reload("c", move || async move {
+                g3.notified().await;
+                Ok(loaded("from-an-old-row", None))
+            })
+            .await
+            .map(|e| value(&e))
+        });
+        while cache.inflight.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        cache.invalidate("other");
+        gate.notify_one();
+        assert_eq!(reload.await.unwrap().unwrap(), "from-an-old-row");
+        assert!(cache.peek("c").is_none());
     }
 }

@@ -25,6 +25,12 @@ pub const DEFAULT_JOURNAL_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(120);
+/// `cache.bypass_interval`: a worker retrying after a refused key gets the value read a moment
+/// ago rather than another store read.
+pub const DEFAULT_BYPASS_INTERVAL: Duration = Duration::from_secs(1);
+/// Above this a bypass would be limited for so long that asking for one means little: a larger
+/// value is more likely a slip (`"1h"` for `"1s"`) than a wish.
+pub const MAX_BYPASS_INTERVAL: Duration = Duration::from_secs(3600);
 /// `backends.timeout`: the deadline of one call to a secrets manager.
 pub const DEFAULT_MANAGER_TIMEOUT: Duration = Duration::from_secs(3);
 /// `backends.access_check_interval`: Kubernetes updates a mounted Secret within about a minute;

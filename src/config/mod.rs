@@ -157,6 +157,9 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub capacity: u64,
     pub stale_if_error: Duration,
+    /// The least time between two bypass reads (`Cache-Control: no-cache`) of one credential
+    /// that go to its store; zero turns the limit off.
+    pub bypass_interval: Duration,
 }
 
 /// `[reload]`: besides SIGHUP and `POST /v1/reload`, optionally when the file changes.
@@ -380,6 +383,18 @@ mod tests {
         assert!(err("[server]\nsocket_mode = \"9z\"").contains("server.socket_mode"));
         assert!(err("[cache]\nttl = \"soon\"").contains("ttl"));
         assert!(err("[store]\nurl = \"mysql://x\"").contains("store.url"));
+    }
+
+    #[test]
+    fn the_bypass_interval_defaults_to_a_second_and_zero_turns_the_limit_off() {
+        assert_eq!(
+            Config::parse("").unwrap().cache.bypass_interval,
+            DEFAULT_BYPASS_INTERVAL
+        );
+        let off = Config::parse("[cache]\nbypass_interval = \"0s\"").unwrap();
+        assert!(off.cache.bypass_interval.is_zero());
+        assert!(err("[cache]\nbypass_interval = \"2h\"").contains("cache.bypass_interval"));
+        assert!(err("[cache]\nbypass_interval = \"often\"").contains("bypass_interval"));
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub(super) struct RawCache {
     pub(super) capacity: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     pub(super) stale_if_error: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) bypass_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -81,12 +81,16 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ttl: raw.cache.ttl.unwrap_or(DEFAULT_CACHE_TTL),
         capacity: raw.cache.capacity.unwrap_or(DEFAULT_CACHE_CAPACITY),
         stale_if_error: raw.cache.stale_if_error.unwrap_or(DEFAULT_STALE_IF_ERROR),
+        bypass_interval: raw.cache.bypass_interval.unwrap_or(DEFAULT_BYPASS_INTERVAL),
     };
     if cache.ttl.is_zero() {
         return Err(invalid("cache.ttl", "must be greater than zero"));
     }
     if cache.capacity == 0 {
         return Err(invalid("cache.capacity", "must be greater than zero"));
+    }
+    if cache.bypass_interval > MAX_BYPASS_INTERVAL {
+        return Err(invalid("cache.bypass_interval", "must be at most 1h"));
     }
 
     let manager_timeout = raw.backends.timeout.unwrap_or(DEFAULT_MANAGER_TIMEOUT);

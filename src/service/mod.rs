@@ -1,6 +1,7 @@
 //! The use cases behind the API: create, resolve, change and delete credentials, list what a
 //! manager holds, and clean up copies that a crash, move or delete left behind.
 
+mod bypass;
 mod error;
 mod failures;
 mod input;
@@ -50,6 +51,7 @@ pub struct Service {
     cache: Cache<ServiceError>,
     metrics: Arc<Metrics>,
     locks: KeyedLocks,
+    bypasses: bypass::BypassLimiter,
     keys: Arc<Keyring>,
     oauth: refresh::OAuthState,
     /// This process among the instances sharing the metadata database.
@@ -81,6 +83,7 @@ impl Service {
             cache,
             metrics,
             locks: KeyedLocks::default(),
+            bypasses: bypass::BypassLimiter::default(),
             keys,
             oauth,
             instance: uuid::Uuid::new_v4().to_string(),
@@ -193,8 +196,12 @@ impl Service {
         }
     }
 
-    /// Drops cached credentials past their stale limit (see [`Cache::sweep`]).
+    /// Drops cached credentials past their stale limit (see [`Cache::sweep`]), and bypass
+    /// times that no longer limit anything.
     pub fn sweep_cache(&self) {
+        let interval = self.runtime.load().config.cache.bypass_interval;
+        self.bypasses
+            .forget_older_than(interval, tokio::time::Instant::now());
         let swept = self.cache.sweep();
         if swept > 0 {
             tracing::debug!(swept, "dropped expired credentials from the cache");

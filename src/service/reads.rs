@@ -123,7 +123,7 @@ impl Service {
     }
 
     /// Loads `id` starting from `row` when the caller has just read it, else from a fresh read.
-    fn loader_from(
+    pub(super) fn loader_from(
         &self,
         id: String,
         row: Option<crate::metadata::CredentialRecord>,
@@ -223,7 +223,7 @@ impl Service {
     }
 }
 
-fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+pub(super) fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

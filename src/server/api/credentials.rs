@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
@@ -24,11 +24,17 @@ pub(super) async fn get(
     caller: &Caller,
     id: &str,
     query: &Query,
+    bypass: bool,
     audit: &mut Audit<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let service = &app.service;
     let fields = query.fields();
-    let (entry, status) = service.get(caller, id).await?;
+    let (entry, status) = if bypass {
+        // Boxed: the cached read is the hot path, and its future stays as small as it was.
+        Box::pin(service.get_current(caller, id)).await?
+    } else {
+        service.get(caller, id).await?
+    };
     if app.audits() {
         audit.fields = Some(view::field_names(&entry, fields.as_deref()));
     }
@@ -38,6 +44,30 @@ pub(super) async fn get(
         .headers_mut()
         .insert("cache-status", HeaderValue::from_static(status.as_str()));
     Ok(response)
+}
+
+/// Whether a read's `Cache-Control` asks for the store's current value: `no-cache`, or
+/// `max-age=0`, which HTTP caches treat alike. Directive names are case-insensitive; other
+/// directives, and header values that are not text, are ignored.
+pub(super) fn bypasses_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|directive| {
+            let (name, argument) = match directive.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument.trim())),
+                None => (directive.trim(), None),
+            };
+            if name.eq_ignore_ascii_case("no-cache") {
+                return argument.is_none();
+            }
+            name.eq_ignore_ascii_case("max-age")
+                && argument
+                    .map(|a| a.trim_matches('"'))
+                    .is_some_and(|a| !a.is_empty() && a.bytes().all(|b| b == b'0'))
+        })
 }
 
 /// Whether `entry` is pinned to a manager removed from the configuration: the credential falls
@@ -127,4 +157,50 @@ fn write_response(status: StatusCode, record: &CredentialRecord) -> Response<Bod
             "pinned_secrets_manager_id": record.pinned_manager,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bypasses(values: &[&str]) -> bool {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        bypasses_cache(&headers)
+    }
+
+    #[test]
+    fn cache_control_no_cache_or_max_age_zero_bypasses_the_cache() {
+        for yes in [
+            &["no-cache"][..],
+            &["No-Cache"],
+            &[" no-store , NO-CACHE "],
+            &["max-age=0"],
+            &["MAX-AGE = 0"],
+            &["max-age=\"0\""],
+            &["max-age=00"],
+            &["private", "no-cache"],
+        ] {
+            assert!(bypasses(yes), "{yes:?}");
+        }
+        for no in [
+            &[][..],
+            &[""],
+            &["no-store"],
+            &["max-age=10"],
+            &["max-age"],
+            &["max-age="],
+            &["max-stale=0"],
+            &["no-cache-please"],
+            &["no-cache=\"set-cookie\""],
+            &["min-fresh=0, only-if-cached"],
+        ] {
+            assert!(!bypasses(no), "{no:?}");
+        }
+    }
 }

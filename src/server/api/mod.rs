@@ -383,7 +383,10 @@ async fn dispatch(
     match route {
         RouteId::Health => Ok(admin::health()),
         RouteId::Ready => Ok(Box::pin(admin::ready(app)).await),
-        RouteId::CredentialGet => credentials::get(app, &caller, id, &query, audit).await,
+        RouteId::CredentialGet => {
+            let bypass = credentials::bypasses_cache(request.headers());
+            credentials::get(app, &caller, id, &query, bypass, audit).await
+        }
         RouteId::CredentialCreate => {
             Box::pin(credentials::create(app, &caller, request, audit)).await
         }
