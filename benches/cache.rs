@@ -49,7 +49,7 @@ fn loaded() -> Loaded {
                 name: "Production/c".into(),
                 version: Some("1".into()),
             },
-            expires_at: None,
+            expires_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 0,

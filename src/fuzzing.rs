@@ -85,7 +85,8 @@ pub struct CredentialCreate {
     pub integration_type: String,
     pub metadata: Map<String, Value>,
     pub oauth: Option<OAuthDescription>,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
     pub secrets: Option<SecretFields>,
     pub secrets_manager_id: Option<String>,
     pub external_id: Option<String>,
@@ -98,7 +99,7 @@ pub fn credential_create(body: &[u8]) -> Result<CredentialCreate, ApiError> {
         integration_type,
         metadata,
         oauth,
-        expires_at,
+        expires_at_ms,
     } = crate::service::check_fields(
         request.integration_type,
         request.metadata,
@@ -111,7 +112,7 @@ pub fn credential_create(body: &[u8]) -> Result<CredentialCreate, ApiError> {
         integration_type,
         metadata,
         oauth,
-        expires_at,
+        expires_at_ms,
         secrets: request.secrets,
         secrets_manager_id: request.secrets_manager_id,
         external_id: request.external_id,
@@ -123,17 +124,18 @@ pub struct CredentialPatch {
     pub secrets: Option<SecretFields>,
     pub metadata: Option<Map<String, Value>>,
     pub secrets_manager_id: Option<Option<String>>,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
 }
 
 pub fn credential_patch(body: &[u8]) -> Result<CredentialPatch, ApiError> {
     let request: PatchRequest = parse_json(body)?;
-    let expires_at = crate::service::check_patch(&request, &CredentialLimits::default())?;
+    let expires_at_ms = crate::service::check_patch(&request, &CredentialLimits::default())?;
     Ok(CredentialPatch {
         secrets: request.secrets,
         metadata: request.metadata,
         secrets_manager_id: request.secrets_manager_id,
-        expires_at,
+        expires_at_ms,
     })
 }
 

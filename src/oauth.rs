@@ -316,28 +316,45 @@ fn transport_detail(e: &reqwest::Error) -> String {
     }
 }
 
+/// How far ahead of its expiry a token is refreshed, at most, as a share of its lifetime
+/// (1/20): late enough that each token serves 92.5 % of its life or more with the jitter below
+/// (at most 1.08 token requests per lifetime), early enough that the refresh (a token request
+/// and a write to the store) has time to finish before the old token runs out.
+const WINDOW_SHARE: i64 = 20;
+/// The jitter's most, as a share of the lifetime (1/40).
+const JITTER_SHARE: i64 = 40;
+
 /// When a credential's token should be refreshed, in Unix milliseconds: `refresh_before` ahead
-/// of its expiry, minus a jitter fixed per credential. For a token that lives less than twice
-/// `refresh_before` (its lifetime is taken from when the row was last written), the window is
-/// half its lifetime instead, so a short-lived token is not refreshed the moment it is issued.
+/// of its expiry but never more than a twentieth of its lifetime, minus a jitter fixed per
+/// credential of at most `jitter` and a fortieth of the lifetime (taken from when the row was
+/// last written). So a token of any lifetime, six seconds or a day, is refreshed once, late in
+/// its life, and the jitter never moves a refresh into its first half.
 pub fn due_at_ms(config: &OAuthConfig, record: &CredentialRecord) -> Option<i64> {
-    token_due_at_ms(config, &record.id, record.expires_at, record.updated_at)
+    token_due_at_ms(config, &record.id, record.expires_at_ms, record.updated_at)
+}
+
+/// The shortest time between two refreshes of a token that lives `lifetime`: its lifetime less
+/// the most it is refreshed ahead ([`due_at_ms`]).
+pub fn refresh_interval(config: &OAuthConfig, lifetime: Duration) -> Duration {
+    let ms = lifetime.as_millis().min(i64::MAX as u128) as i64;
+    let ahead = (config.refresh_before.as_millis() as i64).min(ms / WINDOW_SHARE)
+        + (config.jitter.as_millis() as i64).min(ms / JITTER_SHARE);
+    Duration::from_millis(ms.saturating_sub(ahead).max(0) as u64)
 }
 
 /// [`due_at_ms`] from the parts it needs, for a credential known only by its cache entry.
 pub fn token_due_at_ms(
     config: &OAuthConfig,
     id: &str,
-    expires_at: Option<i64>,
+    expires_at_ms: Option<i64>,
     updated_at: i64,
 ) -> Option<i64> {
-    let expires_ms = expires_at?.saturating_mul(1000);
-    let lifetime_ms = expires_at?
-        .saturating_sub(updated_at)
-        .max(0)
-        .saturating_mul(1000);
-    let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / 2);
-    let span = (config.jitter.as_millis() as i64).min(lifetime_ms / 4);
+    let expires_ms = expires_at_ms?;
+    let lifetime_ms = expires_ms
+        .saturating_sub(updated_at.saturating_mul(1000))
+        .max(0);
+    let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / WINDOW_SHARE);
+    let span = (config.jitter.as_millis() as i64).min(lifetime_ms / JITTER_SHARE);
     let jitter = if span > 0 {
         let digest = Sha256::digest(id.as_bytes());
         let n = u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]));
@@ -418,7 +435,9 @@ mod tests {
         }
     }
 
-    fn record(id: &str, updated_at: i64, expires_at: i64) -> CredentialRecord {
+    /// A credential whose token was stored at `updated_at` (Unix seconds) and expires at
+    /// `expires_at_ms`.
+    fn record(id: &str, updated_at: i64, expires_at_ms: i64) -> CredentialRecord {
         CredentialRecord {
             id: id.into(),
             workspace: "default".into(),
@@ -432,7 +451,7 @@ mod tests {
                 name: String::new(),
                 version: None,
             },
-            expires_at: Some(expires_at),
+            expires_at_ms: Some(expires_at_ms),
             needs_reauth: false,
             row_version: 1,
             created_at: updated_at,
@@ -441,12 +460,13 @@ mod tests {
     }
 
     #[test]
-    fn due_time_has_a_window_and_a_stable_jitter() {
+    fn an_hour_long_token_is_due_in_its_last_minutes_with_a_stable_jitter() {
         let c = config();
-        let r = record("a", 0, 3600);
+        let r = record("a", 0, 3_600_000);
         let due = due_at_ms(&c, &r).unwrap();
+        // refresh_before (5 min) capped at 1/20 of the hour (3 min), jitter at most 1/40 (90 s).
         assert!(
-            (3_600_000 - 360_000..=3_600_000 - 300_000).contains(&due),
+            (3_600_000 - 270_000..=3_600_000 - 180_000).contains(&due),
             "{due}"
         );
         assert_eq!(
@@ -456,27 +476,122 @@ mod tests {
         );
         // Different credentials spread over the jitter span.
         let spread: std::collections::BTreeSet<i64> = (0..50)
-            .map(|i| due_at_ms(&c, &record(&format!("id-{i}"), 0, 3600)).unwrap())
+            .map(|i| due_at_ms(&c, &record(&format!("id-{i}"), 0, 3_600_000)).unwrap())
             .collect();
         assert!(spread.len() > 40);
+        // A day-long token: the full five minutes and one of jitter.
+        let day = due_at_ms(&c, &record("a", 0, 86_400_000)).unwrap();
+        assert!(
+            (86_400_000 - 360_000..=86_400_000 - 300_000).contains(&day),
+            "{day}"
+        );
     }
 
     #[test]
-    fn short_lived_tokens_refresh_at_half_their_lifetime() {
+    fn a_six_second_token_is_due_in_its_last_half_second() {
         let c = config();
-        let due = due_at_ms(&c, &record("a", 100, 102)).unwrap();
-        // 2-second token: window 1 s, jitter at most 0.5 s.
-        assert!((100_500..=101_000).contains(&due), "{due}");
+        // Stored at 100 s, expiring at 106.4 s (a six-second token issued 0.4 s into second
+        // 100): the lifetime is taken as 6.4 s, the window 320 ms, the jitter at most 160 ms.
+        let due = due_at_ms(&c, &record("a", 100, 106_400)).unwrap();
+        assert!((106_400 - 480..=106_400 - 320).contains(&due), "{due}");
         assert_eq!(
             due_at_ms(
                 &c,
                 &CredentialRecord {
-                    expires_at: None,
+                    expires_at_ms: None,
                     ..record("a", 0, 0)
                 }
             ),
             None
         );
+    }
+
+    /// Token requests per lifetime, on a fake clock: a token server that issues tokens of
+    /// `lifetime_ms` (announcing `expires_in` in whole seconds, as real ones do) and answers
+    /// after `latency_ms`, readers every `read_every_ms`, and the daemon's own decisions: a
+    /// read at or past the due time refreshes and, if the token has run out meanwhile, waits
+    /// for the new one. Returns (requests per lifetime, expired tokens handed out), the worst
+    /// over many credentials (each has its own jitter).
+    fn simulate(c: &OAuthConfig, lifetime_ms: i64, read_every_ms: i64) -> (f64, u32) {
+        const LIFETIMES: i64 = 50;
+        let latency_ms = 40;
+        let mut worst = (0.0f64, 0);
+        for credential in 0..20 {
+            let id = format!("credential-{credential}");
+            // Issued at a time that is not a whole second, as tokens are.
+            let mut now = 1_700_000_000_123i64;
+            let issue = |at: i64| {
+                let expires_in = lifetime_ms / 1000;
+                // Stored when the answer arrives; `expires_at` from `expires_in` rounded down
+                // to the millisecond, `updated_at` in whole seconds.
+                (at + expires_in * 1000, at.div_euclid(1000))
+            };
+            let (mut expires, mut updated) = issue(now);
+            let mut due = token_due_at_ms(c, &id, Some(expires), updated).unwrap();
+            let end = now + LIFETIMES * lifetime_ms;
+            let (mut requests, mut expired) = (0u32, 0u32);
+            while now < end {
+                now += read_every_ms;
+                if now >= due {
+                    requests += 1;
+                    let answered = now + latency_ms;
+                    if now >= expires {
+                        // The read waits for the new token.
+                        now = answered;
+                    }
+                    (expires, updated) = issue(answered);
+                    due = token_due_at_ms(c, &id, Some(expires), updated).unwrap();
+                }
+                if now >= expires {
+                    expired += 1;
+                }
+            }
+            let per_lifetime = requests as f64 / LIFETIMES as f64;
+            worst = (worst.0.max(per_lifetime), worst.1.max(expired));
+        }
+        worst
+    }
+
+    #[test]
+    fn every_lifetime_costs_at_most_one_point_one_token_requests_and_no_expired_token() {
+        // The shipped configuration: refresh_before 5 min, jitter 1 min.
+        let c = config();
+        for (lifetime, read_every) in [
+            (6_000, 20),
+            (60_000, 100),
+            (300_000, 500),
+            (3_600_000, 5_000),
+            (86_400_000, 60_000),
+        ] {
+            let (per_lifetime, expired) = simulate(&c, lifetime, read_every);
+            eprintln!(
+                "lifetime {} s: {per_lifetime:.3} token requests per lifetime, {expired} expired tokens handed out",
+                lifetime / 1000
+            );
+            assert!(
+                per_lifetime <= 1.1,
+                "lifetime {lifetime} ms: {per_lifetime}"
+            );
+            assert!(
+                per_lifetime >= 1.0,
+                "lifetime {lifetime} ms: {per_lifetime}"
+            );
+            assert_eq!(expired, 0, "lifetime {lifetime} ms");
+        }
+    }
+
+    #[test]
+    fn the_write_interval_is_the_lifetime_less_the_most_it_is_refreshed_ahead() {
+        let c = config();
+        assert_eq!(
+            refresh_interval(&c, Duration::from_secs(3600)),
+            Duration::from_secs(3600 - 180 - 60)
+        );
+        assert_eq!(
+            refresh_interval(&c, Duration::from_secs(6)),
+            Duration::from_millis(6000 - 300 - 150)
+        );
+        assert_eq!(refresh_interval(&c, Duration::ZERO), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -65,6 +65,52 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     humantime::parse_rfc3339_weak(s).ok().map(to_unix)
 }
 
+/// The latest millisecond the API can write (the last one of 9999).
+pub const LATEST_UNIX_MS: i64 = LATEST_UNIX * 1000 + 999;
+
+/// Unix milliseconds of `t` (negative before 1970).
+pub fn to_unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// As [`clamp_unix`], in milliseconds.
+pub fn clamp_unix_ms(ms: i64) -> i64 {
+    ms.clamp(0, LATEST_UNIX_MS)
+}
+
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(clamp_unix_ms(ms) as u64)
+}
+
+/// RFC 3339 with milliseconds when the time has any (`2026-11-30T05:00:00.250Z`), whole
+/// seconds otherwise, so a time given in seconds reads back as it was written.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = from_unix_ms(ms);
+    if clamp_unix_ms(ms) % 1000 == 0 {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+/// An RFC 3339 time to Unix milliseconds (finer fractions are truncated).
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(s).ok().map(to_unix_ms)
+}
+
+pub fn serialize_opt_unix_ms_rfc3339<S: Serializer>(
+    t: &Option<i64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(ms) => s.serialize_str(&rfc3339_ms(*ms)),
+        None => s.serialize_none(),
+    }
+}
+
 pub fn serialize_opt_rfc3339<S: Serializer>(
     t: &Option<SystemTime>,
     s: S,

@@ -53,7 +53,7 @@ fn loaded(id: &str, n: usize) -> Loaded {
                 name: format!("Production/{id}"),
                 version: Some("1".into()),
             },
-            expires_at: None,
+            expires_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 0,

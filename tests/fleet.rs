@@ -18,14 +18,14 @@ use credproxy::metadata::{
 use hyper::Method;
 use serde_json::json;
 
-fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
+fn record(id: &str, expires_at_ms: Option<i64>) -> CredentialRecord {
     CredentialRecord {
         id: id.into(),
         workspace: "default".into(),
         environment: "Production".into(),
         integration_type: "github".into(),
         metadata: serde_json::Map::from_iter([("team".to_owned(), json!("core"))]),
-        oauth: expires_at.map(|_| credproxy::metadata::OAuthDescription {
+        oauth: expires_at_ms.map(|_| credproxy::metadata::OAuthDescription {
             token_url: "https://t.example/token".into(),
             client_id: "c".into(),
             scopes: vec!["a".into()],
@@ -40,7 +40,7 @@ fn record(id: &str, expires_at: Option<i64>) -> CredentialRecord {
             name: format!("Production/{id}"),
             version: Some("1".into()),
         },
-        expires_at,
+        expires_at_ms,
         needs_reauth: false,
         row_version: 1,
         created_at: 10,
@@ -308,7 +308,7 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     // Listing in id order, paged.
     for id in ["b", "c", "d"] {
         store
-            .create_credential(&record(id, Some(100)), 0)
+            .create_credential(&record(id, Some(100_250)), 0)
             .await
             .unwrap();
     }
@@ -321,10 +321,20 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
         .map(|r| r.id)
         .collect();
     assert_eq!(page, ["b", "c"]);
+    // Expiry to the millisecond (schema version 6), the whole seconds beside it.
+    assert_eq!(
+        store
+            .get_credential("b")
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at_ms,
+        Some(100_250)
+    );
     // OAuth due list and re-authorisation count.
     assert_eq!(store.oauth_due(100, 10).await.unwrap().len(), 3);
     assert!(store.oauth_due(99, 10).await.unwrap().is_empty());
-    let mut reauth = record("b", Some(100));
+    let mut reauth = record("b", Some(100_250));
     reauth.needs_reauth = true;
     reauth.row_version = 2;
     store.update_credential(&reauth, 1, None).await.unwrap();

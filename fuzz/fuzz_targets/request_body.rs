@@ -137,8 +137,8 @@ fn credential_create(body: &[u8]) {
         );
         assert!(!o.client_id.is_empty() && o.client_id.len() <= 512);
     }
-    if let Some(e) = c.expires_at {
-        assert!((0..=253_402_300_799).contains(&e), "{e}");
+    if let Some(e) = c.expires_at_ms {
+        assert!((0..=253_402_300_799_999).contains(&e), "{e}");
     }
     if let Some(s) = &c.secrets {
         stores_back(s);
@@ -161,7 +161,10 @@ fn credential_create(body: &[u8]) {
             "client_id": o.client_id,
             "scopes": o.scopes,
             "client_auth": o.client_auth,
-            "expires_at": c.expires_at,
+            "grant": o.grant,
+            "audience": o.audience,
+            "resource": o.resource,
+            "expires_at": c.expires_at_ms.map(credproxy::time::rfc3339_ms),
         });
     }
     let d = match fz::credential_create(&bytes(&again)) {
@@ -174,7 +177,7 @@ fn credential_create(body: &[u8]) {
     );
     assert!(same_map(&d.metadata, &c.metadata));
     assert_eq!(d.oauth, c.oauth);
-    assert_eq!(d.expires_at, c.expires_at);
+    assert_eq!(d.expires_at_ms, c.expires_at_ms);
     assert!(d.secrets == c.secrets);
     assert_eq!(d.secrets_manager_id, c.secrets_manager_id);
     assert_eq!(d.external_id, c.external_id);
@@ -188,8 +191,8 @@ fn credential_patch(body: &[u8]) {
     if let Some(m) = &p.metadata {
         assert!(serde_json::to_vec(m).unwrap().len() <= 16 * 1024);
     }
-    if let Some(e) = p.expires_at {
-        assert!((0..=253_402_300_799).contains(&e), "{e}");
+    if let Some(e) = p.expires_at_ms {
+        assert!((0..=253_402_300_799_999).contains(&e), "{e}");
     }
     if let Some(s) = &p.secrets {
         stores_back(s);
@@ -204,8 +207,8 @@ fn credential_patch(body: &[u8]) {
     if let Some(pin) = &p.secrets_manager_id {
         again.insert("secrets_manager_id".into(), json!(pin));
     }
-    if let Some(e) = p.expires_at {
-        again.insert("expires_at".into(), json!(e));
+    if let Some(e) = p.expires_at_ms {
+        again.insert("expires_at".into(), json!(credproxy::time::rfc3339_ms(e)));
     }
     let q = match fz::credential_patch(&bytes(&Value::Object(again))) {
         Ok(q) => q,
@@ -217,7 +220,7 @@ fn credential_patch(body: &[u8]) {
         (a, b) => assert_eq!(a, b),
     }
     assert_eq!(q.secrets_manager_id, p.secrets_manager_id);
-    assert_eq!(q.expires_at, p.expires_at);
+    assert_eq!(q.expires_at_ms, p.expires_at_ms);
 }
 
 /// Accepted access details: dotted keys, non-blank values.

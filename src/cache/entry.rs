@@ -18,9 +18,9 @@ use super::Loaded;
 /// live only in the rendered body, which is wiped when the entry is dropped.
 pub struct Entry {
     place: Arc<Place>,
-    /// `expires_at` when `expires` (an `Option<i64>` would take eight bytes more here, and
+    /// `expires_at_ms` when `expires` (an `Option<i64>` would take eight bytes more here, and
     /// every entry pays them).
-    expires_at: i64,
+    expires_at_ms: i64,
     expires: bool,
     updated_at: i64,
     row_version: i64,
@@ -62,8 +62,8 @@ impl Entry {
                 manager_id: record.location.manager_id.as_str().into(),
                 pinned_manager: record.pinned_manager.as_deref().map(Into::into),
             }),
-            expires_at: record.expires_at.unwrap_or_default(),
-            expires: record.expires_at.is_some(),
+            expires_at_ms: record.expires_at_ms.unwrap_or_default(),
+            expires: record.expires_at_ms.is_some(),
             updated_at: record.updated_at,
             row_version: record.row_version,
             needs_reauth: record.needs_reauth,
@@ -92,9 +92,9 @@ impl Entry {
         self.place.pinned_manager.as_deref()
     }
 
-    /// Unix seconds at which the access token expires, if it does.
-    pub fn expires_at(&self) -> Option<i64> {
-        self.expires.then_some(self.expires_at)
+    /// Unix milliseconds at which the access token expires, if it does.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        self.expires.then_some(self.expires_at_ms)
     }
 
     /// When the row was last written, in Unix seconds (a token's lifetime counts from it).
@@ -123,7 +123,7 @@ impl fmt::Debug for Entry {
             .field("environment", &self.environment())
             .field("manager_id", &self.manager_id())
             .field("pinned_manager", &self.pinned_manager())
-            .field("expires_at", &self.expires_at())
+            .field("expires_at_ms", &self.expires_at_ms())
             .field("row_version", &self.row_version)
             .field("needs_reauth", &self.needs_reauth)
             .field("has_oauth", &self.has_oauth)
@@ -194,13 +194,13 @@ mod tests {
         let places = Places::default();
         let mut loaded = loaded("default");
         let record = Arc::make_mut(&mut loaded.record);
-        record.expires_at = Some(0);
+        record.expires_at_ms = Some(0);
         record.needs_reauth = true;
         record.row_version = 9;
         record.updated_at = -5;
         record.pinned_manager = Some("vault".into());
         let e = Entry::new(&loaded, &places, Duration::from_secs(1), Duration::ZERO);
-        assert_eq!(e.expires_at(), Some(0));
+        assert_eq!(e.expires_at_ms(), Some(0));
         assert!(e.needs_reauth() && !e.has_oauth());
         assert_eq!((e.row_version(), e.updated_at()), (9, -5));
         assert_eq!(
@@ -213,7 +213,7 @@ mod tests {
             ("default", "Production", "local", Some("vault"))
         );
         let e = entry(&places, "default");
-        assert_eq!((e.expires_at(), e.pinned_manager()), (None, None));
+        assert_eq!((e.expires_at_ms(), e.pinned_manager()), (None, None));
     }
 
     #[test]

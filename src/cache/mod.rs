@@ -417,7 +417,7 @@ mod tests {
                 name: "n".into(),
                 version: None,
             },
-            expires_at: None,
+            expires_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 0,

@@ -126,7 +126,7 @@ impl Rendered {
         }
         out.push(b'}');
         let secrets_end = out.len();
-        let expires_at = record.expires_at.map(crate::time::rfc3339);
+        let expires_at = record.expires_at_ms.map(crate::time::rfc3339_ms);
         put(out, b",\"expires_at\":", &expires_at);
         put(out, b",\"needs_reauth\":", &record.needs_reauth);
         let reference = Reference {
@@ -345,7 +345,7 @@ mod tests {
                 name: "Production/c-1".into(),
                 version: Some("3".into()),
             },
-            expires_at: Some(4_102_444_800),
+            expires_at_ms: Some(4_102_444_800_250),
             needs_reauth: true,
             row_version: 7,
             created_at: 0,
@@ -391,7 +391,7 @@ mod tests {
             pin_unavailable: bool,
             metadata: &'a serde_json::Map<String, serde_json::Value>,
             secrets: Exposed<'a>,
-            #[serde(serialize_with = "crate::time::serialize_opt_unix_rfc3339")]
+            #[serde(serialize_with = "crate::time::serialize_opt_unix_ms_rfc3339")]
             expires_at: Option<i64>,
             needs_reauth: bool,
             reference: Reference<'a>,
@@ -406,7 +406,7 @@ mod tests {
             pin_unavailable,
             metadata: &record.metadata,
             secrets: Exposed(secrets, only),
-            expires_at: record.expires_at,
+            expires_at: record.expires_at_ms,
             needs_reauth: record.needs_reauth,
             reference: Reference {
                 name: &record.location.name,
@@ -436,7 +436,7 @@ mod tests {
         let mut plain = record();
         plain.oauth = None;
         plain.pinned_manager = None;
-        plain.expires_at = None;
+        plain.expires_at_ms = None;
         plain.location.version = None;
         plain.metadata.clear();
         let selections: [Option<Vec<String>>; 5] = [

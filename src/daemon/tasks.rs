@@ -106,17 +106,34 @@ pub(super) async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watc
     loop {
         // A pass is not cancelled at shutdown: a token answer must reach its write-back. Each
         // refresh is bounded by its timeouts.
-        match service.refresh_due().await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(refreshed = n, "background refresh pass"),
-            Err(e) => tracing::warn!(error = %e, "background refresh pass failed"),
-        }
+        let next_due = match service.refresh_due().await {
+            Ok((refreshed, next_due)) => {
+                if refreshed > 0 {
+                    tracing::debug!(refreshed, "background refresh pass");
+                }
+                next_due
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "background refresh pass failed");
+                None
+            }
+        };
         if *stop.borrow() {
             return;
         }
+        // Woken for the next token due before the regular pass (a token living seconds has a
+        // window of a fraction of one); never sooner than 50 ms, so a token that stays due
+        // (its lease held elsewhere, say) does not spin the loop.
         let interval = service.runtime().config.oauth.scan_interval;
+        let wait = next_due.map_or(interval, |at| {
+            let until = u64::try_from(at.saturating_sub(crate::time::now_unix_ms())).unwrap_or(0);
+            Duration::from_millis(until).clamp(
+                Duration::from_millis(50),
+                interval.max(Duration::from_millis(50)),
+            )
+        });
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
     }

@@ -21,10 +21,16 @@ pub(super) trait Columns {
 }
 
 /// The columns [`credential`] reads, in its order; also the insert order. `workspace` (schema
-/// version 4) comes last so the older columns keep their positions.
+/// version 4) and `expires_at_ms` (version 6) come last so the older columns keep their
+/// positions.
 pub(super) const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
      store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at, \
-     workspace";
+     workspace, expires_at_ms";
+
+/// `expires_at` as stored beside `expires_at_ms`: whole seconds, rounded down.
+pub(super) fn expires_at_secs(r: &CredentialRecord) -> Option<i64> {
+    r.expires_at_ms.map(|ms| ms.div_euclid(1000))
+}
 
 /// The columns [`manager`] reads, in its order; also the insert order.
 pub(super) const MANAGER_COLUMNS: &str = "id, workspace, name, kind, prefix, settings, auth_keys, \
@@ -160,7 +166,15 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
             name: row.text(7)?,
             version: row.opt_text(8)?,
         },
-        expires_at: row.opt_int(9)?.map(crate::time::clamp_unix),
+        // Rows written before version 6 (or by hand) have only the seconds; a millisecond
+        // value that does not agree with them is not trusted either.
+        expires_at_ms: match (row.opt_int(9)?, row.opt_int(15)?) {
+            (Some(secs), Some(ms)) if ms.div_euclid(1000) == secs => {
+                Some(crate::time::clamp_unix_ms(ms))
+            }
+            (Some(secs), _) => Some(crate::time::clamp_unix(secs) * 1000),
+            (None, _) => None,
+        },
         needs_reauth: row.flag(10)?,
         row_version: row.int(11)?,
         created_at: crate::time::clamp_unix(row.int(12)?),
@@ -381,7 +395,26 @@ mod tests {
             Int(10),
             Int(11),
             t("team-a"),
+            Null,
         ])
+    }
+
+    #[test]
+    fn the_expiry_is_read_to_the_millisecond_when_both_columns_agree() {
+        let expiry = |secs: Value, ms: Value| {
+            let mut row = credential_row(t("{}"), Value::Null);
+            row.0[9] = secs;
+            row.0[15] = ms;
+            credential(&row).unwrap().expires_at_ms
+        };
+        use Value::{Int, Null};
+        assert_eq!(expiry(Int(100), Int(100_250)), Some(100_250));
+        // A row from before schema version 6: whole seconds.
+        assert_eq!(expiry(Int(100), Null), Some(100_000));
+        // Milliseconds that disagree with the seconds (the seconds written by something that
+        // did not know the new column): the seconds win.
+        assert_eq!(expiry(Int(200), Int(100_250)), Some(200_000));
+        assert_eq!(expiry(Null, Int(100_250)), None);
     }
 
     #[test]

@@ -78,8 +78,9 @@ pub struct CredentialRecord {
     pub oauth: Option<OAuthDescription>,
     pub pinned_manager: Option<String>,
     pub location: Location,
-    /// Unix seconds at which the access token expires, if it does.
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds at which the access token expires, if it does: a token that lives
+    /// six seconds must not be believed to live five.
+    pub expires_at_ms: Option<i64>,
     pub needs_reauth: bool,
     /// Bumped on every update; updates compare-and-swap on it.
     pub row_version: i64,

@@ -184,6 +184,12 @@ const OBJECTS: &[(i64, &str)] = &[
         5,
         "CREATE INDEX {if_new}purges_due ON purges (next_at_ms)",
     ),
+    // Version 6: a token's expiry to the millisecond. `expires_at` (whole seconds, rounded
+    // down) is still written beside it: the index of refresh candidates is on it.
+    (
+        6,
+        "ALTER TABLE credentials ADD COLUMN {if_new_column}expires_at_ms {int}",
+    ),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

@@ -184,7 +184,7 @@ impl Service {
                 record = next;
             }
             let valid_until = earliest(
-                record.expires_at.map(crate::time::from_unix),
+                record.expires_at_ms.map(crate::time::from_unix_ms),
                 read.expires_in.map(crate::time::from_now),
             );
             Ok(Loaded {

@@ -127,7 +127,8 @@ pub(crate) struct CreateFields {
     pub integration_type: String,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub oauth: Option<OAuthDescription>,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
 }
 
 /// The checks `create` makes once the caller may write: integration type, metadata, and the
@@ -149,7 +150,7 @@ pub(crate) fn check_fields(
     }
     let metadata = metadata.unwrap_or_default();
     check_metadata(&metadata, limits)?;
-    let (oauth, expires_at) = match oauth {
+    let (oauth, expires_at_ms) = match oauth {
         Some(o) => {
             let expires_at = o.expires_at.as_ref().map(parse_expiry).transpose()?;
             (Some(check_oauth(o)?), expires_at)
@@ -160,7 +161,7 @@ pub(crate) fn check_fields(
         integration_type,
         metadata,
         oauth,
-        expires_at,
+        expires_at_ms,
     })
 }
 
@@ -314,15 +315,23 @@ fn check_token_url(raw: &str) -> Result<(), ServiceError> {
     }
 }
 
+/// An expiry as RFC 3339 (fractions of a second kept to the millisecond) or Unix seconds
+/// (an integer, or a number with a fraction), in Unix milliseconds.
 fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
     match v {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => crate::time::parse_rfc3339(s),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(secs) => secs.checked_mul(1000),
+            None => n
+                .as_f64()
+                .filter(|f| f.is_finite() && (0.0..=LATEST_EXPIRY_MS as f64 / 1000.0).contains(f))
+                .map(|f| (f * 1000.0) as i64),
+        },
+        serde_json::Value::String(s) => crate::time::parse_rfc3339_ms(s),
         _ => None,
     }
     // Refresh scheduling does arithmetic in milliseconds on this value: a year past 9999
     // would overflow it.
-    .filter(|t| (0..=LATEST_EXPIRY).contains(t))
+    .filter(|t| (0..=LATEST_EXPIRY_MS).contains(t))
     .ok_or_else(|| {
         ServiceError::Invalid(
             "`expires_at` must be RFC 3339 or Unix seconds, between 1970 and 9999".into(),
@@ -330,7 +339,7 @@ fn parse_expiry(v: &serde_json::Value) -> Result<i64, ServiceError> {
     })
 }
 
-use crate::time::LATEST_UNIX as LATEST_EXPIRY;
+use crate::time::LATEST_UNIX_MS as LATEST_EXPIRY_MS;
 
 /// A fresh idempotency token per logical write (AWS wants 32-64 characters). A token reused
 /// for a different value is an error there, so it is never derived from the row version.
@@ -345,15 +354,27 @@ mod tests {
     #[test]
     fn expiry_is_refused_outside_the_years_refresh_arithmetic_can_hold() {
         use serde_json::json;
-        assert_eq!(parse_expiry(&json!(1_700_000_000)).unwrap(), 1_700_000_000);
+        assert_eq!(
+            parse_expiry(&json!(1_700_000_000)).unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            parse_expiry(&json!(1_700_000_000.25)).unwrap(),
+            1_700_000_000_250
+        );
         assert_eq!(
             parse_expiry(&json!("2030-01-01T00:00:00Z")).unwrap(),
-            1_893_456_000
+            1_893_456_000_000
+        );
+        assert_eq!(
+            parse_expiry(&json!("2030-01-01T00:00:00.125Z")).unwrap(),
+            1_893_456_000_125
         );
         for bad in [
             json!(i64::MAX),
             json!(-1),
-            json!(LATEST_EXPIRY + 1),
+            json!(LATEST_EXPIRY_MS / 1000 + 1),
+            json!(1e300),
             json!(true),
         ] {
             let e = parse_expiry(&bad).unwrap_err().to_string();

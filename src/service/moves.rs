@@ -92,7 +92,7 @@ impl Service {
             Loaded {
                 record: Arc::new(next.clone()),
                 secrets: value.clone(),
-                valid_until: next.expires_at.map(crate::time::from_unix),
+                valid_until: next.expires_at_ms.map(crate::time::from_unix_ms),
             },
         );
         if let Some(entry_id) = old_entry {

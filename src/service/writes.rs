@@ -43,7 +43,7 @@ impl Service {
             integration_type,
             metadata,
             oauth,
-            expires_at,
+            expires_at_ms,
         } = check_fields(
             request.integration_type,
             request.metadata,
@@ -76,7 +76,7 @@ impl Service {
                 name: String::new(),
                 version: None,
             },
-            expires_at,
+            expires_at_ms,
             needs_reauth: false,
             row_version: 1,
             created_at: now,
@@ -139,7 +139,7 @@ impl Service {
                 if secrets.get(ACCESS_TOKEN).is_none() {
                     // No token yet: due at once, so the first read (or the background
                     // refresher) buys one.
-                    record.expires_at = Some(record.created_at);
+                    record.expires_at_ms = Some(record.created_at.saturating_mul(1000));
                 }
             }
         }
@@ -174,7 +174,7 @@ impl Service {
             Loaded {
                 record: Arc::new(record.clone()),
                 secrets,
-                valid_until: record.expires_at.map(crate::time::from_unix),
+                valid_until: record.expires_at_ms.map(crate::time::from_unix_ms),
             },
         );
         Ok(WriteOutcome { record })
@@ -213,7 +213,7 @@ impl Service {
             next.metadata = m;
         }
         if let Some(e) = new_expiry {
-            next.expires_at = Some(e);
+            next.expires_at_ms = Some(e);
         }
         if request.secrets.is_some() {
             // New secrets are how a user re-authorises: refreshing may be tried again.
@@ -361,7 +361,7 @@ impl Service {
             Loaded {
                 record: Arc::new(next.clone()),
                 secrets: value,
-                valid_until: next.expires_at.map(crate::time::from_unix),
+                valid_until: next.expires_at_ms.map(crate::time::from_unix_ms),
             },
         );
         Ok(next)

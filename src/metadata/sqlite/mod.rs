@@ -407,7 +407,7 @@ mod tests {
                 name: format!("Production/{id}"),
                 version: Some("1".into()),
             },
-            expires_at: None,
+            expires_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 1,

@@ -88,7 +88,7 @@ mod tests {
             audience: None,
             resource: None,
         });
-        r.expires_at = Some(100);
+        r.expires_at_ms = Some(100_000);
         store.create_credential(&r, 0).await.unwrap();
         let sealed = SealedRecord {
             name: "oauth-pending:a".into(),

@@ -126,7 +126,7 @@ pub(super) async fn refresh(
         &serde_json::json!({
             "id": record.id,
             "refreshed": matches!(outcome, crate::service::Refreshed::Done(_)),
-            "expires_at": record.expires_at.map(crate::time::rfc3339),
+            "expires_at": record.expires_at_ms.map(crate::time::rfc3339_ms),
             "secrets_manager_id": record.location.manager_id,
             "reference": reference(record),
         }),

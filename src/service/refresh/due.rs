@@ -9,6 +9,7 @@ use futures::StreamExt;
 use super::{Refreshed, Trigger};
 use crate::cache::{CacheStatus, Entry};
 use crate::metadata::CredentialRecord;
+use crate::oauth::due_at_ms;
 use crate::service::{Service, ServiceError};
 
 /// How many refreshes one background pass starts at most; the rest wait for the next pass.
@@ -24,12 +25,12 @@ impl Service {
         entry: Arc<Entry>,
         status: CacheStatus,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        let Some(expires_at) = entry.expires_at().filter(|_| entry.has_oauth()) else {
+        let Some(expires_at_ms) = entry.expires_at_ms().filter(|_| entry.has_oauth()) else {
             return Ok((entry, status));
         };
         // Boxed: the refresh's state would otherwise make every read's future larger, and a
         // read's future is copied a few times per request.
-        Box::pin(self.checked_oauth_token(id, entry, status, expires_at)).await
+        Box::pin(self.checked_oauth_token(id, entry, status, expires_at_ms)).await
     }
 
     async fn checked_oauth_token(
@@ -37,14 +38,14 @@ impl Service {
         id: &str,
         entry: Arc<Entry>,
         status: CacheStatus,
-        expires_at: i64,
+        expires_at_ms: i64,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
         if self.is_read_only(entry.manager_id()) {
             // Refreshed by its own service; the cache entry already ends at `expires_in`.
             return Ok((entry, status));
         }
         let config = self.oauth_config();
-        let expired = crate::time::now_unix_ms() >= expires_at.saturating_mul(1000);
+        let expired = crate::time::now_unix_ms() >= expires_at_ms;
         if entry.needs_reauth() {
             return if expired {
                 Err(ServiceError::NeedsReauth)
@@ -73,10 +74,7 @@ impl Service {
             // current one and let the refresh finish on its own.
             let runtime = self.runtime.load();
             let left = Duration::from_millis(
-                (expires_at
-                    .saturating_mul(1000)
-                    .saturating_sub(crate::time::now_unix_ms()))
-                .max(0) as u64,
+                (expires_at_ms.saturating_sub(crate::time::now_unix_ms())).max(0) as u64,
             );
             let budget = (runtime.config.server.request_timeout / 2).min(left);
             match tokio::time::timeout(budget, task).await {
@@ -103,8 +101,8 @@ impl Service {
                     .get_or_load(id, || self.loader(id.to_owned()))
                     .await?;
                 let expired = entry
-                    .expires_at()
-                    .is_some_and(|e| crate::time::now_unix_ms() >= e.saturating_mul(1000));
+                    .expires_at_ms()
+                    .is_some_and(|e| crate::time::now_unix_ms() >= e);
                 if expired {
                     return Err(ServiceError::TokenUnavailable {
                         detail: "the token endpoint issued a token that has already expired".into(),
@@ -164,18 +162,31 @@ impl Service {
     }
 
     /// One pass of the background refresher: refreshes every token inside its window, at
-    /// most `oauth.max_concurrent` at a time. Returns how many were refreshed.
-    pub async fn refresh_due(&self) -> Result<usize, ServiceError> {
+    /// most `oauth.max_concurrent` at a time. Returns how many were refreshed, and when the
+    /// next token seen becomes due (Unix ms) if that is before the next regular pass, so a
+    /// short-lived token is refreshed on time without a short `oauth.scan_interval`.
+    pub async fn refresh_due(&self) -> Result<(usize, Option<i64>), ServiceError> {
         let config = self.oauth_config();
-        let horizon =
-            crate::time::now_unix() + (config.refresh_before + config.jitter).as_secs() as i64 + 1;
+        let ahead = config.refresh_before + config.jitter + config.scan_interval;
+        let horizon = crate::time::now_unix() + ahead.as_secs() as i64 + 1;
         let candidates = self.metadata.oauth_due(horizon, SCAN_BATCH).await?;
+        let now = crate::time::now_unix_ms();
+        let mut next_due: Option<i64> = None;
         let due: Vec<CredentialRecord> = candidates
             .into_iter()
             .filter(|r| {
-                self.is_due(&config, r)
+                r.oauth.is_some()
+                    && !r.needs_reauth
                     && !self.is_read_only(&r.location.manager_id)
                     && self.oauth.backoff.remaining(&r.id).is_none()
+            })
+            .filter(|r| match due_at_ms(&config, r) {
+                Some(at) if at <= now => true,
+                Some(at) => {
+                    next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                    false
+                }
+                None => false,
             })
             .collect();
         let refreshed = futures::stream::iter(due)
@@ -195,6 +206,6 @@ impl Service {
         if let Ok(n) = self.metadata.count_needs_reauth().await {
             self.metrics.needs_reauth.set(n as i64);
         }
-        Ok(refreshed)
+        Ok((refreshed, next_due))
     }
 }

@@ -75,23 +75,21 @@ impl Service {
                 "the `client_credentials` grant needs a `{CLIENT_SECRET}` field"
             )));
         }
-        if let Some(e) = record.expires_at {
-            let left = (e
-                .saturating_mul(1000)
-                .saturating_sub(crate::time::now_unix_ms()))
-            .max(0) as f64
-                / 1000.0;
+        if let Some(e) = record.expires_at_ms {
+            let left = (e.saturating_sub(crate::time::now_unix_ms())).max(0) as f64 / 1000.0;
             self.metrics.oauth_time_to_expiry.observe(left);
         }
 
-        let answer = {
+        let (answer, asked) = {
             let _permit = self
                 .oauth
                 .limiter
                 .acquire()
                 .await
                 .map_err(|_| ServiceError::Metadata("refresh limiter closed".into()))?;
-            self.oauth
+            let asked = std::time::SystemTime::now();
+            let answer = self
+                .oauth
                 .client
                 .refresh(
                     &oauth,
@@ -99,11 +97,12 @@ impl Service {
                     refresh_token.as_ref(),
                     config.timeout,
                 )
-                .await
+                .await;
+            (answer, asked)
         };
         match answer {
             Ok(grant) => {
-                let tokens = Tokens::from_grant(grant);
+                let tokens = Tokens::from_grant(grant, asked);
                 // The old refresh token is spent now: keep the answer before anything else.
                 self.save_pending(&record, &tokens).await;
                 self.check_write_rate(&record, &tokens, &config);
@@ -112,7 +111,7 @@ impl Service {
                         let _ = self.metadata.pending_token_delete(id).await;
                         self.oauth.backoff.succeeded(id);
                         self.count("success");
-                        tracing::info!(credential = id, expires_at = ?done.expires_at,
+                        tracing::info!(credential = id, expires_at_ms = ?done.expires_at_ms,
                             rotated = tokens.refresh_token.is_some(), "refreshed OAuth token");
                         Ok(Refreshed::Done(done))
                     }
@@ -155,16 +154,19 @@ impl Service {
         let Some(manager) = runtime.config.manager(&record.location.manager_id) else {
             return;
         };
-        let (Some(advised), Some(expires_at)) = (
+        let (Some(advised), Some(expires_at_ms)) = (
             crate::manager::descriptor::find(&manager.kind)
                 .and_then(|d| d.advised_min_write_interval),
-            tokens.expires_at,
+            tokens.expires_at_ms,
         ) else {
             return;
         };
-        let lifetime =
-            Duration::from_secs(expires_at.saturating_sub(crate::time::now_unix()).max(0) as u64);
-        let interval = lifetime.saturating_sub(config.refresh_before.min(lifetime / 2));
+        let lifetime = Duration::from_millis(
+            expires_at_ms
+                .saturating_sub(crate::time::now_unix_ms())
+                .max(0) as u64,
+        );
+        let interval = crate::oauth::refresh_interval(config, lifetime);
         if interval >= advised {
             return;
         }

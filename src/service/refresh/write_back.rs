@@ -16,25 +16,33 @@ use crate::secret::{SecretFields, SecretString};
 use crate::service::error::manager_failure;
 use crate::service::{Service, ServiceError};
 
-/// Carried only inside a sealed pending answer, never written to a secrets manager.
-const PENDING_EXPIRES_AT: &str = "expires_at";
+/// Carried only inside a sealed pending answer, never written to a secrets manager: the expiry
+/// in Unix milliseconds; answers sealed by earlier versions carry Unix seconds under
+/// `expires_at`.
+const PENDING_EXPIRES_AT_MS: &str = "expires_at_ms";
+const PENDING_EXPIRES_AT_SECS: &str = "expires_at";
 
 /// The tokens of one successful answer, as sealed while awaiting write-back.
 pub(super) struct Tokens {
     pub(super) access_token: SecretString,
     pub(super) refresh_token: Option<SecretString>,
-    pub(super) expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub(super) expires_at_ms: Option<i64>,
 }
 
 impl Tokens {
-    pub(super) fn from_grant(grant: Grant) -> Self {
+    /// The answer to a token request sent at `asked`. `expires_in` counts from when the
+    /// server wrote its answer, which is after the request was sent: counting from the
+    /// sending makes the expiry a little early, never late.
+    pub(super) fn from_grant(grant: Grant, asked: std::time::SystemTime) -> Self {
         Self {
             access_token: grant.access_token,
             refresh_token: grant.refresh_token,
             // Rounded down: a token is never believed valid longer than it is.
-            expires_at: grant
-                .expires_in
-                .map(|d| crate::time::to_unix(crate::time::from_now(d))),
+            expires_at_ms: grant.expires_in.map(|d| {
+                let latest = crate::time::from_unix_ms(crate::time::LATEST_UNIX_MS);
+                crate::time::to_unix_ms(asked.checked_add(d).map_or(latest, |t| t.min(latest)))
+            }),
         }
     }
 
@@ -44,8 +52,8 @@ impl Tokens {
         if let Some(r) = &self.refresh_token {
             f.insert(REFRESH_TOKEN, r.clone());
         }
-        if let Some(e) = self.expires_at {
-            f.insert(PENDING_EXPIRES_AT, SecretString::new(e.to_string()));
+        if let Some(e) = self.expires_at_ms {
+            f.insert(PENDING_EXPIRES_AT_MS, SecretString::new(e.to_string()));
         }
         f
     }
@@ -54,9 +62,13 @@ impl Tokens {
         Some(Self {
             access_token: f.remove(ACCESS_TOKEN)?,
             refresh_token: f.remove(REFRESH_TOKEN),
-            expires_at: match f.remove(PENDING_EXPIRES_AT) {
-                Some(e) => Some(e.expose().parse().ok()?),
-                None => None,
+            expires_at_ms: match (
+                f.remove(PENDING_EXPIRES_AT_MS),
+                f.remove(PENDING_EXPIRES_AT_SECS),
+            ) {
+                (Some(ms), _) => Some(ms.expose().parse().ok()?),
+                (None, Some(secs)) => Some(secs.expose().parse::<i64>().ok()?.checked_mul(1000)?),
+                (None, None) => None,
             },
         })
     }
@@ -141,7 +153,7 @@ impl Service {
                 value.insert(REFRESH_TOKEN, r.clone());
             }
             let mut next = current.clone();
-            next.expires_at = tokens.expires_at;
+            next.expires_at_ms = tokens.expires_at_ms;
             next.needs_reauth = false;
             next.row_version += 1;
             next.updated_at = crate::time::now_unix();

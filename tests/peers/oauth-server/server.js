@@ -18,6 +18,7 @@
 //   POST /admin/revoke           {refresh_token}: revokes that token's family
 //   POST /admin/mode             {down?: bool, delay_ms?: number, access_lifetime?: number}
 //   GET  /admin/stats            counters
+//   GET  /admin/token?access_token=T  {expires_at_ms} of a token this server issued (404 if not)
 'use strict';
 
 const http = require('http');
@@ -247,6 +248,11 @@ const server = http.createServer(async (req, res) => {
       return send(res, 200, mode);
     }
     if (req.method === 'GET' && url.pathname === '/admin/stats') return send(res, 200, stats);
+    if (req.method === 'GET' && url.pathname === '/admin/token') {
+      const t = accessTokens.get(url.searchParams.get('access_token') || '');
+      if (!t) return send(res, 404, { error: 'unknown token' });
+      return send(res, 200, { expires_at_ms: t.accessTokenExpiresAt.getTime() });
+    }
     send(res, 404, { error: 'not_found' });
   } catch (e) {
     send(res, 500, { error: 'server_error', error_description: String(e) });
