@@ -298,6 +298,12 @@ async fn composio_accounts_are_read_by_reference_and_never_written() {
         "OAUTH2",
         json!({"access_token": "gho_old"}),
     );
+    fake.account(
+        "ca_revoked",
+        "REVOKED",
+        "OAUTH2",
+        json!({"access_token": "gho_revoked"}),
+    );
 
     let register = |external: &str| {
         let body = json!({"environment": "Production", "integration_type": "github",
@@ -350,6 +356,18 @@ async fn composio_accounts_are_read_by_reference_and_never_written() {
         .as_str()
         .unwrap()
         .contains("EXPIRED"));
+    let (status, body) = register("ca_revoked").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("credential_unusable")),
+        "{body}"
+    );
+    let detail = body["error"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("REVOKED") && detail.contains("reconnect"),
+        "{detail}"
+    );
+    assert!(!body.to_string().contains("gho_revoked"));
     // An account that expires after registration.
     fake.account(
         "ca_key",
@@ -430,11 +448,60 @@ async fn composio_accounts_are_read_by_reference_and_never_written() {
 
     // Listing walks Composio's cursors.
     let (names, pages) = list_all(&d, "composio", 1).await;
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
     assert!(pages >= 4);
     let logs = d.logs();
     assert!(!logs.contains(fakes::COMPOSIO_API_KEY));
     assert!(!logs.contains("ghr_never_out"));
+    // Every call went to the current API (v3.1), the default.
+    let versions = fake.state().versions.clone();
+    assert!(
+        !versions.is_empty() && versions.iter().all(|v| v == "v3.1"),
+        "{versions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composio_api_version_v3_is_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fakes::composio().await;
+    let mut manager = composio_manager(dir.path(), &fake);
+    manager
+        .as_table_mut()
+        .unwrap()
+        .insert("api_version".into(), "v3".into());
+    let d = start(vec![manager], &[]).await;
+    fake.account("ca_key", "ACTIVE", "API_KEY", json!({"api_key": "key-v3"}));
+    let (status, created) = d
+        .call(
+            Method::POST,
+            "/v1/credentials",
+            Some(
+                json!({"environment": "Production", "integration_type": "github",
+                        "secrets_manager_id": "composio", "external_id": "ca_key"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, body) = read(&d, created["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (status, &body["secrets"]["api_key"]),
+        (200, &json!("key-v3"))
+    );
+    let versions = fake.state().versions.clone();
+    assert!(versions.iter().all(|v| v == "v3"), "{versions:?}");
+    // Any other version is refused by the config check, naming the key.
+    let bad = dir.path().join("bad.toml");
+    let mut config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+    config["secrets_manager"].as_array_mut().unwrap()[0]
+        .as_table_mut()
+        .unwrap()
+        .insert("api_version".into(), "v4".into());
+    std::fs::write(&bad, toml::to_string(&config).unwrap()).unwrap();
+    let out = common::run_cli(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api_version"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

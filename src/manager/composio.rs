@@ -1,5 +1,6 @@
 //! Composio (`type = "composio"`): read-only. A credential is registered by reference to a
-//! connected account; a read fetches `GET /api/v3/connected_accounts/{id}` and maps the
+//! connected account; a read fetches `GET /api/v3.1/connected_accounts/{id}` (or `/api/v3/…`
+//! with `api_version = "v3"`) and maps the
 //! account's `state.val` to secret fields for its auth scheme. Composio refreshes its own
 //! tokens: credproxy never writes, refreshes or moves anything here, and honours `expires_in`
 //! so a cached token is not served past it. Masked values and accounts that are not ACTIVE are
@@ -30,7 +31,12 @@ const LIST_PAGE: usize = 100;
 pub struct ComposioSettings {
     pub api_key: SecretRef,
     pub base_url: Option<String>,
+    pub api_version: Option<String>,
 }
+
+/// The API versions whose connected-account routes this reads, with their path prefixes: the
+/// current one first (the default).
+const API_VERSIONS: [(&str, &str); 2] = [("v3.1", "/api/v3.1"), ("v3", "/api/v3")];
 
 /// The `composio` type, for the table in `descriptor`.
 pub static DESCRIPTOR: Descriptor = Descriptor {
@@ -55,6 +61,14 @@ pub static DESCRIPTOR: Descriptor = Descriptor {
         label: "Base URL (optional)",
         instructions: "Defaults to https://backend.composio.dev.",
     },
+    Key {
+        name: "api_version",
+        locates: false,
+        required: false,
+        secret: false,
+        label: "API version (optional)",
+        instructions: "`v3.1` (the default, Composio's current API) or `v3`.",
+    },
     ],
     check_values: |manager| parse_settings(manager).map(drop),
     build: |manager| Box::pin(ComposioManager::build(manager)),
@@ -71,6 +85,15 @@ pub fn parse_settings(manager: &ManagerConfig) -> Result<ComposioSettings, Confi
             ));
         }
     }
+    if let Some(version) = &settings.api_version {
+        if !API_VERSIONS.iter().any(|(v, _)| v == version) {
+            return Err(super::setting_error(
+                manager,
+                "api_version",
+                "must be `v3.1` or `v3`",
+            ));
+        }
+    }
     Ok(settings)
 }
 
@@ -78,6 +101,8 @@ pub struct ComposioManager {
     id: String,
     http: reqwest::Client,
     base: String,
+    /// `/api/v3.1` or `/api/v3`.
+    prefix: &'static str,
     api_key: SecretString,
 }
 
@@ -100,6 +125,10 @@ impl ComposioManager {
                 .unwrap_or_else(|| DEFAULT_BASE_URL.into())
                 .trim_end_matches('/')
                 .to_owned(),
+            prefix: API_VERSIONS
+                .iter()
+                .find(|(v, _)| Some(*v) == settings.api_version.as_deref())
+                .map_or(API_VERSIONS[0].1, |(_, prefix)| prefix),
             api_key,
         }))
     }
@@ -166,9 +195,7 @@ impl ComposioManager {
 fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), ManagerError> {
     let status = account["status"].as_str().unwrap_or("UNKNOWN");
     if status != "ACTIVE" {
-        return Err(ManagerError::Unusable(format!(
-            "the Composio connected account is {status}, not ACTIVE; the user must reconnect it in Composio"
-        )));
+        return Err(ManagerError::Unusable(inactive(status)));
     }
     let state = &account["state"];
     let scheme = state["authScheme"]
@@ -218,6 +245,32 @@ fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), Manage
     Ok((fields, expires_in))
 }
 
+/// Why an account that is not `ACTIVE` cannot be used, and what its user has to do. The status
+/// is Composio's word, kept only if it looks like one (it reaches logs and answers).
+fn inactive(status: &str) -> String {
+    let status = if !status.is_empty()
+        && status.len() <= 32
+        && status.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    {
+        status
+    } else {
+        "?"
+    };
+    let what = match status {
+        "INITIATED" | "INITIALIZING" => {
+            "has not finished connecting; the user must complete the connection in Composio"
+        }
+        "EXPIRED" => "has expired; the user must reconnect it in Composio",
+        "REVOKED" => {
+            "was revoked by the user or the provider; the user must reconnect it in Composio"
+        }
+        "FAILED" => "failed to connect; the user must connect it again in Composio",
+        "INACTIVE" => "is disabled; enable it in Composio",
+        _ => "is not ACTIVE; the user must reconnect it in Composio",
+    };
+    format!("the Composio connected account (status {status}) {what}")
+}
+
 /// RFC 3986 unreserved characters stay as they are; everything else is escaped.
 const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
@@ -237,7 +290,11 @@ impl SecretsManager for ComposioManager {
 
     async fn get(&self, name: &str, _version: Option<&str>) -> Result<Versioned, ManagerError> {
         let account = self
-            .call(&format!("/api/v3/connected_accounts/{}", encode(name)))
+            .call(&format!(
+                "{}/connected_accounts/{}",
+                self.prefix,
+                encode(name)
+            ))
             .await?;
         let (value, expires_in) = fields_of(&account)?;
         Ok(Versioned {
@@ -252,7 +309,7 @@ impl SecretsManager for ComposioManager {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut path = format!("/api/v3/connected_accounts?limit={LIST_PAGE}");
+            let mut path = format!("{}/connected_accounts?limit={LIST_PAGE}", self.prefix);
             if let Some(c) = &cursor {
                 path.push_str(&format!("&cursor={}", encode(c)));
             }
@@ -346,5 +403,28 @@ mod tests {
         let e =
             fields_of(&account("EXPIRED", "OAUTH2", json!({"access_token": "at"}))).unwrap_err();
         assert!(e.to_string().contains("EXPIRED"));
+    }
+
+    #[test]
+    fn every_inactive_status_says_what_the_user_must_do() {
+        for (status, says) in [
+            ("REVOKED", "revoked by the user or the provider"),
+            ("EXPIRED", "expired"),
+            ("INITIATED", "not finished connecting"),
+            ("FAILED", "failed to connect"),
+            ("INACTIVE", "disabled"),
+            ("SOMETHING_NEW", "not ACTIVE"),
+        ] {
+            let e = fields_of(&account(status, "OAUTH2", json!({"access_token": "at"})))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(status) && e.contains(says), "{e}");
+            assert!(!e.contains("at\""), "{e}");
+        }
+        // Anything that does not look like a status word stays out of the message.
+        let e = fields_of(&account("x\ny <script>", "OAUTH2", json!({})))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status ?") && !e.contains("script"), "{e}");
     }
 }

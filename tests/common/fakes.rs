@@ -968,6 +968,8 @@ pub struct ComposioState {
     pub accounts: BTreeMap<String, Value>,
     pub requests: usize,
     pub page_size: usize,
+    /// The API versions the requests used (`v3`, `v3.1`), in order.
+    pub versions: Vec<String>,
 }
 
 pub struct ComposioFake {
@@ -1017,7 +1019,17 @@ fn composio_handle(state: &Mutex<ComposioState>, call: Call) -> Response<Full<By
     if call.method != "GET" {
         return composio_error(405, "MethodNotAllowed", "Method not allowed");
     }
-    match call.path.strip_prefix("/api/v3/connected_accounts") {
+    // Both the current API (v3.1) and v3 serve connected accounts the same way.
+    let (version, rest) = match (
+        call.path.strip_prefix("/api/v3.1/"),
+        call.path.strip_prefix("/api/v3/"),
+    ) {
+        (Some(rest), _) => ("v3.1", rest),
+        (None, Some(rest)) => ("v3", rest),
+        (None, None) => return composio_error(404, "NotFound", "Route not found"),
+    };
+    s.versions.push(version.to_owned());
+    match rest.strip_prefix("connected_accounts") {
         Some("") => {
             let limit: usize = call
                 .query
