@@ -50,6 +50,7 @@ fn loaded() -> Loaded {
                 version: Some("1".into()),
             },
             expires_at_ms: None,
+            token_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 0,

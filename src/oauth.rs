@@ -326,11 +326,24 @@ const JITTER_SHARE: i64 = 40;
 
 /// When a credential's token should be refreshed, in Unix milliseconds: `refresh_before` ahead
 /// of its expiry but never more than a twentieth of its lifetime, minus a jitter fixed per
-/// credential of at most `jitter` and a fortieth of the lifetime (taken from when the row was
-/// last written). So a token of any lifetime, six seconds or a day, is refreshed once, late in
+/// credential of at most `jitter` and a fortieth of the lifetime (taken from when the token was
+/// stored, [`token_issued_ms`]). So a token of any lifetime, six seconds or a day, is refreshed once, late in
 /// its life, and the jitter never moves a refresh into its first half.
 pub fn due_at_ms(config: &OAuthConfig, record: &CredentialRecord) -> Option<i64> {
-    token_due_at_ms(config, &record.id, record.expires_at_ms, record.updated_at)
+    token_due_at_ms(
+        config,
+        &record.id,
+        record.expires_at_ms,
+        token_issued_ms(record),
+    )
+}
+
+/// When `record`'s token was stored, in Unix ms: its `token_at_ms`, or for rows from before
+/// that was kept, when the row was last written.
+pub fn token_issued_ms(record: &CredentialRecord) -> i64 {
+    record
+        .token_at_ms
+        .unwrap_or_else(|| record.updated_at.saturating_mul(1000))
 }
 
 /// The shortest time between two refreshes of a token that lives `lifetime`: its lifetime less
@@ -347,12 +360,10 @@ pub fn token_due_at_ms(
     config: &OAuthConfig,
     id: &str,
     expires_at_ms: Option<i64>,
-    updated_at: i64,
+    issued_ms: i64,
 ) -> Option<i64> {
     let expires_ms = expires_at_ms?;
-    let lifetime_ms = expires_ms
-        .saturating_sub(updated_at.saturating_mul(1000))
-        .max(0);
+    let lifetime_ms = expires_ms.saturating_sub(issued_ms).max(0);
     let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / WINDOW_SHARE);
     let span = (config.jitter.as_millis() as i64).min(lifetime_ms / JITTER_SHARE);
     let jitter = if span > 0 {
@@ -452,6 +463,7 @@ mod tests {
                 version: None,
             },
             expires_at_ms: Some(expires_at_ms),
+            token_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: updated_at,
@@ -506,6 +518,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_write_that_leaves_the_token_alone_does_not_move_its_due_time() {
+        let c = config();
+        let stored = record("a", 0, 3_600_000);
+        let due = due_at_ms(&c, &stored).unwrap();
+        // Metadata changed ten seconds before expiry: the row is newer, the token is not.
+        let patched = CredentialRecord {
+            token_at_ms: Some(0),
+            updated_at: 3_590,
+            ..stored.clone()
+        };
+        assert_eq!(due_at_ms(&c, &patched), Some(due));
+        // Without `token_at_ms` (a row from before it was kept) the row's time is all there is.
+        let old_row = CredentialRecord {
+            updated_at: 3_590,
+            ..stored
+        };
+        assert!(due_at_ms(&c, &old_row).unwrap() > due);
+    }
+
     /// Token requests per lifetime, on a fake clock: a token server that issues tokens of
     /// `lifetime_ms` (announcing `expires_in` in whole seconds, as real ones do) and answers
     /// after `latency_ms`, readers every `read_every_ms`, and the daemon's own decisions: a
@@ -522,9 +554,8 @@ mod tests {
             let mut now = 1_700_000_000_123i64;
             let issue = |at: i64| {
                 let expires_in = lifetime_ms / 1000;
-                // Stored when the answer arrives; `expires_at` from `expires_in` rounded down
-                // to the millisecond, `updated_at` in whole seconds.
-                (at + expires_in * 1000, at.div_euclid(1000))
+                // Stored when the answer arrives, `expires_at` counted from `expires_in`.
+                (at + expires_in * 1000, at)
             };
             let (mut expires, mut updated) = issue(now);
             let mut due = token_due_at_ms(c, &id, Some(expires), updated).unwrap();

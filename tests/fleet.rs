@@ -41,6 +41,7 @@ fn record(id: &str, expires_at_ms: Option<i64>) -> CredentialRecord {
             version: Some("1".into()),
         },
         expires_at_ms,
+        token_at_ms: None,
         needs_reauth: false,
         row_version: 1,
         created_at: 10,

@@ -22,7 +22,8 @@ pub struct Entry {
     /// every entry pays them).
     expires_at_ms: i64,
     expires: bool,
-    updated_at: i64,
+    /// When the token was stored, in Unix ms (its lifetime counts from it).
+    token_issued_ms: i64,
     row_version: i64,
     needs_reauth: bool,
     has_oauth: bool,
@@ -64,7 +65,7 @@ impl Entry {
             }),
             expires_at_ms: record.expires_at_ms.unwrap_or_default(),
             expires: record.expires_at_ms.is_some(),
-            updated_at: record.updated_at,
+            token_issued_ms: crate::oauth::token_issued_ms(record),
             row_version: record.row_version,
             needs_reauth: record.needs_reauth,
             has_oauth: record.oauth.is_some(),
@@ -97,9 +98,9 @@ impl Entry {
         self.expires.then_some(self.expires_at_ms)
     }
 
-    /// When the row was last written, in Unix seconds (a token's lifetime counts from it).
-    pub fn updated_at(&self) -> i64 {
-        self.updated_at
+    /// When the token was stored, in Unix milliseconds (its lifetime counts from it).
+    pub fn token_issued_ms(&self) -> i64 {
+        self.token_issued_ms
     }
 
     pub fn row_version(&self) -> i64 {
@@ -202,7 +203,7 @@ mod tests {
         let e = Entry::new(&loaded, &places, Duration::from_secs(1), Duration::ZERO);
         assert_eq!(e.expires_at_ms(), Some(0));
         assert!(e.needs_reauth() && !e.has_oauth());
-        assert_eq!((e.row_version(), e.updated_at()), (9, -5));
+        assert_eq!((e.row_version(), e.token_issued_ms()), (9, -5000));
         assert_eq!(
             (
                 e.workspace(),

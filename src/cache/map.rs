@@ -96,9 +96,12 @@ impl Map {
     }
 
     /// Puts `entry` under `key`, evicting a rarely used entry of its shard if the map is full.
-    pub(super) fn insert(&self, key: &str, entry: Arc<Entry>, now: Instant) {
+    /// Returns the entry it replaced or evicted, for the caller to drop (wiping its body) once
+    /// it holds no lock.
+    #[must_use = "dropped entries are wiped where the caller holds no lock"]
+    pub(super) fn insert(&self, key: &str, entry: Arc<Entry>, now: Instant) -> Option<Arc<Entry>> {
         if self.capacity == 0 {
-            return;
+            return Some(entry);
         }
         let tick = self.tick(now);
         entry.last_used.store(tick, Ordering::Relaxed);
@@ -127,11 +130,12 @@ impl Map {
                 evicted
             }
         };
-        // Wiping a body takes a moment: not while holding the shard.
-        drop(dropped);
+        dropped
     }
 
-    pub(super) fn remove(&self, key: &str) {
+    /// Removes `key`'s entry and returns it, for the caller to drop once it holds no lock.
+    #[must_use = "dropped entries are wiped where the caller holds no lock"]
+    pub(super) fn remove(&self, key: &str) -> Option<Arc<Entry>> {
         let removed = {
             let mut shard = self
                 .shard(key)
@@ -143,19 +147,22 @@ impl Map {
             }
             removed
         };
-        drop(removed);
+        removed
     }
 
-    pub(super) fn clear(&self) {
-        for shard in self.shards.iter() {
-            let entries = {
+    /// Empties the map and returns what it held, for the caller to drop once it holds no lock
+    /// (wiping every body takes a while).
+    #[must_use = "dropped entries are wiped where the caller holds no lock"]
+    pub(super) fn clear(&self) -> Vec<IndexMap<Box<str>, Arc<Entry>>> {
+        self.shards
+            .iter()
+            .map(|shard| {
                 let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
                 let entries = std::mem::take(&mut shard.entries);
                 self.len.fetch_sub(entries.len(), Ordering::Relaxed);
                 entries
-            };
-            drop(entries);
-        }
+            })
+            .collect()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -267,11 +274,11 @@ mod tests {
         let evictions = prometheus::IntCounter::new("e", "e").unwrap();
         let map = Map::new(100, Some(evictions.clone()));
         let ttl = Duration::from_secs(3600);
-        map.insert("hot", entry(&places, ttl), Instant::now());
+        let _ = map.insert("hot", entry(&places, ttl), Instant::now());
         for n in 0..1000 {
             tokio::time::advance(Duration::from_millis(2)).await;
             map.get("hot", Instant::now()).unwrap();
-            map.insert(&format!("k{n}"), entry(&places, ttl), Instant::now());
+            let _ = map.insert(&format!("k{n}"), entry(&places, ttl), Instant::now());
             assert!(map.len() <= 100);
         }
         assert_eq!(map.len(), 100);
@@ -294,10 +301,10 @@ mod tests {
         let map = Map::new(10_000, Some(evictions.clone()));
         let ttl = Duration::from_secs(60);
         for n in 0..10_000 {
-            map.insert(&format!("k{n}"), entry(&places, ttl), Instant::now());
+            let _ = map.insert(&format!("k{n}"), entry(&places, ttl), Instant::now());
         }
         assert_eq!((map.len(), evictions.get()), (10_000, 0));
-        map.insert("one more", entry(&places, ttl), Instant::now());
+        let _ = map.insert("one more", entry(&places, ttl), Instant::now());
         assert_eq!((map.len(), evictions.get()), (10_000, 1));
         let held: usize = map
             .shards
@@ -313,9 +320,9 @@ mod tests {
         let map = Map::new(10_000, None);
         let short = entry(&places, Duration::from_secs(1));
         let weak = Arc::downgrade(&short);
-        map.insert("short", short, Instant::now());
+        let _ = map.insert("short", short, Instant::now());
         for n in 0..100 {
-            map.insert(
+            let _ = map.insert(
                 &format!("long{n}"),
                 entry(&places, Duration::from_secs(60)),
                 Instant::now(),
@@ -339,21 +346,21 @@ mod tests {
         let ttl = Duration::from_secs(60);
         let first = entry(&places, ttl);
         let second = entry(&places, ttl);
-        map.insert("a", Arc::clone(&first), Instant::now());
-        map.insert("a", Arc::clone(&second), Instant::now());
+        let _ = map.insert("a", Arc::clone(&first), Instant::now());
+        let _ = map.insert("a", Arc::clone(&second), Instant::now());
         assert!(Arc::ptr_eq(&map.get("a", Instant::now()).unwrap(), &second));
         assert_eq!(
             Arc::strong_count(&first),
             1,
             "the replaced entry was let go"
         );
-        map.insert("b", entry(&places, ttl), Instant::now());
-        map.remove("a");
+        let _ = map.insert("b", entry(&places, ttl), Instant::now());
+        let _ = map.remove("a");
         assert_eq!(map.len(), 1);
-        map.clear();
+        let _ = map.clear();
         assert_eq!(map.len(), 0);
         let zero = Map::new(0, None);
-        zero.insert("a", second, Instant::now());
+        let _ = zero.insert("a", second, Instant::now());
         assert_eq!(zero.len(), 0, "a capacity of 0 caches nothing");
     }
 }

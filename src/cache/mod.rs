@@ -310,16 +310,19 @@ impl<E: LoadFailure> Cache<E> {
         async move {
             let loaded = load.await?;
             let entry = Arc::new(Entry::new(&loaded, &places, ttl, grace));
-            let _guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            if generation.load(Ordering::Acquire) == since && entry.fresh_until > now {
-                entries.insert(&key, Arc::clone(&entry), now);
+            let dropped = if generation.load(Ordering::Acquire) == since && entry.fresh_until > now
+            {
+                entries.insert(&key, Arc::clone(&entry), now)
             } else {
-                entries.remove(&key);
-            }
+                entries.remove(&key)
+            };
             // Ordinary loads still in flight started before this read: their older values
             // must not land over it.
             generation.fetch_add(1, Ordering::AcqRel);
+            drop(guard);
+            drop(dropped);
             Ok(entry)
         }
         .boxed()
@@ -342,11 +345,15 @@ impl<E: LoadFailure> Cache<E> {
             // Checked under the same lock `invalidate` takes, so an invalidation either
             // happens-before this check (and we skip the insert) or after the insert (and
             // removes it).
-            let _guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
+            let mut dropped = None;
             if generation.load(Ordering::Acquire) == started_generation && entry.fresh_until > now {
-                entries.insert(&key, Arc::clone(&entry), now);
+                dropped = entries.insert(&key, Arc::clone(&entry), now);
             }
+            // A replaced body is wiped after the lock every cache miss takes is let go.
+            drop(guard);
+            drop(dropped);
             Ok(entry)
         }
         .boxed()
@@ -361,25 +368,32 @@ impl<E: LoadFailure> Cache<E> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.remove(key);
         let now = Instant::now();
-        if entry.fresh_until > now {
-            self.entries.insert(key, Arc::new(entry), now);
+        let dropped = if entry.fresh_until > now {
+            self.entries.insert(key, Arc::new(entry), now)
         } else {
-            self.entries.remove(key);
-        }
+            self.entries.remove(key)
+        };
+        drop(inflight);
+        drop(dropped);
     }
 
     pub fn invalidate(&self, key: &str) {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.remove(key);
-        self.entries.remove(key);
+        let dropped = self.entries.remove(key);
+        drop(inflight);
+        drop(dropped);
     }
 
     pub fn invalidate_all(&self) {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         inflight.clear();
-        self.entries.clear();
+        let dropped = self.entries.clear();
+        // Wiping every body takes a while; cache misses need the lock meanwhile.
+        drop(inflight);
+        drop(dropped);
     }
 }
 
@@ -418,6 +432,7 @@ mod tests {
                 version: None,
             },
             expires_at_ms: None,
+            token_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 0,

@@ -346,6 +346,7 @@ mod tests {
                 version: Some("3".into()),
             },
             expires_at_ms: Some(4_102_444_800_250),
+            token_at_ms: None,
             needs_reauth: true,
             row_version: 7,
             created_at: 0,

@@ -183,11 +183,11 @@ pub struct MigrationConfig {
 /// How OAuth tokens are refreshed (`[oauth]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OAuthConfig {
-    /// Refresh this long before `expires_at` (shortened to half the token's lifetime when the
-    /// token lives less than twice this).
+    /// Refresh at most this long before `expires_at`, and at most a twentieth of the token's
+    /// lifetime before it (`oauth::due_at_ms`).
     pub refresh_before: Duration,
-    /// Up to this much earlier again, fixed per credential, so tokens that expire together are
-    /// not refreshed together.
+    /// Up to this much earlier again (at most a fortieth of the lifetime), fixed per
+    /// credential, so tokens that expire together are not refreshed together.
     pub jitter: Duration,
     /// Token requests in flight at once, across all token endpoints.
     pub max_concurrent: usize,

@@ -21,11 +21,11 @@ pub(super) trait Columns {
 }
 
 /// The columns [`credential`] reads, in its order; also the insert order. `workspace` (schema
-/// version 4) and `expires_at_ms` (version 6) come last so the older columns keep their
+/// version 4), `expires_at_ms` and `token_at_ms` (version 6) come last so the older columns keep their
 /// positions.
 pub(super) const CREDENTIAL_COLUMNS: &str = "id, environment, integration_type, metadata, oauth, pinned_manager, \
      store_id, store_name, store_version, expires_at, needs_reauth, row_version, created_at, updated_at, \
-     workspace, expires_at_ms";
+     workspace, expires_at_ms, token_at_ms";
 
 /// `expires_at` as stored beside `expires_at_ms`: whole seconds, rounded down.
 pub(super) fn expires_at_secs(r: &CredentialRecord) -> Option<i64> {
@@ -175,6 +175,7 @@ pub(super) fn credential(row: &dyn Columns) -> Result<CredentialRecord, Metadata
             (Some(secs), _) => Some(crate::time::clamp_unix(secs) * 1000),
             (None, _) => None,
         },
+        token_at_ms: row.opt_int(16)?,
         needs_reauth: row.flag(10)?,
         row_version: row.int(11)?,
         created_at: crate::time::clamp_unix(row.int(12)?),
@@ -395,6 +396,7 @@ mod tests {
             Int(10),
             Int(11),
             t("team-a"),
+            Null,
             Null,
         ])
     }

@@ -81,6 +81,11 @@ pub struct CredentialRecord {
     /// Unix milliseconds at which the access token expires, if it does: a token that lives
     /// six seconds must not be believed to live five.
     pub expires_at_ms: Option<i64>,
+    /// When the current access token was stored, in Unix milliseconds: its lifetime counts
+    /// from here, so a write that leaves the token alone (metadata, a pin, a move) does not
+    /// shorten it. `None` in rows from before schema version 6 (the lifetime then counts from
+    /// `updated_at`).
+    pub token_at_ms: Option<i64>,
     pub needs_reauth: bool,
     /// Bumped on every update; updates compare-and-swap on it.
     pub row_version: i64,

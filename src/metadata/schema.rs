@@ -190,6 +190,10 @@ const OBJECTS: &[(i64, &str)] = &[
         6,
         "ALTER TABLE credentials ADD COLUMN {if_new_column}expires_at_ms {int}",
     ),
+    (
+        6,
+        "ALTER TABLE credentials ADD COLUMN {if_new_column}token_at_ms {int}",
+    ),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

@@ -105,9 +105,21 @@ impl Service {
         let interval = self.runtime.load().config.cache.bypass_interval;
         let bypasses = &self.metrics.cache_bypasses;
         let (entry, status) = if self.bypasses.admit(id, interval, Instant::now()) {
+            // In a task of its own: the load takes the credential's write lock, and a caller
+            // that gives up (a disconnect, the request deadline) must not leave that lock held
+            // by a flight nobody polls any more.
             let loaded = self
                 .cache
-                .reload(id, || self.current_loader(id.to_owned()))
+                .reload(id, || {
+                    let task = tokio::spawn(self.current_loader(id.to_owned()));
+                    async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(ServiceError::Metadata(format!(
+                                "the bypass read failed: {e}"
+                            )))
+                        })
+                    }
+                })
                 .await;
             let outcome = if loaded.is_ok() { "loaded" } else { "failed" };
             bypasses.with_label_values(&[outcome]).inc();
@@ -156,8 +168,15 @@ impl Service {
             let runtime = service.runtime.load_full();
             let manager = Self::manager(&runtime, &record.location.manager_id)?;
             let loc = &record.location;
+            // An OAuth credential's row and its tokens are written together by the refresh
+            // write-back: its recorded version is read, never one beside it.
+            let wanted = if record.oauth.is_some() {
+                loc.version.as_deref()
+            } else {
+                None
+            };
             let read = match service
-                .call(&loc.manager_id, "get", manager.get(&loc.name, None))
+                .call(&loc.manager_id, "get", manager.get(&loc.name, wanted))
                 .await
             {
                 Ok(read) => read,
@@ -167,15 +186,24 @@ impl Service {
                 }
                 Err(e) => return Err(manager_failure(&loc.manager_id, e)),
             };
-            if loc.version.is_some() && loc.version.as_deref() != Some(read.version.as_str()) {
+            if wanted.is_none() && newer(loc.version.as_deref(), &read.version) {
                 let mut next = record.clone();
                 next.location.version = Some(read.version.clone());
                 next.row_version += 1;
                 next.updated_at = crate::time::now_unix();
-                service
+                match service
                     .metadata
                     .update_credential(&next, record.row_version, None)
-                    .await?;
+                    .await
+                {
+                    Ok(_) => {}
+                    // Another instance wrote the row meanwhile: what it recorded wins, and is
+                    // what this caller gets.
+                    Err(crate::metadata::MetadataError::Conflict) => {
+                        return service.loader_from(id, None).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 tracing::info!(
                     credential = %id,
                     manager = %next.location.manager_id,
@@ -196,9 +224,32 @@ impl Service {
     }
 }
 
+/// Whether the store's current version `read` is one to adopt over the `recorded` one: a
+/// higher number where versions are numbers (Vault, Google, the local store; a lower one is a
+/// lagging replica's answer, not a rotation), any other one where they are opaque ids (AWS's
+/// and Azure's current version is by definition the newest).
+fn newer(recorded: Option<&str>, read: &str) -> bool {
+    let Some(recorded) = recorded else {
+        return false;
+    };
+    match (recorded.parse::<u64>(), read.parse::<u64>()) {
+        (Ok(recorded), Ok(read)) => read > recorded,
+        _ => recorded != read,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_newer_version_is_adopted() {
+        assert!(newer(Some("3"), "4"));
+        assert!(!newer(Some("4"), "3"), "a lagging replica");
+        assert!(!newer(Some("4"), "4"));
+        assert!(newer(Some("a1b2"), "c3d4"), "opaque ids: the current one");
+        assert!(!newer(None, "4"), "nothing recorded: nothing to compare");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_second_bypass_within_the_interval_is_limited() {

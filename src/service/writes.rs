@@ -77,6 +77,7 @@ impl Service {
                 version: None,
             },
             expires_at_ms,
+            token_at_ms: expires_at_ms.map(|_| now.saturating_mul(1000)),
             needs_reauth: false,
             row_version: 1,
             created_at: now,
@@ -140,6 +141,7 @@ impl Service {
                     // No token yet: due at once, so the first read (or the background
                     // refresher) buys one.
                     record.expires_at_ms = Some(record.created_at.saturating_mul(1000));
+                    record.token_at_ms = record.expires_at_ms;
                 }
             }
         }
@@ -218,6 +220,10 @@ impl Service {
         if request.secrets.is_some() {
             // New secrets are how a user re-authorises: refreshing may be tried again.
             next.needs_reauth = false;
+        }
+        if new_expiry.is_some() || request.secrets.is_some() {
+            // Maybe a new token: its lifetime counts from now. Other changes leave it alone.
+            next.token_at_ms = Some(crate::time::now_unix_ms());
         }
         next.row_version += 1;
         next.updated_at = crate::time::now_unix();

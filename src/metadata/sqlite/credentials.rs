@@ -35,12 +35,12 @@ impl CredentialRows for SqliteMetadata {
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let inserted = tx.execute(
-                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"),
+                &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
                 params![
                     r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
                     r.location.manager_id, r.location.name, r.location.version, expires_at_secs(&r),
                     r.needs_reauth as i64, r.row_version, r.created_at, r.updated_at, r.workspace,
-                    r.expires_at_ms
+                    r.expires_at_ms, r.token_at_ms
                 ],
             );
             match inserted {
@@ -72,13 +72,13 @@ impl CredentialRows for SqliteMetadata {
                 .execute(
                     "UPDATE credentials SET environment=?2, integration_type=?3, metadata=?4, oauth=?5, \
                      pinned_manager=?6, store_id=?7, store_name=?8, store_version=?9, expires_at=?10, \
-                     needs_reauth=?11, row_version=?12, updated_at=?13, workspace=?15, expires_at_ms=?16 \
+                     needs_reauth=?11, row_version=?12, updated_at=?13, workspace=?15, expires_at_ms=?16, token_at_ms=?17 \
                      WHERE id=?1 AND row_version=?14",
                     params![
                         r.id, r.environment, r.integration_type, metadata, oauth, r.pinned_manager,
                         r.location.manager_id, r.location.name, r.location.version, expires_at_secs(&r),
                         r.needs_reauth as i64, r.row_version, r.updated_at, expected_row_version,
-                        r.workspace, r.expires_at_ms
+                        r.workspace, r.expires_at_ms, r.token_at_ms
                     ],
                 )
                 .map_err(db_err)?;

@@ -408,6 +408,7 @@ mod tests {
                 version: Some("1".into()),
             },
             expires_at_ms: None,
+            token_at_ms: None,
             needs_reauth: false,
             row_version: 1,
             created_at: 1,

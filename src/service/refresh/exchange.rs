@@ -109,7 +109,18 @@ impl Service {
                 match self.write_tokens(record, &tokens).await {
                     Ok(done) => {
                         let _ = self.metadata.pending_token_delete(id).await;
-                        self.oauth.backoff.succeeded(id);
+                        if done
+                            .expires_at_ms
+                            .is_some_and(|e| e <= crate::time::now_unix_ms())
+                        {
+                            // A token expired on arrival (`expires_in: 0`, or shorter than the
+                            // round trip) is due again at once: backing off keeps such an
+                            // endpoint from being asked on every read and pass.
+                            self.oauth.backoff.failed(&config, id, None);
+                            tracing::warn!(credential = id, "the token endpoint issued a token that had already expired; backing off");
+                        } else {
+                            self.oauth.backoff.succeeded(id);
+                        }
                         self.count("success");
                         tracing::info!(credential = id, expires_at_ms = ?done.expires_at_ms,
                             rotated = tokens.refresh_token.is_some(), "refreshed OAuth token");

@@ -90,7 +90,7 @@ impl Service {
     fn is_entry_due(&self, config: &OAuthConfig, id: &str, entry: &Entry) -> bool {
         entry.has_oauth()
             && !entry.needs_reauth()
-            && token_due_at_ms(config, id, entry.expires_at_ms(), entry.updated_at())
+            && token_due_at_ms(config, id, entry.expires_at_ms(), entry.token_issued_ms())
                 .is_some_and(|due| crate::time::now_unix_ms() >= due)
     }
 

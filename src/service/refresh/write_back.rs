@@ -54,6 +54,12 @@ impl Tokens {
         }
         if let Some(e) = self.expires_at_ms {
             f.insert(PENDING_EXPIRES_AT_MS, SecretString::new(e.to_string()));
+            // For instances of the previous version still running in a fleet being upgraded:
+            // they read only this one, and would store the token with no expiry without it.
+            f.insert(
+                PENDING_EXPIRES_AT_SECS,
+                SecretString::new(e.div_euclid(1000).to_string()),
+            );
         }
         f
     }
@@ -154,6 +160,7 @@ impl Service {
             }
             let mut next = current.clone();
             next.expires_at_ms = tokens.expires_at_ms;
+            next.token_at_ms = Some(crate::time::now_unix_ms());
             next.needs_reauth = false;
             next.row_version += 1;
             next.updated_at = crate::time::now_unix();
