@@ -11,6 +11,9 @@
 #                                 socket that answers a fixed body of a cached read's size and
 #                                 does nothing else; the difference to `read` is credproxy's own
 #                                 cost per read
+#   scripts/bench.sh batch [N]    POST /v1/credentials:batchGet of N cached credentials (10) against
+#                                 N single reads, c = 16, audit on (shipped config): the daemon's
+#                                 CPU per credential either way
 #   scripts/bench.sh memory [N]   RSS of N cached credentials (default 100000): the shipped
 #                                 config with [cache] capacity = N and ttl = 24h; N credentials
 #                                 written through the API, then each read once
@@ -35,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 mode=${1:-read}
-case "$mode" in read | floor | memory | cold | profile) ;; *)
+case "$mode" in read | floor | batch | memory | cold | profile) ;; *)
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
   exit 2 ;;
 esac
@@ -268,6 +271,56 @@ bench_floor() {
   stop_daemon
 }
 
+# --- batch: one batch read of N credentials against N single reads ------------------------
+bench_batch() {
+  local n=${1:-10}
+  need_oha
+  need_jq
+  build_daemon
+  header "batch read of $n cached credentials vs single reads, c = 16, audit on"
+  echo "- $(oha --version): --unix-socket, keep-alive, -z $duration per row after a $warmup warm-up; CPU as in \`read\`, divided by the credentials answered"
+  echo
+  echo "| request | credentials per request | req/s | credentials/s | p99 | daemon CPU µs per credential (user + kernel) |"
+  echo "|---|---|---|---|---|---|"
+  start_daemon config/credproxy.toml "$work/daemon-batch.stderr"
+  local ids=() i
+  for i in $(seq "$n"); do
+    ids+=("$(curl_api -X POST http://localhost/v1/credentials \
+      -d "{\"environment\":\"Production\",\"integration_type\":\"github\",\"metadata\":{\"account\":\"acme-$i\"},\"secrets\":{\"access_token\":\"gho_0123456789abcdef0123456789abcdef$i\",\"refresh_token\":\"ghr_0123456789abcdef0123456789abcdef$i\"}}" | jq -r .id)")
+  done
+  local body
+  body=$(printf '%s\n' "${ids[@]}" | jq -R . | jq -sc '{ids: .}')
+  local batch_url=http://localhost/v1/credentials:batchGet single_url="http://localhost/v1/credentials/${ids[0]}"
+  oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" -m POST -T application/json -d "$body" "$batch_url" >/dev/null
+  oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" "$single_url" >/dev/null
+  local kind
+  for kind in single batch; do
+    local per=1 json=$work/oha-batch-$kind.json args=("$single_url")
+    [ "$kind" = batch ] && { per=$n; args=(-m POST -T application/json -d "$body" "$batch_url"); }
+    local before after
+    before=$(cpu_ticks)
+    oha --no-tui --output-format json -z "$duration" -w -c 16 --unix-socket "$socket" "${args[@]}" > "$json"
+    after=$(cpu_ticks)
+    local answered bad
+    answered=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
+    bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
+    [ "$answered" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "$kind: not every request was answered 200"; }
+    local rps p99
+    read -r rps p99 <<<"$(jq -r '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")"
+    read -r u0 s0 <<<"$before"
+    read -r u1 s1 <<<"$after"
+    local cpu
+    cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n=$((answered * per)) \
+      'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
+    printf '| %s | %s | %s | %s | %.3f ms | %s |\n' "$kind" "$per" "$rps" $((rps * per)) "$p99" "$cpu"
+  done
+  # Every answer of the batch is a hit (checked once, on the last body).
+  local hits
+  hits=$(curl_api -X POST "$batch_url" -d "$body" | jq '[.credentials[] | select(.status == 200 and .cache_status == "hit")] | length')
+  [ "$hits" = "$n" ] || die "a batch answered $hits of $n credentials from the cache"
+  stop_daemon
+}
+
 # --- memory: N cached credentials -------------------------------------------------------------
 bench_memory() {
   local n=${1:-100000} conns=${CONNECTIONS:-4}
@@ -390,6 +443,7 @@ bench_profile() {
 case "$mode" in
   read) bench_read ;;
   floor) bench_floor ;;
+  batch) bench_batch "${2:-}" ;;
   memory) bench_memory "${2:-}" ;;
   cold) bench_cold "${2:-}" ;;
   profile) bench_profile ;;
