@@ -350,9 +350,17 @@ pub fn token_issued_ms(record: &CredentialRecord) -> i64 {
 /// the most it is refreshed ahead ([`due_at_ms`]).
 pub fn refresh_interval(config: &OAuthConfig, lifetime: Duration) -> Duration {
     let ms = lifetime.as_millis().min(i64::MAX as u128) as i64;
-    let ahead = (config.refresh_before.as_millis() as i64).min(ms / WINDOW_SHARE)
-        + (config.jitter.as_millis() as i64).min(ms / JITTER_SHARE);
-    Duration::from_millis(ms.saturating_sub(ahead).max(0) as u64)
+    let (window, span) = ahead_ms(config, ms);
+    Duration::from_millis(ms.saturating_sub(window + span).max(0) as u64)
+}
+
+/// How far ahead of expiry a token of `lifetime_ms` is refreshed, in ms: the window, and the
+/// most the jitter adds to it.
+fn ahead_ms(config: &OAuthConfig, lifetime_ms: i64) -> (i64, i64) {
+    (
+        (config.refresh_before.as_millis() as i64).min(lifetime_ms / WINDOW_SHARE),
+        (config.jitter.as_millis() as i64).min(lifetime_ms / JITTER_SHARE),
+    )
 }
 
 /// [`due_at_ms`] from the parts it needs, for a credential known only by its cache entry.
@@ -364,8 +372,7 @@ pub fn token_due_at_ms(
 ) -> Option<i64> {
     let expires_ms = expires_at_ms?;
     let lifetime_ms = expires_ms.saturating_sub(issued_ms).max(0);
-    let window = (config.refresh_before.as_millis() as i64).min(lifetime_ms / WINDOW_SHARE);
-    let span = (config.jitter.as_millis() as i64).min(lifetime_ms / JITTER_SHARE);
+    let (window, span) = ahead_ms(config, lifetime_ms);
     let jitter = if span > 0 {
         let digest = Sha256::digest(id.as_bytes());
         let n = u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]));

@@ -45,10 +45,13 @@ pub fn clamp_unix(secs: i64) -> i64 {
 
 /// `d` from now, never overflowing: a lifetime a peer announced can be any number.
 pub fn from_now(d: Duration) -> SystemTime {
+    after(SystemTime::now(), d)
+}
+
+/// `d` after `t`, never overflowing and never past the latest time the API can write.
+pub fn after(t: SystemTime, d: Duration) -> SystemTime {
     let latest = from_unix(LATEST_UNIX);
-    SystemTime::now()
-        .checked_add(d)
-        .map_or(latest, |t| t.min(latest))
+    t.checked_add(d).map_or(latest, |t| t.min(latest))
 }
 
 pub fn from_unix(secs: i64) -> SystemTime {

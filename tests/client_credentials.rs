@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::peers::{self, oauth_admin, oauth_stats, oauth_token_valid, Peer, CLIENT_SECRET};
-use common::{fast_refresh, set, Daemon, DEADLINE};
+use common::{fast_refresh, share_store, Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -64,17 +64,9 @@ async fn two_daemons_buy_tokens_with_the_client_secret_once_per_expiry() {
     let server = peers::oauth_server(LIFETIME).await;
     register_client(&server, CLIENT_SECRET).await;
     let a = Daemon::start(|c, _| fast_refresh(c, "100ms")).await;
-    let data = a.dir.path().join("data");
     let b = Daemon::start(|c, _| {
         fast_refresh(c, "100ms");
-        set(c, "store", "data_dir", data.display().to_string());
-        set(
-            c,
-            "store",
-            "master_key_file",
-            data.join("master.key").display().to_string(),
-        );
-        set(c, "store", "generate_master_key", false);
+        share_store(c, &a);
     })
     .await;
     let id = create(&a, credential(&server)).await;

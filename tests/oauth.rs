@@ -12,7 +12,7 @@ use common::peers::{
     self, aws_manager, oauth_admin, oauth_credential, oauth_grant, oauth_stats, oauth_token_valid,
     vault_manager, Peer, CLIENT_ID, CLIENT_SECRET,
 };
-use common::{fast_refresh, now, route, set, Daemon, DEADLINE};
+use common::{fast_refresh, now, route, set, share_store, Daemon, DEADLINE};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -222,17 +222,9 @@ async fn two_processes_sharing_the_database_refresh_once_per_expiry() {
     const RUN: Duration = Duration::from_secs(12);
     let server = peers::oauth_server(LIFETIME).await;
     let a = Daemon::start(|c, _| fast_refresh(c, "100ms")).await;
-    let data = a.dir.path().join("data");
     let b = Daemon::start(|c, _| {
         fast_refresh(c, "100ms");
-        set(c, "store", "data_dir", data.display().to_string());
-        set(
-            c,
-            "store",
-            "master_key_file",
-            data.join("master.key").display().to_string(),
-        );
-        set(c, "store", "generate_master_key", false);
+        share_store(c, &a);
     })
     .await;
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, LIFETIME).await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::peers::{
     self, oauth_admin, oauth_credential, oauth_grant, oauth_stats, Peer, CLIENT_ID, CLIENT_SECRET,
 };
-use common::{set, Daemon};
+use common::{share_store, Daemon};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -54,17 +54,9 @@ async fn six_second_tokens_of_both_grants_cost_one_request_per_lifetime_across_t
         c.insert("oauth".into(), toml::Value::Table(oauth.clone()));
     })
     .await;
-    let data = a.dir.path().join("data");
     let b = Daemon::start(|c, _| {
         c.insert("oauth".into(), toml::Value::Table(oauth.clone()));
-        set(c, "store", "data_dir", data.display().to_string());
-        set(
-            c,
-            "store",
-            "master_key_file",
-            data.join("master.key").display().to_string(),
-        );
-        set(c, "store", "generate_master_key", false);
+        share_store(c, &a);
     })
     .await;
 

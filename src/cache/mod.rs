@@ -229,7 +229,8 @@ impl<E: LoadFailure> Cache<E> {
                     {
                         return Ok(entry);
                     }
-                    let flight = self.start_flight(key.to_owned(), since, load());
+                    let since = since.unwrap_or_else(|| self.generation.load(Ordering::Acquire));
+                    let flight = self.start_flight(key.to_owned(), since, false, load());
                     inflight.insert(
                         key.to_owned(),
                         InFlight {
@@ -271,7 +272,7 @@ impl<E: LoadFailure> Cache<E> {
                 Some(f) => f.flight.clone(),
                 None => {
                     let since = self.generation.load(Ordering::Acquire);
-                    let flight = self.start_reload(key.to_owned(), since, load());
+                    let flight = self.start_flight(key.to_owned(), since, true, load());
                     inflight.insert(
                         key.to_owned(),
                         InFlight {
@@ -298,7 +299,14 @@ impl<E: LoadFailure> Cache<E> {
         Some(self.land(key, flight).await)
     }
 
-    fn start_reload<Fut>(&self, key: String, since: u64, load: Fut) -> Flight<E>
+    /// The shared future of one load of `key`, started from what was read when the
+    /// invalidation count was `since`. Its result is inserted only if no invalidation came
+    /// since (checked under the lock `invalidate` takes, so an invalidation either
+    /// happens-before the check and the insert is skipped, or comes after and removes it). A
+    /// `reload` also drops the cached entry when it cannot insert (the caller knows that entry
+    /// is out of date), and counts as an invalidation itself: ordinary loads still in flight
+    /// started before its read, and their older values must not land over it.
+    fn start_flight<Fut>(&self, key: String, since: u64, reload: bool, load: Fut) -> Flight<E>
     where
         Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
     {
@@ -315,43 +323,15 @@ impl<E: LoadFailure> Cache<E> {
             let dropped = if generation.load(Ordering::Acquire) == since && entry.fresh_until > now
             {
                 entries.insert(&key, Arc::clone(&entry), now)
-            } else {
+            } else if reload {
                 entries.remove(&key)
+            } else {
+                None
             };
-            // Ordinary loads still in flight started before this read: their older values
-            // must not land over it.
-            generation.fetch_add(1, Ordering::AcqRel);
-            drop(guard);
-            drop(dropped);
-            Ok(entry)
-        }
-        .boxed()
-        .shared()
-    }
-
-    fn start_flight<Fut>(&self, key: String, since: Option<u64>, load: Fut) -> Flight<E>
-    where
-        Fut: Future<Output = Result<Loaded, E>> + Send + 'static,
-    {
-        let started_generation = since.unwrap_or_else(|| self.generation.load(Ordering::Acquire));
-        let generation = Arc::clone(&self.generation);
-        let inflight = Arc::clone(&self.inflight);
-        let entries = Arc::clone(&self.entries);
-        let places = Arc::clone(&self.places);
-        let (ttl, grace) = (self.ttl, self.stale_grace);
-        async move {
-            let loaded = load.await?;
-            let entry = Arc::new(Entry::new(&loaded, &places, ttl, grace));
-            // Checked under the same lock `invalidate` takes, so an invalidation either
-            // happens-before this check (and we skip the insert) or after the insert (and
-            // removes it).
-            let guard = inflight.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let mut dropped = None;
-            if generation.load(Ordering::Acquire) == started_generation && entry.fresh_until > now {
-                dropped = entries.insert(&key, Arc::clone(&entry), now);
+            if reload {
+                generation.fetch_add(1, Ordering::AcqRel);
             }
-            // A replaced body is wiped after the lock every cache miss takes is let go.
+            // A dropped body is wiped after the lock every cache miss takes is let go.
             drop(guard);
             drop(dropped);
             Ok(entry)

@@ -94,14 +94,7 @@ impl Service {
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        // Before the row is read: see `load_checked`.
-        let since = self.cache.generation();
-        let record = self
-            .metadata
-            .get_credential(id)
-            .await?
-            .ok_or(ServiceError::NotFound)?;
-        self.check_access(caller, Action::Read, &record)?;
+        let (since, record) = self.readable_row(caller, id).await?;
         let interval = self.runtime.load().config.cache.bypass_interval;
         let bypasses = &self.metrics.cache_bypasses;
         let (entry, status) = if self.bypasses.admit(id, interval, Instant::now()) {

@@ -94,16 +94,7 @@ impl Service {
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        // Before the row is read: an invalidation (a write, a delete, another instance's
-        // change) landing after this moment must keep a load started from this row out of the
-        // cache.
-        let since = self.cache.generation();
-        let record = self
-            .metadata
-            .get_credential(id)
-            .await?
-            .ok_or(ServiceError::NotFound)?;
-        self.check_access(caller, Action::Read, &record)?;
+        let (since, record) = self.readable_row(caller, id).await?;
         // Looked up again: a read of the same id may have loaded it meanwhile, and loading it
         // a second time is what single flight is there to prevent.
         // The row just read starts the load: reading it again would add a second trip to the
@@ -113,6 +104,24 @@ impl Service {
                 self.loader_from(id.to_owned(), Some(record))
             })
             .await
+    }
+
+    /// The credential's row, if `caller` may read it, and the cache's invalidation count taken
+    /// before it was read: an invalidation (a write, a delete, another instance's change)
+    /// landing after that moment must keep a load started from this row out of the cache.
+    pub(super) async fn readable_row(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(u64, crate::metadata::CredentialRecord), ServiceError> {
+        let since = self.cache.generation();
+        let record = self
+            .metadata
+            .get_credential(id)
+            .await?
+            .ok_or(ServiceError::NotFound)?;
+        self.check_access(caller, Action::Read, &record)?;
+        Ok((since, record))
     }
 
     pub(super) fn loader(

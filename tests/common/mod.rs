@@ -77,6 +77,19 @@ level = "debug"
     toml::from_str(&text).unwrap()
 }
 
+/// Points `c` at `first`'s SQLite database and master key: a second process on one database.
+pub fn share_store(c: &mut toml::Table, first: &Daemon) {
+    let data = first.dir.path().join("data");
+    set(c, "store", "data_dir", data.display().to_string());
+    set(
+        c,
+        "store",
+        "master_key_file",
+        data.join("master.key").display().to_string(),
+    );
+    set(c, "store", "generate_master_key", false);
+}
+
 pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
     table
         .entry(section.to_owned())

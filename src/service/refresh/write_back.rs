@@ -39,10 +39,9 @@ impl Tokens {
             access_token: grant.access_token,
             refresh_token: grant.refresh_token,
             // Rounded down: a token is never believed valid longer than it is.
-            expires_at_ms: grant.expires_in.map(|d| {
-                let latest = crate::time::from_unix_ms(crate::time::LATEST_UNIX_MS);
-                crate::time::to_unix_ms(asked.checked_add(d).map_or(latest, |t| t.min(latest)))
-            }),
+            expires_at_ms: grant
+                .expires_in
+                .map(|d| crate::time::to_unix_ms(crate::time::after(asked, d))),
         }
     }
 
