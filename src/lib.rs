@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod events;
 /// Entry points for the fuzz targets in `fuzz/` only; not part of the crate's API.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -37,6 +37,11 @@ pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
 /// purge); waiting (the delete still runs); denied (no permission); failed (anything else).
 pub const PURGE_OUTCOMES: [&str; 5] = ["purged", "gone", "waiting", "denied", "failed"];
 
+/// Label values of `credproxy_event_deliveries_total{outcome}`: delivered (the webhook
+/// answered 2xx); retried (an attempt failed and another is scheduled); failed (given up after
+/// `events.give_up_after`); unrouted (no webhook takes its workspace any more).
+pub const EVENT_DELIVERY_OUTCOMES: [&str; 4] = ["delivered", "retried", "failed", "unrouted"];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -66,6 +71,9 @@ pub struct Metrics {
     pub store_purges: IntCounterVec,
     pub store_purges_pending: IntGaugeVec,
     pub audit_dropped: IntCounter,
+    pub events: IntCounterVec,
+    pub event_deliveries: IntCounterVec,
+    pub events_queued: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -352,6 +360,36 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let events = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_events_total",
+                    "Events recorded by this instance, by type.",
+                ),
+                &["type"],
+            )
+            .unwrap(),
+        );
+        let event_deliveries = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_event_deliveries_total",
+                    "Webhook delivery attempts made by this instance, by outcome (delivered, retried, failed, unrouted).",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
+        let events_queued = register(
+            r,
+            IntGauge::new(
+                "credproxy_events_queued",
+                "Events awaiting webhook delivery in the metadata database (all instances).",
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -376,6 +414,12 @@ impl Metrics {
         }
         for outcome in ["success", "failure"] {
             config_reloads.with_label_values(&[outcome]);
+        }
+        for kind in crate::metadata::EventKind::ALL {
+            events.with_label_values(&[kind.as_str()]);
+        }
+        for outcome in EVENT_DELIVERY_OUTCOMES {
+            event_deliveries.with_label_values(&[outcome]);
         }
 
         Self {
@@ -406,6 +450,9 @@ impl Metrics {
             store_purges,
             store_purges_pending,
             audit_dropped,
+            events,
+            event_deliveries,
+            events_queued,
         }
     }
 

@@ -12,8 +12,9 @@ use common::{fast_refresh, set, Daemon, DEADLINE};
 use credproxy::metadata::postgres::PostgresMetadata;
 use credproxy::metadata::sqlite::SqliteMetadata;
 use credproxy::metadata::{
-    CredentialRecord, Invalidation, JournalEntry, JournalKind, Location, ManagerRecord,
-    ManagerSource, ManagerState, Metadata, MetadataError, PurgeEntry, RoutingRecord, SealedRecord,
+    CredentialRecord, Delivery, EventKind, EventRecord, Invalidation, JournalEntry, JournalKind,
+    Location, ManagerRecord, ManagerSource, ManagerState, Metadata, MetadataError, PurgeEntry,
+    RoutingRecord, SealedRecord,
 };
 use hyper::Method;
 use serde_json::json;
@@ -281,12 +282,12 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     next.row_version = 2;
     next.location.manager_id = "vault".into();
     let abandoned = store
-        .update_credential(&next, 1, Some(&copy("a", "local")))
+        .update_credential(&next, 1, Some(&copy("a", "local")), None)
         .await
         .unwrap();
     assert!(abandoned.is_some());
     assert!(matches!(
-        other.update_credential(&next, 1, None).await,
+        other.update_credential(&next, 1, None, None).await,
         Err(MetadataError::Conflict)
     ));
     assert!(store
@@ -338,7 +339,10 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     let mut reauth = record("b", Some(100_250));
     reauth.needs_reauth = true;
     reauth.row_version = 2;
-    store.update_credential(&reauth, 1, None).await.unwrap();
+    store
+        .update_credential(&reauth, 1, None, None)
+        .await
+        .unwrap();
     assert_eq!(store.count_needs_reauth().await.unwrap(), 1);
     assert_eq!(store.oauth_due(100, 10).await.unwrap().len(), 2);
     // Delete journals the copy and drops a pending token answer, atomically.
@@ -381,7 +385,10 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     assert_eq!(other.get_credential("w").await.unwrap().unwrap(), tenant);
     tenant.workspace = "team-b".into();
     tenant.row_version = 2;
-    store.update_credential(&tenant, 1, None).await.unwrap();
+    store
+        .update_credential(&tenant, 1, None, None)
+        .await
+        .unwrap();
     assert_eq!(other.get_credential("w").await.unwrap().unwrap(), tenant);
     assert_eq!(
         other.get_credential("a").await.unwrap().unwrap().workspace,
@@ -442,6 +449,7 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
     store.sealed_delete("s/x").await.unwrap();
     assert!(store.sealed_latest("s/x").await.unwrap().is_none());
     purge_suite(&store, &other).await;
+    event_suite(&store, &other).await;
     control_suite(&store, &other).await;
 }
 
@@ -460,6 +468,109 @@ fn purge(name: &str, next_at_ms: i64, created_at_ms: i64) -> PurgeEntry {
 /// Soft-deleted secrets awaiting their purge: one entry per manager and name, listed when due
 /// (the longest due first), rescheduled and removed only as read (an entry added again since
 /// is left alone), and counted per manager, whose release they hold up.
+fn event(id: &str, credential: &str, at_ms: i64) -> EventRecord {
+    EventRecord {
+        seq: 0,
+        id: id.into(),
+        kind: EventKind::NeedsReauth,
+        credential_id: credential.into(),
+        workspace: "default".into(),
+        environment: "Production".into(),
+        integration_type: "github".into(),
+        reason: "refused".into(),
+        at_ms,
+        delivery: Delivery::Pending,
+        attempts: 0,
+        next_at_ms: at_ms,
+        last_outcome: None,
+    }
+}
+
+async fn event_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
+    // Recorded once per id, from either connection.
+    assert!(store
+        .event_add(&event("e1", "c1", 100), None)
+        .await
+        .unwrap());
+    assert!(!other
+        .event_add(&event("e1", "c1", 100), None)
+        .await
+        .unwrap());
+    // One that follows another is recorded only if that one is.
+    assert!(!store
+        .event_add(&event("after-missing", "c1", 100), Some("nope"))
+        .await
+        .unwrap());
+    // With a credential change, in its transaction: a lost compare-and-swap records nothing.
+    let mut row = record("ev", None);
+    store.create_credential(&row, 0).await.ok();
+    row = store.get_credential("ev").await.unwrap().unwrap();
+    let mut next = row.clone();
+    next.needs_reauth = true;
+    next.row_version += 1;
+    let e2 = event("e2", "ev", 200);
+    store
+        .update_credential(&next, row.row_version, None, Some(&e2))
+        .await
+        .unwrap();
+    assert!(matches!(
+        other
+            .update_credential(&next, row.row_version, None, Some(&event("e3", "ev", 300)))
+            .await,
+        Err(MetadataError::Conflict)
+    ));
+    let all = other.events_after(0, 10).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["e1", "e2"]);
+    assert!(all[0].seq < all[1].seq);
+    assert_eq!(all[1].credential_id, "ev");
+    assert_eq!(store.events_after(all[0].seq, 10).await.unwrap().len(), 1);
+    assert_eq!(store.events_after(0, 1).await.unwrap().len(), 1);
+    assert_eq!(other.event_get(all[1].seq).await.unwrap().unwrap(), all[1]);
+    assert_eq!(store.events_pending().await.unwrap(), 2);
+
+    // Due by next_at_ms; an attempt is recorded only over the attempt count it read.
+    let due = store.events_due(150, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let retry = EventRecord {
+        attempts: 1,
+        next_at_ms: 1_000,
+        last_outcome: Some("HTTP 500".into()),
+        ..due[0].clone()
+    };
+    assert!(store.event_delivery(&retry, 0).await.unwrap());
+    assert!(
+        !other.event_delivery(&retry, 0).await.unwrap(),
+        "stale attempt count"
+    );
+    assert_eq!(
+        store.events_due(999, 10).await.unwrap().len(),
+        1,
+        "only e2 now"
+    );
+    let done = EventRecord {
+        delivery: Delivery::Delivered,
+        attempts: 2,
+        ..retry.clone()
+    };
+    assert!(other.event_delivery(&done, 1).await.unwrap());
+    assert!(
+        !store.event_delivery(&done, 2).await.unwrap(),
+        "no longer pending"
+    );
+    assert_eq!(store.events_pending().await.unwrap(), 1);
+    let e1 = store.event_get(all[0].seq).await.unwrap().unwrap();
+    assert_eq!((e1.delivery, e1.attempts), (Delivery::Delivered, 2));
+    assert_eq!(e1.last_outcome.as_deref(), Some("HTTP 500"));
+
+    // Pruned by age, whatever their delivery.
+    assert_eq!(store.events_prune(150).await.unwrap(), 1);
+    let left = other.events_after(0, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, "e2");
+    assert_eq!(store.events_prune(i64::MAX).await.unwrap(), 1);
+}
+
 async fn purge_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
     store.purge_add(&purge("p1", 200, 1)).await.unwrap();
     store.purge_add(&purge("p2", 100, 1)).await.unwrap();

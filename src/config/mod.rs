@@ -6,6 +6,7 @@
 //! whether a user or group exists, is checked where the daemon is assembled (the `setup` module).
 
 mod defaults;
+mod events;
 mod limits;
 mod log;
 mod raw;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use defaults::*;
+pub use events::{EventsConfig, Webhook};
 pub use limits::{key_words, CredentialLimits};
 pub use log::{LogConfig, LogFormat};
 pub use secret_ref::SecretRef;
@@ -82,6 +84,8 @@ pub struct Config {
     pub migration: MigrationConfig,
     /// `[credentials]`: what one credential may hold.
     pub credentials: CredentialLimits,
+    /// `[events]`: re-authorisation events and their webhooks.
+    pub events: EventsConfig,
     pub managers: Vec<ManagerConfig>,
     pub routing: RoutingConfig,
     pub access: Vec<AccessRule>,

@@ -32,6 +32,8 @@ pub(super) struct RawConfig {
     pub(super) migration: RawMigration,
     #[serde(default)]
     pub(super) credentials: super::limits::RawCredentials,
+    #[serde(default)]
+    pub(super) events: super::events::RawEvents,
     #[serde(default, rename = "secrets_manager")]
     pub(super) secrets_managers: Vec<RawManager>,
     #[serde(default)]

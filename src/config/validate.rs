@@ -173,6 +173,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         reload,
         migration,
         credentials: super::limits::validate(raw.credentials)?,
+        events: super::events::validate(raw.events)?,
         managers,
         routing,
         access,

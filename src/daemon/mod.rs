@@ -340,6 +340,12 @@ pub async fn serve_app(
         crate::purge::Purger::new(Arc::clone(&service)),
         stop_rx.clone(),
     ));
+    tasks.spawn(tasks::deliver_events_forever(
+        crate::events::webhook::Deliverer::new(Arc::clone(&service)),
+        service.events_recorded(),
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
     // Installed before READY: a SIGHUP that arrives before its handler would kill the process.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hup) => {

@@ -76,6 +76,41 @@ pub(super) async fn purge_forever(purger: Purger, mut stop: watch::Receiver<bool
     }
 }
 
+/// Delivers queued events to their webhooks: at once when this instance records one, when a
+/// pass found a full batch, and every `events.poll_interval` for events other instances
+/// recorded and for retries. A pass is not cancelled at shutdown; each attempt is bounded by
+/// its webhook's timeout.
+pub(super) async fn deliver_events_forever(
+    deliverer: crate::events::webhook::Deliverer,
+    recorded: Arc<tokio::sync::Notify>,
+    service: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let full = match deliverer.pass().await {
+            Ok(found) => found >= crate::events::webhook::BATCH,
+            Err(e) => {
+                tracing::debug!(error = %e, "event delivery pass failed; will retry");
+                false
+            }
+        };
+        if *stop.borrow() {
+            return;
+        }
+        // After a full batch, soon again (not at once: other instances may hold those).
+        let wait = if full {
+            Duration::from_millis(50)
+        } else {
+            service.runtime().config.events.poll_interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = recorded.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Rebuilds the clients of managers whose access-detail files changed (a rotated Kubernetes
 /// Secret, a token file Vault Agent rewrote), before a store has to refuse the old details.
 pub(super) async fn renew_rotated_access_forever(

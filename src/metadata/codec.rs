@@ -3,9 +3,9 @@
 //! only typed access to one of its rows ([`Columns`]) and binds the values in its own SQL.
 
 use super::{
-    CredentialRecord, JournalEntry, JournalKind, Location, ManagerRecord, ManagerSource,
-    ManagerState, MetadataError, OAuthDescription, PurgeEntry, RoutingRecord, SealedRecord,
-    SealedSummary,
+    CredentialRecord, Delivery, EventKind, EventRecord, JournalEntry, JournalKind, Location,
+    ManagerRecord, ManagerSource, ManagerState, MetadataError, OAuthDescription, PurgeEntry,
+    RoutingRecord, SealedRecord, SealedSummary,
 };
 
 /// Typed access to the columns of one result row, by position. A value of the wrong type is
@@ -49,6 +49,14 @@ pub(super) const JOURNAL_INSERT_COLUMNS: &str = "credential_id, store_id, name, 
 /// The columns [`purge_entry`] reads, in its order; also the insert order.
 pub(super) const PURGE_COLUMNS: &str =
     "store_id, name, credential_id, attempts, next_at_ms, last_outcome, created_at_ms";
+
+/// The columns [`event`] reads, in its order; after `seq`, also the insert order.
+pub(super) const EVENT_COLUMNS: &str = "seq, id, type, credential_id, workspace, environment, \
+     integration_type, reason, at_ms, delivery, attempts, next_at_ms, last_outcome";
+
+/// [`EVENT_COLUMNS`] without `seq` (the database numbers events).
+pub(super) const EVENT_INSERT_COLUMNS: &str = "id, type, credential_id, workspace, environment, \
+     integration_type, reason, at_ms, delivery, attempts, next_at_ms, last_outcome";
 
 /// The columns [`sealed`] reads, in its order, from `local_secrets` or `oauth_pending`; also
 /// the insert order.
@@ -284,6 +292,25 @@ pub(super) fn purge_entry(row: &dyn Columns) -> Result<PurgeEntry, MetadataError
         next_at_ms: row.int(4)?,
         last_outcome: row.opt_text(5)?,
         created_at_ms: row.int(6)?,
+    })
+}
+
+/// A row of [`EVENT_COLUMNS`].
+pub(super) fn event(row: &dyn Columns) -> Result<EventRecord, MetadataError> {
+    Ok(EventRecord {
+        seq: row.int(0)?,
+        id: row.text(1)?,
+        kind: EventKind::parse(&row.text(2)?)?,
+        credential_id: row.text(3)?,
+        workspace: row.text(4)?,
+        environment: row.text(5)?,
+        integration_type: row.text(6)?,
+        reason: row.text(7)?,
+        at_ms: row.int(8)?,
+        delivery: Delivery::parse(&row.text(9)?)?,
+        attempts: row.int(10)?,
+        next_at_ms: row.int(11)?,
+        last_outcome: row.opt_text(12)?,
     })
 }
 

@@ -26,17 +26,17 @@ pub mod sqlite;
 pub use fault::Fault;
 pub use observed::Observed;
 pub use records::{
-    ClientAuth, CredentialRecord, GrantType, Invalidation, JournalEntry, JournalKind, Location,
-    ManagerRecord, ManagerSource, ManagerState, OAuthDescription, PurgeEntry, RoutingRecord,
-    SealedRecord, SealedSummary,
+    ClientAuth, CredentialRecord, Delivery, EventKind, EventRecord, GrantType, Invalidation,
+    JournalEntry, JournalKind, Location, ManagerRecord, ManagerSource, ManagerState,
+    OAuthDescription, PurgeEntry, RoutingRecord, SealedRecord, SealedSummary,
 };
 pub use roles::{
-    ControlRows, CredentialRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows, Liveness,
-    Metadata, PendingTokenRows, PurgeRows, SealedRows,
+    ControlRows, CredentialRows, EventRows, FleetRows, IntoSealedRows, JournalRows, LeaseRows,
+    Liveness, Metadata, PendingTokenRows, PurgeRows, SealedRows,
 };
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

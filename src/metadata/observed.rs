@@ -15,9 +15,10 @@ use async_trait::async_trait;
 use prometheus::IntCounterVec;
 
 use super::{
-    ControlRows, CredentialRecord, CredentialRows, Fault, FleetRows, Invalidation, JournalEntry,
-    JournalRows, LeaseRows, Liveness, ManagerRecord, Metadata, MetadataError, PendingTokenRows,
-    PurgeEntry, PurgeRows, RoutingRecord, SealedRecord, SealedRows, SealedSummary,
+    ControlRows, CredentialRecord, CredentialRows, EventRecord, EventRows, Fault, FleetRows,
+    Invalidation, JournalEntry, JournalRows, LeaseRows, Liveness, ManagerRecord, Metadata,
+    MetadataError, PendingTokenRows, PurgeEntry, PurgeRows, RoutingRecord, SealedRecord,
+    SealedRows, SealedSummary,
 };
 
 /// At most one log line per kind of failure (read or write, and fault) this often.
@@ -192,11 +193,12 @@ impl CredentialRows for Observed {
         record: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
+        event: Option<&EventRecord>,
     ) -> Result<Option<i64>, MetadataError> {
         self.write(
             "update_credential",
             self.inner
-                .update_credential(record, expected_row_version, abandoned),
+                .update_credential(record, expected_row_version, abandoned, event),
         )
         .await
     }
@@ -521,6 +523,62 @@ impl PurgeRows for Observed {
 
     async fn purge_counts(&self) -> Result<HashMap<String, u64>, MetadataError> {
         self.read("purge_counts", self.inner.purge_counts()).await
+    }
+}
+
+#[async_trait]
+impl EventRows for Observed {
+    async fn event_add(
+        &self,
+        event: &EventRecord,
+        requires: Option<&str>,
+    ) -> Result<bool, MetadataError> {
+        self.write("event_add", self.inner.event_add(event, requires))
+            .await
+    }
+
+    async fn event_get(&self, seq: i64) -> Result<Option<EventRecord>, MetadataError> {
+        self.read("event_get", self.inner.event_get(seq)).await
+    }
+
+    async fn events_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, MetadataError> {
+        self.read("events_after", self.inner.events_after(after, limit))
+            .await
+    }
+
+    async fn events_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, MetadataError> {
+        self.read("events_due", self.inner.events_due(now_ms, limit))
+            .await
+    }
+
+    async fn event_delivery(
+        &self,
+        event: &EventRecord,
+        expected_attempts: i64,
+    ) -> Result<bool, MetadataError> {
+        self.write(
+            "event_delivery",
+            self.inner.event_delivery(event, expected_attempts),
+        )
+        .await
+    }
+
+    async fn events_pending(&self) -> Result<u64, MetadataError> {
+        self.read("events_pending", self.inner.events_pending())
+            .await
+    }
+
+    async fn events_prune(&self, before_ms: i64) -> Result<u64, MetadataError> {
+        self.write("events_prune", self.inner.events_prune(before_ms))
+            .await
     }
 }
 

@@ -336,3 +336,115 @@ mod tests {
         }
     }
 }
+
+/// Something that happened to a credential that its end customer has to act on (authorise
+/// again, reconnect an account), as recorded in `events`: what the platform is told by
+/// webhook and by `GET /v1/events`. Names a credential and its scope, never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// The position in the database's order of events (its sequence); 0 before it is recorded.
+    pub seq: i64,
+    /// Unique per event; a receiver deduplicates by it. Events that several instances or
+    /// attempts may notice alike get an id derived from what they are about, so the second
+    /// notice is the same event and is not recorded twice.
+    pub id: String,
+    pub kind: EventKind,
+    pub credential_id: String,
+    pub workspace: String,
+    pub environment: String,
+    pub integration_type: String,
+    /// Why, in words; names no value.
+    pub reason: String,
+    /// When it happened, in Unix milliseconds.
+    pub at_ms: i64,
+    pub delivery: Delivery,
+    /// Delivery attempts made so far.
+    pub attempts: i64,
+    /// When the next delivery attempt is due, in Unix milliseconds.
+    pub next_at_ms: i64,
+    /// How the last attempt ended (`HTTP 500`, `timed out`...), if any.
+    pub last_outcome: Option<String>,
+}
+
+/// What an event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// The provider refused the refresh token (or the client): the user must authorise again.
+    NeedsReauth,
+    /// New tokens or secrets were stored for a credential that needed re-authorisation.
+    Reauthorized,
+    /// The token has expired and refreshing it still fails (the token endpoint is down or
+    /// answers errors that are not refusals).
+    RefreshFailing,
+    /// The account behind the credential is no longer usable at its manager (a Composio
+    /// connected account that is not `ACTIVE`): the user must reconnect it.
+    AccountInactive,
+    /// The account is usable again.
+    AccountActive,
+    /// A token whose refresh was reported failing (`RefreshFailing`) was refreshed after all.
+    RefreshRecovered,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 6] = [
+        EventKind::NeedsReauth,
+        EventKind::Reauthorized,
+        EventKind::RefreshFailing,
+        EventKind::AccountInactive,
+        EventKind::AccountActive,
+        EventKind::RefreshRecovered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::NeedsReauth => "needs_reauth",
+            EventKind::Reauthorized => "reauthorized",
+            EventKind::RefreshFailing => "refresh_failing",
+            EventKind::AccountInactive => "account_inactive",
+            EventKind::AccountActive => "account_active",
+            EventKind::RefreshRecovered => "refresh_recovered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, MetadataError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| MetadataError::Corrupt("events.type is not a known event type".into()))
+    }
+}
+
+/// How far an event's webhook delivery has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// To be delivered (at `next_at_ms`).
+    Pending,
+    Delivered,
+    /// Given up: every attempt failed until the event was too old to deliver.
+    Failed,
+    /// No webhook was configured for its workspace when it happened: only for polling.
+    Unrouted,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Pending => "pending",
+            Delivery::Delivered => "delivered",
+            Delivery::Failed => "failed",
+            Delivery::Unrouted => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, MetadataError> {
+        match s {
+            "pending" => Ok(Delivery::Pending),
+            "delivered" => Ok(Delivery::Delivered),
+            "failed" => Ok(Delivery::Failed),
+            "none" => Ok(Delivery::Unrouted),
+            _ => Err(MetadataError::Corrupt(
+                "events.delivery is not a known state".into(),
+            )),
+        }
+    }
+}

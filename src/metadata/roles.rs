@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    CredentialRecord, Invalidation, JournalEntry, ManagerRecord, MetadataError, PurgeEntry,
-    RoutingRecord, SealedRecord, SealedSummary,
+    CredentialRecord, EventRecord, Invalidation, JournalEntry, ManagerRecord, MetadataError,
+    PurgeEntry, RoutingRecord, SealedRecord, SealedSummary,
 };
 
 /// Whether the database answers at all.
@@ -43,12 +43,15 @@ pub trait CredentialRows: Send + Sync + 'static {
 
     /// Replaces the row if its `row_version` is still `expected_row_version` (the new record
     /// carries the bumped one). When the location changes, `abandoned` journals the old copy
-    /// in the same transaction; its entry id is returned.
+    /// in the same transaction; its entry id is returned. `event` (the change is one the
+    /// credential's end customer is told about) is recorded in the same transaction too, so
+    /// the change is never made without its event nor the event recorded without the change.
     async fn update_credential(
         &self,
         record: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
+        event: Option<&EventRecord>,
     ) -> Result<Option<i64>, MetadataError>;
 
     /// Deletes the row if unchanged and journals its secret's copy for deletion, atomically.
@@ -275,6 +278,43 @@ pub trait ControlRows: Send + Sync + 'static {
     async fn routing_put(&self, record: &RoutingRecord) -> Result<(), MetadataError>;
 }
 
+/// Re-authorisation events (`events`): recorded with the change they report, delivered to
+/// webhooks by whichever instance claims them first, and paged through by pollers.
+#[async_trait]
+pub trait EventRows: Send + Sync + 'static {
+    /// Records `event` (its `seq` is the database's) unless one with its id is already
+    /// recorded, or `requires` names an event that is not; `false` then, and nothing changes.
+    async fn event_add(
+        &self,
+        event: &EventRecord,
+        requires: Option<&str>,
+    ) -> Result<bool, MetadataError>;
+    async fn event_get(&self, seq: i64) -> Result<Option<EventRecord>, MetadataError>;
+    /// Events with a `seq` above `after`, in order, at most `limit`.
+    async fn events_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, MetadataError>;
+    /// Pending deliveries due at `now_ms`, the longest due first.
+    async fn events_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, MetadataError>;
+    /// Records a delivery attempt (`delivery`, `attempts`, `next_at_ms`, `last_outcome`) if
+    /// the row is still pending with `expected_attempts` attempts; `false` if it was not.
+    async fn event_delivery(
+        &self,
+        event: &EventRecord,
+        expected_attempts: i64,
+    ) -> Result<bool, MetadataError>;
+    /// How many deliveries are pending.
+    async fn events_pending(&self) -> Result<u64, MetadataError>;
+    /// Drops events that happened before `before_ms`, whatever their delivery; returns how many.
+    async fn events_prune(&self, before_ms: i64) -> Result<u64, MetadataError>;
+}
+
 /// The whole metadata database: every role. Implemented for anything that has them all.
 pub trait Metadata:
     Liveness
@@ -286,6 +326,7 @@ pub trait Metadata:
     + FleetRows
     + ControlRows
     + PurgeRows
+    + EventRows
 {
 }
 
@@ -299,5 +340,6 @@ impl<T> Metadata for T where
         + FleetRows
         + ControlRows
         + PurgeRows
+        + EventRows
 {
 }

@@ -194,6 +194,32 @@ const OBJECTS: &[(i64, &str)] = &[
         6,
         "ALTER TABLE credentials ADD COLUMN {if_new_column}token_at_ms {int}",
     ),
+    // Version 7: re-authorisation events, queued here for their webhook in the same
+    // transaction as the change they report, and kept for polling until their retention ends.
+    // `seq` orders them (writers of events are serialised, so it is also commit order).
+    (
+        7,
+        "CREATE TABLE {if_new}events (
+    seq              {serial_key},
+    id               TEXT NOT NULL UNIQUE,
+    type             TEXT NOT NULL,
+    credential_id    TEXT NOT NULL,
+    workspace        TEXT NOT NULL,
+    environment      TEXT NOT NULL,
+    integration_type TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    at_ms            {int} NOT NULL,
+    delivery         TEXT NOT NULL,
+    attempts         {int} NOT NULL,
+    next_at_ms       {int} NOT NULL,
+    last_outcome     TEXT
+)",
+    ),
+    (
+        7,
+        "CREATE INDEX {if_new}events_due ON events (next_at_ms) WHERE delivery = 'pending'",
+    ),
+    (7, "CREATE INDEX {if_new}events_at ON events (at_ms)"),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

@@ -186,7 +186,7 @@ impl Service {
                 next.updated_at = crate::time::now_unix();
                 match service
                     .metadata
-                    .update_credential(&next, record.row_version, None)
+                    .update_credential(&next, record.row_version, None, None)
                     .await
                 {
                     Ok(_) => {}

@@ -3,6 +3,7 @@
 
 mod bypass;
 mod error;
+mod events;
 mod failures;
 mod input;
 mod journal;
@@ -20,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 pub use error::ServiceError;
+pub use events::EventPage;
 pub(crate) use input::{check_fields, check_patch, check_scope, CreateFields};
 pub use input::{CreateRequest, OAuthInput, PatchRequest};
 pub use moves::MoveOutcome;
@@ -54,6 +56,7 @@ pub struct Service {
     bypasses: bypass::BypassLimiter,
     keys: Arc<Keyring>,
     oauth: refresh::OAuthState,
+    events: events::EventSink,
     /// This process among the instances sharing the metadata database.
     instance: String,
 }
@@ -71,6 +74,7 @@ impl Service {
     ) -> Self {
         let oauth = refresh::OAuthState::new(&runtime.config.oauth);
         let c = &runtime.config.cache;
+        let events = events::EventSink::new(Arc::clone(&metadata), Arc::clone(&metrics));
         let cache = Cache::new(
             c.ttl,
             c.capacity,
@@ -86,12 +90,18 @@ impl Service {
             bypasses: bypass::BypassLimiter::default(),
             keys,
             oauth,
+            events,
             instance: uuid::Uuid::new_v4().to_string(),
         }
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    /// Notified whenever this instance records an event that has a webhook to go to.
+    pub fn events_recorded(&self) -> Arc<tokio::sync::Notify> {
+        self.events.recorded_signal()
     }
 
     pub fn instance_id(&self) -> &str {

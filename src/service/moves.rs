@@ -82,10 +82,14 @@ impl Service {
             name: current.location.name.clone(),
             created_at: crate::time::now_unix(),
         };
+        let event = self.reauthorized(&current, &next);
         let old_entry = self
             .metadata
-            .update_credential(&next, current.row_version, Some(&abandoned))
+            .update_credential(&next, current.row_version, Some(&abandoned), event.as_ref())
             .await?;
+        if let Some(e) = &event {
+            self.events.recorded(e);
+        }
         self.metadata.journal_remove(journal_id).await?;
         self.cache.replace(
             &id,

@@ -13,6 +13,7 @@ use crate::access::{Action, Caller, Scope};
 use crate::cache::{CacheStatus, Entry, Loaded, Lookup};
 use crate::config::{is_valid_name, DEFAULT_WORKSPACE};
 use crate::manager::{ListRequest, ManagerError, Page};
+use crate::metadata::EventKind;
 use crate::routing::Route;
 
 /// The most credentials one batch read may ask for.
@@ -140,6 +141,7 @@ impl Service {
         let metadata = Arc::clone(&self.metadata);
         let runtimes = Arc::clone(&self.runtime);
         let metrics = Arc::clone(&self.metrics);
+        let events = self.events.clone();
         async move {
             let mut record = match row {
                 Some(row) => row,
@@ -149,7 +151,7 @@ impl Service {
                     .ok_or(ServiceError::NotFound)?,
             };
             let mut attempts = 0;
-            let read = loop {
+            let (read, read_only) = loop {
                 // Loaded per attempt: a reload may have brought the manager the row now names.
                 let runtime = runtimes.load();
                 let timeout = runtime.config.manager_timeout;
@@ -165,7 +167,7 @@ impl Service {
                 )
                 .await;
                 match read {
-                    Ok(read) => break read,
+                    Ok(read) => break (read, manager.describe().capabilities.read_only),
                     // A move (or write) may have switched the location and deleted the copy
                     // between reading the row and reading the manager: follow the new row.
                     Err(ManagerError::NotFound) if attempts < 3 => {
@@ -182,9 +184,50 @@ impl Service {
                         }
                         record = fresh;
                     }
+                    Err(ManagerError::Unusable(reason)) => {
+                        // The account behind it (a Composio connected account) is no longer
+                        // usable: its user has to reconnect it, and the platform is told.
+                        let config = runtime.config.events.clone();
+                        if let Err(e) = events
+                            .flag(
+                                &config,
+                                record.clone(),
+                                true,
+                                EventKind::AccountInactive,
+                                &reason,
+                            )
+                            .await
+                        {
+                            tracing::warn!(credential = %id, error = %e, "could not record that the credential's account is unusable");
+                        }
+                        return Err(manager_failure(
+                            &record.location.manager_id,
+                            ManagerError::Unusable(reason),
+                        ));
+                    }
                     Err(e) => return Err(manager_failure(&record.location.manager_id, e)),
                 }
             };
+            if record.needs_reauth && read_only {
+                // A store credproxy never writes to set the flag only for an unusable
+                // account, and it has just handed the credential out: usable again.
+                let config = runtimes.load().config.events.clone();
+                match events
+                    .flag(
+                        &config,
+                        record.clone(),
+                        false,
+                        EventKind::AccountActive,
+                        "the account is usable again",
+                    )
+                    .await
+                {
+                    Ok(now) => record = now,
+                    Err(e) => {
+                        tracing::warn!(credential = %id, error = %e, "could not record that the credential's account is usable again")
+                    }
+                }
+            }
             let valid_until = earliest(
                 record.expires_at_ms.map(crate::time::from_unix_ms),
                 read.expires_in.map(crate::time::from_now),

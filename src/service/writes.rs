@@ -252,7 +252,7 @@ impl Service {
 
         if !moving && request.secrets.is_none() {
             self.metadata
-                .update_credential(&next, current.row_version, None)
+                .update_credential(&next, current.row_version, None, None)
                 .await?;
             self.cache.invalidate(id);
             return Ok(WriteOutcome { record: next });
@@ -351,9 +351,13 @@ impl Service {
         }
         .map_err(|e| manager_failure(&loc.manager_id, e))?;
         next.location.version = Some(version);
+        let event = self.reauthorized(current, &next);
         self.metadata
-            .update_credential(&next, current.row_version, None)
+            .update_credential(&next, current.row_version, None, event.as_ref())
             .await?;
+        if let Some(e) = &event {
+            self.events.recorded(e);
+        }
         for entry in self
             .earlier_intents(id, intent)
             .await?

@@ -1085,3 +1085,142 @@ pub async fn composio() -> ComposioFake {
         state,
     }
 }
+
+// =============================================================================================
+// A webhook receiver
+// =============================================================================================
+
+pub const WEBHOOK_SECRET: &str = "CANARY-webhook-secret-7c3d";
+
+/// What a receiver of credproxy's events saw. It checks every delivery's signature the way a
+/// platform would (HMAC-SHA256 of `<t>.<body>` under the shared secret, `t` within 5 minutes).
+#[derive(Default)]
+pub struct ReceiverState {
+    /// Attempts per event id, answered or not.
+    pub attempts: BTreeMap<String, usize>,
+    /// Every document answered 2xx, in arrival order (a redelivered event appears again).
+    pub accepted: Vec<Value>,
+    /// Deliveries whose signature, timestamp or body did not check out (answered 401).
+    pub refused: usize,
+    /// Answer 500 to the first this many attempts at each event.
+    pub fail_first: usize,
+    /// Answer 500 to everything.
+    pub down: bool,
+    /// Every body received, for leak checks.
+    pub bodies: Vec<Bytes>,
+}
+
+pub struct Receiver {
+    pub server: Server,
+    pub state: Arc<Mutex<ReceiverState>>,
+}
+
+impl Receiver {
+    pub fn url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}/credproxy/events",
+            self.server.addr.port()
+        )
+    }
+    pub fn state(&self) -> std::sync::MutexGuard<'_, ReceiverState> {
+        self.state.lock().unwrap()
+    }
+    /// How many times each event id was answered 2xx.
+    pub fn accepted_ids(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for doc in &self.state().accepted {
+            *out.entry(doc["id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        out
+    }
+    /// The accepted documents of one type, first acceptance of each id.
+    pub fn accepted_of(&self, kind: &str) -> Vec<Value> {
+        let mut seen = BTreeSet::new();
+        self.state()
+            .accepted
+            .iter()
+            .filter(|d| d["type"] == kind && seen.insert(d["id"].as_str().unwrap().to_owned()))
+            .cloned()
+            .collect()
+    }
+}
+
+fn signed_correctly(call: &Call, secret: &str) -> bool {
+    let Some(header) = call.header("credproxy-signature") else {
+        return false;
+    };
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1 = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    if (now() - t).abs() > 300 {
+        return false;
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{t}.").into_bytes();
+    signed.extend_from_slice(&call.body);
+    let Some(tag) = (0..v1.len())
+        .step_by(2)
+        .map(|i| {
+            v1.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    ring::hmac::verify(&key, &signed, &tag).is_ok()
+}
+
+/// A webhook receiver answering 500 to the first `fail_first` attempts at each event.
+pub async fn webhook_receiver(fail_first: usize) -> Receiver {
+    let state = Arc::new(Mutex::new(ReceiverState {
+        fail_first,
+        ..Default::default()
+    }));
+    let handler: Handler = {
+        let state = Arc::clone(&state);
+        Arc::new(move |call: Call| {
+            let mut s = state.lock().unwrap();
+            s.bodies.push(call.body.clone());
+            let doc = call.json();
+            let id = doc
+                .as_ref()
+                .and_then(|d| d["id"].as_str().map(str::to_owned));
+            let (Some(doc), Some(id)) = (doc, id) else {
+                s.refused += 1;
+                return reply(400, json!({"error": "not an event"}));
+            };
+            if call.method != "POST"
+                || call.header("credproxy-event-id") != Some(id.as_str())
+                || !signed_correctly(&call, WEBHOOK_SECRET)
+            {
+                s.refused += 1;
+                return reply(401, json!({"error": "bad signature"}));
+            }
+            let n = {
+                let n = s.attempts.entry(id).or_default();
+                *n += 1;
+                *n
+            };
+            if s.down || n <= s.fail_first {
+                return reply(500, json!({"error": "try again"}));
+            }
+            s.accepted.push(doc);
+            reply(200, json!({"ok": true}))
+        })
+    };
+    Receiver {
+        server: serve(handler, None).await,
+        state,
+    }
+}

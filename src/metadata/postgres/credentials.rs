@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
+use super::events::event_insert;
 use super::journal::journal_insert;
 use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata, CHANNEL};
 use crate::metadata::codec::{self, expires_at_secs, CredentialJson, CREDENTIAL_COLUMNS};
-use crate::metadata::{CredentialRecord, CredentialRows, JournalEntry, MetadataError};
+use crate::metadata::{CredentialRecord, CredentialRows, EventRecord, JournalEntry, MetadataError};
 
 #[async_trait]
 impl CredentialRows for PostgresMetadata {
@@ -55,6 +56,7 @@ impl CredentialRows for PostgresMetadata {
         r: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
+        event: Option<&EventRecord>,
     ) -> Result<Option<i64>, MetadataError> {
         let CredentialJson { metadata, oauth } = CredentialJson::of(r)?;
         let mut conn = self.pool.get().await?;
@@ -79,6 +81,9 @@ impl CredentialRows for PostgresMetadata {
             Some(e) => Some(journal_insert(&tx, e).await?),
             None => None,
         };
+        if let Some(e) = event {
+            event_insert(&tx, e, None).await?;
+        }
         tx.execute(
             "SELECT pg_notify($1, $2)",
             &[&CHANNEL, &self.notify_payload(&r.id)],

@@ -7,6 +7,7 @@
 
 mod control;
 mod credentials;
+mod events;
 mod fleet;
 mod journal;
 mod leases;

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use rusqlite::params;
 
+use super::events::event_insert;
 use super::journal::journal_insert;
 use super::{db_err, query_all, query_first, SqliteMetadata};
 use crate::metadata::codec::{self, expires_at_secs, CredentialJson, CREDENTIAL_COLUMNS};
-use crate::metadata::{CredentialRecord, CredentialRows, JournalEntry, MetadataError};
+use crate::metadata::{CredentialRecord, CredentialRows, EventRecord, JournalEntry, MetadataError};
 
 #[async_trait]
 impl CredentialRows for SqliteMetadata {
@@ -62,9 +63,11 @@ impl CredentialRows for SqliteMetadata {
         record: &CredentialRecord,
         expected_row_version: i64,
         abandoned: Option<&JournalEntry>,
+        event: Option<&EventRecord>,
     ) -> Result<Option<i64>, MetadataError> {
         let r = record.clone();
         let abandoned = abandoned.cloned();
+        let event = event.cloned();
         let CredentialJson { metadata, oauth } = CredentialJson::of(&r)?;
         self.with(move |c| {
             let tx = c.transaction().map_err(db_err)?;
@@ -86,6 +89,9 @@ impl CredentialRows for SqliteMetadata {
                 return Err(MetadataError::Conflict);
             }
             let journal_id = abandoned.as_ref().map(|e| journal_insert(&tx, e)).transpose()?;
+            if let Some(e) = &event {
+                event_insert(&tx, e, None)?;
+            }
             tx.commit().map_err(db_err)?;
             Ok(journal_id)
         })
@@ -259,8 +265,11 @@ mod tests {
 
         let mut next = record("a");
         next.row_version = 2;
-        store.update_credential(&next, 1, None).await.unwrap();
-        let stale = store.update_credential(&next, 1, None).await.unwrap_err();
+        store.update_credential(&next, 1, None, None).await.unwrap();
+        let stale = store
+            .update_credential(&next, 1, None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(stale, MetadataError::Conflict));
         assert_eq!(
             store

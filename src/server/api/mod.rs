@@ -7,6 +7,7 @@ mod batch;
 mod body;
 mod credentials;
 mod error;
+mod events;
 mod managers;
 
 use std::sync::Arc;
@@ -42,6 +43,7 @@ pub enum RouteId {
     RoutingPut,
     Migrations,
     Reload,
+    Events,
     Health,
     Ready,
     Unknown,
@@ -67,6 +69,7 @@ impl RouteId {
             RouteId::RoutingPut => "routing_put",
             RouteId::Migrations => "migrations",
             RouteId::Reload => "reload",
+            RouteId::Events => "events",
             RouteId::Health => "healthz",
             RouteId::Ready => "readyz",
             RouteId::Unknown => "unknown",
@@ -139,6 +142,7 @@ pub fn classify(method: &Method, path: &str) -> Target {
         (&Method::PUT, ["v1", "routing"]) => RouteId::RoutingPut,
         (&Method::GET, ["v1", "migrations"]) => RouteId::Migrations,
         (&Method::POST, ["v1", "reload"]) => RouteId::Reload,
+        (&Method::GET, ["v1", "events"]) => RouteId::Events,
         _ => RouteId::Unknown,
     };
     let id = match route {
@@ -405,6 +409,7 @@ async fn dispatch(
         RouteId::RoutingPut => Box::pin(admin::put_routing(app, &caller, request)).await,
         RouteId::Migrations => admin::migrations(app, &caller, &query),
         RouteId::Reload => Box::pin(admin::reload(app, &caller)).await,
+        RouteId::Events => Box::pin(events::list(app, &caller, &query)).await,
         RouteId::Unknown => Err(unknown_or_method(request.uri().path())),
     }
 }

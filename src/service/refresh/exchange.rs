@@ -6,9 +6,10 @@ use std::time::Duration;
 use super::write_back::Tokens;
 use super::{Refreshed, Trigger, CLIENT_SECRET, REFRESH_TOKEN};
 use crate::config::OAuthConfig;
-use crate::metadata::{CredentialRecord, GrantType, MetadataError};
+use crate::metadata::{CredentialRecord, EventKind, GrantType};
 use crate::oauth::OAuthError;
 use crate::service::error::manager_failure;
+use crate::service::events::derived_id;
 use crate::service::{Service, ServiceError};
 
 impl Service {
@@ -102,6 +103,12 @@ impl Service {
         };
         match answer {
             Ok(grant) => {
+                // The token being replaced had expired before this request: refreshing may
+                // have been reported failing, and then its recovery is reported too.
+                let recovered = record
+                    .expires_at_ms
+                    .filter(|e| *e <= crate::time::to_unix_ms(asked))
+                    .map(|expired| (record.clone(), expired));
                 let tokens = Tokens::from_grant(grant, asked);
                 // The old refresh token is spent now: keep the answer before anything else.
                 self.save_pending(&record, &tokens).await;
@@ -122,6 +129,9 @@ impl Service {
                             self.oauth.backoff.succeeded(id);
                         }
                         self.count("success");
+                        if let Some((before, expired)) = recovered {
+                            self.note_recovered(&before, expired).await;
+                        }
                         tracing::info!(credential = id, expires_at_ms = ?done.expires_at_ms,
                             rotated = tokens.refresh_token.is_some(), "refreshed OAuth token");
                         Ok(Refreshed::Done(done))
@@ -143,13 +153,19 @@ impl Service {
                 });
                 tracing::warn!(credential = id, code = %code,
                     "token endpoint rejected the refresh; marking the credential for re-authorisation");
-                self.mark_needs_reauth(record).await?;
+                let what = match oauth.grant {
+                    GrantType::RefreshToken => "the refresh token",
+                    GrantType::ClientCredentials => "the client credentials",
+                };
+                let reason = format!("the token endpoint refused {what} ({code})");
+                self.mark_needs_reauth(record, &reason).await?;
                 Err(ServiceError::NeedsReauth)
             }
             Err(e) => {
                 let wait = self.oauth.backoff.failed(&config, id, e.retry_after());
                 self.count("unavailable");
                 tracing::warn!(credential = id, error = %e, retry_in = ?wait, "OAuth refresh failed; will retry");
+                self.note_failing_past_expiry(&record, &e).await;
                 Err(ServiceError::TokenUnavailable {
                     detail: e.to_string(),
                     retry_after: wait,
@@ -192,34 +208,73 @@ impl Service {
         }
     }
 
-    async fn mark_needs_reauth(&self, mut current: CredentialRecord) -> Result<(), ServiceError> {
-        for _ in 0..4 {
-            let mut next = current.clone();
-            next.needs_reauth = true;
-            next.row_version += 1;
-            next.updated_at = crate::time::now_unix();
-            match self
-                .metadata
-                .update_credential(&next, current.row_version, None)
-                .await
-            {
-                Ok(_) => {
-                    self.cache.invalidate(&current.id);
-                    if let Ok(n) = self.metadata.count_needs_reauth().await {
-                        self.metrics.needs_reauth.set(n as i64);
-                    }
-                    return Ok(());
-                }
-                Err(MetadataError::Conflict) => {
-                    current = self
-                        .metadata
-                        .get_credential(&current.id)
-                        .await?
-                        .ok_or(ServiceError::NotFound)?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+    /// Records `refresh_failing` when a refresh fails after the token it should replace has
+    /// expired: readers get errors now. Once per expired token, however many attempts,
+    /// instances or restarts notice it (the event's id is derived from the token's expiry).
+    async fn note_failing_past_expiry(&self, record: &CredentialRecord, error: &OAuthError) {
+        let Some(expired) = record
+            .expires_at_ms
+            .filter(|e| *e <= crate::time::now_unix_ms())
+        else {
+            return;
+        };
+        let reason = format!(
+            "refreshing has failed since the access token expired at {}: {error}",
+            crate::time::rfc3339_ms(expired)
+        );
+        let config = self.runtime.load().config.events.clone();
+        let key = expiry_key(record, expired);
+        let event = self.events.event(
+            &config,
+            EventKind::RefreshFailing,
+            record,
+            reason,
+            Some(&[&key[0], &key[1]]),
+        );
+        if let Err(e) = self.events.add(event, None).await {
+            tracing::warn!(credential = %record.id, error = %e, "could not record a refresh_failing event");
         }
-        Err(ServiceError::Conflict)
     }
+
+    /// Records `refresh_recovered` for a token that had expired when it was refreshed, if its
+    /// refresh was reported failing (and only once, like that report).
+    async fn note_recovered(&self, record: &CredentialRecord, expired: i64) {
+        let config = self.runtime.load().config.events.clone();
+        let key = expiry_key(record, expired);
+        let parts = [key[0].as_str(), key[1].as_str()];
+        let failing = derived_id(EventKind::RefreshFailing, &record.id, &parts);
+        let event = self.events.event(
+            &config,
+            EventKind::RefreshRecovered,
+            record,
+            format!(
+                "refreshed after failing since the access token expired at {}",
+                crate::time::rfc3339_ms(expired)
+            ),
+            Some(&parts),
+        );
+        if let Err(e) = self.events.add(event, Some(&failing)).await {
+            tracing::warn!(credential = %record.id, error = %e, "could not record a refresh_recovered event");
+        }
+    }
+
+    async fn mark_needs_reauth(
+        &self,
+        current: CredentialRecord,
+        reason: &str,
+    ) -> Result<(), ServiceError> {
+        let id = current.id.clone();
+        let config = self.runtime.load().config.events.clone();
+        self.events
+            .flag(&config, current, true, EventKind::NeedsReauth, reason)
+            .await?;
+        self.cache.invalidate(&id);
+        Ok(())
+    }
+}
+
+/// What identifies one expired token of a credential, for the ids of the events about it: the
+/// credential's creation (an id deleted and created again is another credential) and the expiry.
+fn expiry_key(record: &CredentialRecord, expired: i64) -> [String; 2] {
+    [record.created_at.to_string(), expired.to_string()]
 }
