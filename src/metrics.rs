@@ -39,7 +39,8 @@ pub const PURGE_OUTCOMES: [&str; 5] = ["purged", "gone", "waiting", "denied", "f
 
 /// Label values of `credproxy_event_deliveries_total{outcome}`: delivered (the webhook
 /// answered 2xx); retried (an attempt failed and another is scheduled); failed (given up after
-/// `events.give_up_after`); unrouted (no webhook takes its workspace any more).
+/// `events.give_up_after`); unrouted (no webhook takes its workspace on this instance; put off
+/// for a minute).
 pub const EVENT_DELIVERY_OUTCOMES: [&str; 4] = ["delivered", "retried", "failed", "unrouted"];
 
 pub struct Metrics {

@@ -23,7 +23,8 @@ fn webhook(c: &mut toml::Table, dir: &Path, receiver: &Receiver) {
     let hook = table(&[
         ("url", receiver.url().into()),
         ("secret", file_ref(dir, "webhook-secret", WEBHOOK_SECRET)),
-        ("timeout", "2s".into()),
+        // Long enough that a stalled test machine does not make a second delivery.
+        ("timeout", "10s".into()),
     ]);
     set(c, "events", "webhooks", toml::Value::Array(vec![hook]));
 }

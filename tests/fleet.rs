@@ -465,9 +465,7 @@ fn purge(name: &str, next_at_ms: i64, created_at_ms: i64) -> PurgeEntry {
     }
 }
 
-/// Soft-deleted secrets awaiting their purge: one entry per manager and name, listed when due
-/// (the longest due first), rescheduled and removed only as read (an entry added again since
-/// is left alone), and counted per manager, whose release they hold up.
+/// An event of `credential` at `at_ms`, pending.
 fn event(id: &str, credential: &str, at_ms: i64) -> EventRecord {
     EventRecord {
         seq: 0,
@@ -529,7 +527,8 @@ async fn event_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
     assert_eq!(other.event_get(all[1].seq).await.unwrap().unwrap(), all[1]);
     assert_eq!(store.events_pending().await.unwrap(), 2);
 
-    // Due by next_at_ms; an attempt is recorded only over the attempt count it read.
+    // Due by next_at_ms; an attempt is recorded only over the attempt count and due time it
+    // read.
     let due = store.events_due(150, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     let retry = EventRecord {
@@ -538,10 +537,14 @@ async fn event_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
         last_outcome: Some("HTTP 500".into()),
         ..due[0].clone()
     };
-    assert!(store.event_delivery(&retry, 0).await.unwrap());
+    assert!(store.event_delivery(&retry, (0, 100)).await.unwrap());
     assert!(
-        !other.event_delivery(&retry, 0).await.unwrap(),
+        !other.event_delivery(&retry, (0, 100)).await.unwrap(),
         "stale attempt count"
+    );
+    assert!(
+        !other.event_delivery(&retry, (1, 100)).await.unwrap(),
+        "stale due time (another instance's claim)"
     );
     assert_eq!(
         store.events_due(999, 10).await.unwrap().len(),
@@ -553,9 +556,9 @@ async fn event_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
         attempts: 2,
         ..retry.clone()
     };
-    assert!(other.event_delivery(&done, 1).await.unwrap());
+    assert!(other.event_delivery(&done, (1, 1_000)).await.unwrap());
     assert!(
-        !store.event_delivery(&done, 2).await.unwrap(),
+        !store.event_delivery(&done, (2, 1_000)).await.unwrap(),
         "no longer pending"
     );
     assert_eq!(store.events_pending().await.unwrap(), 1);
@@ -571,6 +574,9 @@ async fn event_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
     assert_eq!(store.events_prune(i64::MAX).await.unwrap(), 1);
 }
 
+/// Soft-deleted secrets awaiting their purge: one entry per manager and name, listed when due
+/// (the longest due first), rescheduled and removed only as read (an entry added again since
+/// is left alone), and counted per manager, whose release they hold up.
 async fn purge_suite(store: &Arc<dyn Metadata>, other: &Arc<dyn Metadata>) {
     store.purge_add(&purge("p1", 200, 1)).await.unwrap();
     store.purge_add(&purge("p2", 100, 1)).await.unwrap();

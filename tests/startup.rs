@@ -564,3 +564,56 @@ async fn an_immutable_database_is_read_only_not_ready_and_still_read() {
     .await;
     d.create("Production", json!({"k": "again"})).await;
 }
+
+#[test]
+fn the_cli_prints_its_version_completions_and_man_pages() {
+    let out = common::run_cli(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("credproxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = common::run_cli(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in ["serve", "check-config", "keygen", "routing"] {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    // The bash script is valid bash.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("credproxy.bash");
+    std::fs::write(&script, common::run_cli(&["completions", "bash"]).stdout).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(check.success());
+    assert!(!common::run_cli(&["completions", "tcsh"]).status.success());
+
+    let out = common::run_cli(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.contains(".TH credproxy 1") && page.contains("check\\-config"),
+        "{page}"
+    );
+    let pages = dir.path().join("man");
+    std::fs::create_dir(&pages).unwrap();
+    assert!(
+        common::run_cli(&["man", "--out-dir", pages.to_str().unwrap()])
+            .status
+            .success()
+    );
+    for page in [
+        "credproxy.1",
+        "credproxy-serve.1",
+        "credproxy-keygen.1",
+        "credproxy-routing-set.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+}

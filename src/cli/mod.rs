@@ -1,12 +1,13 @@
-//! The command line: `serve`, `check-config`, `plan`, `keygen`, `get`, and the control plane's
-//! `managers` and `routing` (`control`), which talk to the running daemon over its socket.
+//! The command line: `serve`, `check-config`, `plan`, `keygen`, `get`, the control plane's
+//! `managers` and `routing` (`control`), which talk to the running daemon over its socket, and
+//! what packagers install beside the binary: shell completions and the man page.
 
 mod control;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
 
@@ -80,6 +81,15 @@ enum Command {
         socket: Option<PathBuf>,
         #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout (`credproxy man > credproxy.1`), or write it and one
+    /// page per subcommand into a directory.
+    Man {
+        /// Write credproxy.1 and credproxy-SUBCOMMAND.1 here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -160,6 +170,31 @@ pub fn main() -> ExitCode {
                 );
             }
             runtime().block_on(control::call(&socket, hyper::Method::GET, &path, None))
+        }
+        Command::Completions { shell } => {
+            // Into memory first: writing straight to a closed pipe (`| head`) would panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "credproxy", &mut script);
+            use std::io::Write;
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+        Command::Man { out_dir } => {
+            let command = Cli::command();
+            let written = match out_dir {
+                // credproxy.1 and one page per subcommand (credproxy-serve.1, ...).
+                Some(dir) => clap_mangen::generate_to(command, &dir),
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("credproxy: cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

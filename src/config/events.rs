@@ -13,6 +13,8 @@ pub const DEFAULT_EVENTS_POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_WEBHOOK_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_WEBHOOK_RETRY_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `events.retention`: ten years.
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +67,7 @@ impl Default for EventsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Webhook {
     /// `events.webhooks[i]`, for logs.
     pub key: String,
@@ -75,6 +77,23 @@ pub struct Webhook {
     /// `None`: every workspace no other webhook names.
     pub workspaces: Option<Vec<String>>,
     pub timeout: Duration,
+}
+
+/// Without the URL's query, which may carry a token.
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.url.clone();
+        if shown.query().is_some() {
+            shown.set_query(Some("[REDACTED]"));
+        }
+        f.debug_struct("Webhook")
+            .field("key", &self.key)
+            .field("url", &shown.as_str())
+            .field("secret", &self.secret)
+            .field("workspaces", &self.workspaces)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl EventsConfig {
@@ -100,8 +119,8 @@ pub(super) fn validate(raw: RawEvents) -> Result<EventsConfig, ConfigError> {
         retry_max: raw.retry_max.unwrap_or(d.retry_max),
         webhooks: Vec::new(),
     };
-    if c.retention < Duration::from_secs(60) {
-        return Err(invalid("events.retention", "must be at least 1m"));
+    if !(Duration::from_secs(60)..=MAX_RETENTION).contains(&c.retention) {
+        return Err(invalid("events.retention", "must be between 1m and 3650d"));
     }
     if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&c.poll_interval) {
         return Err(invalid(
@@ -115,8 +134,8 @@ pub(super) fn validate(raw: RawEvents) -> Result<EventsConfig, ConfigError> {
             "must be greater than zero and not above events.retention (an event is removed after that)",
         ));
     }
-    if c.retry_max < Duration::from_secs(1) {
-        return Err(invalid("events.retry_max", "must be at least 1s"));
+    if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&c.retry_max) {
+        return Err(invalid("events.retry_max", "must be between 1s and 24h"));
     }
     let mut webhooks = Vec::with_capacity(raw.webhooks.len());
     let mut taken: Vec<(String, String)> = Vec::new();
@@ -188,6 +207,9 @@ fn validate_webhook(
                         format!("{key}.workspaces[{j}]"),
                         "is not a valid workspace name",
                     ));
+                }
+                if list[..j].contains(ws) {
+                    return Err(invalid(format!("{key}.workspaces[{j}]"), "is listed twice"));
                 }
             }
             Some(list)
@@ -294,6 +316,33 @@ mod tests {
             assert!(e.contains(key), "{e}");
             assert!(!e.contains("hunter2"), "{e}");
         }
+        let dbg = format!(
+            "{:?}",
+            parse(
+                "[[events.webhooks]]\nurl = \"https://x/h?token=hunter2\"\n{secret}",
+                &secret
+            )
+            .unwrap()
+            .webhooks[0]
+        );
+        assert!(
+            !dbg.contains("hunter2") && dbg.contains("https://x/h"),
+            "{dbg}"
+        );
+        let e = parse(
+            "[[events.webhooks]]\nurl = \"https://x/\"\n{secret}\nworkspaces = [\"a\", \"a\"]",
+            &secret,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("events.webhooks[0].workspaces[1]") && e.contains("twice"),
+            "{e}"
+        );
+        let e = parse("[events]\nretention = \"100000d\"", "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("events.retention"), "{e}");
         let twice = parse(
             r#"
             [[events.webhooks]]

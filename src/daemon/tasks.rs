@@ -76,8 +76,8 @@ pub(super) async fn purge_forever(purger: Purger, mut stop: watch::Receiver<bool
     }
 }
 
-/// Delivers queued events to their webhooks: at once when this instance records one, when a
-/// pass found a full batch, and every `events.poll_interval` for events other instances
+/// Delivers queued events to their webhooks: at once when this instance records one, soon
+/// after a pass that claimed part of a full batch, and every `events.poll_interval` for events other instances
 /// recorded and for retries. A pass is not cancelled at shutdown; each attempt is bounded by
 /// its webhook's timeout.
 pub(super) async fn deliver_events_forever(
@@ -88,7 +88,7 @@ pub(super) async fn deliver_events_forever(
 ) {
     loop {
         let full = match deliverer.pass().await {
-            Ok(found) => found >= crate::events::webhook::BATCH,
+            Ok(more) => more,
             Err(e) => {
                 tracing::debug!(error = %e, "event delivery pass failed; will retry");
                 false

@@ -1,11 +1,13 @@
 //! Delivering queued events to their webhooks. Every instance sharing the metadata database
-//! runs a [`Deliverer`]; a lease per attempt (`LeaseRows`, as purges use) keeps an event to one
-//! instance at a time, and the event is read again under the lease, so one another instance
-//! has just delivered is not sent again. An instance that dies mid-attempt leaves the lease to
-//! expire and the event to be sent again: delivery is at least once, and receivers
-//! deduplicate by the event id. Attempts back off from a second to `events.retry_max` (a
-//! receiver's `Retry-After` is followed within that) until `events.give_up_after`.
+//! runs a [`Deliverer`]. An instance claims an event before posting it with a compare-and-swap
+//! on the event's row that moves its due time past the attempt, so other instances neither
+//! list nor post it meanwhile; the outcome is recorded over that claim. An instance that dies
+//! mid-attempt leaves the claim to run out and the event to be posted again: delivery is at
+//! least once, and receivers deduplicate by the event id. Attempts back off from a second to
+//! `events.retry_max` (longer if the receiver's `Retry-After` asks) until
+//! `events.give_up_after`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,10 +22,14 @@ use crate::service::Service;
 pub const BATCH: usize = 32;
 const CONCURRENCY: usize = 4;
 const RETRY_MIN: Duration = Duration::from_secs(1);
-/// How much longer than one attempt its lease lasts.
+/// How much longer than one attempt its claim lasts.
 const CLAIM_MARGIN: Duration = Duration::from_secs(5);
-/// How often events past their retention are removed.
-const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often events past their retention are removed (and, with no webhook configured,
+/// pending ones past `events.give_up_after` given up).
+const TIDY_EVERY: Duration = Duration::from_secs(600);
+/// When no webhook takes an event's workspace on this instance, how long until it is looked
+/// at again.
+const UNROUTED_RETRY: Duration = Duration::from_secs(60);
 /// The most of a receiver's answer that is read (and thrown away).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -31,7 +37,14 @@ pub struct Deliverer {
     service: Arc<Service>,
     /// `None` only if the TLS stack could not be set up; every attempt then fails clearly.
     http: Option<reqwest::Client>,
-    pruned: Mutex<Option<Instant>>,
+    /// When old events were last removed and long-failing ones given up.
+    tidied: Mutex<Option<Instant>>,
+}
+
+/// Milliseconds of `d`, saturating: configured durations are bounded, but arithmetic on
+/// times must not wrap whatever they are.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Deliverer {
@@ -48,46 +61,62 @@ impl Deliverer {
         Self {
             service,
             http: http.ok(),
-            pruned: Mutex::new(None),
+            tidied: Mutex::new(None),
         }
     }
 
-    /// Attempts every due delivery this instance can claim; returns how many due events it
-    /// found (a full batch means there may be more).
-    pub async fn pass(&self) -> Result<usize, MetadataError> {
+    /// Attempts every due delivery this instance can claim. `true` when it found a full batch
+    /// and claimed some of it: there may be more due at once.
+    pub async fn pass(&self) -> Result<bool, MetadataError> {
         let runtime = self.service.runtime();
         let config = &runtime.config.events;
-        self.prune_if_due(config).await;
-        let metadata = self.service.metadata();
-        if config.webhooks.is_empty() {
-            // Nothing to deliver to: what is pending waits for a webhook (or its give-up time).
-            return Ok(0);
+        let tidy = self.tidy_due();
+        if tidy {
+            self.prune(config).await;
         }
+        if config.webhooks.is_empty() && !tidy {
+            // Nothing to deliver to. What is pending waits for a webhook; it is looked at
+            // only when tidying, to give up what waited too long.
+            return Ok(false);
+        }
+        let metadata = self.service.metadata();
         let due = metadata
             .events_due(crate::time::now_unix_ms(), BATCH)
             .await?;
-        let found = due.len();
+        let full = due.len() >= BATCH;
+        let claimed = AtomicUsize::new(0);
         futures::stream::iter(due)
-            .for_each_concurrent(CONCURRENCY, |event| async move {
-                if let Err(e) = self.attempt(config, event).await {
-                    tracing::debug!(error = %e, "could not record a delivery attempt; it is retried");
+            .for_each_concurrent(CONCURRENCY, |event| {
+                let claimed = &claimed;
+                async move {
+                    match self.attempt(config, event).await {
+                        Ok(true) => {
+                            claimed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "could not record a delivery attempt; it is retried")
+                        }
+                    }
                 }
             })
             .await;
         let pending = metadata.events_pending().await?;
         self.service.metrics().events_queued.set(pending as i64);
-        Ok(found)
+        Ok(full && claimed.into_inner() > 0)
     }
 
-    async fn prune_if_due(&self, config: &EventsConfig) {
-        {
-            let mut last = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
-                return;
-            }
-            *last = Some(Instant::now());
+    fn tidy_due(&self) -> bool {
+        let mut last = self.tidied.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < TIDY_EVERY) {
+            return false;
         }
-        let before = crate::time::now_unix_ms() - config.retention.as_millis() as i64;
+        *last = Some(Instant::now());
+        true
+    }
+
+    async fn prune(&self, config: &EventsConfig) {
+        let before = crate::time::now_unix_ms().saturating_sub(millis(config.retention));
         match self.service.metadata().events_prune(before).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "removed events past their retention"),
@@ -95,73 +124,56 @@ impl Deliverer {
         }
     }
 
-    /// One attempt at `event`, if this instance can claim it now.
+    /// One look at a due event: give it up, put it off, or claim and attempt it. `Ok(true)`
+    /// when this instance worked it, `Ok(false)` when another instance had it first.
     async fn attempt(
         &self,
         config: &EventsConfig,
         event: EventRecord,
-    ) -> Result<(), MetadataError> {
-        let metadata = self.service.metadata();
-        let Some(hook) = config.webhook_for(&event.workspace) else {
-            // Its workspace's webhook was removed since: polling still sees it.
-            let next = EventRecord {
-                delivery: Delivery::Unrouted,
-                last_outcome: Some("no webhook takes its workspace".into()),
-                ..event.clone()
-            };
-            if metadata.event_delivery(&next, event.attempts).await? {
-                self.count("unrouted");
-            }
-            return Ok(());
-        };
-        let key = format!("event:{}", event.seq);
-        let holder = self.service.instance_id();
-        if !metadata
-            .lease_acquire(&key, holder, hook.timeout + CLAIM_MARGIN)
-            .await?
-        {
-            return Ok(());
-        }
-        let result = match metadata.event_get(event.seq).await {
-            Ok(Some(fresh))
-                if fresh.delivery == Delivery::Pending
-                    && fresh.next_at_ms <= crate::time::now_unix_ms() =>
-            {
-                self.attempt_claimed(config, hook, fresh).await
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = metadata.lease_release(&key, holder).await {
-            tracing::debug!(error = %e, "could not release a delivery claim; it expires");
-        }
-        result
-    }
-
-    async fn attempt_claimed(
-        &self,
-        config: &EventsConfig,
-        hook: &Webhook,
-        event: EventRecord,
-    ) -> Result<(), MetadataError> {
+    ) -> Result<bool, MetadataError> {
         let metadata = self.service.metadata();
         let now = crate::time::now_unix_ms();
-        if now.saturating_sub(event.at_ms) > config.give_up_after.as_millis() as i64 {
-            tracing::error!(event = %event.id, r#type = event.kind.as_str(), credential = %event.credential_id,
-                webhook = %hook.key, attempts = event.attempts, last = ?event.last_outcome,
-                "gave up delivering an event after events.give_up_after; it stays listed by GET /v1/events");
+        let seen = (event.attempts, event.next_at_ms);
+        if now.saturating_sub(event.at_ms) > millis(config.give_up_after) {
             let next = EventRecord {
                 delivery: Delivery::Failed,
                 ..event.clone()
             };
-            if metadata.event_delivery(&next, event.attempts).await? {
-                self.count("failed");
+            if !metadata.event_delivery(&next, seen).await? {
+                return Ok(false);
             }
-            return Ok(());
+            tracing::error!(event = %event.id, r#type = event.kind.as_str(), credential = %event.credential_id,
+                attempts = event.attempts, last = ?event.last_outcome,
+                "gave up delivering an event after events.give_up_after; it stays listed by GET /v1/events");
+            self.count("failed");
+            return Ok(true);
+        }
+        let Some(hook) = config.webhook_for(&event.workspace) else {
+            // Not routed here: during a rolling change of the configuration another instance
+            // (or this one after a reload) may have the webhook. Looked at again later, so it
+            // does not keep crowding the due list meanwhile.
+            let later = EventRecord {
+                next_at_ms: now.saturating_add(millis(UNROUTED_RETRY)),
+                last_outcome: Some("no webhook takes its workspace on one instance".into()),
+                ..event.clone()
+            };
+            if metadata.event_delivery(&later, seen).await? {
+                self.count("unrouted");
+            }
+            return Ok(false);
+        };
+        // The claim: the due time moved past the attempt, so no other instance lists it
+        // meanwhile; if this one dies, the event is due again when the claim runs out.
+        let until = now.saturating_add(millis(hook.timeout + CLAIM_MARGIN));
+        let claim = EventRecord {
+            next_at_ms: until,
+            ..event.clone()
+        };
+        if !metadata.event_delivery(&claim, seen).await? {
+            return Ok(false);
         }
         let attempts = event.attempts + 1;
-        let outcome = self.send(hook, &event).await;
-        let next = match outcome {
+        let next = match self.send(hook, &event).await {
             Ok(status) => {
                 tracing::info!(event = %event.id, r#type = event.kind.as_str(), webhook = %hook.key,
                     attempts, status, "delivered an event");
@@ -173,13 +185,11 @@ impl Deliverer {
                 }
             }
             Err(failure) => {
-                let wait = failure
-                    .retry_after
-                    .unwrap_or_else(|| {
-                        crate::time::backoff(RETRY_MIN, config.retry_max, attempts as u32)
-                    })
+                // A receiver's Retry-After may ask for a longer wait, never a shorter one.
+                let wait = crate::time::backoff(RETRY_MIN, config.retry_max, attempts as u32)
+                    .max(failure.retry_after.unwrap_or_default())
                     .min(config.retry_max);
-                // Warned once per event; a receiver that stays down is in the metrics.
+                // Warned once per event; a receiver that stays down shows in the metrics.
                 if attempts == 1 {
                     tracing::warn!(event = %event.id, webhook = %hook.key, outcome = %failure.outcome, retry_in = ?wait,
                         "delivering an event failed; retrying");
@@ -189,17 +199,20 @@ impl Deliverer {
                 }
                 EventRecord {
                     attempts,
-                    next_at_ms: crate::time::now_unix_ms() + wait.as_millis() as i64,
+                    next_at_ms: crate::time::now_unix_ms().saturating_add(millis(wait)),
                     last_outcome: Some(failure.outcome),
                     ..event.clone()
                 }
             }
         };
         let delivered = next.delivery == Delivery::Delivered;
-        if metadata.event_delivery(&next, event.attempts).await? {
+        if metadata
+            .event_delivery(&next, (event.attempts, until))
+            .await?
+        {
             self.count(if delivered { "delivered" } else { "retried" });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Posts the signed document; the status of a 2xx answer, else why not.

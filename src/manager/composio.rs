@@ -195,7 +195,7 @@ impl ComposioManager {
 fn fields_of(account: &Value) -> Result<(SecretFields, Option<Duration>), ManagerError> {
     let status = account["status"].as_str().unwrap_or("UNKNOWN");
     if status != "ACTIVE" {
-        return Err(ManagerError::Unusable(inactive(status)));
+        return Err(ManagerError::AccountInactive(inactive(status)));
     }
     let state = &account["state"];
     let scheme = state["authScheme"]
@@ -403,6 +403,8 @@ mod tests {
         let e =
             fields_of(&account("EXPIRED", "OAUTH2", json!({"access_token": "at"}))).unwrap_err();
         assert!(e.to_string().contains("EXPIRED"));
+        // Only a status is the account's: masked values are the project's setting.
+        assert!(matches!(e, ManagerError::AccountInactive(_)));
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub enum ManagerError {
     /// account that is not active). The reason names no secret.
     #[error("{0}")]
     Unusable(String),
+    /// The account behind the credential is not usable (a Composio connected account that is
+    /// not `ACTIVE`): only its user can fix that, by reconnecting it. Answered like
+    /// `Unusable`; it is also what re-authorisation events report.
+    #[error("{0}")]
+    AccountInactive(String),
     /// The name is held by a deleted secret that credproxy may neither recover nor purge
     /// (Key Vault's soft delete). The reason names the refusals, never a value.
     #[error("the name is held by a deleted secret: {0}")]
@@ -78,7 +83,7 @@ impl ManagerError {
             ManagerError::Conflict => "conflict",
             ManagerError::ReadOnly => "read_only",
             ManagerError::Permanent(_) => "error",
-            ManagerError::Unusable(_) => "unusable",
+            ManagerError::Unusable(_) | ManagerError::AccountInactive(_) => "unusable",
             ManagerError::NameUnavailable(_) => "name_unavailable",
         }
     }

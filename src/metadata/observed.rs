@@ -562,13 +562,10 @@ impl EventRows for Observed {
     async fn event_delivery(
         &self,
         event: &EventRecord,
-        expected_attempts: i64,
+        expected: (i64, i64),
     ) -> Result<bool, MetadataError> {
-        self.write(
-            "event_delivery",
-            self.inner.event_delivery(event, expected_attempts),
-        )
-        .await
+        self.write("event_delivery", self.inner.event_delivery(event, expected))
+            .await
     }
 
     async fn events_pending(&self) -> Result<u64, MetadataError> {

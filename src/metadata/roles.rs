@@ -302,12 +302,14 @@ pub trait EventRows: Send + Sync + 'static {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, MetadataError>;
-    /// Records a delivery attempt (`delivery`, `attempts`, `next_at_ms`, `last_outcome`) if
-    /// the row is still pending with `expected_attempts` attempts; `false` if it was not.
+    /// Records a delivery's progress (`delivery`, `attempts`, `next_at_ms`, `last_outcome`) if
+    /// the row is still pending with `expected` (`attempts`, `next_at_ms`); `false` if it was
+    /// not. A claim is such a change that only moves `next_at_ms` past the attempt: other
+    /// instances neither list nor claim the event until then.
     async fn event_delivery(
         &self,
         event: &EventRecord,
-        expected_attempts: i64,
+        expected: (i64, i64),
     ) -> Result<bool, MetadataError>;
     /// How many deliveries are pending.
     async fn events_pending(&self) -> Result<u64, MetadataError>;

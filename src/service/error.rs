@@ -95,7 +95,9 @@ pub(super) fn manager_failure(manager: &str, e: ManagerError) -> ServiceError {
             detail: e.to_string(),
             retry_after: UNAVAILABLE_RETRY_AFTER,
         },
-        ManagerError::Unusable(reason) => ServiceError::Unusable { manager, reason },
+        ManagerError::Unusable(reason) | ManagerError::AccountInactive(reason) => {
+            ServiceError::Unusable { manager, reason }
+        }
         ManagerError::NameUnavailable(reason) => ServiceError::NameUnavailable { manager, reason },
         e @ (ManagerError::Denied(_) | ManagerError::Permanent(_)) => ServiceError::ManagerFailed {
             manager,

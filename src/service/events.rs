@@ -27,7 +27,13 @@ pub(crate) struct EventSink {
     metadata: Arc<dyn Metadata>,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// Ids of events noticed alike again and again (every failed refresh of an expired
+    /// token is another notice of one `refresh_failing`) already recorded: not written again.
+    noted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// The most ids `noted` keeps before it starts over.
+const NOTED_MAX: usize = 10_000;
 
 impl EventSink {
     pub(super) fn new(metadata: Arc<dyn Metadata>, metrics: Arc<Metrics>) -> Self {
@@ -35,6 +41,7 @@ impl EventSink {
             metadata,
             metrics,
             wake: Arc::new(Notify::new()),
+            noted: Arc::default(),
         }
     }
 
@@ -103,15 +110,30 @@ impl EventSink {
         event: EventRecord,
         requires: Option<&str>,
     ) -> Result<(), MetadataError> {
+        let noted = || self.noted.lock().unwrap_or_else(|p| p.into_inner());
+        if noted().contains(&event.id) {
+            return Ok(());
+        }
         if self.metadata.event_add(&event, requires).await? {
             self.recorded(&event);
+        }
+        // Recorded now or before: either way there is nothing left to write. (One that
+        // required another is not remembered: that one may be recorded later.)
+        if requires.is_none() {
+            let mut noted = noted();
+            if noted.len() >= NOTED_MAX {
+                noted.clear();
+            }
+            noted.insert(event.id);
         }
         Ok(())
     }
 
     /// Sets or clears `needs_reauth` on the row, with the event that says so, unless it already
     /// says so. Returns the row as it is afterwards. `current` is re-read on a lost
-    /// compare-and-swap, a few times.
+    /// compare-and-swap, a few times; if its secret changed meanwhile (new tokens stored by a
+    /// PATCH on another instance, say), what was observed was about the old one and nothing is
+    /// changed: the user who just authorised again must not be told to do it once more.
     pub(super) async fn flag(
         &self,
         config: &EventsConfig,
@@ -120,8 +142,11 @@ impl EventSink {
         kind: EventKind,
         reason: &str,
     ) -> Result<CredentialRecord, ServiceError> {
+        let observed = (current.location.clone(), current.token_at_ms);
         for _ in 0..4 {
-            if current.needs_reauth == needs_reauth {
+            if current.needs_reauth == needs_reauth
+                || (current.location.clone(), current.token_at_ms) != observed
+            {
                 return Ok(current);
             }
             let mut next = current.clone();

@@ -184,10 +184,11 @@ impl Service {
                         }
                         record = fresh;
                     }
-                    Err(ManagerError::Unusable(reason)) => {
+                    Err(ManagerError::AccountInactive(reason)) => {
                         // The account behind it (a Composio connected account) is no longer
                         // usable: its user has to reconnect it, and the platform is told.
                         let config = runtime.config.events.clone();
+                        drop(runtime);
                         if let Err(e) = events
                             .flag(
                                 &config,
@@ -202,7 +203,7 @@ impl Service {
                         }
                         return Err(manager_failure(
                             &record.location.manager_id,
-                            ManagerError::Unusable(reason),
+                            ManagerError::AccountInactive(reason),
                         ));
                     }
                     Err(e) => return Err(manager_failure(&record.location.manager_id, e)),

@@ -271,12 +271,18 @@ impl Service {
             .await
             .map_err(|e| manager_failure(&loc.manager_id, e))?
             .value;
+        let new_secrets = request.secrets.is_some();
         if let Some(patch) = request.secrets {
             value.merge(patch);
             check_secrets_size(&value, &limits)?;
         }
 
-        if moving {
+        // New secrets over an expired token whose refresh was reported failing end that.
+        let expired = current
+            .expires_at_ms
+            .filter(|e| new_secrets && *e <= crate::time::now_unix_ms())
+            .map(|e| (current.clone(), e));
+        let outcome = if moving {
             self.move_to(
                 &runtime,
                 current,
@@ -285,13 +291,17 @@ impl Service {
                 &target_manager,
                 &value,
             )
-            .await
+            .await?
         } else {
             let next = self
                 .write_in_place(&current, next, &target_manager, value)
                 .await?;
-            Ok(WriteOutcome { record: next })
+            WriteOutcome { record: next }
+        };
+        if let Some((before, e)) = expired {
+            self.note_recovered(&before, e).await;
         }
+        Ok(outcome)
     }
 
     /// Writes a new version of a credential's secret to the secrets manager it is already in

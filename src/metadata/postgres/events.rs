@@ -113,12 +113,12 @@ impl EventRows for PostgresMetadata {
     async fn event_delivery(
         &self,
         e: &EventRecord,
-        expected_attempts: i64,
+        (attempts, next_at_ms): (i64, i64),
     ) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
         conn.execute(
             "UPDATE events SET delivery = $1, attempts = $2, next_at_ms = $3, last_outcome = $4 \
-             WHERE seq = $5 AND delivery = $6 AND attempts = $7",
+             WHERE seq = $5 AND delivery = $6 AND attempts = $7 AND next_at_ms = $8",
             &[
                 &e.delivery.as_str(),
                 &e.attempts,
@@ -126,7 +126,8 @@ impl EventRows for PostgresMetadata {
                 &e.last_outcome,
                 &e.seq,
                 &Delivery::Pending.as_str(),
-                &expected_attempts,
+                &attempts,
+                &next_at_ms,
             ],
         )
         .await

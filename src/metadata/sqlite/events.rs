@@ -104,13 +104,13 @@ impl EventRows for SqliteMetadata {
     async fn event_delivery(
         &self,
         event: &EventRecord,
-        expected_attempts: i64,
+        (attempts, next_at_ms): (i64, i64),
     ) -> Result<bool, MetadataError> {
         let e = event.clone();
         self.with(move |c| {
             c.execute(
                 "UPDATE events SET delivery = ?1, attempts = ?2, next_at_ms = ?3, last_outcome = ?4 \
-                 WHERE seq = ?5 AND delivery = ?6 AND attempts = ?7",
+                 WHERE seq = ?5 AND delivery = ?6 AND attempts = ?7 AND next_at_ms = ?8",
                 params![
                     e.delivery.as_str(),
                     e.attempts,
@@ -118,7 +118,8 @@ impl EventRows for SqliteMetadata {
                     e.last_outcome,
                     e.seq,
                     Delivery::Pending.as_str(),
-                    expected_attempts
+                    attempts,
+                    next_at_ms
                 ],
             )
             .map(|n| n == 1)

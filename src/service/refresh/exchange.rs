@@ -103,12 +103,6 @@ impl Service {
         };
         match answer {
             Ok(grant) => {
-                // The token being replaced had expired before this request: refreshing may
-                // have been reported failing, and then its recovery is reported too.
-                let recovered = record
-                    .expires_at_ms
-                    .filter(|e| *e <= crate::time::to_unix_ms(asked))
-                    .map(|expired| (record.clone(), expired));
                 let tokens = Tokens::from_grant(grant, asked);
                 // The old refresh token is spent now: keep the answer before anything else.
                 self.save_pending(&record, &tokens).await;
@@ -129,9 +123,6 @@ impl Service {
                             self.oauth.backoff.succeeded(id);
                         }
                         self.count("success");
-                        if let Some((before, expired)) = recovered {
-                            self.note_recovered(&before, expired).await;
-                        }
                         tracing::info!(credential = id, expires_at_ms = ?done.expires_at_ms,
                             rotated = tokens.refresh_token.is_some(), "refreshed OAuth token");
                         Ok(Refreshed::Done(done))
@@ -236,9 +227,10 @@ impl Service {
         }
     }
 
-    /// Records `refresh_recovered` for a token that had expired when it was refreshed, if its
-    /// refresh was reported failing (and only once, like that report).
-    async fn note_recovered(&self, record: &CredentialRecord, expired: i64) {
+    /// Records `refresh_recovered` for a token that had expired when it was replaced (by a
+    /// refresh, a saved answer or a PATCH), if its refresh was reported failing (and only
+    /// once, like that report).
+    pub(in crate::service) async fn note_recovered(&self, record: &CredentialRecord, expired: i64) {
         let config = self.runtime.load().config.events.clone();
         let key = expiry_key(record, expired);
         let parts = [key[0].as_str(), key[1].as_str()];

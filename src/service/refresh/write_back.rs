@@ -138,6 +138,12 @@ impl Service {
         mut current: CredentialRecord,
         tokens: &Tokens,
     ) -> Result<CredentialRecord, ServiceError> {
+        // The token being replaced has expired: refreshing may have been reported failing,
+        // and then its recovery is reported too.
+        let expired = current
+            .expires_at_ms
+            .filter(|e| *e <= crate::time::now_unix_ms())
+            .map(|e| (current.clone(), e));
         let mut attempt = 0;
         loop {
             let runtime = self.runtime();
@@ -174,7 +180,12 @@ impl Service {
                     // The saved answer follows the row it now applies to.
                     self.save_pending(&current, tokens).await;
                 }
-                other => return other,
+                other => {
+                    if let (Ok(_), Some((before, e))) = (&other, &expired) {
+                        self.note_recovered(before, *e).await;
+                    }
+                    return other;
+                }
             }
         }
     }
