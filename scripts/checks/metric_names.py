@@ -17,6 +17,9 @@
    src/manager/mod.rs), and a selector may only use the family's own labels, job and
    instance (and le on _bucket).
 
+With `--dashboard-rules FILE` it also writes the dashboard's queries (variables replaced) as
+recording rules to FILE, for `promtool check rules` to parse.
+
 Python standard library only. Exits 1 and names every problem.
 """
 
@@ -348,11 +351,24 @@ def check_dashboard():
     return dash
 
 
+def write_dashboard_rules(path, dash_exprs):
+    """The dashboard's queries as recording rules, with Grafana's variables replaced, so that
+    `promtool check rules` parses their PromQL."""
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, (_, expr) in enumerate(dash_exprs):
+        e = expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+        e = re.sub(r"\$\{?\w+\}?", ".*", e)
+        lines += [f"      - record: dashboard:query_{i}", f"        expr: {json.dumps(e)}"]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def main():
     families, exported = read_daemon()
     dash = check_dashboard()
     rule_exprs, records = rules_expressions()
     dash_exprs = dashboard_expressions(dash) if dash else []
+    if len(sys.argv) == 3 and sys.argv[1] == "--dashboard-rules":
+        write_dashboard_rules(sys.argv[2], dash_exprs)
     used = check_expressions(rule_exprs + dash_exprs, records, exported)
     for w in warnings:
         print(f"warning: {w}")

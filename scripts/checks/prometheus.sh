@@ -16,4 +16,12 @@ fi
 
 promtool check rules deploy/prometheus/credproxy.rules.yml
 promtool test rules deploy/prometheus/credproxy.rules.test.yml
-python3 scripts/checks/metric_names.py
+# The dashboard's queries, written out as rules, so that promtool parses their PromQL too.
+dashboard_rules="$(mktemp --suffix=.yml)"
+trap 'rm -f "$dashboard_rules"' EXIT
+python3 scripts/checks/metric_names.py --dashboard-rules "$dashboard_rules"
+promtool check rules "$dashboard_rules" >/dev/null || {
+  echo "deploy/grafana/credproxy.json: a query is not valid PromQL (see above)" >&2
+  exit 1
+}
+echo "deploy/grafana/credproxy.json: every query parses"
