@@ -81,6 +81,10 @@ cargo test --locked --bench cache
 log "cargo test"
 cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
 
+# --- ecosystem -------------------------------------------------------------------------------
+log "prometheus rules (promtool check and unit tests) and the Grafana dashboard"
+scripts/checks/prometheus.sh
+
 # --- fuzzing ---------------------------------------------------------------------------------
 # Every cargo fuzz target in fuzz/ (a workspace of its own) for CREDPROXY_FUZZ_SECONDS seconds
 # each (0 skips), starting from the seeds committed in fuzz/corpus/. What the fuzzer adds goes

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub event_deliveries: IntCounterVec,
     pub events_queued: IntGauge,
+    pub fleet_other_routing_configs: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -391,6 +392,14 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let fleet_other_routing_configs = register(
+            r,
+            IntGauge::new(
+                "credproxy_fleet_other_routing_configs",
+                "Routing configurations other than this instance's that live instances sharing the metadata database run (moves wait while it is not 0).",
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -454,6 +463,7 @@ impl Metrics {
             events,
             event_deliveries,
             events_queued,
+            fleet_other_routing_configs,
         }
     }
 

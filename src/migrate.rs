@@ -344,6 +344,10 @@ impl Migrator {
         let mine = runtime.topology.hash();
         let disagree = configs.iter().filter(|h| **h != mine).count();
         self.state().waiting_for = disagree;
+        self.service
+            .metrics()
+            .fleet_other_routing_configs
+            .set(disagree as i64);
         if disagree > 0 {
             tracing::info!(other_configurations = disagree, "waiting for every instance to run this routing configuration before moving credentials");
             return Ok(Some(FLEET_RECHECK));
