@@ -84,6 +84,8 @@ cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
 # --- ecosystem -------------------------------------------------------------------------------
 log "prometheus rules (promtool check and unit tests) and the Grafana dashboard"
 scripts/checks/prometheus.sh
+log "kubernetes manifests (schemas of 1.29 and 1.33, the ServiceMonitor, the embedded config)"
+scripts/checks/kubernetes.sh
 
 # --- fuzzing ---------------------------------------------------------------------------------
 # Every cargo fuzz target in fuzz/ (a workspace of its own) for CREDPROXY_FUZZ_SECONDS seconds
