@@ -1,6 +1,6 @@
 //! Recording re-authorisation events: building the event a change means, recording it with
 //! that change (or alone, for what changes no row), counting it, and waking this instance's
-//! deliverer. Delivering them is `crate::events`'s.
+//! deliverer. Delivering them is the job of the top-level `events` module (its webhook deliverer).
 //!
 //! A credential's `needs_reauth` flag is the state the events report: it is set when its
 //! provider refuses the refresh token or its Composio account stops being `ACTIVE`, and
