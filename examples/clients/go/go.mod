@@ -1,0 +1,3 @@
+module example.com/credproxy-worker
+
+go 1.19
