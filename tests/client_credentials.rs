@@ -93,6 +93,7 @@ async fn two_daemons_buy_tokens_with_the_client_secret_once_per_expiry() {
     let (mut reads, mut failed, mut rejected) = (0, 0, 0);
     while started.elapsed() < RUN {
         for d in [&a, &b] {
+            let sent = credproxy::time::now_unix_ms();
             let (status, body) = read(d, &id).await;
             reads += 1;
             if status != 200 {
@@ -100,8 +101,8 @@ async fn two_daemons_buy_tokens_with_the_client_secret_once_per_expiry() {
                 eprintln!("read failed: {status} {body}");
                 continue;
             }
-            if !oauth_token_valid(&server, body["secrets"]["access_token"].as_str().unwrap()).await
-            {
+            let token = body["secrets"]["access_token"].as_str().unwrap();
+            if !peers::oauth_token_valid_since(&server, token, sent).await {
                 rejected += 1;
             }
         }

@@ -838,14 +838,14 @@ async fn three_instances_refresh_a_rotating_token_once_per_expiry() {
     let (mut reads, mut rejected) = (0, 0);
     while started.elapsed() < RUN {
         for d in &ds {
+            let sent = credproxy::time::now_unix_ms();
             let (status, body) = d
                 .call(Method::GET, &format!("/v1/credentials/{id}"), None)
                 .await;
             assert_eq!(status, 200, "{body}");
             reads += 1;
-            if !peers::oauth_token_valid(&server, body["secrets"]["access_token"].as_str().unwrap())
-                .await
-            {
+            let token = body["secrets"]["access_token"].as_str().unwrap();
+            if !peers::oauth_token_valid_since(&server, token, sent).await {
                 rejected += 1;
             }
         }

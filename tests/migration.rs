@@ -657,10 +657,11 @@ async fn writes_and_refreshes_racing_a_move_end_with_the_newest_value() {
             assert_eq!(status, 200, "{body}");
         }
         for id in &oauth {
+            let sent = credproxy::time::now_unix_ms();
             let (_, body) = location(&d, id).await;
             let token = body["secrets"]["access_token"].as_str().unwrap();
             assert!(
-                peers::oauth_token_valid(&server, token).await,
+                peers::oauth_token_valid_since(&server, token, sent).await,
                 "round {round}"
             );
         }

@@ -243,6 +243,27 @@ pub async fn oauth_token_valid(peer: &Peer, access_token: &str) -> bool {
         .is_success()
 }
 
+/// Whether `access_token` was valid when a read sent at `sent_ms` (Unix ms) got it: the server
+/// accepts it now, or it issued it (and has not revoked it) to expire after `sent_ms`. Asking
+/// only "valid now?" would count a token handed out with 100 ms left (a 2-second token's
+/// refresh window) that a loaded machine took longer than that to check.
+pub async fn oauth_token_valid_since(peer: &Peer, access_token: &str, sent_ms: i64) -> bool {
+    if oauth_token_valid(peer, access_token).await {
+        return true;
+    }
+    let answer = http_client()
+        .get(format!("{}/admin/token", peer.url()))
+        .query(&[("access_token", access_token)])
+        .send()
+        .await
+        .unwrap();
+    if !answer.status().is_success() {
+        return false;
+    }
+    let body: serde_json::Value = answer.json().await.unwrap();
+    body["expires_at_ms"].as_i64().is_some_and(|e| e > sent_ms)
+}
+
 /// A call to OpenBao's HTTP API as root: what the tests use to check the store directly.
 pub async fn bao(
     peer: &Peer,
