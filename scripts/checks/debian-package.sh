@@ -151,13 +151,13 @@ echo "exposure $level"
 log "the daemon serves as the credproxy user with the installed configuration and directories"
 # What the unit does, without systemd as PID 1: the key where LoadCredential= would put it
 # (here a scratch copy), the user and group, the umask. Only the key path is swapped; the
-# metrics port too if something here already listens on 9464.
+# metrics port too if something here already listens on 9464 (or ss cannot tell).
 as_root /usr/bin/credproxy keygen --out /etc/credproxy/master.key >/dev/null
 expect_stat /etc/credproxy/master.key root:root 600
 as_root install -d -o credproxy -g credproxy -m 0700 "$scratch/credentials"
 as_root install -o credproxy -g credproxy -m 0400 /etc/credproxy/master.key "$scratch/credentials/master.key"
 sed "s|^master_key_file = .*|master_key_file = \"$scratch/credentials/master.key\"|" "$config" >"$scratch/serve.toml"
-if command -v ss >/dev/null 2>&1 && ss -ltnH 'sport = :9464' | grep -q .; then
+if ! command -v ss >/dev/null 2>&1 || ss -ltnH 'sport = :9464' | grep -q .; then
   sed -i 's|^listen = "127.0.0.1:9464"|listen = "127.0.0.1:0"|' "$scratch/serve.toml"
   grep -q '127.0.0.1:0' "$scratch/serve.toml" || fail "could not move the metrics port"
 fi
