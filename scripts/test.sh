@@ -94,6 +94,8 @@ log "prometheus rules (promtool check and unit tests) and the Grafana dashboard"
 scripts/checks/prometheus.sh
 log "kubernetes manifests (schemas of 1.29 and 1.33, the ServiceMonitor, the embedded config)"
 scripts/checks/kubernetes.sh
+log "Debian package: build (the test run's binary), install, check, purge"
+CREDPROXY_DEB_PREBUILT=1 scripts/checks/debian-package.sh
 
 # --- fuzzing ---------------------------------------------------------------------------------
 # Every cargo fuzz target in fuzz/ (a workspace of its own) for CREDPROXY_FUZZ_SECONDS seconds

@@ -6,6 +6,10 @@
 #
 #   scripts/checks/debian-package.sh                 build with --profile deb-check, then check
 #   CREDPROXY_DEB_PROFILE=release scripts/checks/debian-package.sh    the package users build
+#   CREDPROXY_DEB_PREBUILT=1 scripts/checks/debian-package.sh   package target/debug/credproxy as
+#                                                    built by the test run (what scripts/test.sh
+#                                                    does: the packaging is checked, not the
+#                                                    optimiser, without building it all twice)
 #   CREDPROXY_DEB=path/to/credproxy.deb scripts/checks/debian-package.sh   check a built .deb
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,9 +49,17 @@ if [ -z "$deb" ]; then
   profile="${CREDPROXY_DEB_PROFILE:-deb-check}"
   out="${CARGO_TARGET_DIR:-target}/debian-check"
   rm -rf "$out"
-  log "cargo deb --profile $profile"
   # cargo-deb decides the file name; the only .deb in $out is it.
-  .peers/cargo/bin/cargo-deb --locked --profile "$profile" --fast -o "$out/"
+  if [ -n "${CREDPROXY_DEB_PREBUILT:-}" ]; then
+    [ -x "${CARGO_TARGET_DIR:-target}/debug/credproxy" ] || fail "CREDPROXY_DEB_PREBUILT: no target/debug/credproxy (run cargo build first)"
+    log "cargo deb --no-build --profile dev (the test run's binary)"
+    # cargo-deb 3.8 warns that the dev profile is meant for releases only; it packages it.
+    .peers/cargo/bin/cargo-deb --locked --no-build --profile dev --fast -o "$out/" 2>&1 \
+      | grep -v -e 'dev profile is not supported' -e 'debug symbols set' || true
+  else
+    log "cargo deb --profile $profile"
+    .peers/cargo/bin/cargo-deb --locked --profile "$profile" --fast -o "$out/"
+  fi
   deb="$(ls "$out"/credproxy_*.deb)"
 fi
 [ -f "$deb" ] || fail "no package at $deb"
