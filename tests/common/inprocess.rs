@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::contract::send;
 use async_trait::async_trait;
-use credproxy::client::send;
 use credproxy::config::Config;
 use credproxy::manager::{
     ListRequest, ManagerError, ManagerInfo, Page, PutRequest, SecretsManager, Versioned,

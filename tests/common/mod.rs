@@ -2,6 +2,7 @@
 //! its Unix socket, and kills it by pid when the test ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod contract;
 pub mod fakes;
 pub mod inprocess;
 pub mod peers;
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use credproxy::client::{send, Reply};
+use contract::send;
+use credproxy::client::Reply;
 use hyper::Method;
 use serde_json::Value;
 

@@ -9,6 +9,7 @@ mod credentials;
 mod error;
 mod events;
 mod managers;
+mod openapi;
 
 use std::sync::Arc;
 
@@ -46,6 +47,7 @@ pub enum RouteId {
     Events,
     Health,
     Ready,
+    OpenApi,
     Unknown,
 }
 
@@ -72,6 +74,7 @@ impl RouteId {
             RouteId::Events => "events",
             RouteId::Health => "healthz",
             RouteId::Ready => "readyz",
+            RouteId::OpenApi => "openapi",
             RouteId::Unknown => "unknown",
         }
     }
@@ -143,6 +146,7 @@ pub fn classify(method: &Method, path: &str) -> Target {
         (&Method::GET, ["v1", "migrations"]) => RouteId::Migrations,
         (&Method::POST, ["v1", "reload"]) => RouteId::Reload,
         (&Method::GET, ["v1", "events"]) => RouteId::Events,
+        (&Method::GET, ["v1", "openapi.json"]) => RouteId::OpenApi,
         _ => RouteId::Unknown,
     };
     let id = match route {
@@ -378,7 +382,7 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     // Probes (also served without a token on the metrics port) take no parameters.
     let query = match route {
-        RouteId::Health | RouteId::Ready => Query::parse(None)?,
+        RouteId::Health | RouteId::Ready | RouteId::OpenApi => Query::parse(None)?,
         _ => Query::parse(request.uri().query())?,
     };
     let id = id.unwrap_or_default();
@@ -387,6 +391,7 @@ async fn dispatch(
     match route {
         RouteId::Health => Ok(admin::health()),
         RouteId::Ready => Ok(Box::pin(admin::ready(app)).await),
+        RouteId::OpenApi => Ok(openapi::document()),
         RouteId::CredentialGet => {
             let bypass = credentials::bypasses_cache(request.headers());
             credentials::get(app, &caller, id, &query, bypass, audit).await
