@@ -135,6 +135,89 @@ mod tests {
         assert_eq!(operations, ALL.len());
     }
 
+    /// Every `StatusCode::X, "code"` pair the server's sources construct an error from.
+    fn codes_in_sources() -> Vec<(u16, String)> {
+        const SOURCES: [&str; 9] = [
+            include_str!("error.rs"),
+            include_str!("body.rs"),
+            include_str!("mod.rs"),
+            include_str!("admin.rs"),
+            include_str!("batch.rs"),
+            include_str!("credentials.rs"),
+            include_str!("events.rs"),
+            include_str!("managers.rs"),
+            include_str!("../mod.rs"),
+        ];
+        let mut out = Vec::new();
+        for source in SOURCES {
+            for (at, _) in source.match_indices("StatusCode::") {
+                let rest = &source[at + "StatusCode::".len()..];
+                let name_end = rest
+                    .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                    .unwrap_or(rest.len());
+                let (name, rest) = rest.split_at(name_end);
+                let Some(rest) = rest.strip_prefix(',') else {
+                    continue;
+                };
+                let Some(rest) = rest.trim_start().strip_prefix('"') else {
+                    continue;
+                };
+                let code = &rest[..rest.find('"').unwrap()];
+                let status = match name {
+                    "BAD_REQUEST" => 400,
+                    "UNAUTHORIZED" => 401,
+                    "FORBIDDEN" => 403,
+                    "NOT_FOUND" => 404,
+                    "METHOD_NOT_ALLOWED" => 405,
+                    "REQUEST_TIMEOUT" => 408,
+                    "CONFLICT" => 409,
+                    "PAYLOAD_TOO_LARGE" => 413,
+                    "UNSUPPORTED_MEDIA_TYPE" => 415,
+                    "UNPROCESSABLE_ENTITY" => 422,
+                    "INTERNAL_SERVER_ERROR" => 500,
+                    "BAD_GATEWAY" => 502,
+                    "SERVICE_UNAVAILABLE" => 503,
+                    other => panic!("a status this test does not know: {other} ({code})"),
+                };
+                out.push((status, code.to_owned()));
+            }
+        }
+        out
+    }
+
+    /// The error codes are a public contract: the document's `ErrorCode` lists exactly the
+    /// codes the server answers with, each under its status's `ErrorNNN`.
+    #[test]
+    fn the_document_lists_every_error_code_under_its_status() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let listed: Vec<&str> = schemas["ErrorCode"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let found = codes_in_sources();
+        assert!(found.len() > 30, "the scan found only {found:?}");
+        for (status, code) in &found {
+            assert!(listed.contains(&code.as_str()), "`{code}` is not in ErrorCode");
+            let by_status = &schemas[format!("Error{status}")]["allOf"][1]["properties"]["error"]
+                ["properties"]["code"]["enum"];
+            assert!(
+                by_status
+                    .as_array()
+                    .is_some_and(|codes| codes.contains(&Value::from(code.as_str()))),
+                "`{code}` is not listed under Error{status}"
+            );
+        }
+        for code in listed {
+            assert!(
+                found.iter().any(|(_, c)| c == code),
+                "ErrorCode lists `{code}`, which no source answers with"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_route_serves_the_document_as_json() {
         use http_body_util::BodyExt;
