@@ -200,7 +200,10 @@ mod tests {
         let found = codes_in_sources();
         assert!(found.len() > 30, "the scan found only {found:?}");
         for (status, code) in &found {
-            assert!(listed.contains(&code.as_str()), "`{code}` is not in ErrorCode");
+            assert!(
+                listed.contains(&code.as_str()),
+                "`{code}` is not in ErrorCode"
+            );
             let by_status = &schemas[format!("Error{status}")]["allOf"][1]["properties"]["error"]
                 ["properties"]["code"]["enum"];
             assert!(
