@@ -90,6 +90,8 @@ log "cargo test"
 cargo test --locked -- --test-threads="${CREDPROXY_TEST_THREADS:-4}"
 
 # --- ecosystem -------------------------------------------------------------------------------
+log "OpenAPI contract (openapi-spec-validator, schemathesis against a real daemon)"
+scripts/checks/openapi.sh
 log "prometheus rules (promtool check and unit tests) and the Grafana dashboard"
 scripts/checks/prometheus.sh
 log "kubernetes manifests (schemas of 1.29 and 1.33, the ServiceMonitor, the embedded config)"
