@@ -163,16 +163,28 @@ pub fn classify(method: &Method, path: &str) -> Target {
 }
 
 /// Whether some method serves `path` (so another method gets 405, not 404).
+const METHODS: [Method; 5] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+
 fn known_path(path: &str) -> bool {
-    [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-    ]
-    .iter()
-    .any(|m| classify(m, path).route != RouteId::Unknown)
+    METHODS
+        .iter()
+        .any(|m| classify(m, path).route != RouteId::Unknown)
+}
+
+/// The methods `path` answers, for a 405's `Allow` header (`GET, PATCH, DELETE`).
+fn allowed_methods(path: &str) -> String {
+    let allowed: Vec<&str> = METHODS
+        .iter()
+        .filter(|m| classify(m, path).route != RouteId::Unknown)
+        .map(Method::as_str)
+        .collect();
+    allowed.join(", ")
 }
 
 const MAX_QUERY_PARAMETERS: usize = 32;
@@ -299,7 +311,13 @@ pub async fn handle(
         fields: None,
         batch: Vec::new(),
     };
-    let response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
+    let mut response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110 §15.5.6: a 405 says which methods the resource has.
+        if let Ok(allow) = hyper::header::HeaderValue::from_str(&allowed_methods(uri.path())) {
+            response.headers_mut().insert(hyper::header::ALLOW, allow);
+        }
+    }
     let audited = matches!(
         route,
         RouteId::CredentialCreate
@@ -516,5 +534,7 @@ mod tests {
             "method_not_allowed"
         );
         assert_eq!(unknown_or_method("/v2").code, "route_not_found");
+        assert_eq!(allowed_methods("/v1/credentials/abc"), "GET, PATCH, DELETE");
+        assert_eq!(allowed_methods("/v1/routing"), "GET, PUT");
     }
 }
