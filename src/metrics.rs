@@ -76,6 +76,8 @@ pub struct Metrics {
     pub event_deliveries: IntCounterVec,
     pub events_queued: IntGauge,
     pub fleet_other_routing_configs: IntGauge,
+    /// `credproxy_requests_shed_total{scope}`, resolved once: [all, caller].
+    pub requests_shed: [IntCounter; 2],
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -400,6 +402,17 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let requests_shed = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credproxy_requests_shed_total",
+                    "Requests answered 503 overloaded, by scope (all: server.max_concurrent_requests in flight; caller: the caller's server.max_requests_per_caller).",
+                ),
+                &["scope"],
+            )
+            .unwrap(),
+        );
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -464,6 +477,7 @@ impl Metrics {
             event_deliveries,
             events_queued,
             fleet_other_routing_configs,
+            requests_shed: ["all", "caller"].map(|s| requests_shed.with_label_values(&[s])),
         }
     }
 

@@ -304,10 +304,12 @@ async fn a_request_past_its_deadline_gets_503_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_concurrency_limit_are_shed_with_503() {
     let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", common::free_port());
     let d = InProcess::start(dir.path(), |c| {
         common::set(c, "server", "max_concurrent_requests", 2);
         common::set(c, "server", "request_timeout", "60s");
         common::set(c, "backends", "timeout", "60s");
+        common::set(c, "metrics", "listen", metrics.clone());
     })
     .await;
     let id = d.create_cold(json!({"token": "t"})).await;
@@ -345,6 +347,23 @@ async fn requests_beyond_the_concurrency_limit_are_shed_with_503() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Counted apart from other 503s, by which limit shed it.
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shed: f64 = ["all", "caller"]
+        .iter()
+        .map(|scope| {
+            let sample = format!("credproxy_requests_shed_total{{scope=\"{scope}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(sample.as_str())?.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {sample} in {text}"))
+        })
+        .sum();
+    assert!(shed >= 1.0, "{text}");
     for h in held {
         h.abort();
     }

@@ -228,9 +228,11 @@ where
                     // Held until the answer is ready: one caller's slow requests use up its
                     // own share, not everybody's.
                     let Some(_slot) = app.per_caller.try_acquire(&caller) else {
+                        app.service.metrics().requests_shed[1].inc();
                         break 'admitted overloaded(true).into_response();
                     };
                     let Ok(_permit) = app.in_flight.try_acquire() else {
+                        app.service.metrics().requests_shed[0].inc();
                         break 'admitted overloaded(false).into_response();
                     };
                     // A timeout far beyond any real one must not overflow the clock.
