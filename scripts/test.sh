@@ -19,6 +19,9 @@ command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)             # test
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql) # fleet mode
 command -v go >/dev/null 2>&1 || apt_packages+=(golang-go)                 # the Go worker client
 command -v jq >/dev/null 2>&1 || apt_packages+=(jq)                        # the curl worker client
+command -v curl >/dev/null 2>&1 || apt_packages+=(curl)                    # the curl worker client
+python3 -c 'import ensurepip' 2>/dev/null || apt_packages+=(python3-venv)  # the test virtualenvs
+command -v dpkg-shlibdeps >/dev/null 2>&1 || apt_packages+=(dpkg-dev)      # cargo deb's $auto depends
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -54,8 +54,12 @@ if [ -z "$deb" ]; then
     [ -x "${CARGO_TARGET_DIR:-target}/debug/credproxy" ] || fail "CREDPROXY_DEB_PREBUILT: no target/debug/credproxy (run cargo build first)"
     log "cargo deb --no-build --profile dev (the test run's binary)"
     # cargo-deb 3.8 warns that the dev profile is meant for releases only; it packages it.
-    .peers/cargo/bin/cargo-deb --locked --no-build --profile dev --fast -o "$out/" 2>&1 \
-      | grep -v -e 'dev profile is not supported' -e 'debug symbols set' || true
+    mkdir -p "$out"
+    if ! .peers/cargo/bin/cargo-deb --locked --no-build --profile dev --fast -o "$out/" >"$out/cargo-deb.log" 2>&1; then
+      cat "$out/cargo-deb.log" >&2
+      fail "cargo deb failed"
+    fi
+    grep -v -e 'dev profile is not supported' -e 'debug symbols set' "$out/cargo-deb.log" || true
   else
     log "cargo deb --profile $profile"
     .peers/cargo/bin/cargo-deb --locked --profile "$profile" --fast -o "$out/"

@@ -58,7 +58,7 @@ else
   node "$node_dir/crd.mjs" <"$tmp/crds.json" || status=1
 fi
 
-bin="${CREDPROXY_BIN:-target/debug/credproxy}"
+bin="${CREDPROXY_BIN:-${CARGO_TARGET_DIR:-target}/debug/credproxy}"
 log "credproxy check-config on the ConfigMaps' configs"
 if [ ! -x "$bin" ]; then
   echo "SKIP $bin not found (cargo build, or set CREDPROXY_BIN): configs not checked"
