@@ -88,6 +88,17 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).unwrap())
+}
+
 impl Metrics {
     /// The counter of `credproxy_cache_requests_total{result}`.
     pub fn cache_result(&self, result: &str) -> &IntCounter {
@@ -364,54 +375,33 @@ impl Metrics {
             )
             .unwrap(),
         );
-        let events = register(
+        let events = counter_vec(
             r,
-            IntCounterVec::new(
-                Opts::new(
-                    "credproxy_events_total",
-                    "Events recorded by this instance, by type.",
-                ),
-                &["type"],
-            )
-            .unwrap(),
+            "credproxy_events_total",
+            "Events recorded by this instance, by type.",
+            &["type"],
         );
-        let event_deliveries = register(
+        let event_deliveries = counter_vec(
             r,
-            IntCounterVec::new(
-                Opts::new(
-                    "credproxy_event_deliveries_total",
-                    "Webhook delivery attempts made by this instance, by outcome (delivered, retried, failed, unrouted).",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
+            "credproxy_event_deliveries_total",
+            "Webhook delivery attempts made by this instance, by outcome (delivered, retried, failed, unrouted).",
+            &["outcome"],
         );
-        let events_queued = register(
+        let events_queued = gauge(
             r,
-            IntGauge::new(
-                "credproxy_events_queued",
-                "Events awaiting webhook delivery in the metadata database (all instances).",
-            )
-            .unwrap(),
+            "credproxy_events_queued",
+            "Events awaiting webhook delivery in the metadata database (all instances).",
         );
-        let fleet_other_routing_configs = register(
+        let fleet_other_routing_configs = gauge(
             r,
-            IntGauge::new(
-                "credproxy_fleet_other_routing_configs",
-                "Routing configurations other than this instance's that live instances sharing the metadata database run (moves wait while it is not 0).",
-            )
-            .unwrap(),
+            "credproxy_fleet_other_routing_configs",
+            "Routing configurations other than this instance's that live instances sharing the metadata database run (moves wait while it is not 0).",
         );
-        let requests_shed = register(
+        let requests_shed = counter_vec(
             r,
-            IntCounterVec::new(
-                Opts::new(
-                    "credproxy_requests_shed_total",
-                    "Requests answered 503 overloaded, by scope (all: server.max_concurrent_requests in flight; caller: the caller's server.max_requests_per_caller).",
-                ),
-                &["scope"],
-            )
-            .unwrap(),
+            "credproxy_requests_shed_total",
+            "Requests answered 503 overloaded, by scope (all: server.max_concurrent_requests in flight; caller: the caller's server.max_requests_per_caller).",
+            &["scope"],
         );
         let build_info = register(
             r,
