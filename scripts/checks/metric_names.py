@@ -88,9 +88,17 @@ def read_daemon():
         sys.exit(f"{METRICS_RS}: no \"credproxy_...\" metric names found")
 
     # `let var = register(r, Kind::new(Opts::new("name", "help"), &["label", ...]).unwrap());`
+    # and the helpers' `let var = counter_vec(r, "name", "help", &["label", ...]);` /
+    # `let var = gauge(r, "name", "help");`
     var_family = {}
-    for m in re.finditer(r"let\s+(\w+)\s*=\s*register\(\s*r\s*,(.*?)\.unwrap\(\),?\s*\);", src, re.S):
-        var, body = m.group(1), m.group(2)
+    registrations = [
+        (m.group(1), m.group(2))
+        for m in re.finditer(r"let\s+(\w+)\s*=\s*register\(\s*r\s*,(.*?)\.unwrap\(\),?\s*\);", src, re.S)
+    ] + [
+        (m.group(1), m.group(2))
+        for m in re.finditer(r"let\s+(\w+)\s*=\s*(?:counter_vec|gauge)\(\s*r\s*,(.*?)\);", src, re.S)
+    ]
+    for var, body in registrations:
         name = re.search(r'"(credproxy_[a-z0-9_]+)"', body)
         if not name:
             continue
