@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -259,18 +261,6 @@ fn curl() -> Result<Client, String> {
         program: "bash".into(),
         prefix: vec![format!("{EXAMPLES}/curl/read-credential.sh").into()],
     })
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A sample's value, 0 while the daemon has not counted any.

@@ -6,12 +6,14 @@
 
 mod common;
 
+use common::wait_for;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::fakes::{self, Receiver, WEBHOOK_SECRET};
 use common::peers::{self, oauth_admin, oauth_grant, CLIENT_ID, CLIENT_SECRET};
-use common::{fast_refresh, file_ref, set, table, Daemon, DEADLINE};
+use common::{fast_refresh, file_ref, set, table, Daemon};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -27,18 +29,6 @@ fn webhook(c: &mut toml::Table, dir: &Path, receiver: &Receiver) {
         ("timeout", "10s".into()),
     ]);
     set(c, "events", "webhooks", toml::Value::Array(vec![hook]));
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn create(d: &Daemon, body: Value) -> String {

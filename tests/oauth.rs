@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use common::peers::{
     self, aws_manager, oauth_admin, oauth_credential, oauth_grant, oauth_stats, oauth_token_valid,
     vault_manager, Peer, CLIENT_ID, CLIENT_SECRET,
 };
-use common::{fast_refresh, now, route, set, share_store, Daemon, DEADLINE};
+use common::{fast_refresh, now, route, set, share_store, Daemon};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -43,18 +45,6 @@ async fn access_token(d: &Daemon, id: &str) -> String {
     let (status, body) = read(d, id).await;
     assert_eq!(status, 200, "{body}");
     body["secrets"]["access_token"].as_str().unwrap().to_owned()
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `expires_at` of a credential as the API shows it (RFC 3339, to the millisecond), in Unix

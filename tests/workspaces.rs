@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -312,18 +314,6 @@ async fn vault_token_works(openbao: &Peer, token: &str) -> bool {
         .unwrap()
         .status()
         .is_success()
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A sample's value, 0 when the series does not exist yet.
