@@ -5,17 +5,26 @@ use std::os::unix::net::UnixDatagram;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Completes on SIGTERM (how Kubernetes and systemd start a graceful stop) or SIGINT.
-pub async fn shutdown_signal() {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install SIGTERM handler");
-            return std::future::pending().await;
+///
+/// The handlers are installed when this is called, not when the future is first polled: the
+/// daemon answers on its socket before the shutdown future is polled, and a SIGTERM arriving
+/// in between would otherwise take the default action and kill it without a drain. Call it
+/// inside a runtime context.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
     }
 }
 
@@ -72,5 +81,21 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = receiver.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"RELOADING=1");
+    }
+
+    /// A SIGTERM that arrives after the daemon answers but before its shutdown future is first
+    /// polled must start a drain, not kill the process (a sidecar stopped right after start).
+    /// If the handler were installed lazily, this raise would kill the test binary.
+    #[tokio::test]
+    async fn the_sigterm_handler_is_installed_before_the_future_is_polled() {
+        let shutdown = super::shutdown_signal();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(std::time::Duration::from_secs(30), shutdown)
+            .await
+            .expect("the SIGTERM was delivered to the handler");
     }
 }

@@ -102,7 +102,7 @@ async fn create_read_patch_delete_round_trip() {
 async fn a_restarted_daemon_reads_from_the_store_then_caches() {
     let mut d = Daemon::start(|_, _| {}).await;
     let id = d.create("Sandbox", json!({"api_key": "k-1"})).await;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let again = d.restart(|_| {}).await;
     let first = again
         .call_raw(Method::GET, &format!("/v1/credentials/{id}"), &[], None)

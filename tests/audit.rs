@@ -50,7 +50,7 @@ async fn an_audit_file_gets_every_line_by_sigterm_and_a_new_file_after_sigusr1()
         .call(Method::GET, "/v1/credentials/no-such-credential", None)
         .await;
     assert_eq!(status, 404);
-    assert!(d.terminate().await.success());
+    d.stop().await;
 
     let old = std::fs::read_to_string(&rotated).unwrap();
     let new = std::fs::read_to_string(&path).unwrap();

@@ -86,7 +86,7 @@ async fn each_id_is_answered_as_its_single_read_and_other_environments_look_abse
         .create("Production", json!({"a": "production-canary"}))
         .await;
     // The caller may read Sandbox only.
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d
         .restart(|c| {
             c.insert(
@@ -314,7 +314,7 @@ async fn a_caller_who_may_read_nothing_is_refused_whole() {
     let mut d = Daemon::start(|_, _| {}).await;
     let id = d.create("Production", json!({"a": "canary"})).await;
     let (uid, _) = credproxy::sys::effective_ids();
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d
         .restart(|c| {
             let mut rule = toml::Table::new();
@@ -346,7 +346,7 @@ async fn cold_ids_load_once_and_then_are_cache_hits() {
         );
     }
     // A new process: every id is cold.
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d.restart(|_| {}).await;
     let request = json!({ "ids": ids });
     let (first, second) = tokio::join!(batch(&d, request.clone()), batch(&d, request.clone()));

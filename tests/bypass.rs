@@ -95,7 +95,7 @@ async fn a_no_cache_read_serves_a_key_rotated_in_the_store_and_replaces_the_cach
     let mut d = daemon(&openbao, "5s").await;
     let id = d.create("Production", json!({"token": "key-1"})).await;
     // A fresh start: the create's own cache entry is gone, so the first read is a miss.
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d.restart(|_| {}).await;
     assert_eq!(read(&d, &id, None).await, ok("key-1", "miss"));
     assert_eq!(read(&d, &id, None).await, ok("key-1", "hit"));
@@ -144,7 +144,7 @@ async fn a_no_cache_read_serves_a_key_rotated_in_the_store_and_replaces_the_cach
     // The credential now follows the rotated version: after a restart (nothing cached) a
     // plain read loads key-3, not the version credproxy wrote first.
     let mut d = d;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d.restart(|_| {}).await;
     assert_eq!(read(&d, &id, None).await, ok("key-3", "miss"));
     let logs = d.logs();
@@ -190,7 +190,7 @@ async fn a_bypass_of_a_credential_the_caller_may_not_read_is_not_found_and_reads
     let hidden = d
         .create("Production", json!({"token": "CANARY-hidden"}))
         .await;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     // The caller may read Sandbox only.
     let d = d
         .restart(|c| {

@@ -127,7 +127,7 @@ async fn out_of_range_expiry_is_refused_and_a_stored_one_cannot_panic_a_read() {
 
     // A row written before the range was checked (or edited by hand) holds a year past 9999.
     let mut d = d;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let db = d.dir.path().join("data/credproxy.db");
     let conn = rusqlite::Connection::open(&db).unwrap();
     let changed = conn
@@ -172,7 +172,7 @@ async fn a_caller_that_may_not_see_a_credential_cannot_tell_it_exists() {
     let production = d.create("Production", json!({"k": "CANARY-prod"})).await;
     let sandbox = d.create("Sandbox", json!({"k": "s"})).await;
     let mut d = d;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d
         .restart(|c| {
             c.insert("access".into(), rule(&["Sandbox"]));
@@ -479,7 +479,7 @@ async fn metadata_keys_that_name_secrets_are_refused() {
     assert_eq!(status, 201, "{body}");
     // The list is configurable: emptied, nothing is refused.
     let mut d = d;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d
         .restart(|c| {
             common::set(

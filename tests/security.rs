@@ -91,7 +91,7 @@ async fn rules_limit_environments_and_writes() {
 
     // The same database, now with a read-only rule for Sandbox.
     let mut writer = writer;
-    assert!(writer.terminate().await.success());
+    writer.stop().await;
     let reader = writer
         .restart(|config| {
             config.insert(

@@ -136,7 +136,7 @@ async fn a_user_namespace_that_does_not_map_the_workers_refuses_to_start() {
         })
         .await;
     }
-    assert!(d.terminate().await.success());
+    d.stop().await;
 }
 
 #[tokio::test]
@@ -222,7 +222,7 @@ fn a_rule_for_nobody_or_the_overflow_ids_is_a_config_error() {
 async fn a_lost_master_key_is_not_replaced_by_a_new_one() {
     let mut d = Daemon::start(|_, _| {}).await;
     let id = d.create("Production", json!({"token": "sealed"})).await;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let key = d.dir.path().join("data/master.key");
     let key_id = credproxy::manager::local::MasterKey::load(&key)
         .unwrap()
@@ -270,7 +270,7 @@ async fn a_lost_master_key_is_not_replaced_by_a_new_one() {
 async fn a_master_key_file_holding_another_key_refuses_the_start() {
     let mut d = Daemon::start(|_, _| {}).await;
     let id = d.create("Production", json!({"token": "sealed"})).await;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let key = d.dir.path().join("data/master.key");
     let right = credproxy::manager::local::MasterKey::load(&key)
         .unwrap()
@@ -304,7 +304,7 @@ async fn a_master_key_file_holding_another_key_refuses_the_start() {
 async fn without_key_generation_a_missing_key_names_the_key_id_expected() {
     let mut d = Daemon::start(|_, _| {}).await;
     d.create("Production", json!({"token": "sealed"})).await;
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let key = d.dir.path().join("data/master.key");
     let key_id = credproxy::manager::local::MasterKey::load(&key)
         .unwrap()
@@ -507,7 +507,7 @@ async fn a_full_disk_fails_writes_with_the_reason_and_recovers_by_itself() {
         .call(Method::GET, &format!("/v1/credentials/{id}"), None)
         .await;
     assert_eq!(status, 200);
-    assert!(d.terminate().await.success(), "{}", d.logs());
+    d.stop().await;
 }
 
 #[tokio::test]

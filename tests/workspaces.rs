@@ -975,7 +975,7 @@ async fn a_failed_probe_or_a_misplaced_key_stores_nothing_and_echoes_no_value() 
     assert_eq!(view["loaded"], true);
     assert_eq!(manager_ids(&via, "").await, ids(&["local", "good"]));
 
-    assert!(d.terminate().await.success());
+    d.stop().await;
     no_canary_on_disk(&d);
     let db = rusqlite::Connection::open_with_flags(
         d.dir.path().join("data/credproxy.db"),
@@ -1589,7 +1589,7 @@ async fn manager_access_details_never_reach_trace_logs_answers_metrics_or_files_
         }
     };
     no_canary_on_disk(&d);
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let db = rusqlite::Connection::open_with_flags(
         d.dir.path().join("data/credproxy.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -1669,7 +1669,7 @@ async fn managers_and_routing_created_over_the_api_survive_a_restart() {
         (&json!("acme-aws"), &json!({"Production": "vault"}))
     );
 
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d.restart(|_| {}).await;
     let via = Via::Unix(d.socket.clone());
     let after = snapshot(via.clone()).await;
@@ -1902,7 +1902,7 @@ async fn a_master_key_rotation_rewraps_managers_access_details_so_the_old_key_ca
         old_key.to_str().unwrap().to_owned(),
         new_key.to_str().unwrap().to_owned(),
     );
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let mut d = d
         .restart(|c| {
             set(c, "store", "master_key_file", new.clone());
@@ -1916,7 +1916,7 @@ async fn a_master_key_rotation_rewraps_managers_access_details_so_the_old_key_ca
     .await;
 
     // So the old key can go: without it the manager still builds and its credential reads.
-    assert!(d.terminate().await.success());
+    d.stop().await;
     let d = d
         .restart(|c| {
             set(

@@ -270,10 +270,11 @@ fn serve(path: PathBuf) -> ExitCode {
         runtime.worker_threads(config.server.worker_threads);
     }
     let runtime = runtime.enable_all().build().expect("tokio runtime");
-    match runtime.block_on(crate::daemon::serve(
-        config,
-        crate::lifecycle::shutdown_signal(),
-    )) {
+    let shutdown = {
+        let _context = runtime.enter();
+        crate::lifecycle::shutdown_signal()
+    };
+    match runtime.block_on(crate::daemon::serve(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "credproxy could not start");

@@ -337,6 +337,12 @@ impl Daemon {
         self.wait_exit().await
     }
 
+    /// SIGTERM, and the drain must end in a clean exit; the logs say why if it does not.
+    pub async fn stop(&mut self) {
+        let status = self.terminate().await;
+        assert!(status.success(), "{status}:\n{}", self.logs());
+    }
+
     pub async fn wait_exit(&mut self) -> ExitStatus {
         let started = Instant::now();
         loop {
