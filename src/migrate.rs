@@ -339,7 +339,7 @@ impl Migrator {
         let configs = self
             .service
             .metadata()
-            .live_config_hashes(crate::service::INSTANCE_LIVENESS)
+            .live_config_hashes(config.storage.fleet.liveness())
             .await?;
         let mine = runtime.topology.hash();
         let disagree = configs.iter().filter(|h| **h != mine).count();

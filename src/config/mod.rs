@@ -7,6 +7,7 @@
 
 mod defaults;
 mod events;
+mod fleet;
 mod limits;
 mod log;
 mod raw;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 pub use defaults::*;
 pub use events::{EventsConfig, Webhook};
+pub use fleet::FleetConfig;
 pub use limits::{key_words, CredentialLimits};
 pub use log::{LogConfig, LogFormat};
 pub use secret_ref::SecretRef;
@@ -143,6 +145,8 @@ pub struct StorageConfig {
     /// that can still be in flight in a process sharing the database. `None`: derived from
     /// the request and store timeouts.
     pub journal_grace: Option<Duration>,
+    /// How this instance uses a shared PostgreSQL database.
+    pub fleet: FleetConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

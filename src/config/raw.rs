@@ -93,6 +93,13 @@ pub(super) struct RawStore {
     pub(super) journal_sweep_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub(super) journal_grace: Option<Duration>,
+    pub(super) pool_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) pool_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) heartbeat_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -54,6 +54,10 @@ const RESTART_ONLY: &[RestartOnly] = &[
         storage.journal_sweep_interval
     ),
     restart_only!("store.journal_grace", storage.journal_grace),
+    restart_only!("store.pool_size", storage.fleet.pool_size),
+    restart_only!("store.pool_idle_timeout", storage.fleet.pool_idle_timeout),
+    restart_only!("store.poll_interval", storage.fleet.poll_interval),
+    restart_only!("store.heartbeat_interval", storage.fleet.heartbeat_interval),
     restart_only!("cache.ttl", cache.ttl),
     restart_only!("cache.capacity", cache.capacity),
     restart_only!("cache.stale_if_error", cache.stale_if_error),

@@ -10,6 +10,7 @@ use super::raw::*;
 use super::*;
 
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let fleet = super::fleet::validate(&raw.store)?;
     let data_dir = raw
         .store
         .data_dir
@@ -73,6 +74,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .journal_sweep_interval
             .unwrap_or(DEFAULT_JOURNAL_SWEEP_INTERVAL),
         journal_grace: raw.store.journal_grace,
+        fleet,
         database,
         data_dir,
     };

@@ -100,7 +100,11 @@ pub async fn open_metadata(config: &Config) -> Result<Arc<dyn Metadata>, StartEr
                 None => crate::secret::SecretString::new(url.clone()),
             };
             Ok(Arc::new(
-                crate::metadata::postgres::PostgresMetadata::open(url.expose()).await?,
+                crate::metadata::postgres::PostgresMetadata::open(
+                    url.expose(),
+                    &config.storage.fleet,
+                )
+                .await?,
             ))
         }
         #[cfg(not(feature = "postgres"))]
@@ -268,8 +272,22 @@ pub async fn serve_app(
         let (service, mut stop) = (Arc::clone(&service), stop_rx.clone());
         tasks.spawn(async move {
             loop {
+                // Rare when all is well (a fleet of 1,000 writes a few rows a second); often
+                // while writes fail, since the first that succeeds makes the instance ready.
+                let interval = if service.metadata().write_fault().is_some() {
+                    crate::service::HEARTBEAT_RETRY
+                } else {
+                    // ±10 %, so a fleet deployed at once does not write in bursts.
+                    service
+                        .runtime()
+                        .config
+                        .storage
+                        .fleet
+                        .heartbeat_interval
+                        .mul_f64(0.9 + rand::random::<f64>() * 0.2)
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(crate::service::HEARTBEAT_INTERVAL) => {}
+                    _ = tokio::time::sleep(interval) => {}
                     _ = stop.changed() => {
                         service.leave_fleet().await;
                         return;

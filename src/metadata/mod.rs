@@ -36,7 +36,7 @@ pub use roles::{
 };
 
 /// The current schema version. A database with a newer one is refused at start.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

@@ -220,6 +220,19 @@ const OBJECTS: &[(i64, &str)] = &[
         "CREATE INDEX {if_new}events_due ON events (next_at_ms) WHERE delivery = 'pending'",
     ),
     (7, "CREATE INDEX {if_new}events_at ON events (at_ms)"),
+    // Version 8: the change feed of fleet mode (PostgreSQL): what each instance changed, for
+    // the others to poll from the last number they saw. Kept ten minutes. Unused on SQLite.
+    (
+        8,
+        "CREATE TABLE {if_new}changes (
+    seq     {serial_key},
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    origin  TEXT NOT NULL,
+    at_ms   {int} NOT NULL
+)",
+    ),
+    (8, "CREATE INDEX {if_new}changes_at ON changes (at_ms)"),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

@@ -61,9 +61,9 @@ pub struct Service {
     instance: String,
 }
 
-/// How often an instance says it is alive, and after how long without that it is not.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-pub const INSTANCE_LIVENESS: Duration = Duration::from_secs(10);
+/// While the metadata database refuses writes, the heartbeat is retried this often: its
+/// success is what makes the instance ready again.
+pub const HEARTBEAT_RETRY: Duration = Duration::from_secs(2);
 
 impl Service {
     pub fn new(

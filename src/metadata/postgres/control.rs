@@ -1,12 +1,12 @@
 //! The control plane's rows in PostgreSQL: secrets managers, routing, and the control version.
-//! Every change bumps the version and sends a `NOTIFY` on [`CONTROL_CHANNEL`] in its own
-//! transaction, so other instances hear of it at commit (and can still poll the version after
-//! a lost connection).
+//! Every change bumps the version and appends to the change feed in its own transaction, so
+//! other instances hear of it once it commits (and still compare the version now and then).
 
 use async_trait::async_trait;
 use tokio_postgres::Transaction;
 
-use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata, CONTROL_CHANNEL};
+use super::fleet::{change_insert, Change};
+use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata};
 use crate::metadata::codec::{self, ManagerColumns, MANAGER_COLUMNS, ROUTING_COLUMNS};
 use crate::metadata::{ControlRows, ManagerRecord, MetadataError, RoutingRecord};
 
@@ -15,20 +15,17 @@ impl PostgresMetadata {
     /// is delivered only if the change commits.
     async fn control_changed(&self, tx: &Transaction<'_>) -> Result<(), MetadataError> {
         let changed = tx
-            .execute("UPDATE control SET version = version + 1 WHERE id = 1", &[])
+            .execute_typed(
+                "UPDATE control SET version = version + 1 WHERE id = 1",
+                params![],
+            )
             .await
             .map_err(db_err)?;
         // The seed row is part of the schema: without it no instance would notice any change.
         if changed != 1 {
             return Err(MetadataError::Corrupt("the control row is missing".into()));
         }
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CONTROL_CHANNEL, &self.origin],
-        )
-        .await
-        .map_err(db_err)?;
-        Ok(())
+        change_insert(tx, Change::Control, &self.origin).await
     }
 
     /// Replaces the manager row if its row_version is still `expected` (`Conflict` if it
@@ -44,12 +41,12 @@ impl PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let changed = tx
-            .execute(
+            .execute_typed(
                 "UPDATE managers SET workspace=$2, name=$3, kind=$4, prefix=$5, settings=$6, \
                  auth_keys=$7, auth_version=$8, auth_key_id=$9, auth_wrapped_key=$10, \
                  auth_ciphertext=$11, auth_created_at=$12, source=$13, state=$14, row_version=$15, \
                  updated_at=$16 WHERE id=$1 AND row_version=$17",
-                &[
+                params![
                     &r.id,
                     &r.workspace,
                     &r.name,
@@ -75,7 +72,7 @@ impl PostgresMetadata {
             return Err(MetadataError::Conflict);
         }
         if retire {
-            tx.execute("DELETE FROM routing WHERE manager_id = $1", &[&r.id])
+            tx.execute_typed("DELETE FROM routing WHERE manager_id = $1", params![&r.id])
                 .await
                 .map_err(db_err)?;
         }
@@ -88,7 +85,7 @@ impl PostgresMetadata {
 impl ControlRows for PostgresMetadata {
     async fn control_version(&self) -> Result<i64, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query_one("SELECT version FROM control WHERE id = 1", &[])
+        conn.query_typed_one("SELECT version FROM control WHERE id = 1", params![])
             .await
             .map(|r| r.get(0))
             .map_err(db_err)
@@ -97,9 +94,9 @@ impl ControlRows for PostgresMetadata {
     async fn managers(&self) -> Result<Vec<ManagerRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!("SELECT {MANAGER_COLUMNS} FROM managers ORDER BY id"),
-                &[],
+                params![],
             )
             .await
             .map_err(db_err)?;
@@ -109,9 +106,9 @@ impl ControlRows for PostgresMetadata {
     async fn manager_get(&self, id: &str) -> Result<Option<ManagerRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!("SELECT {MANAGER_COLUMNS} FROM managers WHERE id = $1"),
-                &[&id],
+                params![&id],
             )
             .await
             .map_err(db_err)?;
@@ -123,12 +120,12 @@ impl ControlRows for PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let inserted = tx
-            .execute(
+            .execute_typed(
                 &format!(
                     "INSERT INTO managers ({MANAGER_COLUMNS}) \
                      VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
                 ),
-                &[
+                params![
                     &r.id,
                     &r.workspace,
                     &r.name,
@@ -180,7 +177,7 @@ impl ControlRows for PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let deleted = tx
-            .execute("DELETE FROM managers WHERE id = $1", &[&id])
+            .execute_typed("DELETE FROM managers WHERE id = $1", params![&id])
             .await
             .map_err(db_err)?;
         // Nothing changed when nothing was there: no instance needs to reload.
@@ -193,9 +190,9 @@ impl ControlRows for PostgresMetadata {
     async fn routing_all(&self) -> Result<Vec<RoutingRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!("SELECT {ROUTING_COLUMNS} FROM routing ORDER BY workspace, environment"),
-                &[],
+                params![],
             )
             .await
             .map_err(db_err)?;
@@ -209,16 +206,16 @@ impl ControlRows for PostgresMetadata {
         let rows = codec::routing_rows(record)?;
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
-        tx.execute(
+        tx.execute_typed(
             "DELETE FROM routing WHERE workspace = $1",
-            &[&record.workspace],
+            params![&record.workspace],
         )
         .await
         .map_err(db_err)?;
         for (environment, manager_id) in &rows {
-            tx.execute(
+            tx.execute_typed(
                 &format!("INSERT INTO routing ({ROUTING_COLUMNS}) VALUES ($1, $2, $3)"),
-                &[&record.workspace, environment, manager_id],
+                params![&record.workspace, environment, manager_id],
             )
             .await
             .map_err(db_err)?;

@@ -1,12 +1,13 @@
-//! Credential rows in PostgreSQL; every change is announced to the other instances.
+//! Credential rows in PostgreSQL; every change is appended to the change feed.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 
 use super::events::event_insert;
+use super::fleet::{change_insert, Change};
 use super::journal::journal_insert;
-use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata, CHANNEL};
+use super::{db_err, decode_all, decode_opt, unique_violation, PostgresMetadata};
 use crate::metadata::codec::{self, expires_at_secs, CredentialJson, CREDENTIAL_COLUMNS};
 use crate::metadata::{CredentialRecord, CredentialRows, EventRecord, JournalEntry, MetadataError};
 
@@ -15,9 +16,9 @@ impl CredentialRows for PostgresMetadata {
     async fn get_credential(&self, id: &str) -> Result<Option<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = $1"),
-                &[&id],
+                params![&id],
             )
             .await
             .map_err(db_err)?;
@@ -33,9 +34,9 @@ impl CredentialRows for PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let inserted = tx
-            .execute(
+            .execute_typed(
                 &format!("INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"),
-                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                params![&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
                   &r.location.manager_id, &r.location.name, &r.location.version, &expires_at_secs(r),
                   &r.needs_reauth, &r.row_version, &r.created_at, &r.updated_at, &r.workspace,
                   &r.expires_at_ms, &r.token_at_ms],
@@ -45,7 +46,7 @@ impl CredentialRows for PostgresMetadata {
             Err(e) if unique_violation(&e) => return Err(MetadataError::AlreadyExists),
             other => other.map_err(db_err)?,
         };
-        tx.execute("DELETE FROM journal WHERE id = $1", &[&journal_id])
+        tx.execute_typed("DELETE FROM journal WHERE id = $1", params![&journal_id])
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
@@ -62,12 +63,12 @@ impl CredentialRows for PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let changed = tx
-            .execute(
+            .execute_typed(
                 "UPDATE credentials SET environment=$2, integration_type=$3, metadata=$4, oauth=$5, \
                  pinned_manager=$6, store_id=$7, store_name=$8, store_version=$9, expires_at=$10, \
                  needs_reauth=$11, row_version=$12, updated_at=$13, workspace=$15, expires_at_ms=$16, token_at_ms=$17 \
                  WHERE id=$1 AND row_version=$14",
-                &[&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
+                params![&r.id, &r.environment, &r.integration_type, &metadata, &oauth, &r.pinned_manager,
                   &r.location.manager_id, &r.location.name, &r.location.version, &expires_at_secs(r),
                   &r.needs_reauth, &r.row_version, &r.updated_at, &expected_row_version,
                   &r.workspace, &r.expires_at_ms, &r.token_at_ms],
@@ -84,12 +85,7 @@ impl CredentialRows for PostgresMetadata {
         if let Some(e) = event {
             event_insert(&tx, e, None).await?;
         }
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &self.notify_payload(&r.id)],
-        )
-        .await
-        .map_err(db_err)?;
+        change_insert(&tx, Change::Credential(&r.id), &self.origin).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(journal_id)
     }
@@ -103,9 +99,9 @@ impl CredentialRows for PostgresMetadata {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         let changed = tx
-            .execute(
+            .execute_typed(
                 "DELETE FROM credentials WHERE id = $1 AND row_version = $2",
-                &[&id, &expected_row_version],
+                params![&id, &expected_row_version],
             )
             .await
             .map_err(db_err)?;
@@ -113,15 +109,13 @@ impl CredentialRows for PostgresMetadata {
             return Err(MetadataError::Conflict);
         }
         let journal_id = journal_insert(&tx, abandoned).await?;
-        tx.execute("DELETE FROM oauth_pending WHERE credential_id = $1", &[&id])
-            .await
-            .map_err(db_err)?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &self.notify_payload(id)],
+        tx.execute_typed(
+            "DELETE FROM oauth_pending WHERE credential_id = $1",
+            params![&id],
         )
         .await
         .map_err(db_err)?;
+        change_insert(&tx, Change::Credential(id), &self.origin).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(journal_id)
     }
@@ -133,11 +127,11 @@ impl CredentialRows for PostgresMetadata {
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id > $1 ORDER BY id LIMIT $2"
                 ),
-                &[&after.unwrap_or(""), &(limit as i64)],
+                params![&after.unwrap_or(""), &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -147,7 +141,7 @@ impl CredentialRows for PostgresMetadata {
     async fn count_credentials(&self) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
         let n: i64 = conn
-            .query_one("SELECT COUNT(*) FROM credentials", &[])
+            .query_typed_one("SELECT COUNT(*) FROM credentials", params![])
             .await
             .map_err(db_err)?
             .get(0);
@@ -157,9 +151,9 @@ impl CredentialRows for PostgresMetadata {
     async fn count_by_manager(&self) -> Result<HashMap<String, u64>, MetadataError> {
         let conn = self.pool.get().await?;
         Ok(conn
-            .query(
+            .query_typed(
                 "SELECT store_id, COUNT(*) FROM credentials GROUP BY store_id",
-                &[],
+                params![],
             )
             .await
             .map_err(db_err)?
@@ -170,9 +164,9 @@ impl CredentialRows for PostgresMetadata {
 
     async fn location_in_use(&self, manager_id: &str, name: &str) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query_one(
+        conn.query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1 AND store_name = $2)",
-            &[&manager_id, &name],
+            params![&manager_id, &name],
         )
         .await
         .map(|r| r.get(0))
@@ -181,11 +175,11 @@ impl CredentialRows for PostgresMetadata {
 
     async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query_one(
+        conn.query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM credentials WHERE store_id = $1) \
              OR EXISTS (SELECT 1 FROM journal WHERE store_id = $1) \
              OR EXISTS (SELECT 1 FROM purges WHERE store_id = $1)",
-            &[&manager_id],
+            params![&manager_id],
         )
         .await
         .map(|r| r.get(0))
@@ -199,12 +193,12 @@ impl CredentialRows for PostgresMetadata {
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
                      AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
                 ),
-                &[&before, &(limit as i64)],
+                params![&before, &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -214,7 +208,10 @@ impl CredentialRows for PostgresMetadata {
     async fn count_needs_reauth(&self) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
         let n: i64 = conn
-            .query_one("SELECT COUNT(*) FROM credentials WHERE needs_reauth", &[])
+            .query_typed_one(
+                "SELECT COUNT(*) FROM credentials WHERE needs_reauth",
+                params![],
+            )
             .await
             .map_err(db_err)?
             .get(0);

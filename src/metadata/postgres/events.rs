@@ -18,17 +18,17 @@ pub(super) async fn event_insert(
     e: &EventRecord,
     requires: Option<&str>,
 ) -> Result<bool, MetadataError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
+    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", params![&EVENTS_LOCK])
         .await
         .map_err(db_err)?;
-    tx.execute(
+    tx.execute_typed(
         &format!(
             "INSERT INTO events ({EVENT_INSERT_COLUMNS}) \
              SELECT $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12 \
              WHERE $13::TEXT IS NULL OR EXISTS (SELECT 1 FROM events WHERE id = $13::TEXT) \
              ON CONFLICT (id) DO NOTHING"
         ),
-        &[
+        params![
             &e.id,
             &e.kind.as_str(),
             &e.credential_id,
@@ -66,9 +66,9 @@ impl EventRows for PostgresMetadata {
     async fn event_get(&self, seq: i64) -> Result<Option<EventRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = $1"),
-                &[&seq],
+                params![&seq],
             )
             .await
             .map_err(db_err)?;
@@ -82,9 +82,9 @@ impl EventRows for PostgresMetadata {
     ) -> Result<Vec<EventRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"),
-                &[&after, &(limit as i64)],
+                params![&after, &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -98,12 +98,12 @@ impl EventRows for PostgresMetadata {
     ) -> Result<Vec<EventRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT {EVENT_COLUMNS} FROM events WHERE delivery = 'pending' AND next_at_ms <= $1 \
                      ORDER BY next_at_ms LIMIT $2"
                 ),
-                &[&now_ms, &(limit as i64)],
+                params![&now_ms, &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -116,10 +116,10 @@ impl EventRows for PostgresMetadata {
         (attempts, next_at_ms): (i64, i64),
     ) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "UPDATE events SET delivery = $1, attempts = $2, next_at_ms = $3, last_outcome = $4 \
              WHERE seq = $5 AND delivery = $6 AND attempts = $7 AND next_at_ms = $8",
-            &[
+            params![
                 &e.delivery.as_str(),
                 &e.attempts,
                 &e.next_at_ms,
@@ -137,9 +137,9 @@ impl EventRows for PostgresMetadata {
 
     async fn events_pending(&self) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.query_one(
+        conn.query_typed_one(
             "SELECT COUNT(*) FROM events WHERE delivery = 'pending'",
-            &[],
+            params![],
         )
         .await
         .map(|r| r.get::<_, i64>(0) as u64)
@@ -148,7 +148,7 @@ impl EventRows for PostgresMetadata {
 
     async fn events_prune(&self, before_ms: i64) -> Result<u64, MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute("DELETE FROM events WHERE at_ms < $1", &[&before_ms])
+        conn.execute_typed("DELETE FROM events WHERE at_ms < $1", params![&before_ms])
             .await
             .map_err(db_err)
     }

@@ -1,117 +1,245 @@
-//! Instances sharing the PostgreSQL database: their heartbeats, and the listener that turns
-//! other instances' `NOTIFY`s into invalidations (of a cached credential, or of the control
-//! plane).
+//! Instances sharing the PostgreSQL database: their heartbeats, and the change feed that tells
+//! each instance what the others changed (a credential, so it drops its cached copy; the
+//! control plane, so it reloads it).
+//!
+//! The feed is a table, `changes`, that writers append to inside the transaction of the change
+//! and that every instance polls every `store.poll_interval` from the last number it saw. A
+//! table, not `LISTEN`: `LISTEN` needs a session of its own per instance, which PgBouncer in
+//! transaction mode cannot give and which costs PostgreSQL a connection per instance. Numbers
+//! come from a sequence, so they are handed out at insert, not at commit: a number below the
+//! highest seen that is missing (a *hole*) may still commit, and is asked for again until it
+//! appears or [`HOLE_WAIT`] passes (a rolled-back writer leaves one forever).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
-use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::pool::{Pool, Tls};
+use super::pool::Pool;
 use super::{db_err, PostgresMetadata, CHANNEL, CONTROL_CHANNEL, NOW_MS};
 use crate::metadata::{FleetRows, Invalidation, MetadataError};
 
-/// Holds a connection that LISTENs for invalidations; reconnects with back-off, and asks for
-/// a full cache flush after every reconnect, since notifications sent meanwhile are lost.
-/// `ready` is told once the first session listens (or failed to), so that `open` returns only
-/// when a change made by another instance can no longer slip by unheard.
-pub(super) async fn listen(
+/// Changes are kept this long; an instance that could not read the feed for half of it drops
+/// its whole cache once it can again, since what it missed may be gone.
+pub(super) const CHANGES_RETENTION: Duration = Duration::from_secs(600);
+/// How long a hole is asked for: longer than the tail of any writing transaction (the change
+/// row is the last statement before its commit).
+const HOLE_WAIT: Duration = Duration::from_secs(30);
+/// More holes than this at once (a feed far ahead after an outage): drop everything instead.
+const MAX_HOLES: i64 = 10_000;
+/// Rows read per query; a full page is followed at once by the next.
+const PAGE: i64 = 512;
+/// A new instance reads this many changes before the newest: one committed just after it
+/// started but numbered before the newest would otherwise be skipped.
+const LOOK_BACK: i64 = 256;
+/// One writer in this many prunes the feed.
+const PRUNE_EVERY: i64 = 256;
+
+/// What a change is about.
+#[derive(Clone, Copy)]
+pub(super) enum Change<'a> {
+    Credential(&'a str),
+    Control,
+}
+
+/// Appends `change` to the feed inside `tx`; call it last before the commit, so the number it
+/// takes is a hole for as short a time as possible. Instances of the previous version, which
+/// `LISTEN`, are still notified during a rolling upgrade.
+pub(super) async fn change_insert(
+    tx: &tokio_postgres::Transaction<'_>,
+    change: Change<'_>,
+    origin: &str,
+) -> Result<(), MetadataError> {
+    let (kind, subject, channel, payload) = match change {
+        Change::Credential(id) => ("credential", id, CHANNEL, format!("{origin}:{id}")),
+        Change::Control => ("control", "", CONTROL_CHANNEL, origin.to_owned()),
+    };
+    let row = tx
+        .query_typed_one(
+            &format!(
+                "INSERT INTO changes (kind, subject, origin, at_ms) VALUES ($1, $2, $3, {NOW_MS}) RETURNING seq"
+            ),
+            params![&kind, &subject, &origin],
+        )
+        .await
+        .map_err(db_err)?;
+    let seq: i64 = row.try_get(0).map_err(db_err)?;
+    tx.execute_typed("SELECT pg_notify($1, $2)", params![&channel, &payload])
+        .await
+        .map_err(db_err)?;
+    if seq % PRUNE_EVERY == 0 {
+        let keep = CHANGES_RETENTION.as_millis() as i64;
+        tx.execute_typed(
+            &format!("DELETE FROM changes WHERE at_ms < {NOW_MS} - $1"),
+            params![&keep],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Where an instance is in the feed.
+#[derive(Debug)]
+pub(super) struct Cursor {
+    /// Every number below this was seen, or is a hole.
+    next: i64,
+    holes: BTreeMap<i64, Instant>,
+}
+
+/// One feed row.
+#[derive(Debug)]
+pub(super) struct Row {
+    seq: i64,
+    kind: String,
+    subject: String,
+    origin: String,
+}
+
+impl Cursor {
+    /// Starts just before the newest change.
+    pub(super) async fn start(pool: &Pool) -> Result<Self, MetadataError> {
+        let conn = pool.get().await?;
+        let newest: i64 = conn
+            .query_typed_one("SELECT COALESCE(MAX(seq), 0) FROM changes", &[])
+            .await
+            .map_err(db_err)?
+            .try_get(0)
+            .map_err(db_err)?;
+        Ok(Self::at(newest - LOOK_BACK + 1))
+    }
+
+    fn at(next: i64) -> Self {
+        Self {
+            next: next.max(1),
+            holes: BTreeMap::new(),
+        }
+    }
+
+    /// Takes in a page of rows (in `seq` order); answers those not seen before, and whether
+    /// so many are missing that everything must be dropped.
+    pub(super) fn advance(&mut self, rows: Vec<Row>, now: Instant) -> (Vec<Row>, bool) {
+        let mut overflow = false;
+        let mut fresh = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.seq < self.next {
+                if self.holes.remove(&row.seq).is_none() {
+                    continue;
+                }
+            } else {
+                if row.seq - self.next > MAX_HOLES || overflow {
+                    overflow = true;
+                    self.holes.clear();
+                } else {
+                    for missing in self.next..row.seq {
+                        self.holes.insert(missing, now);
+                    }
+                }
+                self.next = row.seq + 1;
+            }
+            fresh.push(row);
+        }
+        self.holes
+            .retain(|_, since| now.duration_since(*since) < HOLE_WAIT);
+        if self.holes.len() as i64 > MAX_HOLES {
+            self.holes.clear();
+            overflow = true;
+        }
+        (fresh, overflow)
+    }
+
+    /// One page of rows after the cursor, and in its holes.
+    async fn read(&self, pool: &Pool) -> Result<Vec<Row>, MetadataError> {
+        let conn = pool.get().await?;
+        let rows = if self.holes.is_empty() {
+            conn.query_typed(
+                "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                params![&self.next, &PAGE],
+            )
+            .await
+        } else {
+            let holes: Vec<i64> = self.holes.keys().copied().collect();
+            conn.query_typed(
+                "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 OR seq = ANY($3) \
+                 ORDER BY seq LIMIT $2",
+                params![&self.next, &PAGE, &holes],
+            )
+            .await
+        }
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Row {
+                    seq: r.try_get(0).map_err(db_err)?,
+                    kind: r.try_get(1).map_err(db_err)?,
+                    subject: r.try_get(2).map_err(db_err)?,
+                    origin: r.try_get(3).map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Polls the feed every `interval` and turns other instances' changes into invalidations.
+/// While the database is unreachable cached values keep being served (nobody can write
+/// meanwhile); after an outage longer than half the feed's retention, everything is dropped.
+pub(super) async fn follow(
     pool: Arc<Pool>,
     out: broadcast::Sender<Invalidation>,
     origin: String,
-    ready: tokio::sync::oneshot::Sender<()>,
+    interval: Duration,
+    mut cursor: Cursor,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut ready = Some(ready);
+    let mut last_read = Instant::now();
+    let mut failing = false;
     loop {
-        let connected = match &pool.tls {
-            Tls::None => pool.config.connect(NoTls).await.map(|(c, conn)| {
-                (
-                    c,
-                    Box::pin(listen_on(conn, out.clone(), origin.clone()))
-                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-                )
-            }),
-            Tls::Rustls(t) => pool.config.connect(t.clone()).await.map(|(c, conn)| {
-                (
-                    c,
-                    Box::pin(listen_on(conn, out.clone(), origin.clone()))
-                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-                )
-            }),
-        };
-        match connected {
-            Ok((client, driver)) => {
-                let driver = tokio::spawn(driver);
-                if client
-                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CONTROL_CHANNEL}"))
-                    .await
-                    .is_ok()
-                {
-                    backoff = Duration::from_millis(100);
-                    match ready.take() {
-                        Some(ready) => {
-                            let _ = ready.send(());
-                        }
-                        None => {
-                            tracing::warn!("reconnected to PostgreSQL; flushing the cache, since invalidations may have been missed");
-                            let _ = out.send(Invalidation::All);
-                        }
+        tokio::time::sleep(interval).await;
+        loop {
+            let rows = match cursor.read(&pool).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot read the PostgreSQL change feed; cached values are served meanwhile");
+                        failing = true;
                     }
-                } else {
-                    // `open` goes on without us; the flush on the first success covers the gap.
-                    ready.take();
+                    break;
                 }
-                let _ = driver.await;
-                drop(client);
-                // Cached entries keep being served meanwhile (nobody can write while the
-                // database is unreachable); the flush comes once we listen again.
-                tracing::warn!("lost the PostgreSQL invalidation connection; reconnecting");
+            };
+            let now = Instant::now();
+            if failing {
+                tracing::info!("reading the PostgreSQL change feed again");
+                failing = false;
             }
-            Err(e) => {
-                ready.take();
-                tracing::warn!(error = %db_err(e), retry_in = ?backoff, "cannot connect the invalidation listener");
+            let full = rows.len() as i64 == PAGE;
+            let (fresh, overflow) = cursor.advance(rows, now);
+            if overflow || now.duration_since(last_read) > CHANGES_RETENTION / 2 {
+                tracing::warn!("changes may have been missed; dropping the whole cache");
+                let _ = out.send(Invalidation::All);
             }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn listen_on<S, T>(
-    mut connection: tokio_postgres::Connection<S, T>,
-    out: broadcast::Sender<Invalidation>,
-    origin: String,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    use futures::StreamExt;
-    while let Some(message) = messages.next().await {
-        match message {
-            Ok(AsyncMessage::Notification(n)) => {
-                if let Some(change) = invalidation(n.channel(), n.payload(), &origin) {
+            last_read = now;
+            for row in fresh {
+                if let Some(change) = invalidation(&row, &origin) {
                     let _ = out.send(change);
                 }
             }
-            Ok(_) => {}
-            Err(_) => return,
+            if !full {
+                break;
+            }
         }
     }
 }
 
-/// What a notification means to this instance; nothing if it sent it itself (its own cache
-/// and control plane are already up to date) or cannot read it.
-fn invalidation(channel: &str, payload: &str, origin: &str) -> Option<Invalidation> {
-    match channel {
-        CHANNEL => match payload.split_once(':') {
-            Some((from, id)) if from != origin => Some(Invalidation::Credential(id.to_owned())),
-            _ => None,
-        },
-        CONTROL_CHANNEL if payload != origin => Some(Invalidation::Control),
+/// What a change means to this instance; nothing if it made it itself (its own cache and
+/// control plane are already up to date), or for a kind this version does not know.
+fn invalidation(row: &Row, origin: &str) -> Option<Invalidation> {
+    if row.origin == origin {
+        return None;
+    }
+    match row.kind.as_str() {
+        "credential" => Some(Invalidation::Credential(row.subject.clone())),
+        "control" => Some(Invalidation::Control),
         _ => None,
     }
 }
@@ -124,12 +252,12 @@ impl FleetRows for PostgresMetadata {
 
     async fn instance_heartbeat(&self, id: &str, config_hash: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             &format!(
                 "INSERT INTO instances (id, config_hash, heartbeat_ms) VALUES ($1, $2, {NOW_MS}) \
                  ON CONFLICT (id) DO UPDATE SET config_hash = EXCLUDED.config_hash, heartbeat_ms = EXCLUDED.heartbeat_ms"
             ),
-            &[&id, &config_hash],
+            params![&id, &config_hash],
         )
         .await
         .map(drop)
@@ -138,7 +266,7 @@ impl FleetRows for PostgresMetadata {
 
     async fn instance_remove(&self, id: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute("DELETE FROM instances WHERE id = $1", &[&id])
+        conn.execute_typed("DELETE FROM instances WHERE id = $1", params![&id])
             .await
             .map(drop)
             .map_err(db_err)
@@ -148,9 +276,9 @@ impl FleetRows for PostgresMetadata {
         let conn = self.pool.get().await?;
         let age = max_age.as_millis() as i64;
         Ok(conn
-            .query(
+            .query_typed(
                 &format!("SELECT DISTINCT config_hash FROM instances WHERE heartbeat_ms >= {NOW_MS} - $1"),
-                &[&age],
+                params![&age],
             )
             .await
             .map_err(db_err)?
@@ -164,20 +292,62 @@ impl FleetRows for PostgresMetadata {
 mod tests {
     use super::*;
 
+    fn row(seq: i64, origin: &str) -> Row {
+        Row {
+            seq,
+            kind: "credential".into(),
+            subject: format!("c{seq}"),
+            origin: origin.into(),
+        }
+    }
+
+    fn seqs(rows: &[Row]) -> Vec<i64> {
+        rows.iter().map(|r| r.seq).collect()
+    }
+
     #[test]
-    fn notifications_become_invalidations_unless_this_instance_sent_them() {
-        let me = "me";
+    fn changes_become_invalidations_unless_this_instance_made_them() {
         assert_eq!(
-            invalidation(CHANNEL, "other:a:b", me),
-            Some(Invalidation::Credential("a:b".into()))
+            invalidation(&row(1, "other"), "me"),
+            Some(Invalidation::Credential("c1".into()))
         );
-        assert_eq!(invalidation(CHANNEL, "me:a", me), None);
-        assert_eq!(invalidation(CHANNEL, "garbled", me), None);
-        assert_eq!(
-            invalidation(CONTROL_CHANNEL, "other", me),
-            Some(Invalidation::Control)
+        assert_eq!(invalidation(&row(1, "me"), "me"), None);
+        let mut control = row(2, "other");
+        control.kind = "control".into();
+        assert_eq!(invalidation(&control, "me"), Some(Invalidation::Control));
+        control.kind = "from-a-newer-version".into();
+        assert_eq!(invalidation(&control, "me"), None);
+    }
+
+    #[test]
+    fn a_number_committed_late_is_still_seen_once() {
+        let t = Instant::now();
+        let mut c = Cursor::at(1);
+        let (fresh, overflow) = c.advance(vec![row(1, "a"), row(3, "a")], t);
+        assert_eq!((seqs(&fresh), overflow), (vec![1, 3], false));
+        assert_eq!(c.holes.keys().copied().collect::<Vec<_>>(), vec![2]);
+        // 2 commits late; 3 comes back in the same page and is not told twice.
+        let (fresh, _) = c.advance(vec![row(2, "a"), row(3, "a"), row(4, "a")], t);
+        assert_eq!(seqs(&fresh), vec![2, 4]);
+        assert!(c.holes.is_empty());
+        let (fresh, _) = c.advance(vec![row(2, "a")], t);
+        assert!(fresh.is_empty(), "seen once only");
+    }
+
+    #[test]
+    fn a_hole_is_given_up_after_a_while_and_a_huge_gap_drops_everything() {
+        let t = Instant::now();
+        let mut c = Cursor::at(1);
+        c.advance(vec![row(5, "a")], t);
+        assert_eq!(c.holes.len(), 4);
+        c.advance(vec![], t + HOLE_WAIT);
+        assert!(
+            c.holes.is_empty(),
+            "rolled-back numbers are not asked for forever"
         );
-        assert_eq!(invalidation(CONTROL_CHANNEL, me, me), None);
-        assert_eq!(invalidation("elsewhere", "other:a", me), None);
+        let (fresh, overflow) = c.advance(vec![row(6 + MAX_HOLES + 1, "a")], t);
+        assert!(overflow);
+        assert_eq!(fresh.len(), 1);
+        assert!(c.holes.is_empty());
     }
 }

@@ -10,11 +10,11 @@ pub(super) async fn journal_insert(
     tx: &tokio_postgres::Transaction<'_>,
     e: &JournalEntry,
 ) -> Result<i64, MetadataError> {
-    tx.query_one(
+    tx.query_typed_one(
         &format!(
             "INSERT INTO journal ({JOURNAL_INSERT_COLUMNS}) VALUES ($1,$2,$3,$4,$5) RETURNING id"
         ),
-        &[
+        params![
             &e.credential_id,
             &e.manager_id,
             &e.name,
@@ -39,7 +39,7 @@ impl JournalRows for PostgresMetadata {
 
     async fn journal_remove(&self, id: i64) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute("DELETE FROM journal WHERE id = $1", &[&id])
+        conn.execute_typed("DELETE FROM journal WHERE id = $1", params![&id])
             .await
             .map(drop)
             .map_err(db_err)
@@ -48,9 +48,9 @@ impl JournalRows for PostgresMetadata {
     async fn journal_list(&self) -> Result<Vec<JournalEntry>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!("SELECT {JOURNAL_COLUMNS} FROM journal ORDER BY id"),
-                &[],
+                params![],
             )
             .await
             .map_err(db_err)?;

@@ -17,13 +17,13 @@ impl LeaseRows for PostgresMetadata {
     ) -> Result<bool, MetadataError> {
         let conn = self.pool.get().await?;
         let ttl = ttl.as_millis() as i64;
-        conn.execute(
+        conn.execute_typed(
             &format!(
                 "INSERT INTO leases (key, holder, expires_at_ms) VALUES ($1, $2, {NOW_MS} + $3) \
                  ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms \
                  WHERE leases.expires_at_ms <= {NOW_MS} OR leases.holder = EXCLUDED.holder"
             ),
-            &[&key, &holder, &ttl],
+            params![&key, &holder, &ttl],
         )
         .await
         .map(|n| n == 1)
@@ -32,9 +32,9 @@ impl LeaseRows for PostgresMetadata {
 
     async fn lease_release(&self, key: &str, holder: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "DELETE FROM leases WHERE key = $1 AND holder = $2",
-            &[&key, &holder],
+            params![&key, &holder],
         )
         .await
         .map(drop)

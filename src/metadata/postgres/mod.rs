@@ -1,10 +1,15 @@
 //! The PostgreSQL metadata database, for fleet mode: many credproxy instances share one
 //! database. The schema is created or upgraded at start under an advisory lock (so instances
-//! starting together do not race), and every change of a credential row is announced with
-//! `NOTIFY` so the other instances drop their cached copy; so is every change of the control
-//! plane (secrets managers and routing), so they reload it. This module owns opening the
-//! database; the connection pool and each role's rows are in the files named after them.
+//! starting together do not race), and every change of a credential row is appended to the
+//! change feed so the other instances drop their cached copy; so is every change of the
+//! control plane (secrets managers and routing), so they reload it. Nothing here needs a
+//! session of its own (no `LISTEN`, no session locks, no named prepared statements), so
+//! PgBouncer in transaction mode can pool the connections. This module owns opening the
+//! database; the connection pool, the feed and each role's rows are in the files named after
+//! them.
 
+#[macro_use]
+mod params;
 mod control;
 mod credentials;
 mod events;
@@ -23,17 +28,17 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use tokio_postgres::{Config, Row};
 
-use self::fleet::listen;
+use self::fleet::{follow, Cursor};
 use self::pool::{tls_for, Pool};
 use super::codec::Columns;
 use super::schema::{self, Dialect};
 use super::{Fault, Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
+use crate::config::FleetConfig;
 
-/// The channel that carries credential invalidations: `<origin>:<credential id>`.
+/// The channel on which instances of schema version 7 and before `LISTEN` for credential
+/// invalidations (`<origin>:<credential id>`); still notified during a rolling upgrade.
 const CHANNEL: &str = "credproxy_invalidate";
-/// The channel that announces control-plane changes: `<origin>`. A channel of its own, so no
-/// payload can be mistaken for a credential id, and instances of older binaries (which do not
-/// listen to it) are not sent what they cannot read.
+/// Their channel for control-plane changes (`<origin>`).
 const CONTROL_CHANNEL: &str = "credproxy_control";
 /// Key of the advisory lock held while the schema is created or upgraded.
 const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
@@ -95,21 +100,21 @@ fn unique_violation(e: &tokio_postgres::Error) -> bool {
 pub struct PostgresMetadata {
     pool: Arc<Pool>,
     invalidations: broadcast::Sender<Invalidation>,
-    /// Tags this instance's own notifications, which it does not need to act on.
+    /// Tags this instance's own changes, which it does not need to act on.
     origin: String,
-    listener: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PostgresMetadata {
     fn drop(&mut self) {
-        self.listener.abort();
+        self.follower.abort();
     }
 }
 
 impl PostgresMetadata {
-    /// Connects, creates or upgrades the schema (under an advisory lock), and starts the
-    /// invalidation listener.
-    pub async fn open(url: &str) -> Result<Self, MetadataError> {
+    /// Connects, creates or upgrades the schema (under an advisory lock), and starts following
+    /// the change feed.
+    pub async fn open(url: &str, fleet: &FleetConfig) -> Result<Self, MetadataError> {
         let mut config: Config = url.parse().map_err(|_| {
             MetadataError::Database("store.url is not a valid PostgreSQL URL".into())
         })?;
@@ -118,11 +123,23 @@ impl PostgresMetadata {
         }
         config.application_name("credproxy");
         let tls = tls_for(&config)?;
-        let pool = Arc::new(Pool::new(config, tls));
-        {
+        let pool = Arc::new(Pool::new(
+            config,
+            tls,
+            fleet.pool_size,
+            fleet.pool_idle_timeout,
+        ));
+        let found = schema_version(&pool).await?;
+        if let Some(found) = found.filter(|v| *v > SCHEMA_VERSION) {
+            return Err(MetadataError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found != Some(SCHEMA_VERSION) {
             let mut conn = pool.get().await?;
             let tx = conn.transaction().await.map_err(db_err)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            tx.execute_typed("SELECT pg_advisory_xact_lock($1)", params![&SCHEMA_LOCK])
                 .await
                 .map_err(db_err)?;
             tx.batch_execute(&format!(
@@ -132,7 +149,7 @@ impl PostgresMetadata {
             .await
             .map_err(db_err)?;
             let version: Option<i64> = tx
-                .query_opt("SELECT version FROM credproxy_schema", &[])
+                .query_typed_opt("SELECT version FROM credproxy_schema", params![])
                 .await
                 .map_err(db_err)?
                 .map(|r| r.get(0));
@@ -145,17 +162,17 @@ impl PostgresMetadata {
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
                 Some(_) => {
-                    tx.execute(
+                    tx.execute_typed(
                         "UPDATE credproxy_schema SET version = $1",
-                        &[&SCHEMA_VERSION],
+                        params![&SCHEMA_VERSION],
                     )
                     .await
                     .map_err(db_err)?;
                 }
                 None => {
-                    tx.execute(
+                    tx.execute_typed(
                         "INSERT INTO credproxy_schema (version) VALUES ($1)",
-                        &[&SCHEMA_VERSION],
+                        params![&SCHEMA_VERSION],
                     )
                     .await
                     .map_err(db_err)?;
@@ -165,27 +182,41 @@ impl PostgresMetadata {
         }
         let (invalidations, _) = broadcast::channel(4096);
         let origin = uuid::Uuid::new_v4().simple().to_string();
-        let (ready, listening) = tokio::sync::oneshot::channel();
-        let listener = tokio::spawn(listen(
+        // Before `open` returns: a change made by another instance from now on is not missed.
+        let cursor = Cursor::start(&pool).await?;
+        let follower = tokio::spawn(follow(
             Arc::clone(&pool),
             invalidations.clone(),
             origin.clone(),
-            ready,
+            fleet.poll_interval,
+            cursor,
         ));
-        // The listener answers after its first attempt; the bound covers a server that
-        // accepts the connection and then never answers the LISTEN.
-        let _ = tokio::time::timeout(Duration::from_secs(10), listening).await;
         Ok(Self {
             pool,
             invalidations,
             origin,
-            listener,
+            follower,
         })
     }
+}
 
-    fn notify_payload(&self, id: &str) -> String {
-        format!("{}:{id}", self.origin)
+/// The schema version the database is at, if it has one; read without the lock, so that the
+/// instances of a large fleet starting together do not each run the schema one after another.
+async fn schema_version(pool: &Pool) -> Result<Option<i64>, MetadataError> {
+    let conn = pool.get().await?;
+    let exists: bool = conn
+        .query_typed_one("SELECT to_regclass('credproxy_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db_err)?
+        .get(0);
+    if !exists {
+        return Ok(None);
     }
+    Ok(conn
+        .query_typed_opt("SELECT version FROM credproxy_schema", &[])
+        .await
+        .map_err(db_err)?
+        .map(|r| r.get(0)))
 }
 
 impl Columns for Row {

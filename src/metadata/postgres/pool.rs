@@ -1,14 +1,16 @@
-//! The connection pool: a few clients kept open, TLS through rustls when the URL asks for it
-//! (`sslmode=require` or stronger).
+//! The connection pool: at most `store.pool_size` clients, opened when needed and closed after
+//! `store.pool_idle_timeout` unused; TLS through rustls when the URL asks for it
+//! (`sslmode=require` or stronger). The most recently used connection is handed out first, so
+//! an instance whose only traffic is its change-feed poll keeps one connection and the rest
+//! time out.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::db_err;
 use crate::metadata::MetadataError;
-
-const POOL_SIZE: usize = 8;
 
 #[derive(Clone)]
 pub(super) enum Tls {
@@ -20,7 +22,9 @@ pub(super) struct Pool {
     /// Also what the invalidation listener connects with, outside the pool.
     pub(super) config: Config,
     pub(super) tls: Tls,
-    idle: Mutex<Vec<Client>>,
+    /// Oldest first, each with when it was last given back.
+    idle: Mutex<Vec<(Client, Instant)>>,
+    idle_timeout: Duration,
     slots: tokio::sync::Semaphore,
 }
 
@@ -52,7 +56,7 @@ impl Drop for Conn<'_> {
                     .idle
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(client);
+                    .push((client, Instant::now()));
             }
         }
     }
@@ -80,12 +84,13 @@ async fn connect(
 }
 
 impl Pool {
-    pub(super) fn new(config: Config, tls: Tls) -> Self {
+    pub(super) fn new(config: Config, tls: Tls, size: usize, idle_timeout: Duration) -> Self {
         Self {
             config,
             tls,
             idle: Mutex::new(Vec::new()),
-            slots: tokio::sync::Semaphore::new(POOL_SIZE),
+            idle_timeout,
+            slots: tokio::sync::Semaphore::new(size),
         }
     }
 
@@ -97,12 +102,10 @@ impl Pool {
             .map_err(|_| MetadataError::Database("pool closed".into()))?;
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                match idle.pop() {
-                    Some(c) if c.is_closed() => continue,
-                    other => break other,
-                }
-            }
+            // Dropping a client closes its connection.
+            let now = Instant::now();
+            idle.retain(|(c, since)| !c.is_closed() && now - *since < self.idle_timeout);
+            idle.pop().map(|(c, _)| c)
         };
         let client = match idle {
             Some(c) => c,

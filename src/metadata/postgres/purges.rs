@@ -12,14 +12,14 @@ use crate::metadata::{MetadataError, PurgeEntry, PurgeRows};
 impl PurgeRows for PostgresMetadata {
     async fn purge_add(&self, e: &PurgeEntry) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             &format!(
                 "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7) \
                  ON CONFLICT (store_id, name) DO UPDATE SET credential_id = EXCLUDED.credential_id, \
                  attempts = EXCLUDED.attempts, next_at_ms = EXCLUDED.next_at_ms, \
                  last_outcome = EXCLUDED.last_outcome, created_at_ms = EXCLUDED.created_at_ms"
             ),
-            &[
+            params![
                 &e.manager_id,
                 &e.name,
                 &e.credential_id,
@@ -41,9 +41,9 @@ impl PurgeRows for PostgresMetadata {
     ) -> Result<Option<PurgeEntry>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!("SELECT {PURGE_COLUMNS} FROM purges WHERE store_id = $1 AND name = $2"),
-                &[&manager_id, &name],
+                params![&manager_id, &name],
             )
             .await
             .map_err(db_err)?;
@@ -53,12 +53,12 @@ impl PurgeRows for PostgresMetadata {
     async fn purge_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PurgeEntry>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT {PURGE_COLUMNS} FROM purges WHERE next_at_ms <= $1 \
                      ORDER BY next_at_ms LIMIT $2"
                 ),
-                &[&now_ms, &(limit as i64)],
+                params![&now_ms, &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -67,10 +67,10 @@ impl PurgeRows for PostgresMetadata {
 
     async fn purge_reschedule(&self, e: &PurgeEntry) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "UPDATE purges SET attempts = $1, next_at_ms = $2, last_outcome = $3 \
              WHERE store_id = $4 AND name = $5 AND created_at_ms = $6",
-            &[
+            params![
                 &e.attempts,
                 &e.next_at_ms,
                 &e.last_outcome,
@@ -86,9 +86,9 @@ impl PurgeRows for PostgresMetadata {
 
     async fn purge_remove(&self, e: &PurgeEntry) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "DELETE FROM purges WHERE store_id = $1 AND name = $2 AND created_at_ms = $3",
-            &[&e.manager_id, &e.name, &e.created_at_ms],
+            params![&e.manager_id, &e.name, &e.created_at_ms],
         )
         .await
         .map(drop)
@@ -98,9 +98,9 @@ impl PurgeRows for PostgresMetadata {
     async fn purge_counts(&self) -> Result<HashMap<String, u64>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 "SELECT store_id, COUNT(*) FROM purges GROUP BY store_id",
-                &[],
+                params![],
             )
             .await
             .map_err(db_err)?;

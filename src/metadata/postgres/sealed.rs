@@ -11,12 +11,12 @@ impl SealedRows for PostgresMetadata {
     async fn sealed_latest(&self, name: &str) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!(
                     "SELECT {SEALED_COLUMNS} FROM local_secrets \
                      WHERE name = $1 ORDER BY version DESC LIMIT 1"
                 ),
-                &[&name],
+                params![&name],
             )
             .await
             .map_err(db_err)?;
@@ -30,11 +30,11 @@ impl SealedRows for PostgresMetadata {
     ) -> Result<Option<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let row = conn
-            .query_opt(
+            .query_typed_opt(
                 &format!(
                     "SELECT {SEALED_COLUMNS} FROM local_secrets WHERE name = $1 AND version = $2"
                 ),
-                &[&name, &version],
+                params![&name, &version],
             )
             .await
             .map_err(db_err)?;
@@ -44,9 +44,9 @@ impl SealedRows for PostgresMetadata {
     async fn sealed_insert(&self, r: &SealedRecord) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
         match conn
-            .execute(
+            .execute_typed(
                 &format!("INSERT INTO local_secrets ({SEALED_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6)"),
-                &[
+                params![
                     &r.name,
                     &r.version,
                     &r.key_id,
@@ -65,9 +65,9 @@ impl SealedRows for PostgresMetadata {
 
     async fn sealed_prune(&self, name: &str, keep_from: i64) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "DELETE FROM local_secrets WHERE name = $1 AND version < $2",
-            &[&name, &keep_from],
+            params![&name, &keep_from],
         )
         .await
         .map(drop)
@@ -76,7 +76,7 @@ impl SealedRows for PostgresMetadata {
 
     async fn sealed_delete(&self, name: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute("DELETE FROM local_secrets WHERE name = $1", &[&name])
+        conn.execute_typed("DELETE FROM local_secrets WHERE name = $1", params![&name])
             .await
             .map(drop)
             .map_err(db_err)
@@ -91,12 +91,12 @@ impl SealedRows for PostgresMetadata {
         let pattern = codec::like_pattern(query);
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!(
                     "SELECT {SEALED_SUMMARY_COLUMNS} FROM local_secrets \
                      WHERE name LIKE $1 GROUP BY name ORDER BY name LIMIT $2 OFFSET $3"
                 ),
-                &[&pattern, &(limit as i64 + 1), &(offset as i64)],
+                params![&pattern, &(limit as i64 + 1), &(offset as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -113,9 +113,9 @@ impl SealedRows for PostgresMetadata {
     ) -> Result<Vec<SealedRecord>, MetadataError> {
         let conn = self.pool.get().await?;
         let rows = conn
-            .query(
+            .query_typed(
                 &format!("SELECT {SEALED_COLUMNS} FROM local_secrets WHERE key_id != $1 LIMIT $2"),
-                &[&current_key_id, &(limit as i64)],
+                params![&current_key_id, &(limit as i64)],
             )
             .await
             .map_err(db_err)?;
@@ -124,7 +124,10 @@ impl SealedRows for PostgresMetadata {
 
     async fn sealed_key_ids(&self) -> Result<Vec<String>, MetadataError> {
         let conn = self.pool.get().await?;
-        let rows = conn.query(SEALED_KEY_IDS, &[]).await.map_err(db_err)?;
+        let rows = conn
+            .query_typed(SEALED_KEY_IDS, params![])
+            .await
+            .map_err(db_err)?;
         rows.iter()
             .map(|r| r.try_get::<_, String>(0).map_err(db_err))
             .collect()
@@ -132,10 +135,10 @@ impl SealedRows for PostgresMetadata {
 
     async fn sealed_rewrap(&self, r: &SealedRecord, old_key_id: &str) -> Result<(), MetadataError> {
         let conn = self.pool.get().await?;
-        conn.execute(
+        conn.execute_typed(
             "UPDATE local_secrets SET key_id = $3, wrapped_key = $4 \
              WHERE name = $1 AND version = $2 AND key_id = $5",
-            &[&r.name, &r.version, &r.key_id, &r.wrapped_key, &old_key_id],
+            params![&r.name, &r.version, &r.key_id, &r.wrapped_key, &old_key_id],
         )
         .await
         .map(drop)
