@@ -22,6 +22,8 @@ command -v jq >/dev/null 2>&1 || apt_packages+=(jq)                        # the
 command -v curl >/dev/null 2>&1 || apt_packages+=(curl)                    # the curl worker client
 python3 -c 'import ensurepip' 2>/dev/null || apt_packages+=(python3-venv)  # the test virtualenvs
 command -v dpkg-shlibdeps >/dev/null 2>&1 || apt_packages+=(dpkg-dev)      # cargo deb's $auto depends
+ldconfig -p | grep -q 'libcares\.so\.2 ' || apt_packages+=(libc-ares2)       # PgBouncer's library
+ldconfig -p | grep -q 'libevent-2\.1\.so\.7 ' || apt_packages+=(libevent-2.1-7)
 if ((${#apt_packages[@]})); then
   log "installing ${apt_packages[*]} (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -67,6 +69,17 @@ export CREDPROXY_TEST_CLIENTS_REQUIRED=1
 # PostgreSQL (fleet mode): Debian's server binaries; each test starts its own cluster.
 CREDPROXY_TEST_PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")"
 export CREDPROXY_TEST_PG_BIN
+# PgBouncer (fleet mode behind a transaction-mode pooler): the binary is taken out of Debian's
+# package rather than installed, which would also start a system service.
+pgbouncer=.peers/pgbouncer
+if [ ! -x "$pgbouncer/usr/sbin/pgbouncer" ]; then
+  log "fetching PgBouncer (apt-get download, unpacked into $pgbouncer)"
+  rm -rf "$pgbouncer.tmp" && mkdir -p "$pgbouncer.tmp"
+  (cd "$pgbouncer.tmp" && apt-get download -qq pgbouncer 2>/dev/null && dpkg-deb -x pgbouncer_*.deb .)
+  rm -f "$pgbouncer.tmp"/pgbouncer_*.deb && rm -rf "$pgbouncer" && mv "$pgbouncer.tmp" "$pgbouncer"
+fi
+export CREDPROXY_TEST_PGBOUNCER="$PWD/$pgbouncer/usr/sbin/pgbouncer"
+"$CREDPROXY_TEST_PGBOUNCER" --version >/dev/null
 
 if [ "${1:-}" = "--" ]; then
   shift

@@ -829,6 +829,11 @@ async fn fleet(
     pg: &peers::Postgres,
     edit: impl Fn(&mut toml::Table, &std::path::Path),
 ) -> Vec<Daemon> {
+    fleet_at(&pg.url(), edit).await
+}
+
+/// Three daemons sharing the database at `url` (PostgreSQL, or PgBouncer in front of it).
+async fn fleet_at(url: &str, edit: impl Fn(&mut toml::Table, &std::path::Path)) -> Vec<Daemon> {
     let key_dir = tempfile::tempdir().unwrap().keep();
     let key = key_dir.join("master.key");
     assert!(common::run_cli(&["keygen", "--out", key.to_str().unwrap()])
@@ -838,7 +843,7 @@ async fn fleet(
     for _ in 0..3 {
         out.push(
             Daemon::start(|c, dir| {
-                set(c, "store", "url", pg.url());
+                set(c, "store", "url", url);
                 set(c, "store", "master_key_file", key.display().to_string());
                 set(c, "store", "generate_master_key", false);
                 edit(c, dir);
@@ -852,7 +857,11 @@ async fn fleet(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_instance_is_seen_by_the_others_within_a_second() {
     let pg = peers::postgres().await;
-    let ds = fleet(&pg, |c, _| set(c, "cache", "ttl", "1h")).await;
+    writes_are_seen_everywhere_within_a_second(&pg.url()).await;
+}
+
+async fn writes_are_seen_everywhere_within_a_second(url: &str) {
+    let ds = fleet_at(url, |c, _| set(c, "cache", "ttl", "1h")).await;
     let id = ds[0].create("Production", json!({"api_key": "v1"})).await;
     for d in &ds[1..] {
         let (status, body) = d
@@ -899,10 +908,14 @@ async fn a_write_through_one_instance_is_seen_by_the_others_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_refresh_a_rotating_token_once_per_expiry() {
-    const RUN: Duration = Duration::from_secs(10);
     let pg = peers::postgres().await;
+    one_token_request_per_expiry(&pg.url()).await;
+}
+
+async fn one_token_request_per_expiry(url: &str) {
+    const RUN: Duration = Duration::from_secs(10);
     let server = peers::oauth_server(2).await;
-    let ds = fleet(&pg, |c, _| fast_refresh(c, "100ms")).await;
+    let ds = fleet_at(url, |c, _| fast_refresh(c, "100ms")).await;
     let tokens = peers::oauth_grant(&server, peers::CLIENT_ID, peers::CLIENT_SECRET, 2).await;
     let (status, body) = ds[0]
         .call(
@@ -946,6 +959,45 @@ async fn three_instances_refresh_a_rotating_token_once_per_expiry() {
     );
     assert!(requests >= 4, "{stats}");
     assert_eq!(rejected, 0);
+}
+
+/// PgBouncer in transaction mode, with two server connections for three instances: no
+/// statement may depend on a session (a `LISTEN`, a named prepared statement, a session lock).
+/// Writes are still seen everywhere, a rotating token is still refreshed once per expiry, and
+/// the bouncer's log has no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_works_behind_pgbouncer_in_transaction_mode() {
+    // Each fleet has a master key of its own, so each gets a database of its own.
+    for run in 0..2 {
+        let pg = peers::postgres().await;
+        let bouncer = peers::pgbouncer(&pg, 2).await;
+        if run == 0 {
+            writes_are_seen_everywhere_within_a_second(&bouncer.url()).await;
+        } else {
+            one_token_request_per_expiry(&bouncer.url()).await;
+        }
+        let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let servers: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(servers <= 2, "{servers} server connections");
+        let log = bouncer.log();
+        for line in log.lines() {
+            assert!(
+                !line.contains("ERROR") && !line.contains("does not exist"),
+                "{line}\n{log}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -456,6 +456,93 @@ pub async fn postgres() -> Postgres {
     pg
 }
 
+/// PgBouncer in front of a test cluster, in transaction mode (each transaction, or each
+/// statement outside one, may run on a different server connection), with at most
+/// `server_connections` connections to PostgreSQL.
+pub struct PgBouncer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    /// By the pid PgBouncer wrote: the child is `runuser`, which would leave it running.
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            super::signal(pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn pgbouncer(pg: &Postgres, server_connections: usize) -> PgBouncer {
+    let dir = tempfile::tempdir().unwrap();
+    // PgBouncer refuses to run as root: it runs as `postgres`, from a copy it can read.
+    let bin = dir.path().join("pgbouncer");
+    std::fs::copy(peer_binary("CREDPROXY_TEST_PGBOUNCER"), &bin).unwrap();
+    let port = free_port();
+    std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("pgbouncer.ini"),
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres user=postgres\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {d}/users.txt\npool_mode = transaction\n\
+             default_pool_size = {server_connections}\nmin_pool_size = 0\nreserve_pool_size = 0\n\
+             max_client_conn = 2000\nlogfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\nserver_check_delay = 0\n\
+             ignore_startup_parameters = extra_float_digits\n",
+            pg.port,
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    if credproxy::sys::effective_ids().0 == 0 {
+        let uid = users_uid("postgres");
+        for f in ["", "pgbouncer", "users.txt", "pgbouncer.ini"] {
+            std::os::unix::fs::chown(dir.path().join(f), Some(uid), None).unwrap();
+        }
+    }
+    let mut command = Command::new(&bin);
+    command.arg(dir.path().join("pgbouncer.ini"));
+    let child = as_postgres_user(&mut command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgbouncer");
+    let bouncer = PgBouncer { child, port, dir };
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "PgBouncer did not start: {}",
+            bouncer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bouncer
+}
+
 fn users_uid(name: &str) -> u32 {
     credproxy::sys::lookup_user(name)
         .unwrap()
