@@ -74,7 +74,8 @@ impl Purger {
     }
 
     /// Attempts every due purge this instance can claim; returns how many it attempted.
-    pub async fn pass(&self) -> Result<usize, MetadataError> {
+    /// One pass; answers how many purges it attempted and how many are still recorded.
+    pub async fn pass(&self) -> Result<(usize, usize), MetadataError> {
         let due = self
             .service
             .metadata()
@@ -98,8 +99,8 @@ impl Purger {
                 }
             })
             .await;
-        self.count_pending(&runtime).await?;
-        Ok(attempted.into_inner())
+        let pending = self.count_pending(&runtime).await?;
+        Ok((attempted.into_inner(), pending))
     }
 
     /// One attempt at `entry`, if this instance can work it now. `Ok(false)`: left alone.
@@ -237,8 +238,9 @@ impl Purger {
     }
 
     /// Sets `credproxy_store_purges_pending` per manager label.
-    async fn count_pending(&self, runtime: &Runtime) -> Result<(), MetadataError> {
+    async fn count_pending(&self, runtime: &Runtime) -> Result<usize, MetadataError> {
         let counts = self.service.metadata().purge_counts().await?;
+        let total = counts.iter().map(|(_, n)| *n as usize).sum();
         let mut by_label: HashMap<String, i64> = HashMap::new();
         for (id, n) in counts {
             *by_label
@@ -254,7 +256,7 @@ impl Purger {
             gauge.with_label_values(&[label.as_str()]).set(*n);
         }
         labelled.extend(by_label.into_keys());
-        Ok(())
+        Ok(total)
     }
 }
 

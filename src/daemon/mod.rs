@@ -356,6 +356,7 @@ pub async fn serve_app(
     // After the control plane too: a purge of an API manager's secret needs that manager.
     tasks.spawn(tasks::purge_forever(
         crate::purge::Purger::new(Arc::clone(&service)),
+        service.purge_recorded(),
         stop_rx.clone(),
     ));
     tasks.spawn(tasks::deliver_events_forever(

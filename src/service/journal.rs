@@ -120,6 +120,7 @@ impl Service {
                 // Before the journal entry goes: a crash in between deletes again (a no-op)
                 // and records the purge again.
                 self.metadata.purge_add(&purge_entry(entry)).await?;
+                self.purge_recorded.notify_one();
             }
             self.metadata.journal_remove(entry.id).await?;
             Ok(true)

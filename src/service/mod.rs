@@ -57,6 +57,8 @@ pub struct Service {
     keys: Arc<Keyring>,
     oauth: refresh::OAuthState,
     events: events::EventSink,
+    /// Told when this instance records a purge, so its purger looks soon after.
+    purge_recorded: Arc<tokio::sync::Notify>,
     /// This process among the instances sharing the metadata database.
     instance: String,
 }
@@ -91,6 +93,7 @@ impl Service {
             keys,
             oauth,
             events,
+            purge_recorded: Arc::default(),
             instance: uuid::Uuid::new_v4().to_string(),
         }
     }
@@ -102,6 +105,11 @@ impl Service {
     /// Notified whenever this instance records an event that has a webhook to go to.
     pub fn events_recorded(&self) -> Arc<tokio::sync::Notify> {
         self.events.recorded_signal()
+    }
+
+    /// Notified whenever this instance records a purge of a soft-deleted secret.
+    pub fn purge_recorded(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.purge_recorded)
     }
 
     pub fn instance_id(&self) -> &str {
