@@ -19,7 +19,6 @@ pub(super) enum Tls {
 }
 
 pub(super) struct Pool {
-    /// Also what the invalidation listener connects with, outside the pool.
     pub(super) config: Config,
     pub(super) tls: Tls,
     /// Oldest first, each with when it was last given back.
