@@ -268,37 +268,10 @@ pub async fn serve_app(
         .instance_info
         .with_label_values(&[service.instance_id()])
         .set(1);
-    {
-        let (service, mut stop) = (Arc::clone(&service), stop_rx.clone());
-        tasks.spawn(async move {
-            loop {
-                // Rare when all is well (a fleet of 1,000 writes a few rows a second); often
-                // while writes fail, since the first that succeeds makes the instance ready.
-                let interval = if service.metadata().write_fault().is_some() {
-                    crate::service::HEARTBEAT_RETRY
-                } else {
-                    // ±10 %, so a fleet deployed at once does not write in bursts.
-                    service
-                        .runtime()
-                        .config
-                        .storage
-                        .fleet
-                        .heartbeat_interval
-                        .mul_f64(0.9 + rand::random::<f64>() * 0.2)
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = stop.changed() => {
-                        service.leave_fleet().await;
-                        return;
-                    }
-                }
-                if let Err(e) = service.heartbeat().await {
-                    tracing::debug!(error = %e, "instance heartbeat failed");
-                }
-            }
-        });
-    }
+    tasks.spawn(tasks::heartbeat_forever(
+        Arc::clone(&service),
+        stop_rx.clone(),
+    ));
     let sweep_interval = service.runtime().config.storage.journal_sweep_interval;
     tasks.spawn(tasks::sweep_journal_forever(
         Arc::clone(&service),

@@ -27,6 +27,37 @@ pub(super) async fn sweep_cache_forever(service: Arc<Service>, mut stop: watch::
     }
 }
 
+/// Re-records this instance every `store.heartbeat_interval` (±10 %, so a fleet deployed at
+/// once does not write in bursts): rare, since a fleet of 1,000 must not write hundreds of rows
+/// a second for it. While the metadata database refuses writes, every
+/// [`HEARTBEAT_RETRY`](crate::service::HEARTBEAT_RETRY) instead: the first write that succeeds
+/// makes the instance ready again. Leaves the fleet at shutdown.
+pub(super) async fn heartbeat_forever(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    let jittered = |service: &Service| {
+        let interval = service.runtime().config.storage.fleet.heartbeat_interval;
+        interval.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+    };
+    let mut last = tokio::time::Instant::now();
+    let mut interval = jittered(&service);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::service::HEARTBEAT_RETRY) => {}
+            _ = stop.changed() => {
+                service.leave_fleet().await;
+                return;
+            }
+        }
+        if service.metadata().write_fault().is_none() && last.elapsed() < interval {
+            continue;
+        }
+        if let Err(e) = service.heartbeat().await {
+            tracing::debug!(error = %e, "instance heartbeat failed");
+        }
+        last = tokio::time::Instant::now();
+        interval = jittered(&service);
+    }
+}
+
 pub(super) async fn sweep_journal_forever(
     service: Arc<Service>,
     grace: Duration,

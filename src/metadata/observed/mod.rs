@@ -4,7 +4,7 @@
 //! number of lines held back meanwhile; a failed read is logged the same way. A write that
 //! failed in a way that persists (full, read-only, unreachable) makes the database
 //! unwritable for readiness until a write succeeds again; the instance heartbeat writes
-//! every two seconds, so that happens without traffic once the cause is gone.
+//! every two seconds while that lasts, so that happens without traffic once the cause is gone.
 
 use std::collections::HashMap;
 use std::future::Future;
