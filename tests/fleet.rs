@@ -728,6 +728,48 @@ async fn a_change_committed_after_a_later_numbered_one_is_still_heard_once() {
     }
 }
 
+/// An instance killed without leaving stops counting after 2.5 heartbeats, and its row is
+/// deleted a day later by another's heartbeat (pods come and go by the thousand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_instances_gone_for_a_day_are_deleted() {
+    let pg = peers::postgres().await;
+    let url = pg.url();
+    let a: Arc<dyn Metadata> =
+        Arc::new(PostgresMetadata::open(&url, &fleet_config()).await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let now = credproxy::time::now_unix_ms();
+    for (id, age_ms) in [
+        ("killed-last-week", 7 * 86_400_000_i64),
+        ("killed-an-hour-ago", 3_600_000),
+    ] {
+        client
+            .execute(
+                "INSERT INTO instances (id, config_hash, heartbeat_ms) VALUES ($1, 'old', $2)",
+                &[&id, &(now - age_ms)],
+            )
+            .await
+            .unwrap();
+    }
+    a.instance_heartbeat("alive", "h").await.unwrap();
+    let mut ids: Vec<String> = client
+        .query("SELECT id FROM instances ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["alive", "killed-an-hour-ago"]);
+    let live = a
+        .live_config_hashes(Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(live, ["h"], "only `alive` counts");
+}
+
 /// A database a version 3 binary created and wrote is upgraded in place by instances starting
 /// together, and what it wrote stays readable, in the `default` workspace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
