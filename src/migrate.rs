@@ -334,6 +334,18 @@ impl Migrator {
     async fn pass(&self, stop: &watch::Receiver<bool>) -> Result<Option<Duration>, ServiceError> {
         let runtime = self.service.runtime();
         let config = Arc::clone(&runtime.config);
+        // Never on an older control plane than the database's: another instance just changed
+        // it, and this one applies the change (and wakes the migrator) within a poll interval.
+        // Moving meanwhile would move credentials back to where the old routing put them.
+        let control = self.service.metadata().control_version().await?;
+        if runtime.control_version >= 0 && control != runtime.control_version {
+            tracing::debug!(
+                applied = runtime.control_version,
+                database = control,
+                "the control plane changed; moving once it is applied"
+            );
+            return Ok(Some(FLEET_RECHECK));
+        }
         // Instances sharing the database move only what they all agree on: during a rolling
         // config change, one that runs the old routing would move credentials straight back.
         let configs = self
@@ -341,7 +353,7 @@ impl Migrator {
             .metadata()
             .live_config_hashes(config.storage.fleet.liveness())
             .await?;
-        let mine = runtime.topology.hash();
+        let mine = runtime.epoch();
         let disagree = configs.iter().filter(|h| **h != mine).count();
         self.state().waiting_for = disagree;
         self.service

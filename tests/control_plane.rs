@@ -829,8 +829,24 @@ async fn a_fleet_uses_a_manager_created_through_one_instance_within_a_second_and
         set(c, "migration", "rate", 100);
         set(c, "migration", "concurrency", 4);
         set(c, "store", "journal_grace", "2s");
+        // No periodic heartbeat inside the test: the writes counted below are the epochs'.
+        set(c, "store", "heartbeat_interval", "1h");
     })
     .await;
+    let (db, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let instance_rows = async || -> Vec<(String, i64)> {
+        db.query("SELECT id, heartbeat_ms FROM instances ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let before = instance_rows().await;
+    assert_eq!(before.len(), 3);
 
     // Created through A; B and C have it, built and usable, within a second.
     create_vault(&ds[0], &openbao, "default", "shared", "credproxy/").await;
@@ -923,6 +939,9 @@ async fn a_fleet_uses_a_manager_created_through_one_instance_within_a_second_and
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let took = changed.elapsed();
+    // A manager and a routing change through the API made no instance write its epoch: they
+    // are the same rows for all, and none moves before it has applied them.
+    assert_eq!(instance_rows().await, before);
 
     let mut moved = Vec::new();
     let mut busy = Vec::new();

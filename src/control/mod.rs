@@ -243,10 +243,12 @@ impl ControlPlane {
             registry,
             policy,
             topology,
+            control_version: version,
         });
         self.seen.store(version, Ordering::Release);
-        // Others must see the new routing before anyone moves for it.
-        if let Err(e) = self.service.heartbeat().await {
+        // Others must see a new file's routing before anyone moves for it (a control-plane
+        // change alone writes nothing here).
+        if let Err(e) = self.service.record_epoch().await {
             tracing::warn!(error = %e, "could not record the new configuration for the fleet");
         }
         self.migrator.wake(&planned);

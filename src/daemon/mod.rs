@@ -167,6 +167,7 @@ pub fn assemble(parts: Parts, socket_gid: u32) -> Result<Arc<App>, StartError> {
         config: Arc::clone(&parts.config),
         registry: parts.registry,
         policy,
+        control_version: -1,
     };
     let keys = Arc::clone(&parts.keys);
     let service = Arc::new(Service::new(

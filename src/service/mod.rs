@@ -45,6 +45,20 @@ pub struct Runtime {
     pub policy: Policy,
     /// Every manager in force (file and API) and every workspace's routing.
     pub topology: Topology,
+    /// The control plane's version `topology` was built from (-1 before the first build).
+    pub control_version: i64,
+}
+
+impl Runtime {
+    /// What instances of a fleet must agree on before anything moves: the managers and
+    /// routing of the configuration file, which instances may run different versions of
+    /// during a rollout. The control plane's rows are not in it: every instance reads the same
+    /// ones and hears of a change within `store.poll_interval`, and none moves on an older
+    /// control version than the database's (see `Migrator`), so a change through the API costs
+    /// no write per instance.
+    pub fn epoch(&self) -> String {
+        Topology::from_config(&self.config).hash()
+    }
 }
 
 pub struct Service {
@@ -61,6 +75,8 @@ pub struct Service {
     purge_recorded: Arc<tokio::sync::Notify>,
     /// This process among the instances sharing the metadata database.
     instance: String,
+    /// The epoch last recorded by a heartbeat.
+    recorded_epoch: std::sync::Mutex<Option<String>>,
 }
 
 /// While the metadata database refuses writes, the heartbeat is retried this often: its
@@ -95,6 +111,7 @@ impl Service {
             events,
             purge_recorded: Arc::default(),
             instance: uuid::Uuid::new_v4().to_string(),
+            recorded_epoch: std::sync::Mutex::new(None),
         }
     }
 
@@ -118,11 +135,30 @@ impl Service {
 
     /// Records this instance as alive with the routing configuration it runs now.
     pub async fn heartbeat(&self) -> Result<(), ServiceError> {
-        let hash = self.runtime.load().topology.hash();
-        Ok(self
-            .metadata
-            .instance_heartbeat(&self.instance, &hash)
-            .await?)
+        let epoch = self.runtime.load().epoch();
+        self.metadata
+            .instance_heartbeat(&self.instance, &epoch)
+            .await?;
+        *self
+            .recorded_epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(epoch);
+        Ok(())
+    }
+
+    /// Records the routing configuration this instance runs if it is not the one last
+    /// recorded (after a reload or a control-plane change); otherwise writes nothing.
+    pub async fn record_epoch(&self) -> Result<(), ServiceError> {
+        let epoch = self.runtime.load().epoch();
+        let recorded = self
+            .recorded_epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if recorded.as_ref() == Some(&epoch) {
+            return Ok(());
+        }
+        self.heartbeat().await
     }
 
     pub async fn leave_fleet(&self) {

@@ -225,6 +225,7 @@ impl Service {
             registry,
             policy: runtime.policy.clone(),
             topology,
+            control_version: runtime.control_version,
         });
         let previous = self.runtime.compare_and_swap(&runtime, next);
         if !Arc::ptr_eq(&previous, &runtime) {
