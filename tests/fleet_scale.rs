@@ -672,9 +672,13 @@ async fn warm(fleet: &Fleet, ids: &[String]) {
 }
 
 struct Invalidation {
-    /// Milliseconds from the write's answer to the first fresh read, per (instance, round);
-    /// `None`: not seen within `SEEN_DEADLINE`.
+    /// Milliseconds from the write's answer to the first fresh read's answer, per (instance,
+    /// round); `None`: not seen within `SEEN_DEADLINE`. An upper bound: it includes the wait
+    /// for the harness's next poll.
     samples: Vec<Option<f64>>,
+    /// Milliseconds from the write's answer to when the last stale read was sent (0 when the
+    /// first read was fresh): the instance saw the write no earlier. A lower bound.
+    stale_until: Vec<f64>,
     errors: usize,
     rounds: usize,
     writers: Vec<usize>,
@@ -694,12 +698,26 @@ impl Invalidation {
         let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
         v[rank - 1]
     }
+    fn lower(&self, q: f64) -> f64 {
+        let mut v = self.stale_until.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[rank - 1]
+    }
+    fn fresh_at_first_read(&self) -> usize {
+        self.stale_until.iter().filter(|&&s| s == 0.0).count()
+    }
     fn missed(&self) -> usize {
         self.samples.iter().filter(|s| s.is_none()).count()
     }
     fn line(&self) -> String {
         format!(
-            "invalidation: {} samples ({} rounds x {} instances, writers {:?}): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} never saw the write within {}s; {} failed polls",
+            "invalidation: {} samples ({} rounds x {} instances, writers {:?}), from the PATCH's answer to a fresh GET's answer: \
+             p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} never saw the write within {}s; {} failed polls. \
+             Lower bound (last stale GET sent): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} of {} fresh at the first GET",
             self.samples.len(),
             self.rounds,
             self.samples.len() / self.rounds.max(1),
@@ -709,7 +727,12 @@ impl Invalidation {
             self.percentile(1.0),
             self.missed(),
             SEEN_DEADLINE.as_secs(),
-            self.errors
+            self.errors,
+            self.lower(0.5),
+            self.lower(0.99),
+            self.lower(1.0),
+            self.fresh_at_first_read(),
+            self.stale_until.len()
         )
     }
     fn json(&self) -> Value {
@@ -722,6 +745,10 @@ impl Invalidation {
             "p99_ms": finite(self.percentile(0.99)),
             "max_ms": finite(self.percentile(1.0)),
             "missed_within_10s": self.missed(),
+            "lower_bound_p50_ms": self.lower(0.5),
+            "lower_bound_p99_ms": self.lower(0.99),
+            "lower_bound_max_ms": self.lower(1.0),
+            "fresh_at_first_read": self.fresh_at_first_read(),
             "failed_polls": self.errors,
         })
     }
@@ -737,7 +764,7 @@ async fn invalidation(fleet: &Fleet, credentials: usize, rounds: usize) -> Inval
     warm(fleet, &ids).await;
     let w = n.min(3);
     let writers: Vec<usize> = (0..w).map(|k| k * n / w).collect();
-    let mut samples = Vec::new();
+    let (mut samples, mut stale_until) = (Vec::new(), Vec::new());
     let errors = Arc::new(Mutex::new(0usize));
     for round in 0..rounds {
         let id = &ids[round % ids.len()];
@@ -763,33 +790,37 @@ async fn invalidation(fleet: &Fleet, credentials: usize, rounds: usize) -> Inval
                 errors.clone(),
             );
             set.spawn(async move {
+                let mut stale_until = 0.0;
                 loop {
-                    let got = {
+                    let (sent, got) = {
                         let _permit = sem.acquire().await.unwrap();
-                        get_json(&socket, &path).await
+                        (written.elapsed(), get_json(&socket, &path).await)
                     };
                     let elapsed = written.elapsed();
                     match got {
                         Some((200, body)) if body["secrets"]["api_key"] == value.as_str() => {
-                            return Some(elapsed.as_secs_f64() * 1000.0)
+                            return (Some(elapsed.as_secs_f64() * 1000.0), stale_until)
                         }
-                        Some((200, _)) => {}
+                        Some((200, _)) => stale_until = sent.as_secs_f64() * 1000.0,
                         _ => *errors.lock().unwrap() += 1,
                     }
                     if elapsed > SEEN_DEADLINE {
-                        return None;
+                        return (None, stale_until);
                     }
                     tokio::time::sleep(Duration::from_millis(15)).await;
                 }
             });
         }
         while let Some(r) = set.join_next().await {
-            samples.push(r.unwrap());
+            let (seen, stale) = r.unwrap();
+            samples.push(seen);
+            stale_until.push(stale);
         }
     }
     let errors = *errors.lock().unwrap();
     Invalidation {
         samples,
+        stale_until,
         errors,
         rounds,
         writers,
