@@ -336,6 +336,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
     bin: std::path::PathBuf,
+    /// Server options added after the defaults by [`postgres_with`] (a later `-c` wins).
+    extra: Vec<String>,
 }
 
 fn as_postgres_user(command: &mut Command) -> Command {
@@ -381,11 +383,15 @@ impl Postgres {
 
     /// Starts (or restarts) the server and waits until it accepts connections.
     pub fn start(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
+        for option in &self.extra {
+            options.push(' ');
+            options.push_str(option);
+        }
         let log = self.dir.path().join("postgres.log");
         self.pg_ctl(&[
             "-o",
@@ -422,6 +428,12 @@ impl Drop for Postgres {
 }
 
 pub async fn postgres() -> Postgres {
+    postgres_with(&[]).await
+}
+
+/// [`postgres`] with extra server options, e.g. `["-c max_connections=2500"]`; they come after
+/// the defaults, so they override them.
+pub async fn postgres_with(options: &[&str]) -> Postgres {
     let bin = std::path::PathBuf::from(peer_binary("CREDPROXY_TEST_PG_BIN"));
     let dir = tempfile::tempdir().unwrap();
     if credproxy::sys::effective_ids().0 == 0 {
@@ -432,6 +444,7 @@ pub async fn postgres() -> Postgres {
         port: free_port(),
         bin,
         dir,
+        extra: options.iter().map(|o| (*o).to_owned()).collect(),
     };
     let mut initdb = Command::new(pg.bin.join("initdb"));
     initdb.args([
