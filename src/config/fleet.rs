@@ -9,8 +9,8 @@ use super::{invalid, ConfigError};
 /// At most this many connections, opened when needed.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Closed after this long unused: an idle instance keeps only the one its change-feed poll
-/// uses.
-pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// uses (the rest, opened by background tasks that happened to run at once, go soon).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often other instances' changes are looked for: the invalidation latency's bound.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How often an instance re-records itself (its routing configuration is recorded at once

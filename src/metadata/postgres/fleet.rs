@@ -196,8 +196,9 @@ pub(super) async fn follow(
 ) {
     let mut last_read = Instant::now();
     let mut failing = false;
+    // A random phase, so a fleet started at once does not poll in step.
+    tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
     loop {
-        tokio::time::sleep(interval).await;
         loop {
             let rows = match cursor.read(&pool).await {
                 Ok(rows) => rows,
@@ -230,6 +231,7 @@ pub(super) async fn follow(
                 break;
             }
         }
+        tokio::time::sleep(interval).await;
     }
 }
 
