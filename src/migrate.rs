@@ -25,6 +25,8 @@ const PLAN_PAGE: usize = 500;
 const CLAIM_RECHECK: Duration = Duration::from_secs(6);
 /// How soon the fleet is asked again while instances disagree on the configuration.
 const FLEET_RECHECK: Duration = Duration::from_secs(2);
+/// Moves waiting this long for the control plane to be applied here are logged as a warning.
+const CONTROL_BEHIND_WARN: Duration = Duration::from_secs(60);
 /// Failures listed in the status at most.
 const MAX_LISTED_FAILURES: usize = 100;
 
@@ -136,6 +138,8 @@ struct State {
     moving: bool,
     /// Other routing configurations live instances run (moves wait until it is 0).
     waiting_for: usize,
+    /// Since when the database's control version has been ahead of the one applied here.
+    control_behind_since: Option<std::time::Instant>,
     /// Some moves were claimed by another instance during this pass.
     recheck: bool,
     planned_at: Option<i64>,
@@ -339,13 +343,22 @@ impl Migrator {
         // Moving meanwhile would move credentials back to where the old routing put them.
         let control = self.service.metadata().control_version().await?;
         if runtime.control_version >= 0 && control != runtime.control_version {
-            tracing::debug!(
-                applied = runtime.control_version,
-                database = control,
-                "the control plane changed; moving once it is applied"
-            );
+            let mut state = self.state();
+            let since = *state
+                .control_behind_since
+                .get_or_insert_with(std::time::Instant::now);
+            // Applying takes a poll interval; longer means it keeps failing (its log says why).
+            if since.elapsed() > CONTROL_BEHIND_WARN {
+                state.control_behind_since = Some(std::time::Instant::now());
+                tracing::warn!(
+                    applied = runtime.control_version,
+                    database = control,
+                    "moves wait: the control plane changed and this instance has not applied it yet"
+                );
+            }
             return Ok(Some(FLEET_RECHECK));
         }
+        self.state().control_behind_since = None;
         // Instances sharing the database move only what they all agree on: during a rolling
         // config change, one that runs the old routing would move credentials straight back.
         let configs = self

@@ -74,8 +74,9 @@ impl Purger {
     }
 
     /// Attempts every due purge this instance can claim; returns how many it attempted.
-    /// One pass; answers how many purges it attempted and how many are still recorded.
-    pub async fn pass(&self) -> Result<(usize, usize), MetadataError> {
+    /// One pass; answers how many purges it attempted, and when the next recorded one is
+    /// due if one is within `horizon` (milliseconds since the epoch).
+    pub async fn pass(&self, horizon: Duration) -> Result<(usize, Option<i64>), MetadataError> {
         let due = self
             .service
             .metadata()
@@ -100,7 +101,20 @@ impl Purger {
             })
             .await;
         let pending = self.count_pending(&runtime).await?;
-        Ok((attempted.into_inner(), pending))
+        // Only when there are some: the earliest due within the horizon, so a fleet does not
+        // look every second for one that backs off for minutes.
+        let next_due = if pending > 0 {
+            let until = crate::time::now_unix_ms() + horizon.as_millis() as i64;
+            self.service
+                .metadata()
+                .purge_due(until, 1)
+                .await?
+                .first()
+                .map(|e| e.next_at_ms)
+        } else {
+            None
+        };
+        Ok((attempted.into_inner(), next_due))
     }
 
     /// One attempt at `entry`, if this instance can work it now. `Ok(false)`: left alone.
@@ -240,7 +254,7 @@ impl Purger {
     /// Sets `credproxy_store_purges_pending` per manager label.
     async fn count_pending(&self, runtime: &Runtime) -> Result<usize, MetadataError> {
         let counts = self.service.metadata().purge_counts().await?;
-        let total = counts.iter().map(|(_, n)| *n as usize).sum();
+        let total = counts.values().map(|n| *n as usize).sum();
         let mut by_label: HashMap<String, i64> = HashMap::new();
         for (id, n) in counts {
             *by_label

@@ -13,9 +13,12 @@ pub const DEFAULT_POOL_SIZE: usize = 4;
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often other instances' changes are looked for: the invalidation latency's bound.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// How often an instance re-records itself (its routing configuration is recorded at once
-/// when it changes): 1,000 instances write 8 rows a second.
+/// How often an instance re-records itself on PostgreSQL (its routing configuration is
+/// recorded at once when it changes): 1,000 instances write 8 rows a second.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(120);
+/// On SQLite, where a heartbeat is a local write and processes sharing the file are few:
+/// a killed one stops holding moves back after 10 s.
+pub const DEFAULT_SQLITE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(4);
 const MAX_POOL_SIZE: usize = 64;
 
 /// Validated fleet sizing.
@@ -47,13 +50,21 @@ impl FleetConfig {
     }
 }
 
-pub(super) fn validate(raw: &super::raw::RawStore) -> Result<FleetConfig, ConfigError> {
+pub(super) fn validate(
+    raw: &super::raw::RawStore,
+    postgres: bool,
+) -> Result<FleetConfig, ConfigError> {
     let d = FleetConfig::default();
+    let heartbeat = if postgres {
+        DEFAULT_HEARTBEAT_INTERVAL
+    } else {
+        DEFAULT_SQLITE_HEARTBEAT_INTERVAL
+    };
     let fleet = FleetConfig {
         pool_size: raw.pool_size.unwrap_or(d.pool_size),
         pool_idle_timeout: raw.pool_idle_timeout.unwrap_or(d.pool_idle_timeout),
         poll_interval: raw.poll_interval.unwrap_or(d.poll_interval),
-        heartbeat_interval: raw.heartbeat_interval.unwrap_or(d.heartbeat_interval),
+        heartbeat_interval: raw.heartbeat_interval.unwrap_or(heartbeat),
     };
     if !(1..=MAX_POOL_SIZE).contains(&fleet.pool_size) {
         return Err(invalid("store.pool_size", "must be between 1 and 64"));
@@ -87,11 +98,13 @@ mod tests {
 
     #[test]
     fn defaults_bound_an_idle_instance_to_little() {
-        let c = load("").unwrap();
+        let c = load("url = \"postgres://credproxy@db:5432/credproxy\"").unwrap();
         let f = &c.storage.fleet;
         assert_eq!(f.pool_size, 4);
         assert_eq!(f.poll_interval.as_millis(), 500);
         assert_eq!(f.liveness().as_secs(), 300);
+        let sqlite = load("").unwrap();
+        assert_eq!(sqlite.storage.fleet.liveness().as_secs(), 10);
     }
 
     #[test]

@@ -10,7 +10,12 @@ use super::raw::*;
 use super::*;
 
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let fleet = super::fleet::validate(&raw.store)?;
+    let postgres = raw
+        .store
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+    let fleet = super::fleet::validate(&raw.store, postgres)?;
     let data_dir = raw
         .store
         .data_dir

@@ -264,8 +264,13 @@ impl ControlPlane {
     /// Follows changes other instances make: woken by the change feed on PostgreSQL (and
     /// polling the control version now and then), polling it every second on SQLite; applies
     /// when it moved. Runs until `stop`.
-    pub async fn follow(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut notified = self.service.metadata().invalidations();
+    /// `notified` is subscribed by the caller before its first apply, so a change another
+    /// instance makes meanwhile is not missed.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut notified: Option<tokio::sync::broadcast::Receiver<crate::metadata::Invalidation>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let recheck = if notified.is_some() {
             FEED_RECHECK
         } else {

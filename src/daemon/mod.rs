@@ -261,6 +261,9 @@ pub async fn serve_app(
     let mut tasks = JoinSet::new();
     let service = Arc::clone(&app.service);
     let grace = journal_grace(&service.runtime().config);
+    tokio::pin!(shutdown);
+    // Set when the shutdown signal came before the daemon was ready: it then stops at once.
+    let mut stopped_early = false;
     if let Err(e) = service.heartbeat().await {
         tracing::warn!(error = %e, "could not register this instance in the metadata database");
     }
@@ -293,9 +296,13 @@ pub async fn serve_app(
         Arc::clone(&service),
         stop_rx.clone(),
     ));
+    // Both subscribed now, before the first apply: a change another instance makes from here
+    // on reaches them.
+    let control_changes = service.metadata().invalidations();
     {
         let (service, stop) = (Arc::clone(&service), stop_rx.clone());
-        tasks.spawn(async move { service.follow_invalidations(stop).await });
+        let changes = service.metadata().invalidations();
+        tasks.spawn(async move { service.follow_invalidations(changes, stop).await });
     }
     // The managers and routing given through the API, before anything plans a move: without
     // them their credentials would look misplaced.
@@ -309,9 +316,15 @@ pub async fn serve_app(
         .await
     {
         tracing::error!(error = %e, "cannot load the control plane from the metadata database; retrying");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut shutdown => {
+                stopped_early = true;
+                break;
+            }
+        }
     }
-    tasks.spawn(Arc::clone(&app.control).follow(stop_rx.clone()));
+    tasks.spawn(Arc::clone(&app.control).follow(control_changes, stop_rx.clone()));
     {
         let control = Arc::clone(&app.control);
         tasks.spawn(async move {
@@ -369,12 +382,16 @@ pub async fn serve_app(
         stop_rx,
     ));
 
-    app.set_ready(true);
-    sd_notify("READY=1");
-    tracing::info!(socket = %socket_path.display(), version = env!("CARGO_PKG_VERSION"), "credproxy ready");
+    if !stopped_early {
+        app.set_ready(true);
+        sd_notify("READY=1");
+        tracing::info!(socket = %socket_path.display(), version = env!("CARGO_PKG_VERSION"), "credproxy ready");
+    }
 
     server::run(listeners, Arc::clone(&app), async {
-        shutdown.await;
+        if !stopped_early {
+            shutdown.await;
+        }
         sd_notify("STOPPING=1");
     })
     .await;

@@ -50,11 +50,15 @@ pub(super) async fn heartbeat_forever(service: Arc<Service>, mut stop: watch::Re
         if service.metadata().write_fault().is_none() && last.elapsed() < interval {
             continue;
         }
-        if let Err(e) = service.heartbeat().await {
-            tracing::debug!(error = %e, "instance heartbeat failed");
+        // A failed heartbeat is retried at the next tick: two missed in a row would make the
+        // fleet count this instance as gone.
+        match service.heartbeat().await {
+            Ok(()) => {
+                last = tokio::time::Instant::now();
+                interval = jittered(&service);
+            }
+            Err(e) => tracing::debug!(error = %e, "instance heartbeat failed; retrying"),
         }
-        last = tokio::time::Instant::now();
-        interval = jittered(&service);
     }
 }
 
@@ -87,13 +91,11 @@ pub(super) async fn sweep_journal_forever(
     }
 }
 
-/// How often recorded purges are looked for while there are some: they are due a second
-/// after their delete, and again as their back-off says.
-const PURGE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// How often when there are none: this instance's own deletes wake it at once, and another
-/// instance's are worked by that instance (this look is for those whose instance died). A
-/// fleet of 1,000 idle instances asks 33 times a second, not 2,000.
-const PURGE_IDLE_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// How often recorded purges are looked for when none is due within it: this instance's own
+/// deletes wake it at once, another instance's are worked by that instance (this look is for
+/// those whose instance died), and one due sooner is looked for when it is due. A fleet of
+/// 1,000 idle instances asks 33 times a second, not 2,000.
+const PURGE_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Purges soft-deleted secrets once their manager has finished deleting them. A pass is not
 /// cancelled at shutdown; each attempt is bounded by the manager timeout.
@@ -103,20 +105,20 @@ pub(super) async fn purge_forever(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let wait = match purger.pass().await {
-            Ok((attempted, pending)) => {
+        let wait = match purger.pass(PURGE_SCAN_INTERVAL).await {
+            Ok((attempted, next_due)) => {
                 if attempted > 0 {
-                    tracing::debug!(attempted, pending, "purge pass");
+                    tracing::debug!(attempted, "purge pass");
                 }
-                if pending > 0 {
-                    PURGE_SCAN_INTERVAL
-                } else {
-                    PURGE_IDLE_SCAN_INTERVAL
-                }
+                next_due.map_or(PURGE_SCAN_INTERVAL, |at| {
+                    let until = at.saturating_sub(crate::time::now_unix_ms());
+                    Duration::from_millis(u64::try_from(until).unwrap_or(0))
+                        .clamp(Duration::from_secs(1), PURGE_SCAN_INTERVAL)
+                })
             }
             Err(e) => {
                 tracing::debug!(error = %e, "purge pass failed; will retry");
-                PURGE_SCAN_INTERVAL
+                Duration::from_secs(5)
             }
         };
         tokio::select! {

@@ -233,6 +233,12 @@ const OBJECTS: &[(i64, &str)] = &[
 )",
     ),
     (8, "CREATE INDEX {if_new}changes_at ON changes (at_ms)"),
+    // Every instance counts the credentials awaiting re-authorisation at each refresh scan:
+    // with this the count reads those few rows, not the whole table.
+    (
+        8,
+        "CREATE INDEX {if_new}credentials_needs_reauth ON credentials (id) WHERE needs_reauth",
+    ),
 ];
 
 /// The statements that create the objects added in `versions`, in `dialect`, as one batch.

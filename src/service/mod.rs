@@ -76,7 +76,7 @@ pub struct Service {
     /// This process among the instances sharing the metadata database.
     instance: String,
     /// The epoch last recorded by a heartbeat.
-    recorded_epoch: std::sync::Mutex<Option<String>>,
+    recorded_epoch: tokio::sync::Mutex<Option<String>>,
 }
 
 /// While the metadata database refuses writes, the heartbeat is retried this often: its
@@ -111,7 +111,7 @@ impl Service {
             events,
             purge_recorded: Arc::default(),
             instance: uuid::Uuid::new_v4().to_string(),
-            recorded_epoch: std::sync::Mutex::new(None),
+            recorded_epoch: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -135,14 +135,14 @@ impl Service {
 
     /// Records this instance as alive with the routing configuration it runs now.
     pub async fn heartbeat(&self) -> Result<(), ServiceError> {
+        // One at a time, the epoch read under the lock: a periodic heartbeat that read the old
+        // epoch must not land after a reload recorded the new one.
+        let mut recorded = self.recorded_epoch.lock().await;
         let epoch = self.runtime.load().epoch();
         self.metadata
             .instance_heartbeat(&self.instance, &epoch)
             .await?;
-        *self
-            .recorded_epoch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(epoch);
+        *recorded = Some(epoch);
         Ok(())
     }
 
@@ -150,12 +150,7 @@ impl Service {
     /// recorded (after a reload or a control-plane change); otherwise writes nothing.
     pub async fn record_epoch(&self) -> Result<(), ServiceError> {
         let epoch = self.runtime.load().epoch();
-        let recorded = self
-            .recorded_epoch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if recorded.as_ref() == Some(&epoch) {
+        if self.recorded_epoch.lock().await.as_ref() == Some(&epoch) {
             return Ok(());
         }
         self.heartbeat().await
@@ -221,8 +216,14 @@ impl Service {
 
     /// Keeps this instance's cache coherent with others sharing the metadata database: drops
     /// what they changed, everything after a lost connection. Runs until `stop`.
-    pub async fn follow_invalidations(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let Some(mut changes) = self.metadata.invalidations() else {
+    /// Drops what other instances changed from the cache. `changes` is subscribed by the
+    /// caller before it spawns this, so nothing sent in between is missed.
+    pub async fn follow_invalidations(
+        &self,
+        changes: Option<tokio::sync::broadcast::Receiver<crate::metadata::Invalidation>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Some(mut changes) = changes else {
             return;
         };
         use tokio::sync::broadcast::error::RecvError;

@@ -7,8 +7,10 @@
 //! table, not `LISTEN`: `LISTEN` needs a session of its own per instance, which PgBouncer in
 //! transaction mode cannot give and which costs PostgreSQL a connection per instance. Numbers
 //! come from a sequence, so they are handed out at insert, not at commit: a number below the
-//! highest seen that is missing (a *hole*) may still commit, and is asked for again until it
-//! appears or [`HOLE_WAIT`] passes (a rolled-back writer leaves one forever).
+//! highest seen that is missing (a *hole*) may still commit. A hole is asked for at every poll
+//! for [`HOLE_WAIT`], then at every slow check (every [`SLOW_CHECK`]) until half the feed's
+//! retention has passed: a writer that rolled back, or numbers a restarted server skipped,
+//! leave holes that never fill; a commit that stalled is heard late rather than never.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,15 +20,25 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::pool::Pool;
-use super::{db_err, PostgresMetadata, CHANNEL, CONTROL_CHANNEL, NOW_MS};
+use super::{db_err, PostgresMetadata, NOW_MS};
 use crate::metadata::{FleetRows, Invalidation, MetadataError};
 
 /// Changes are kept this long; an instance that could not read the feed for half of it drops
 /// its whole cache once it can again, since what it missed may be gone.
 pub(super) const CHANGES_RETENTION: Duration = Duration::from_secs(600);
-/// How long a hole is asked for: longer than the tail of any writing transaction (the change
-/// row is the last statement before its commit).
+/// How long a hole is asked for at every poll: longer than the tail of any writing
+/// transaction (the change row is the last statement before its commit).
 const HOLE_WAIT: Duration = Duration::from_secs(30);
+/// How often older holes are asked for, the feed checked for a sequence that went backwards
+/// (a restored backup), and, now and then, old rows pruned.
+const SLOW_CHECK: Duration = Duration::from_secs(30);
+/// Each instance prunes about this often (at a random phase; an advisory lock keeps two
+/// from pruning at once): 1,000 instances delete twice a second at most, mostly nothing.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// An instance row not refreshed for this long is deleted by the next heartbeat of another.
+const FORGET_INSTANCES_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Key of the advisory lock a pruner holds.
+const PRUNE_LOCK: i64 = 0x6372_6564_6368_6773; // "credchgs"
 /// More holes than this at once (a feed far ahead after an outage): drop everything instead.
 const MAX_HOLES: i64 = 10_000;
 /// Rows read per query; a full page is followed at once by the next.
@@ -34,10 +46,9 @@ const PAGE: i64 = 512;
 /// A new instance reads this many changes before the newest: one committed just after it
 /// started but numbered before the newest would otherwise be skipped.
 const LOOK_BACK: i64 = 256;
-/// An instance row not refreshed for this long is deleted by the next heartbeat of another.
-const FORGET_INSTANCES_AFTER: Duration = Duration::from_secs(24 * 3600);
-/// One writer in this many prunes the feed.
-const PRUNE_EVERY: i64 = 256;
+/// A feed read that takes longer than this is abandoned, with its connection (a half-open
+/// TCP connection would otherwise stop invalidations until the kernel gives up on it).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a change is about.
 #[derive(Clone, Copy)]
@@ -47,40 +58,25 @@ pub(super) enum Change<'a> {
 }
 
 /// Appends `change` to the feed inside `tx`; call it last before the commit, so the number it
-/// takes is a hole for as short a time as possible. Instances of the previous version, which
-/// `LISTEN`, are still notified during a rolling upgrade.
+/// takes is a hole for as short a time as possible.
 pub(super) async fn change_insert(
     tx: &tokio_postgres::Transaction<'_>,
     change: Change<'_>,
     origin: &str,
 ) -> Result<(), MetadataError> {
-    let (kind, subject, channel, payload) = match change {
-        Change::Credential(id) => ("credential", id, CHANNEL, format!("{origin}:{id}")),
-        Change::Control => ("control", "", CONTROL_CHANNEL, origin.to_owned()),
+    let (kind, subject) = match change {
+        Change::Credential(id) => ("credential", id),
+        Change::Control => ("control", ""),
     };
-    let row = tx
-        .query_typed_one(
-            &format!(
-                "INSERT INTO changes (kind, subject, origin, at_ms) VALUES ($1, $2, $3, {NOW_MS}) RETURNING seq"
-            ),
-            params![&kind, &subject, &origin],
-        )
-        .await
-        .map_err(db_err)?;
-    let seq: i64 = row.try_get(0).map_err(db_err)?;
-    tx.execute_typed("SELECT pg_notify($1, $2)", params![&channel, &payload])
-        .await
-        .map_err(db_err)?;
-    if seq % PRUNE_EVERY == 0 {
-        let keep = CHANGES_RETENTION.as_millis() as i64;
-        tx.execute_typed(
-            &format!("DELETE FROM changes WHERE at_ms < {NOW_MS} - $1"),
-            params![&keep],
-        )
-        .await
-        .map_err(db_err)?;
-    }
-    Ok(())
+    tx.execute_typed(
+        &format!(
+            "INSERT INTO changes (kind, subject, origin, at_ms) VALUES ($1, $2, $3, {NOW_MS})"
+        ),
+        params![&kind, &subject, &origin],
+    )
+    .await
+    .map(drop)
+    .map_err(db_err)
 }
 
 /// Where an instance is in the feed.
@@ -88,6 +84,7 @@ pub(super) async fn change_insert(
 pub(super) struct Cursor {
     /// Every number below this was seen, or is a hole.
     next: i64,
+    /// Each hole with when it was first missed.
     holes: BTreeMap<i64, Instant>,
 }
 
@@ -100,17 +97,25 @@ pub(super) struct Row {
     origin: String,
 }
 
+/// The feed's newest number (0 when empty).
+async fn newest(pool: &Pool) -> Result<i64, MetadataError> {
+    let conn = pool.get().await?;
+    let read = conn.query_typed_one("SELECT COALESCE(MAX(seq), 0) FROM changes", &[]);
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(row) => row.map_err(db_err)?.try_get(0).map_err(db_err),
+        Err(_) => {
+            conn.discard();
+            Err(MetadataError::Database(
+                "the change feed did not answer".into(),
+            ))
+        }
+    }
+}
+
 impl Cursor {
     /// Starts just before the newest change.
     pub(super) async fn start(pool: &Pool) -> Result<Self, MetadataError> {
-        let conn = pool.get().await?;
-        let newest: i64 = conn
-            .query_typed_one("SELECT COALESCE(MAX(seq), 0) FROM changes", &[])
-            .await
-            .map_err(db_err)?
-            .try_get(0)
-            .map_err(db_err)?;
-        Ok(Self::at(newest - LOOK_BACK + 1))
+        Ok(Self::at(newest(pool).await? - LOOK_BACK + 1))
     }
 
     fn at(next: i64) -> Self {
@@ -144,7 +149,7 @@ impl Cursor {
             fresh.push(row);
         }
         self.holes
-            .retain(|_, since| now.duration_since(*since) < HOLE_WAIT);
+            .retain(|_, since| now.duration_since(*since) < CHANGES_RETENTION / 2);
         if self.holes.len() as i64 > MAX_HOLES {
             self.holes.clear();
             overflow = true;
@@ -152,25 +157,44 @@ impl Cursor {
         (fresh, overflow)
     }
 
-    /// One page of rows after the cursor, and in its holes.
-    async fn read(&self, pool: &Pool) -> Result<Vec<Row>, MetadataError> {
+    /// The holes to ask for: the young ones always, the old ones only at a slow check.
+    fn wanted(&self, now: Instant, slow: bool) -> Vec<i64> {
+        self.holes
+            .iter()
+            .filter(|(_, since)| slow || now.duration_since(**since) < HOLE_WAIT)
+            .map(|(seq, _)| *seq)
+            .collect()
+    }
+
+    /// One page of rows after the cursor, and in the holes asked for.
+    async fn read(&self, pool: &Pool, holes: &[i64]) -> Result<Vec<Row>, MetadataError> {
         let conn = pool.get().await?;
-        let rows = if self.holes.is_empty() {
-            conn.query_typed(
-                "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                params![&self.next, &PAGE],
-            )
-            .await
-        } else {
-            let holes: Vec<i64> = self.holes.keys().copied().collect();
-            conn.query_typed(
-                "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 OR seq = ANY($3) \
-                 ORDER BY seq LIMIT $2",
-                params![&self.next, &PAGE, &holes],
-            )
-            .await
-        }
-        .map_err(db_err)?;
+        let read = async {
+            if holes.is_empty() {
+                conn.query_typed(
+                    "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    params![&self.next, &PAGE],
+                )
+                .await
+            } else {
+                let holes = holes.to_vec();
+                conn.query_typed(
+                    "SELECT seq, kind, subject, origin FROM changes WHERE seq >= $1 OR seq = ANY($3) \
+                     ORDER BY seq LIMIT $2",
+                    params![&self.next, &PAGE, &holes],
+                )
+                .await
+            }
+        };
+        let rows = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(rows) => rows.map_err(db_err)?,
+            Err(_) => {
+                conn.discard();
+                return Err(MetadataError::Database(
+                    "the change feed did not answer".into(),
+                ));
+            }
+        };
         rows.iter()
             .map(|r| {
                 Ok(Row {
@@ -182,6 +206,31 @@ impl Cursor {
             })
             .collect()
     }
+}
+
+/// Deletes changes older than the retention, unless another instance is doing it.
+async fn prune(pool: &Pool) -> Result<u64, MetadataError> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await.map_err(db_err)?;
+    let mine: bool = tx
+        .query_typed_one("SELECT pg_try_advisory_xact_lock($1)", params![&PRUNE_LOCK])
+        .await
+        .map_err(db_err)?
+        .try_get(0)
+        .map_err(db_err)?;
+    if !mine {
+        return Ok(0);
+    }
+    let keep = CHANGES_RETENTION.as_millis() as i64;
+    let removed = tx
+        .execute_typed(
+            &format!("DELETE FROM changes WHERE at_ms < {NOW_MS} - $1"),
+            params![&keep],
+        )
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(removed)
 }
 
 /// Polls the feed every `interval` and turns other instances' changes into invalidations.
@@ -196,11 +245,41 @@ pub(super) async fn follow(
 ) {
     let mut last_read = Instant::now();
     let mut failing = false;
+    let mut next_slow = Instant::now() + SLOW_CHECK;
+    let mut next_prune = Instant::now() + PRUNE_EVERY.mul_f64(rand::random::<f64>());
     // A random phase, so a fleet started at once does not poll in step.
     tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
     loop {
+        let now = Instant::now();
+        let slow = now >= next_slow;
+        if slow {
+            next_slow = now + SLOW_CHECK;
+            // A sequence behind the cursor (the database was restored from a backup): every
+            // later change would be skipped.
+            match newest(&pool).await {
+                Ok(newest) if newest < cursor.next - 1 => {
+                    tracing::warn!(
+                        newest,
+                        expected_at_least = cursor.next - 1,
+                        "the change feed went backwards (a restored database?); dropping the whole cache"
+                    );
+                    cursor = Cursor::at(newest + 1);
+                    let _ = out.send(Invalidation::All);
+                }
+                _ => {}
+            }
+            if now >= next_prune {
+                next_prune = now + PRUNE_EVERY;
+                match prune(&pool).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "pruned the change feed"),
+                    Err(e) => tracing::debug!(error = %e, "could not prune the change feed"),
+                }
+            }
+        }
+        let holes = cursor.wanted(now, slow);
         loop {
-            let rows = match cursor.read(&pool).await {
+            let rows = match cursor.read(&pool, &holes).await {
                 Ok(rows) => rows,
                 Err(e) => {
                     if !failing {
@@ -235,14 +314,13 @@ pub(super) async fn follow(
     }
 }
 
-/// What a change means to this instance; nothing if it made it itself (its own cache and
-/// control plane are already up to date), or for a kind this version does not know.
+/// What a change means to this instance: nothing for a credential it changed itself (its
+/// cache is already up to date) or a kind this version does not know. Its own control-plane
+/// changes count: not all of them go through an apply (a retired manager released by the
+/// journal sweep), and an apply with nothing new is cheap.
 fn invalidation(row: &Row, origin: &str) -> Option<Invalidation> {
-    if row.origin == origin {
-        return None;
-    }
     match row.kind.as_str() {
-        "credential" => Some(Invalidation::Credential(row.subject.clone())),
+        "credential" if row.origin != origin => Some(Invalidation::Credential(row.subject.clone())),
         "control" => Some(Invalidation::Control),
         _ => None,
     }
@@ -320,7 +398,7 @@ mod tests {
             Some(Invalidation::Credential("c1".into()))
         );
         assert_eq!(invalidation(&row(1, "me"), "me"), None);
-        let mut control = row(2, "other");
+        let mut control = row(2, "me");
         control.kind = "control".into();
         assert_eq!(invalidation(&control, "me"), Some(Invalidation::Control));
         control.kind = "from-a-newer-version".into();
@@ -343,12 +421,18 @@ mod tests {
     }
 
     #[test]
-    fn a_hole_is_given_up_after_a_while_and_a_huge_gap_drops_everything() {
+    fn a_hole_is_asked_for_less_often_then_given_up_and_a_huge_gap_drops_everything() {
         let t = Instant::now();
         let mut c = Cursor::at(1);
         c.advance(vec![row(5, "a")], t);
-        assert_eq!(c.holes.len(), 4);
-        c.advance(vec![], t + HOLE_WAIT);
+        assert_eq!(c.wanted(t, false), vec![1, 2, 3, 4]);
+        let later = t + HOLE_WAIT;
+        assert!(c.wanted(later, false).is_empty(), "not at every poll");
+        assert_eq!(c.wanted(later, true), vec![1, 2, 3, 4], "at slow checks");
+        // A commit that stalled past HOLE_WAIT is still heard.
+        let (fresh, _) = c.advance(vec![row(2, "a")], later);
+        assert_eq!(seqs(&fresh), vec![2]);
+        c.advance(vec![], t + CHANGES_RETENTION / 2);
         assert!(
             c.holes.is_empty(),
             "rolled-back numbers are not asked for forever"

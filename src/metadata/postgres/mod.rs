@@ -35,11 +35,6 @@ use super::schema::{self, Dialect};
 use super::{Fault, Invalidation, Liveness, MetadataError, SCHEMA_VERSION};
 use crate::config::FleetConfig;
 
-/// The channel on which instances of schema version 7 and before `LISTEN` for credential
-/// invalidations (`<origin>:<credential id>`); still notified during a rolling upgrade.
-const CHANNEL: &str = "credproxy_invalidate";
-/// Their channel for control-plane changes (`<origin>`).
-const CONTROL_CHANNEL: &str = "credproxy_control";
 /// Key of the advisory lock held while the schema is created or upgraded.
 const SCHEMA_LOCK: i64 = 0x6372_6564_7072_7879; // "credprxy"
 
@@ -120,6 +115,11 @@ impl PostgresMetadata {
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
+        }
+        // Unacknowledged data for this long ends a connection (a peer gone without a FIN:
+        // a failed-over server, a dropped NAT entry) instead of the kernel's 15 minutes.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
         }
         config.application_name("credproxy");
         let tls = tls_for(&config)?;

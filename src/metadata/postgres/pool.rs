@@ -47,6 +47,14 @@ impl std::ops::DerefMut for Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Closes this connection instead of giving it back: a statement on it was abandoned
+    /// midway, so what it answers next is not known.
+    pub(super) fn discard(mut self) {
+        self.client.take();
+    }
+}
+
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
