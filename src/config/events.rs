@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{invalid, is_valid_name, ConfigError, SecretRef};
 
 pub const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const DEFAULT_EVENTS_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_EVENTS_POLL_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_WEBHOOK_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_WEBHOOK_RETRY_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +46,8 @@ struct RawWebhook {
 pub struct EventsConfig {
     /// How long events are kept (for `GET /v1/events`), whatever became of their delivery.
     pub retention: Duration,
-    /// How often an instance looks for deliveries due (its own new events wake it at once).
+    /// How often an instance looks for deliveries nobody is known to be waiting on (its own
+    /// new events wake it at once, and a retry due sooner is looked for when it is due).
     pub poll_interval: Duration,
     /// A delivery still failing this long after its event is given up.
     pub give_up_after: Duration,

@@ -130,8 +130,8 @@ pub(super) async fn purge_forever(
 }
 
 /// Delivers queued events to their webhooks: at once when this instance records one, soon
-/// after a pass that claimed part of a full batch, and every `events.poll_interval` for events other instances
-/// recorded and for retries. A pass is not cancelled at shutdown; each attempt is bounded by
+/// after a pass that claimed part of a full batch, when the next retry is due, and every
+/// `events.poll_interval` for events an instance that died recorded. A pass is not cancelled at shutdown; each attempt is bounded by
 /// its webhook's timeout.
 pub(super) async fn deliver_events_forever(
     deliverer: crate::events::webhook::Deliverer,
@@ -140,22 +140,25 @@ pub(super) async fn deliver_events_forever(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let full = match deliverer.pass().await {
-            Ok(more) => more,
+        let poll = service.runtime().config.events.poll_interval;
+        let wait = match deliverer.pass().await {
+            // After a full batch, soon again (not at once: other instances may hold those).
+            Ok((true, _)) => Duration::from_millis(50),
+            Ok((false, next_due)) => next_due.map_or(poll, |at| {
+                let until = at.saturating_sub(crate::time::now_unix_ms());
+                Duration::from_millis(u64::try_from(until).unwrap_or(0)).clamp(
+                    Duration::from_millis(50),
+                    poll.max(Duration::from_millis(50)),
+                )
+            }),
             Err(e) => {
                 tracing::debug!(error = %e, "event delivery pass failed; will retry");
-                false
+                poll.min(Duration::from_secs(5))
             }
         };
         if *stop.borrow() {
             return;
         }
-        // After a full batch, soon again (not at once: other instances may hold those).
-        let wait = if full {
-            Duration::from_millis(50)
-        } else {
-            service.runtime().config.events.poll_interval
-        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = recorded.notified() => {}

@@ -67,7 +67,9 @@ impl Deliverer {
 
     /// Attempts every due delivery this instance can claim. `true` when it found a full batch
     /// and claimed some of it: there may be more due at once.
-    pub async fn pass(&self) -> Result<bool, MetadataError> {
+    /// One pass. Answers whether it claimed part of a full batch (more may be due at once),
+    /// and when the next pending delivery is due, if within `events.poll_interval`.
+    pub async fn pass(&self) -> Result<(bool, Option<i64>), MetadataError> {
         let runtime = self.service.runtime();
         let config = &runtime.config.events;
         let tidy = self.tidy_due();
@@ -77,7 +79,7 @@ impl Deliverer {
         if config.webhooks.is_empty() && !tidy {
             // Nothing to deliver to. What is pending waits for a webhook; it is looked at
             // only when tidying, to give up what waited too long.
-            return Ok(false);
+            return Ok((false, None));
         }
         let metadata = self.service.metadata();
         let due = metadata
@@ -103,7 +105,19 @@ impl Deliverer {
             .await;
         let pending = metadata.events_pending().await?;
         self.service.metrics().events_queued.set(pending as i64);
-        Ok(full && claimed.into_inner() > 0)
+        // Retries waiting out their back-off: looked for when due, not at every poll, so a
+        // fleet of idle instances asks rarely.
+        let next_due = if pending > 0 && !config.webhooks.is_empty() {
+            let horizon = crate::time::now_unix_ms() + millis(config.poll_interval);
+            metadata
+                .events_due(horizon, 1)
+                .await?
+                .first()
+                .map(|e| e.next_at_ms)
+        } else {
+            None
+        };
+        Ok((full && claimed.into_inner() > 0, next_due))
     }
 
     fn tidy_due(&self) -> bool {
