@@ -1205,7 +1205,22 @@ async fn instances_ride_out_a_database_restart() {
             "{body}"
         );
     }
+    // Readiness follows the database (answered from the change feed's last read, not a query
+    // per probe): not ready while it is down, ready again once it is back.
+    let ready = async |d: &Daemon| d.call_raw(Method::GET, "/readyz", &[], None).await.status;
+    for d in &ds {
+        common::wait_for("not ready while the database is down", || async {
+            ready(d).await == 503
+        })
+        .await;
+    }
     pg.start();
+    for d in &ds {
+        common::wait_for("ready again once the database is back", || async {
+            ready(d).await == 200
+        })
+        .await;
+    }
     // Writes work again, and every instance hears of them.
     let started = Instant::now();
     loop {

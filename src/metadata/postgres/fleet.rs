@@ -233,12 +233,14 @@ async fn prune(pool: &Pool) -> Result<u64, MetadataError> {
     Ok(removed)
 }
 
-/// Polls the feed every `interval` and turns other instances' changes into invalidations.
+/// Polls the feed every `interval` and turns other instances' changes into invalidations;
+/// records in `read_at` when a read last succeeded.
 /// While the database is unreachable cached values keep being served (nobody can write
 /// meanwhile); after an outage longer than half the feed's retention, everything is dropped.
 pub(super) async fn follow(
     pool: Arc<Pool>,
     out: broadcast::Sender<Invalidation>,
+    read_at: Arc<std::sync::atomic::AtomicI64>,
     origin: String,
     interval: Duration,
     mut cursor: Cursor,
@@ -290,6 +292,10 @@ pub(super) async fn follow(
                 }
             };
             let now = Instant::now();
+            read_at.store(
+                crate::time::now_unix_ms(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if failing {
                 tracing::info!("reading the PostgreSQL change feed again");
                 failing = false;
