@@ -18,6 +18,15 @@ pub fn now_unix_ms() -> i64 {
 
 /// The wait before retry number `attempt` (1-based): `min` doubling up to `max`, then a random
 /// point between half and all of it, so many things failing together do not retry together.
+/// How long to wait for something due at `at_ms` (milliseconds since the epoch), kept between
+/// `min` (a thing that stays due does not spin its loop) and `max`; `max` when nothing is due.
+pub fn wait_until_ms(at_ms: Option<i64>, min: Duration, max: Duration) -> Duration {
+    at_ms.map_or(max, |at| {
+        let until = u64::try_from(at.saturating_sub(now_unix_ms())).unwrap_or(0);
+        Duration::from_millis(until).clamp(min, max.max(min))
+    })
+}
+
 pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let step = min
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
@@ -131,6 +140,16 @@ pub fn serialize_opt_unix_rfc3339<S: Serializer>(t: &Option<i64>, s: S) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_for_something_due_stays_between_its_bounds() {
+        let (min, max) = (Duration::from_millis(50), Duration::from_secs(30));
+        assert_eq!(wait_until_ms(None, min, max), max);
+        assert_eq!(wait_until_ms(Some(0), min, max), min, "overdue");
+        assert_eq!(wait_until_ms(Some(now_unix_ms() + 3_600_000), min, max), max);
+        let soon = wait_until_ms(Some(now_unix_ms() + 2_000), min, max);
+        assert!(soon > Duration::from_millis(1_500) && soon <= Duration::from_secs(2));
+    }
 
     #[test]
     fn any_stored_or_announced_time_formats_without_panicking() {

@@ -110,11 +110,7 @@ pub(super) async fn purge_forever(
                 if attempted > 0 {
                     tracing::debug!(attempted, "purge pass");
                 }
-                next_due.map_or(PURGE_SCAN_INTERVAL, |at| {
-                    let until = at.saturating_sub(crate::time::now_unix_ms());
-                    Duration::from_millis(u64::try_from(until).unwrap_or(0))
-                        .clamp(Duration::from_secs(1), PURGE_SCAN_INTERVAL)
-                })
+                crate::time::wait_until_ms(next_due, Duration::from_secs(1), PURGE_SCAN_INTERVAL)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "purge pass failed; will retry");
@@ -144,13 +140,9 @@ pub(super) async fn deliver_events_forever(
         let wait = match deliverer.pass().await {
             // After a full batch, soon again (not at once: other instances may hold those).
             Ok((true, _)) => Duration::from_millis(50),
-            Ok((false, next_due)) => next_due.map_or(poll, |at| {
-                let until = at.saturating_sub(crate::time::now_unix_ms());
-                Duration::from_millis(u64::try_from(until).unwrap_or(0)).clamp(
-                    Duration::from_millis(50),
-                    poll.max(Duration::from_millis(50)),
-                )
-            }),
+            Ok((false, next_due)) => {
+                crate::time::wait_until_ms(next_due, Duration::from_millis(50), poll)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "event delivery pass failed; will retry");
                 poll.min(Duration::from_secs(5))
@@ -216,13 +208,7 @@ pub(super) async fn refresh_tokens_forever(service: Arc<Service>, mut stop: watc
         // window of a fraction of one); never sooner than 50 ms, so a token that stays due
         // (its lease held elsewhere, say) does not spin the loop.
         let interval = service.runtime().config.oauth.scan_interval;
-        let wait = next_due.map_or(interval, |at| {
-            let until = u64::try_from(at.saturating_sub(crate::time::now_unix_ms())).unwrap_or(0);
-            Duration::from_millis(until).clamp(
-                Duration::from_millis(50),
-                interval.max(Duration::from_millis(50)),
-            )
-        });
+        let wait = crate::time::wait_until_ms(next_due, Duration::from_millis(50), interval);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,

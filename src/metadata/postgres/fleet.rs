@@ -25,7 +25,7 @@ use crate::metadata::{FleetRows, Invalidation, MetadataError};
 
 /// Changes are kept this long; an instance that could not read the feed for half of it drops
 /// its whole cache once it can again, since what it missed may be gone.
-pub(super) const CHANGES_RETENTION: Duration = Duration::from_secs(600);
+const CHANGES_RETENTION: Duration = Duration::from_secs(600);
 /// How long a hole is asked for at every poll: longer than the tail of any writing
 /// transaction (the change row is the last statement before its commit).
 const HOLE_WAIT: Duration = Duration::from_secs(30);

@@ -19,8 +19,8 @@ pub(super) enum Tls {
 }
 
 pub(super) struct Pool {
-    pub(super) config: Config,
-    pub(super) tls: Tls,
+    config: Config,
+    tls: Tls,
     /// Oldest first, each with when it was last given back.
     idle: Mutex<Vec<(Client, Instant)>>,
     idle_timeout: Duration,
@@ -69,19 +69,17 @@ impl Drop for Conn<'_> {
     }
 }
 
-async fn connect(
-    config: &Config,
-    tls: &Tls,
-) -> Result<(Client, tokio::task::JoinHandle<()>), MetadataError> {
+/// A new connection; its driver runs in a task of its own and ends when the client is dropped.
+async fn connect(config: &Config, tls: &Tls) -> Result<Client, MetadataError> {
     macro_rules! spawn_connection {
         ($connect:expr) => {{
             let (client, connection) = $connect.await.map_err(db_err)?;
-            let task = tokio::spawn(async move {
+            tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::debug!(error = %e, "PostgreSQL connection closed");
                 }
             });
-            Ok((client, task))
+            Ok(client)
         }};
     }
     match tls {
@@ -116,7 +114,7 @@ impl Pool {
         };
         let client = match idle {
             Some(c) => c,
-            None => connect(&self.config, &self.tls).await?.0,
+            None => connect(&self.config, &self.tls).await?,
         };
         Ok(Conn {
             pool: self,
