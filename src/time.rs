@@ -146,7 +146,10 @@ mod tests {
         let (min, max) = (Duration::from_millis(50), Duration::from_secs(30));
         assert_eq!(wait_until_ms(None, min, max), max);
         assert_eq!(wait_until_ms(Some(0), min, max), min, "overdue");
-        assert_eq!(wait_until_ms(Some(now_unix_ms() + 3_600_000), min, max), max);
+        assert_eq!(
+            wait_until_ms(Some(now_unix_ms() + 3_600_000), min, max),
+            max
+        );
         let soon = wait_until_ms(Some(now_unix_ms() + 2_000), min, max);
         assert!(soon > Duration::from_millis(1_500) && soon <= Duration::from_secs(2));
     }
