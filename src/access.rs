@@ -36,7 +36,14 @@ impl fmt::Display for Caller {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Seeing that something exists and what it is, never a secret value (managers, routing,
+    /// events, a credential's existence): every rule matching the scope grants it.
+    View,
+    /// Reading a credential's secret values.
     Read,
+    /// Using a credential through the egress proxy: the secret is applied to a call to its
+    /// upstream and never handed to the caller.
+    Use,
     Write,
     /// Listing what a manager holds, reload, and other operator calls.
     Admin,
@@ -112,6 +119,22 @@ impl Policy {
 
     /// Whether `caller` may do `action` within `scope`.
     pub fn allows(&self, caller: &Caller, action: Action, scope: Scope<'_>) -> bool {
+        self.grants(caller, scope, |rule| match action {
+            Action::View => true,
+            Action::Read => rule.read,
+            Action::Use => rule.use_credentials,
+            Action::Write => rule.write,
+            Action::Admin => rule.admin,
+        })
+    }
+
+    /// Whether a rule for `caller` within `scope` grants what `action` asks of it.
+    fn grants(
+        &self,
+        caller: &Caller,
+        scope: Scope<'_>,
+        action: impl Fn(&AccessRule) -> bool,
+    ) -> bool {
         if self.rules.is_empty() {
             return match caller {
                 Caller::Unix { uid, gid, .. } => *uid == self.owner_uid || *gid == self.owner_gid,
@@ -124,11 +147,7 @@ impl Policy {
                     .environment
                     .is_none_or(|env| rule.allows_environment(env))
                 && scope.workspace.is_none_or(|w| rule.allows_workspace(w))
-                && match action {
-                    Action::Read => true,
-                    Action::Write => rule.write,
-                    Action::Admin => rule.admin,
-                }
+                && action(rule)
         })
     }
 }
@@ -168,6 +187,8 @@ mod tests {
                 principal: Principal::Uid(1000),
                 environments: Some(vec!["Sandbox".into()]),
                 workspaces: Some(vec!["default".into()]),
+                read: true,
+                use_credentials: true,
                 write: false,
                 admin: false,
             },
@@ -175,6 +196,8 @@ mod tests {
                 principal: Principal::Gid(50),
                 environments: None,
                 workspaces: None,
+                read: true,
+                use_credentials: true,
                 write: true,
                 admin: true,
             },
@@ -220,6 +243,8 @@ mod workspace_tests {
             principal: Principal::Uid(7),
             environments: None,
             workspaces,
+            read: true,
+            use_credentials: true,
             write: true,
             admin: true,
         };
@@ -252,5 +277,39 @@ mod workspace_tests {
             pid: None,
         };
         assert!(Policy::new(vec![], 0, 0).allows(&owner, Action::Admin, Scope::EVERY_WORKSPACE));
+    }
+}
+
+#[cfg(test)]
+mod use_tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_may_use_without_reading() {
+        let worker = Caller::Unix {
+            uid: 1000,
+            gid: 1000,
+            pid: None,
+        };
+        let p = Policy::new(
+            vec![AccessRule {
+                principal: Principal::Uid(1000),
+                environments: Some(vec!["Production".into()]),
+                workspaces: None,
+                read: false,
+                use_credentials: true,
+                write: false,
+                admin: false,
+            }],
+            0,
+            0,
+        );
+        let production = Scope::credential("default", "Production");
+        assert!(p.allows(&worker, Action::Use, production));
+        assert!(!p.allows(&worker, Action::Read, production));
+        assert!(p.allows(&worker, Action::View, production));
+        let sandbox = Scope::credential("default", "Sandbox");
+        assert!(!p.allows(&worker, Action::View, sandbox));
+        assert!(!p.allows(&worker, Action::Use, sandbox));
     }
 }

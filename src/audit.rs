@@ -57,6 +57,9 @@ pub struct Access<'a, I> {
     pub credential: &'a str,
     /// The secret field names handed out, if any were.
     pub fields: Option<I>,
+    /// A call through the egress proxy: its method and the upstream's host (never its path or
+    /// query, which may hold data).
+    pub upstream: Option<(&'a str, &'a str)>,
     pub status: u16,
 }
 
@@ -387,6 +390,7 @@ fn format_line<'n>(
         who,
         credential,
         fields,
+        upstream,
         status,
     } = access;
     match format {
@@ -419,6 +423,12 @@ fn format_line<'n>(
                     }
                     out.push(']');
                 }
+            }
+            if let Some((method, host)) = upstream {
+                out.push_str(" method=");
+                quoted(out, method);
+                out.push_str(" host=");
+                quoted(out, host);
             }
             let _ = writeln!(out, " status={status}");
         }
@@ -453,6 +463,12 @@ fn format_line<'n>(
                     }
                     out.push(']');
                 }
+            }
+            if let Some((method, host)) = upstream {
+                out.push_str(r#","method":"#);
+                json_string(out, method);
+                out.push_str(r#","host":"#);
+                json_string(out, host);
             }
             let _ = writeln!(out, r#","status":{status}}}}}"#);
         }
@@ -537,6 +553,7 @@ mod tests {
             },
             credential: id,
             fields: Some(fields.iter().copied()),
+            upstream: None,
             status: 200,
         }
     }
@@ -608,6 +625,26 @@ mod tests {
         );
         assert!(tcp.contains("transport=\"tcp\" credential=\"a\\nforged\" fields=- status=404"));
         assert_eq!(tcp.matches('\n').count(), 1, "{tcp}");
+        let proxied = Access {
+            route: "proxy",
+            fields: None,
+            upstream: Some(("POST", "api.example.com")),
+            ..access("c-1", &[])
+        };
+        let text = line(Format::Text, proxied);
+        assert!(
+            text.contains("fields=- method=\"POST\" host=\"api.example.com\" status=200"),
+            "{text}"
+        );
+        let proxied = Access {
+            route: "proxy",
+            fields: None,
+            upstream: Some(("GET", "h\"x")),
+            ..access("c-1", &[])
+        };
+        let json: serde_json::Value = serde_json::from_str(&line(Format::Json, proxied)).unwrap();
+        assert_eq!(json["fields"]["method"], "GET");
+        assert_eq!(json["fields"]["host"], "h\"x");
     }
 
     #[tokio::test]

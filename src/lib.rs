@@ -3,7 +3,7 @@
 //!
 //! Layout, top-down in the order a request travels (ARCHITECTURE.md has the layer rules and
 //! the invariants): `cli` → `daemon` → `server` → `reload` → `control` →
-//! `migrate`/`purge`/`setup` →
+//! `migrate`/`purge`/`setup`/`proxy` (the egress proxy) →
 //! `service` → `cache`/`oauth`/`routing`/`access` → `manager` (where secrets live) /
 //! `metadata` (the metadata database) → the leaves `config`, `secret`, `time`, `metrics`,
 //! `sys` (every `unsafe` block), `lifecycle`, `client`.
@@ -26,6 +26,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod migrate;
 pub mod oauth;
+pub mod proxy;
 pub mod purge;
 pub mod reload;
 pub mod routing;

@@ -40,6 +40,7 @@ pub struct Entry {
 struct Place {
     workspace: Box<str>,
     environment: Box<str>,
+    integration_type: Box<str>,
     manager_id: Box<str>,
     pinned_manager: Option<Box<str>>,
 }
@@ -60,6 +61,7 @@ impl Entry {
             place: places.intern(Place {
                 workspace: record.workspace.as_str().into(),
                 environment: record.environment.as_str().into(),
+                integration_type: record.integration_type.as_str().into(),
                 manager_id: record.location.manager_id.as_str().into(),
                 pinned_manager: record.pinned_manager.as_deref().map(Into::into),
             }),
@@ -82,6 +84,10 @@ impl Entry {
 
     pub fn environment(&self) -> &str {
         &self.place.environment
+    }
+
+    pub fn integration_type(&self) -> &str {
+        &self.place.integration_type
     }
 
     /// The secrets manager holding the credential (its recorded location).

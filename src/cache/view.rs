@@ -302,6 +302,28 @@ pub fn field_names(entry: &Entry, only: Option<&[String]>) -> Vec<String> {
         .collect()
 }
 
+/// The value of the secret field `name`, for the egress proxy to apply to a call; `None` when
+/// the credential has no such field or it is not a string.
+pub fn secret(entry: &Entry, name: &str) -> Option<Zeroizing<String>> {
+    let rendered = &entry.body;
+    let field = rendered.fields().find(|f| rendered.name(*f) == name)?;
+    let quoted = rendered.bytes(Span {
+        start: field.colon + 1,
+        end: field.end,
+    });
+    let inner = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner)
+            .ok()
+            .map(|v| Zeroizing::new(v.to_owned()));
+    }
+    // An escaped value (a quote, a backslash or a control character in it) is rare; serde_json
+    // unescapes it into the String that is then wiped.
+    serde_json::from_slice::<String>(quoted)
+        .ok()
+        .map(Zeroizing::new)
+}
+
 /// `key` (with its comma and colon), then serde_json's compact output for `value`.
 fn put<T: Serialize + ?Sized>(out: &mut Vec<u8>, key: &[u8], value: &T) {
     out.extend_from_slice(key);
@@ -430,6 +452,19 @@ mod tests {
             std::time::Duration::from_secs(60),
             std::time::Duration::ZERO,
         ))
+    }
+
+    #[test]
+    fn a_secret_is_taken_out_by_its_name_escaped_or_not() {
+        let e = entry(&record(), &secrets());
+        assert_eq!(secret(&e, "refresh_token").unwrap().as_str(), "rt-1");
+        assert_eq!(
+            secret(&e, "access_token").unwrap().as_str(),
+            "at-\"1\"\u{1}é"
+        );
+        assert_eq!(secret(&e, "na\"me").unwrap().as_str(), "v");
+        assert!(secret(&e, "absent").is_none());
+        assert!(secret(&e, "access").is_none());
     }
 
     #[test]

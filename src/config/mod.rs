@@ -10,6 +10,7 @@ mod events;
 mod fleet;
 mod limits;
 mod log;
+mod proxy;
 mod raw;
 mod restart;
 mod secret_ref;
@@ -28,6 +29,7 @@ pub use events::{EventsConfig, Webhook};
 pub use fleet::FleetConfig;
 pub use limits::{key_words, CredentialLimits};
 pub use log::{LogConfig, LogFormat};
+pub use proxy::{is_reserved_header, read_ca, ProxyAuth, ProxyConfig, Upstream};
 pub use secret_ref::SecretRef;
 
 use crate::secret::SecretString;
@@ -88,6 +90,8 @@ pub struct Config {
     pub credentials: CredentialLimits,
     /// `[events]`: re-authorisation events and their webhooks.
     pub events: EventsConfig,
+    /// `[proxy]`: where credentials may be used through the egress proxy.
+    pub proxy: ProxyConfig,
     pub managers: Vec<ManagerConfig>,
     pub routing: RoutingConfig,
     pub access: Vec<AccessRule>,
@@ -284,6 +288,10 @@ pub struct AccessRule {
     pub environments: Option<Vec<String>>,
     /// `None` means every workspace (`"*"`); a rule without `workspaces` grants `default`.
     pub workspaces: Option<Vec<String>>,
+    /// May read credentials' secret values (`GET /v1/credentials/{id}`, batch reads).
+    pub read: bool,
+    /// May use credentials through the egress proxy without seeing them (`use` in the file).
+    pub use_credentials: bool,
     pub write: bool,
     pub admin: bool,
 }

@@ -34,6 +34,8 @@ pub(super) struct RawConfig {
     pub(super) credentials: super::limits::RawCredentials,
     #[serde(default)]
     pub(super) events: super::events::RawEvents,
+    #[serde(default)]
+    pub(super) proxy: super::proxy::RawProxy,
     #[serde(default, rename = "secrets_manager")]
     pub(super) secrets_managers: Vec<RawManager>,
     #[serde(default)]
@@ -201,8 +203,16 @@ pub(super) struct RawAccess {
     pub(super) tcp: Option<bool>,
     pub(super) environments: Vec<String>,
     pub(super) workspaces: Option<Vec<String>>,
+    #[serde(default = "yes")]
+    pub(super) read: bool,
+    #[serde(default = "yes", rename = "use")]
+    pub(super) use_: bool,
     #[serde(default)]
     pub(super) write: bool,
     #[serde(default)]
     pub(super) admin: bool,
+}
+
+fn yes() -> bool {
+    true
 }

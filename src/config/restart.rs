@@ -38,6 +38,7 @@ const RESTART_ONLY: &[RestartOnly] = &[
         server.max_concurrent_requests
     ),
     restart_only!("server.shutdown_grace", server.shutdown_grace),
+    restart_only!("proxy.max_concurrent", proxy.max_concurrent),
     restart_only!("server.worker_threads", server.worker_threads),
     restart_only!("server.tcp", server.tcp),
     restart_only!("metrics", metrics),

@@ -181,6 +181,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         migration,
         credentials: super::limits::validate(raw.credentials)?,
         events: super::events::validate(raw.events)?,
+        proxy: super::proxy::validate(raw.proxy)?,
         managers,
         routing,
         access,
@@ -360,10 +361,18 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
             Some(list)
         }
     };
+    if !(raw.read || raw.use_ || raw.write || raw.admin) {
+        return Err(invalid(
+            format!("access[{i}]"),
+            "grants nothing: read, use, write and admin are all false",
+        ));
+    }
     Ok(AccessRule {
         principal: principals.remove(0),
         environments,
         workspaces,
+        read: raw.read,
+        use_credentials: raw.use_,
         write: raw.write,
         admin: raw.admin,
     })

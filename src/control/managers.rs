@@ -128,7 +128,7 @@ impl ControlPlane {
         // A workspace the caller cannot see is answered like one without such a manager.
         if !self
             .service
-            .allows(caller, Action::Read, Scope::workspace(workspace))
+            .allows(caller, Action::View, Scope::workspace(workspace))
         {
             return Err(ControlError::NotFound);
         }
@@ -245,7 +245,7 @@ impl ControlPlane {
         // The local store is every workspace's: its count is for those who see them all.
         if self
             .service
-            .allows(caller, Action::Read, Scope::EVERY_WORKSPACE)
+            .allows(caller, Action::View, Scope::EVERY_WORKSPACE)
         {
             views[0].credentials = counts.get(LOCAL_MANAGER_ID).copied().unwrap_or(0);
         }
@@ -255,7 +255,7 @@ impl ControlPlane {
             if workspace.is_some_and(|w| w != entry.workspace)
                 || !self
                     .service
-                    .allows(caller, Action::Read, Scope::workspace(&entry.workspace))
+                    .allows(caller, Action::View, Scope::workspace(&entry.workspace))
             {
                 continue;
             }
@@ -274,7 +274,7 @@ impl ControlPlane {
             let mut view = local_view();
             if self
                 .service
-                .allows(caller, Action::Read, Scope::EVERY_WORKSPACE)
+                .allows(caller, Action::View, Scope::EVERY_WORKSPACE)
             {
                 view.credentials = self
                     .service
@@ -288,7 +288,7 @@ impl ControlPlane {
             return Ok(view);
         }
         let workspace = self.workspace_of(id).await?;
-        self.require(caller, Action::Read, &workspace)?;
+        self.require(caller, Action::View, &workspace)?;
         self.view(id).await
     }
 

@@ -45,7 +45,7 @@ impl ControlPlane {
         workspace: Option<&str>,
     ) -> Result<RoutingView, ControlError> {
         let workspace = workspace.unwrap_or(DEFAULT_WORKSPACE);
-        self.require(caller, Action::Read, workspace)?;
+        self.require(caller, Action::View, workspace)?;
         Ok(self.routing_view(workspace))
     }
 

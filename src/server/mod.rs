@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -37,6 +35,8 @@ pub struct App {
     pub migrator: Arc<crate::migrate::Migrator>,
     pub reloader: Arc<crate::reload::Reloader>,
     pub control: Arc<crate::control::ControlPlane>,
+    /// The egress proxy (`/v1/proxy/…`).
+    pub proxy: crate::proxy::Proxy,
     pub tcp_token: Option<SecretString>,
     pub token_header: HeaderName,
     pub max_body_bytes: usize,
@@ -79,6 +79,7 @@ impl App {
             .and_then(|t| HeaderName::from_bytes(t.token_header.as_bytes()).ok())
             .unwrap_or_else(|| HeaderName::from_static(crate::config::DEFAULT_TOKEN_HEADER));
         Ok(Self {
+            proxy: crate::proxy::Proxy::new(Arc::clone(&service), token_header.clone()),
             tcp_token,
             token_header,
             max_body_bytes: config.server.max_body_bytes,
@@ -242,12 +243,17 @@ where
                     let mut unwritten = Vec::new();
                     // Boxed once: moved into hyper's task and the deadline wrapper, the
                     // handler's state would be copied at every move.
-                    let response = within(
-                        deadline,
-                        Box::pin(api::handle(&app, caller, target, request, &mut unwritten)),
-                    )
-                    .await
-                    .unwrap_or_else(|| timed_out().into_response());
+                    let handler =
+                        Box::pin(api::handle(&app, caller, target, request, &mut unwritten));
+                    // A call through the proxy runs under its upstream's own timeouts, which
+                    // may well be longer than an API request's.
+                    let response = if route == api::RouteId::Proxy {
+                        handler.await
+                    } else {
+                        within(deadline, handler)
+                            .await
+                            .unwrap_or_else(|| timed_out().into_response())
+                    };
                     // Audit lines waiting for room (log.audit_blocking) are written with no
                     // deadline running: the request is answered only once they are.
                     if let Some(log) = &app.audit_log {
@@ -382,8 +388,7 @@ where
             let response = match (request.method(), request.uri().path()) {
                 (&hyper::Method::GET, "/metrics") => {
                     app.service.refresh_cache_gauge();
-                    let mut r =
-                        Response::new(Full::new(Bytes::from(app.service.metrics().render())));
+                    let mut r = Response::new(api::Body::full(app.service.metrics().render()));
                     r.headers_mut().insert(
                         CONTENT_TYPE,
                         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -94,7 +94,7 @@ impl Service {
         if !is_valid_name(id) {
             return Err(ServiceError::NotFound);
         }
-        let (since, record) = self.readable_row(caller, id).await?;
+        let (since, record) = self.readable_row(caller, id, Action::Read).await?;
         let interval = self.runtime.load().config.cache.bypass_interval;
         let bypasses = &self.metrics.cache_bypasses;
         let (entry, status) = if self.bypasses.admit(id, interval, Instant::now()) {
@@ -136,7 +136,7 @@ impl Service {
             };
             (entry, status)
         };
-        self.check_entry_access(caller, &entry)?;
+        self.check_entry_access(caller, &entry, Action::Read)?;
         self.checked_token(id, entry, status).await
     }
 

@@ -232,7 +232,7 @@ impl super::Service {
         limit: usize,
     ) -> Result<EventPage, ServiceError> {
         use crate::access::{Action, Scope};
-        if !self.allows(caller, Action::Read, Scope::ANY) {
+        if !self.allows(caller, Action::View, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         let rows = self.metadata.events_after(after, limit).await?;
@@ -244,7 +244,7 @@ impl super::Service {
             .filter(|e| {
                 policy.allows(
                     caller,
-                    Action::Read,
+                    Action::View,
                     Scope::credential(&e.workspace, &e.environment),
                 )
             })

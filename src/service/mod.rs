@@ -191,9 +191,14 @@ impl Service {
         self.check_access_in(caller, action, &record.workspace, &record.environment)
     }
 
-    /// `check_access` for a cached credential, which a read only needs to read.
-    fn check_entry_access(&self, caller: &Caller, entry: &Entry) -> Result<(), ServiceError> {
-        self.check_access_in(caller, Action::Read, entry.workspace(), entry.environment())
+    /// `check_access` for a cached credential, read or used.
+    fn check_entry_access(
+        &self,
+        caller: &Caller,
+        entry: &Entry,
+        action: Action,
+    ) -> Result<(), ServiceError> {
+        self.check_access_in(caller, action, entry.workspace(), entry.environment())
     }
 
     fn check_access_in(
@@ -205,7 +210,7 @@ impl Service {
     ) -> Result<(), ServiceError> {
         let policy = &self.runtime.load().policy;
         let scope = Scope::credential(workspace, environment);
-        if !policy.allows(caller, Action::Read, scope) {
+        if !policy.allows(caller, Action::View, scope) {
             return Err(ServiceError::NotFound);
         }
         if !policy.allows(caller, action, scope) {

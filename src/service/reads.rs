@@ -32,7 +32,18 @@ impl Service {
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        if !self.allows(caller, Action::Read, Scope::ANY) {
+        self.resolve(caller, id, Action::Read).await
+    }
+
+    /// [`Self::get`] for `action`: `Read` hands the secret to the caller, `Use` applies it to
+    /// a call through the egress proxy (the caller never sees it).
+    pub async fn resolve(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+        action: Action,
+    ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
+        if !self.allows(caller, action, Scope::ANY) {
             return Err(ServiceError::Forbidden);
         }
         if !is_valid_name(id) {
@@ -41,10 +52,10 @@ impl Service {
         let (entry, status) = match self.cache.lookup(id) {
             Lookup::Fresh(entry) => (entry, CacheStatus::Hit),
             // Boxed: a miss's state would otherwise make every read's future larger.
-            Lookup::Expired(_) => Box::pin(self.load_checked(caller, id)).await?,
+            Lookup::Expired(_) => Box::pin(self.load_checked(caller, id, action)).await?,
         };
         self.metrics.cache_result(status.as_str()).inc();
-        self.check_entry_access(caller, &entry)?;
+        self.check_entry_access(caller, &entry, action)?;
         self.checked_token(id, entry, status).await
     }
 
@@ -94,8 +105,9 @@ impl Service {
         self: &Arc<Self>,
         caller: &Caller,
         id: &str,
+        action: Action,
     ) -> Result<(Arc<Entry>, CacheStatus), ServiceError> {
-        let (since, record) = self.readable_row(caller, id).await?;
+        let (since, record) = self.readable_row(caller, id, action).await?;
         // Looked up again: a read of the same id may have loaded it meanwhile, and loading it
         // a second time is what single flight is there to prevent.
         // The row just read starts the load: reading it again would add a second trip to the
@@ -114,6 +126,7 @@ impl Service {
         &self,
         caller: &Caller,
         id: &str,
+        action: Action,
     ) -> Result<(u64, crate::metadata::CredentialRecord), ServiceError> {
         let since = self.cache.generation();
         let record = self
@@ -121,7 +134,7 @@ impl Service {
             .get_credential(id)
             .await?
             .ok_or(ServiceError::NotFound)?;
-        self.check_access(caller, Action::Read, &record)?;
+        self.check_access(caller, action, &record)?;
         Ok((since, record))
     }
 
@@ -256,7 +269,7 @@ impl Service {
             return Err(ServiceError::UnknownManager(manager_id.to_owned()));
         }
         let workspace = entry.map_or(DEFAULT_WORKSPACE, |m| m.workspace.as_str());
-        if !self.allows(caller, Action::Read, Scope::workspace(workspace)) {
+        if !self.allows(caller, Action::View, Scope::workspace(workspace)) {
             return Err(ServiceError::UnknownManager(manager_id.to_owned()));
         }
         if !self.allows(caller, Action::Admin, Scope::workspace(workspace)) {

@@ -51,7 +51,7 @@ pub(super) async fn routing(
     caller: &Caller,
     query: &Query,
 ) -> Result<Response<Body>, ApiError> {
-    require(app, caller, Action::Read)?;
+    require(app, caller, Action::View)?;
     let view = app
         .control
         .get_routing(caller, query.get("workspace"))

@@ -12,10 +12,52 @@ use zeroize::Zeroizing;
 use super::ApiError;
 use crate::server::App;
 
-pub type Body = Full<Bytes>;
+/// A response body: the API's own, whole, or an answer streamed through the egress proxy.
+pub enum Body {
+    Full(Full<Bytes>),
+    Proxied(crate::proxy::Answer),
+}
+
+impl Body {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Body::Full(Full::new(bytes.into()))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = crate::proxy::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::pin::Pin;
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(|never| match never {}))),
+            Body::Proxied(answer) => Pin::new(answer).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Proxied(answer) => answer.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Proxied(answer) => answer.size_hint(),
+        }
+    }
+}
 
 pub(super) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Full::new(body));
+    let mut r = Response::new(Body::full(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -109,7 +108,7 @@ pub(super) async fn delete(
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
     app.service.delete(caller, id).await?;
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(Body::full(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
     Ok(r)
 }

@@ -20,7 +20,7 @@ pub(super) async fn list(
     caller: &Caller,
     query: &Query,
 ) -> Result<Response<Body>, ApiError> {
-    require(app, caller, Action::Read)?;
+    require(app, caller, Action::View)?;
     let views = app
         .control
         .list_managers(caller, query.get("workspace"))
@@ -44,7 +44,7 @@ pub(super) async fn get(
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
     // As for the list: the local store's view is in no workspace, so this is its only check.
-    require(app, caller, Action::Read)?;
+    require(app, caller, Action::View)?;
     Ok(ok_json(
         StatusCode::OK,
         &app.control.get_manager(caller, id).await?,
@@ -86,7 +86,7 @@ pub(super) async fn delete(
 }
 
 pub(super) fn instructions(app: &App, caller: &Caller) -> Result<Response<Body>, ApiError> {
-    require(app, caller, Action::Read)?;
+    require(app, caller, Action::View)?;
     Ok(ok_json(
         StatusCode::OK,
         &crate::manager::descriptor::instructions(),

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod managers;
 mod openapi;
+mod proxy;
 
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ pub enum RouteId {
     Health,
     Ready,
     OpenApi,
+    Proxy,
     Unknown,
 }
 
@@ -75,6 +77,7 @@ impl RouteId {
             RouteId::Health => "healthz",
             RouteId::Ready => "readyz",
             RouteId::OpenApi => "openapi",
+            RouteId::Proxy => "proxy",
             RouteId::Unknown => "unknown",
         }
     }
@@ -94,13 +97,48 @@ impl Target {
     pub fn id<'p>(&self, path: &'p str) -> Option<&'p str> {
         self.id.and_then(|(start, end)| path.get(start..end))
     }
+
+    /// What follows the id segment of `path` (a proxied call's upstream path).
+    pub fn after_id<'p>(&self, path: &'p str) -> &'p str {
+        self.id
+            .and_then(|(_, end)| path.get(end..))
+            .unwrap_or_default()
+    }
 }
 
 /// At most this many segments make a route; a longer path is no route.
 const MAX_SEGMENTS: usize = 4;
 
+/// Where calls through the egress proxy start: any path below.
+const PROXY_PREFIX: &str = "/v1/proxy/";
+
+/// The methods a call through the proxy may use (`TRACE` and `CONNECT` are not forwarded).
+const PROXY_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
 /// Splits a path into the route and its id.
 pub fn classify(method: &Method, path: &str) -> Target {
+    if let Some(after) = path.strip_prefix(PROXY_PREFIX) {
+        if !PROXY_METHODS.contains(method) {
+            return Target {
+                route: RouteId::Unknown,
+                id: None,
+            };
+        }
+        let start = PROXY_PREFIX.len();
+        let end = start + after.find('/').unwrap_or(after.len());
+        return Target {
+            route: RouteId::Proxy,
+            id: Some((start, end)),
+        };
+    }
     let trimmed = path.trim_end_matches('/');
     let mut segments = [""; MAX_SEGMENTS];
     let mut third = None;
@@ -179,7 +217,12 @@ fn known_path(path: &str) -> bool {
 
 /// The methods `path` answers, for a 405's `Allow` header (`GET, PATCH, DELETE`).
 fn allowed_methods(path: &str) -> String {
-    let allowed: Vec<&str> = METHODS
+    let methods: &[Method] = if path.starts_with(PROXY_PREFIX) {
+        &PROXY_METHODS
+    } else {
+        &METHODS
+    };
+    let allowed: Vec<&str> = methods
         .iter()
         .filter(|m| classify(m, path).route != RouteId::Unknown)
         .map(Method::as_str)
@@ -290,6 +333,8 @@ struct Audit<'a> {
     fields: Option<Vec<String>>,
     /// A batch read's items: one audit line each (id, status, fields handed out).
     batch: Vec<(String, u16, Option<Vec<String>>)>,
+    /// A call through the egress proxy: its method and the upstream's host.
+    upstream: Option<(Method, String)>,
 }
 
 /// Handles one request; never fails (errors become JSON error responses). Audit lines that
@@ -310,8 +355,14 @@ pub async fn handle(
         credential: id.map(std::borrow::Cow::Borrowed),
         fields: None,
         batch: Vec::new(),
+        upstream: None,
     };
-    let mut response = guarded(route, dispatch(app, caller, route, id, request, &mut audit)).await;
+    let rest = target.after_id(uri.path());
+    let mut response = guarded(
+        route,
+        dispatch(app, caller, route, (id, rest), request, &mut audit),
+    )
+    .await;
     if response.status() == StatusCode::METHOD_NOT_ALLOWED {
         // RFC 9110 §15.5.6: a 405 says which methods the resource has.
         if let Ok(allow) = hyper::header::HeaderValue::from_str(&allowed_methods(uri.path())) {
@@ -326,6 +377,7 @@ pub async fn handle(
             | RouteId::CredentialDelete
             | RouteId::CredentialRefresh
             | RouteId::CredentialBatchGet
+            | RouteId::Proxy
     );
     if let Some(log) = app.audit_log.as_ref().filter(|_| audited) {
         let who = match caller {
@@ -340,6 +392,10 @@ pub async fn handle(
                 fields: fields
                     .as_ref()
                     .map(|names| names.iter().map(String::as_str)),
+                upstream: audit
+                    .upstream
+                    .as_ref()
+                    .map(|(method, host)| (method.as_str(), host.as_str())),
                 status,
             })
         };
@@ -394,13 +450,14 @@ async fn dispatch(
     app: &Arc<App>,
     caller: Caller,
     route: RouteId,
-    id: Option<&str>,
+    (id, rest): (Option<&str>, &str),
     request: Request<Incoming>,
     audit: &mut Audit<'_>,
 ) -> Result<Response<Body>, ApiError> {
-    // Probes (also served without a token on the metrics port) take no parameters.
+    // Probes (also served without a token on the metrics port) take no parameters; a proxied
+    // call's query is the upstream's.
     let query = match route {
-        RouteId::Health | RouteId::Ready | RouteId::OpenApi => Query::parse(None)?,
+        RouteId::Health | RouteId::Ready | RouteId::OpenApi | RouteId::Proxy => Query::parse(None)?,
         _ => Query::parse(request.uri().query())?,
     };
     let id = id.unwrap_or_default();
@@ -433,6 +490,7 @@ async fn dispatch(
         RouteId::Migrations => admin::migrations(app, &caller, &query),
         RouteId::Reload => Box::pin(admin::reload(app, &caller)).await,
         RouteId::Events => Box::pin(events::list(app, &caller, &query)).await,
+        RouteId::Proxy => Box::pin(proxy::forward(app, caller, id, rest, request, audit)).await,
         RouteId::Unknown => Err(unknown_or_method(request.uri().path())),
     }
 }
@@ -536,5 +594,17 @@ mod tests {
         assert_eq!(unknown_or_method("/v2").code, "route_not_found");
         assert_eq!(allowed_methods("/v1/credentials/abc"), "GET, PATCH, DELETE");
         assert_eq!(allowed_methods("/v1/routing"), "GET, PUT");
+        let path = "/v1/proxy/c-1/v3/objects/contacts";
+        let t = classify(&Method::OPTIONS, path);
+        assert_eq!((t.route, t.id(path)), (RouteId::Proxy, Some("c-1")));
+        assert_eq!(t.after_id(path), "/v3/objects/contacts");
+        let t = classify(&Method::DELETE, "/v1/proxy/c-1");
+        assert_eq!((t.route, t.after_id("/v1/proxy/c-1")), (RouteId::Proxy, ""));
+        assert_eq!(classify(&Method::TRACE, path).route, RouteId::Unknown);
+        assert_eq!(unknown_or_method(path).code, "method_not_allowed");
+        assert_eq!(
+            allowed_methods(path),
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
     }
 }

@@ -47,7 +47,11 @@ mod tests {
         RouteId::Health,
         RouteId::Ready,
         RouteId::OpenApi,
+        RouteId::Proxy,
     ];
+
+    /// The methods a call through the proxy may use; the document has one operation each.
+    const PROXY_METHODS: usize = 7;
 
     /// Each route's method and OpenAPI path template. The match is exhaustive: a new route
     /// needs its template here, and the test below then needs it in the document.
@@ -75,6 +79,7 @@ mod tests {
             Health => (Method::GET, "/healthz"),
             Ready => (Method::GET, "/readyz"),
             OpenApi => (Method::GET, "/v1/openapi.json"),
+            Proxy => (Method::GET, "/v1/proxy/{id}/{path}"),
             Unknown => return None,
         })
     }
@@ -91,7 +96,7 @@ mod tests {
         for route in ALL {
             let (method, path) = template(route).expect("a known route has a template");
             // The template is the route's: a concrete path made from it classifies as it.
-            let concrete = path.replace("{id}", "some-id");
+            let concrete = path.replace("{id}", "some-id").replace("{path}", "a/b");
             assert_eq!(
                 classify(&method, &concrete).route,
                 route,
@@ -105,11 +110,18 @@ mod tests {
                 operation.is_object(),
                 "the document has no {method} {path} ({route:?})"
             );
-            assert_eq!(
-                operation["operationId"],
-                route.as_str(),
-                "{method} {path}: operationId is the route's metrics label"
+            // Operation ids are unique: the proxy's are `proxy_get`, `proxy_post`...
+            let id = operation["operationId"].as_str().unwrap_or_default();
+            assert!(
+                id == route.as_str()
+                    || (route == RouteId::Proxy
+                        && id == format!("proxy_{}", method.as_str().to_ascii_lowercase())),
+                "{method} {path}: operationId {id} is not the route's metrics label"
             );
+        }
+        let proxy = &paths["/v1/proxy/{id}/{path}"];
+        for method in ["get", "head", "post", "put", "patch", "delete", "options"] {
+            assert_eq!(proxy[method]["operationId"], format!("proxy_{method}"));
         }
     }
 
@@ -132,12 +144,13 @@ mod tests {
                 assert_eq!(template(route).map(|(_, p)| p), Some(path.as_str()));
             }
         }
-        assert_eq!(operations, ALL.len());
+        assert_eq!(operations, ALL.len() + PROXY_METHODS - 1);
     }
 
     /// Every `StatusCode::X, "code"` pair the server's sources construct an error from.
     fn codes_in_sources() -> Vec<(u16, String)> {
-        const SOURCES: [&str; 9] = [
+        const SOURCES: [&str; 10] = [
+            include_str!("proxy.rs"),
             include_str!("error.rs"),
             include_str!("body.rs"),
             include_str!("mod.rs"),
@@ -177,6 +190,7 @@ mod tests {
                     "INTERNAL_SERVER_ERROR" => 500,
                     "BAD_GATEWAY" => 502,
                     "SERVICE_UNAVAILABLE" => 503,
+                    "GATEWAY_TIMEOUT" => 504,
                     other => panic!("a status this test does not know: {other} ({code})"),
                 };
                 out.push((status, code.to_owned()));

@@ -43,7 +43,8 @@ impl Service {
         }
         // Re-read after the lock: if the row moved on, someone refreshed (or changed) it.
         if record.row_version != seen_row_version
-            || (trigger != Trigger::Forced && !self.is_due(&config, &record))
+            || (!matches!(trigger, Trigger::Forced | Trigger::Rejected)
+                && !self.is_due(&config, &record))
         {
             return Ok(Refreshed::Skipped(record));
         }

@@ -33,6 +33,9 @@ pub enum Trigger {
     Background,
     /// `POST /v1/credentials/{id}/refresh`: refresh even if not due.
     Forced,
+    /// An upstream refused the token with `401` (the egress proxy): refresh even if not due,
+    /// unless another refresh has replaced that token already.
+    Rejected,
 }
 
 /// What a refresh did.

@@ -1,6 +1,10 @@
 //! The Prometheus registry and every metric family. Label values come from closed sets (routes,
 //! status codes, configured manager ids, outcomes), never from a credential id or a value.
 
+mod proxy;
+
+pub use proxy::{ProxyMetrics, PROXY_ERROR_KINDS};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -78,6 +82,7 @@ pub struct Metrics {
     pub fleet_other_routing_configs: IntGauge,
     /// `credproxy_requests_shed_total{scope}`, resolved once: [all, caller].
     pub requests_shed: [IntCounter; 2],
+    pub proxy: ProxyMetrics,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -435,6 +440,7 @@ impl Metrics {
             event_deliveries.with_label_values(&[outcome]);
         }
 
+        let proxy = ProxyMetrics::new(r);
         Self {
             registry,
             http_requests,
@@ -468,6 +474,7 @@ impl Metrics {
             events_queued,
             fleet_other_routing_configs,
             requests_shed: ["all", "caller"].map(|s| requests_shed.with_label_values(&[s])),
+            proxy,
         }
     }
 

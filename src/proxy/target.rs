@@ -1,0 +1,244 @@
+//! Where a proxied call goes: the worker's path and query joined to the upstream's base URL,
+//! with every way out of that base refused before anything is sent.
+//!
+//! The path is taken as it arrived (still percent-encoded) and never normalised: a segment that
+//! is `.` or `..` once decoded, an encoded separator, or an empty segment is refused, so the
+//! upstream (which may decode once more, or normalise) sees exactly the path credproxy checked.
+//! The URL is built by appending to the base's own path, never by resolving a reference
+//! against it (`//host/x` would name another host), and checked again once built.
+
+use std::borrow::Cow;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+
+/// Why a path was refused; the worker gets it as the error's detail (it names no value).
+pub type Refusal = &'static str;
+
+/// Characters a query parameter's value is encoded with: everything but unreserved ones.
+const QUERY_VALUE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'<')
+    .add(b'=')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}')
+    .add(b'/')
+    .add(b':')
+    .add(b';')
+    .add(b',')
+    .add(b'@')
+    .add(b'$')
+    .add(b'!')
+    .add(b'\'')
+    .add(b'(')
+    .add(b')')
+    .add(b'*');
+
+/// Checks the path after `/v1/proxy/{id}` on its own (before the credential is known): empty,
+/// or `/` followed by segments that stay where they are.
+pub fn check_path(rest: &str) -> Result<(), Refusal> {
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let Some(segments) = rest.strip_prefix('/') else {
+        return Err("the path after the credential id must start with `/`");
+    };
+    let count = segments.split('/').count();
+    for (i, raw) in segments.split('/').enumerate() {
+        if raw.is_empty() {
+            // A trailing slash is a path of its own (`/items/`); `//` anywhere else is refused:
+            // some servers read it as the start of a host.
+            if i + 1 == count {
+                continue;
+            }
+            return Err("empty path segment (`//`)");
+        }
+        if raw.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
+            return Err("backslash or control character in the path");
+        }
+        let decoded = percent_decode_str(raw).collect::<Vec<u8>>();
+        if decoded == b"." || decoded == b".." {
+            return Err("`.` or `..` path segment (also when percent-encoded)");
+        }
+        if decoded
+            .iter()
+            .any(|b| matches!(b, b'/' | b'\\' | b'%') || b.is_ascii_control())
+        {
+            return Err("percent-encoded `/`, `\\`, `%` or control character in a path segment");
+        }
+    }
+    Ok(())
+}
+
+/// The upstream URL of a call: `base`'s scheme, host, port and path, then `rest` (checked by
+/// [`check_path`]), then the worker's `query` with `parameter` (the `query` kind's, if any)
+/// removed and appended with its value.
+pub fn build(
+    base: &url::Url,
+    rest: &str,
+    query: Option<&str>,
+    parameter: Option<(&str, &str)>,
+) -> Result<url::Url, Refusal> {
+    check_path(rest)?;
+    let prefix = base.path().trim_end_matches('/');
+    let mut url = base.clone();
+    let path = match (prefix.is_empty(), rest.is_empty()) {
+        (true, true) => Cow::Borrowed("/"),
+        (_, true) => Cow::Borrowed(prefix),
+        _ => Cow::Owned(format!("{prefix}{rest}")),
+    };
+    url.set_path(&path);
+    let query = query_with(query, parameter);
+    url.set_query(query.as_deref());
+    // Built by appending, so this holds by construction; checked anyway, as the last word
+    // before a secret goes out.
+    let same_origin = url.scheme() == base.scheme()
+        && url.host() == base.host()
+        && url.port_or_known_default() == base.port_or_known_default()
+        && url.username().is_empty()
+        && url.password().is_none();
+    // `set_path` may percent-encode a character the worker sent raw (`{`), which only ever
+    // lengthens the path; dropping a segment (normalising) would shorten it.
+    let under_prefix = url.path().len() >= path.len()
+        && url
+            .path()
+            .strip_prefix(prefix)
+            .is_some_and(|after| after.is_empty() || after.starts_with('/'));
+    if !(same_origin && under_prefix) {
+        return Err("the path does not stay under the upstream's base URL");
+    }
+    Ok(url)
+}
+
+/// The worker's query with every `name=` pair of the credential's parameter dropped (the
+/// worker may not choose the credential) and the parameter appended.
+fn query_with(query: Option<&str>, parameter: Option<(&str, &str)>) -> Option<String> {
+    let query = query.filter(|q| !q.is_empty());
+    let Some((name, value)) = parameter else {
+        return query.map(str::to_owned);
+    };
+    let mut out = String::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let key = percent_decode_str(&key.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned();
+        if key == name {
+            continue;
+        }
+        out.push_str(pair);
+        out.push('&');
+    }
+    out.extend(utf8_percent_encode(name, QUERY_VALUE));
+    out.push('=');
+    out.extend(utf8_percent_encode(value, QUERY_VALUE));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(s: &str) -> url::Url {
+        url::Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn paths_and_queries_are_appended_to_the_base() {
+        let api = base("https://api.example.com/api");
+        let root = base("https://api.example.com/");
+        let cases = [
+            (&api, "", None, "https://api.example.com/api"),
+            (&api, "/", None, "https://api.example.com/api/"),
+            (
+                &api,
+                "/v3/items/a%20b",
+                Some("x=1&y=%2F"),
+                "https://api.example.com/api/v3/items/a%20b?x=1&y=%2F",
+            ),
+            (&root, "", None, "https://api.example.com/"),
+            (&root, "/@evil/x", None, "https://api.example.com/@evil/x"),
+            (&root, "/items/", Some(""), "https://api.example.com/items/"),
+            (
+                &root,
+                "/items/{id}",
+                None,
+                "https://api.example.com/items/%7Bid%7D",
+            ),
+            (
+                &root,
+                "/a:b/http:",
+                None,
+                "https://api.example.com/a:b/http:",
+            ),
+        ];
+        for (b, rest, query, want) in cases {
+            assert_eq!(
+                build(b, rest, query, None).unwrap().as_str(),
+                want,
+                "{rest}"
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_are_refused() {
+        let b = base("https://api.example.com/api");
+        for rest in [
+            "/../x",
+            "/a/../../x",
+            "/..",
+            "/.",
+            "/%2e%2e/x",
+            "/%2E%2E/%2E%2E/x",
+            "/.%2e/x",
+            "/%2e/x",
+            "/..%2f..%2fx",
+            "/a%2fb",
+            "/a%5cb",
+            "/%5c%5cevil/x",
+            "//evil.example/x",
+            "/x//y",
+            "//",
+            "/http://evil/x",
+            "/a\\b",
+            "/a%00b",
+            "/a%252e%252e",
+            "x",
+            "evil.example/x",
+        ] {
+            assert!(build(&b, rest, None, None).is_err(), "{rest} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_query_kind_replaces_what_the_worker_sent() {
+        let b = base("https://maps.example.com");
+        let url = build(
+            &b,
+            "/geocode",
+            Some("key=mine&address=a+b&Key=x&k%65y=also"),
+            Some(("key", "s3cr&t=/")),
+        )
+        .unwrap();
+        assert_eq!(
+            url.query(),
+            Some("address=a+b&Key=x&key=s3cr%26t%3D%2F"),
+            "{url}"
+        );
+        let url = build(&b, "", None, Some(("api key", "v"))).unwrap();
+        assert_eq!(url.query(), Some("api%20key=v"));
+    }
+}
