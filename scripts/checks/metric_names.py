@@ -8,10 +8,10 @@
    query uses, `job` and `instance` variables that every credproxy selector filters on, unique
    panel ids and refIds, grid positions inside the 24 columns that do not overlap.
 2. Every metric name in a PromQL expression of deploy/prometheus/credproxy.rules.yml and of the
-   dashboard is exported by the daemon: a "credproxy_..." string literal in src/metrics.rs
+   dashboard is exported by the daemon: a "credproxy_..." string literal in src/metrics/
    (histograms as _bucket, _sum and _count), `up`, or a recording rule of the rules file.
 3. Best effort: a value of the label outcome, result or reason that an expression selects
-   must be one the daemon defines for that family (src/metrics.rs: the `Label values of`
+   must be one the daemon defines for that family (src/metrics/: the `Label values of`
    constants, the values each family is initialised with, the "(a, b, c)" list in its help
    text; for credproxy_backend_requests_total, `ManagerError::outcome` in
    src/manager/mod.rs), and a selector may only use the family's own labels, job and
@@ -28,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-METRICS_RS = Path("src/metrics.rs")
+METRICS_RS = Path("src/metrics")
 MANAGER_RS = Path("src/manager/mod.rs")
 RULES = Path("deploy/prometheus/credproxy.rules.yml")
 DASHBOARD = Path("deploy/grafana/credproxy.json")
@@ -78,7 +78,7 @@ def string_list(text):
 
 
 def read_daemon():
-    src = METRICS_RS.read_text()
+    src = "\n".join(p.read_text() for p in sorted(METRICS_RS.glob("*.rs")))
     families = {}
     for m in re.finditer(r'(HistogramOpts::new\(\s*)?"(credproxy_[a-z0-9_]+)"', src):
         name = m.group(2)

@@ -1,8 +1,10 @@
 //! The Prometheus registry and every metric family. Label values come from closed sets (routes,
 //! status codes, configured manager ids, outcomes), never from a credential id or a value.
 
+mod labels;
 mod proxy;
 
+pub use labels::*;
 pub use proxy::{ProxyMetrics, PROXY_ERROR_KINDS};
 
 use prometheus::{
@@ -15,37 +17,6 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-
-/// Label values of `credproxy_oauth_refreshes_total{outcome}`.
-pub const OAUTH_OUTCOMES: [&str; 7] = [
-    "success",
-    "recovered",
-    "skipped",
-    "invalid_grant",
-    "rejected",
-    "unavailable",
-    "write_failed",
-];
-
-/// Label values of `credproxy_cache_bypasses_total{outcome}`: loaded (read from the store);
-/// limited (within `cache.bypass_interval` of the last one, no store read); failed (the store
-/// read failed).
-pub const BYPASS_OUTCOMES: [&str; 3] = ["loaded", "limited", "failed"];
-
-/// Label values of `credproxy_metadata_write_failures_total{reason}` (the metadata
-/// database's failure kinds).
-pub const METADATA_WRITE_FAILURE_REASONS: [&str; 5] =
-    ["full", "read_only", "locked", "unavailable", "other"];
-
-/// Label values of `credproxy_store_purges_total{outcome}`: purged; gone (nothing left to
-/// purge); waiting (the delete still runs); denied (no permission); failed (anything else).
-pub const PURGE_OUTCOMES: [&str; 5] = ["purged", "gone", "waiting", "denied", "failed"];
-
-/// Label values of `credproxy_event_deliveries_total{outcome}`: delivered (the webhook
-/// answered 2xx); retried (an attempt failed and another is scheduled); failed (given up after
-/// `events.give_up_after`); unrouted (no webhook takes its workspace on this instance; put off
-/// for a minute).
-pub const EVENT_DELIVERY_OUTCOMES: [&str; 4] = ["delivered", "retried", "failed", "unrouted"];
 
 pub struct Metrics {
     registry: Registry,

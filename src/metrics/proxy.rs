@@ -30,42 +30,47 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     pub(super) fn new(r: &Registry) -> Self {
-        Self {
-            requests: counter_vec(
-                r,
-                "credproxy_proxy_requests_total",
-                "Calls through the egress proxy, by integration type and the status class the worker got (1xx-5xx).",
-                &["integration_type", "status_class"],
-            ),
-            duration: register(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "credproxy_proxy_request_duration_seconds",
-                        "Egress proxy latency until the upstream's answer head, by integration type.",
-                    )
-                    .buckets(PROXY_BUCKETS.to_vec()),
-                    &["integration_type"],
+        let requests = counter_vec(
+            r,
+            "credproxy_proxy_requests_total",
+            "Calls through the egress proxy, by integration type and the status class the worker got (1xx-5xx).",
+            &["integration_type", "status_class"],
+        );
+        let duration = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "credproxy_proxy_request_duration_seconds",
+                    "Egress proxy latency until the upstream's answer head, by integration type.",
                 )
-                .unwrap(),
-            ),
-            upstream_errors: counter_vec(
-                r,
-                "credproxy_proxy_upstream_errors_total",
-                "Egress proxy calls that failed between credproxy and the upstream, by integration type and kind (connect, timeout, body, other).",
-                &["integration_type", "kind"],
-            ),
-            retries: counter_vec(
-                r,
-                "credproxy_proxy_retries_total",
-                "Egress proxy calls sent again after the upstream refused the access token (401) and it was refreshed.",
+                .buckets(PROXY_BUCKETS.to_vec()),
                 &["integration_type"],
-            ),
-            in_flight: gauge(
-                r,
-                "credproxy_proxy_in_flight",
-                "Egress proxy calls in flight (until their answer body ends).",
-            ),
+            )
+            .unwrap(),
+        );
+        let upstream_errors = counter_vec(
+            r,
+            "credproxy_proxy_upstream_errors_total",
+            "Egress proxy calls that failed between credproxy and the upstream, by integration type and kind (connect, timeout, body, other).",
+            &["integration_type", "kind"],
+        );
+        let retries = counter_vec(
+            r,
+            "credproxy_proxy_retries_total",
+            "Egress proxy calls sent again after the upstream refused the access token (401) and it was refreshed.",
+            &["integration_type"],
+        );
+        let in_flight = gauge(
+            r,
+            "credproxy_proxy_in_flight",
+            "Egress proxy calls in flight (until their answer body ends).",
+        );
+        Self {
+            requests,
+            duration,
+            upstream_errors,
+            retries,
+            in_flight,
         }
     }
 
