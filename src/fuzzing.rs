@@ -275,6 +275,20 @@ pub fn select_fields(secrets: &SecretFields, raw: Option<&str>) -> (Vec<String>,
     (names, out)
 }
 
+// --- the egress proxy's upstream URL ---------------------------------------------------------
+
+/// The upstream URL of a proxied call (`proxy::target::build`): `base` is an upstream's
+/// validated `base_url`, `rest` the path after `/v1/proxy/{id}`, `parameter` the `query`
+/// kind's name and value.
+pub fn proxy_target(
+    base: &url::Url,
+    rest: &str,
+    query: Option<&str>,
+    parameter: Option<(&str, &str)>,
+) -> Result<url::Url, &'static str> {
+    crate::proxy::target::build(base, rest, query, parameter)
+}
+
 // --- the OAuth token answer ------------------------------------------------------------------
 
 /// What a refresh makes of a token endpoint's answer: `status`, `headers` (pairs that are not

@@ -15,6 +15,7 @@ const WITH_ID: &[RouteId] = &[
     RouteId::ManagerGet,
     RouteId::ManagerPatch,
     RouteId::ManagerDelete,
+    RouteId::Proxy,
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@
 
 mod body;
 mod headers;
-mod target;
+pub(crate) mod target;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;

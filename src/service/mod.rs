@@ -178,10 +178,10 @@ impl Service {
         self.runtime.load().policy.allows(caller, action, scope)
     }
 
-    /// Whether `caller` may do `action` on `record`. A caller that may not read the record (its
+    /// Whether `caller` may do `action` on `record`. A caller no rule lets see the record (its
     /// workspace or its environment) is told it does not exist, exactly as for an id that does
-    /// not: no answer reveals what another workspace or environment holds. A caller that may
-    /// read it but not do `action` is told `Forbidden`.
+    /// not: no answer reveals what another workspace or environment holds. A caller that sees
+    /// it but may not do `action` (read it with only the `use` right, say) is told `Forbidden`.
     fn check_access(
         &self,
         caller: &Caller,
