@@ -128,13 +128,18 @@ impl ProxyAuth {
     }
 }
 
-pub(super) fn validate(raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
+/// `api_slots`: `server.max_concurrent_requests`. A proxied call holds one of those until its
+/// upstream answers, so the proxy may never take them all: by default it takes at most half.
+pub(super) fn validate(raw: RawProxy, api_slots: usize) -> Result<ProxyConfig, ConfigError> {
     let d = ProxyConfig::default();
+    let max_concurrent = raw
+        .max_concurrent
+        .unwrap_or(d.max_concurrent.min(api_slots / 2).max(1));
     let c = ProxyConfig {
-        max_concurrent: raw.max_concurrent.unwrap_or(d.max_concurrent),
+        max_concurrent,
         max_concurrent_per_credential: raw
             .max_concurrent_per_credential
-            .unwrap_or(d.max_concurrent_per_credential),
+            .unwrap_or(d.max_concurrent_per_credential.min(max_concurrent)),
         max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
         replay_buffer_bytes: raw.replay_buffer_bytes.unwrap_or(d.replay_buffer_bytes),
         upstreams: Vec::new(),
@@ -143,6 +148,12 @@ pub(super) fn validate(raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
         return Err(invalid(
             "proxy.max_concurrent",
             "must be between 1 and 100000",
+        ));
+    }
+    if c.max_concurrent >= api_slots && api_slots > 1 {
+        return Err(invalid(
+            "proxy.max_concurrent",
+            "must be below server.max_concurrent_requests: a proxied call holds one of those until its upstream answers, and reads need the rest",
         ));
     }
     if !(1..=c.max_concurrent).contains(&c.max_concurrent_per_credential) {
@@ -390,7 +401,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<ProxyConfig, String> {
         let raw: RawProxy = toml::from_str(text).map_err(|e| e.to_string())?;
-        validate(raw).map_err(|e| e.to_string())
+        validate(raw, 1024).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -441,6 +452,12 @@ mod tests {
         assert_eq!(notion.timeout, Duration::from_secs(300));
         assert!(matches!(&notion.auth, ProxyAuth::Header { header, .. } if header == "x-api-key"));
         assert!(c.upstream("slack").is_none());
+        // A small API gets a proxy share that leaves it room.
+        let small = validate(RawProxy::default(), 10).unwrap();
+        assert_eq!(
+            (small.max_concurrent, small.max_concurrent_per_credential),
+            (5, 5)
+        );
     }
 
     #[test]
@@ -479,6 +496,7 @@ mod tests {
                 "proxy.upstreams[1].integration_type",
             ),
             ("max_body_bytes = 0", "proxy.max_body_bytes"),
+            ("max_concurrent = 1024", "proxy.max_concurrent"),
             ("timeout = \"1ms\"", "proxy.timeout"),
             (
                 "max_concurrent = 4\nmax_concurrent_per_credential = 5",

@@ -158,6 +158,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must be greater than zero and not above migration.retry_max",
         ));
     }
+    let proxy = super::proxy::validate(raw.proxy, server.max_concurrent_requests)?;
     let managers = validate_managers(raw.secrets_managers)?;
     let routing = validate_routing(raw.routing, &managers)?;
     let access = raw
@@ -181,7 +182,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         migration,
         credentials: super::limits::validate(raw.credentials)?,
         events: super::events::validate(raw.events)?,
-        proxy: super::proxy::validate(raw.proxy)?,
+        proxy,
         managers,
         routing,
         access,
