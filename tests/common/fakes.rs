@@ -129,7 +129,7 @@ async fn serve(handler: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Serv
 
 /// A test CA and a server certificate for `hosts`, signed by it. Returns the server's TLS
 /// config and the CA's PEM (for the client to trust).
-fn test_tls(hosts: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
+pub fn test_tls(hosts: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();

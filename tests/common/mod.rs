@@ -7,6 +7,7 @@ pub mod fakes;
 pub mod inprocess;
 pub mod peers;
 pub mod startup;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
