@@ -1,0 +1,915 @@
+//! The egress proxy, `ANY /v1/proxy/{credential_id}/{path…}`, through the real binary against a
+//! local HTTPS upstream with a test CA (tests/common/upstream.rs): the four ways a secret is
+//! applied and the worker headers dropped; OAuth 401 → one refresh → one retry against the real
+//! OAuth server; path escapes sent as raw bytes, Host and absolute-form tricks and redirects that
+//! must never reach another host; the `use`/`read` access rights and the audit line; 100 MB
+//! streamed each way in bounded memory; the limits (body size, concurrency, timeouts,
+//! unreachable upstreams, 429 passed through) and their metrics; upstreams added by reload, and
+//! `check-config` refusing plain HTTP to a remote host.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::peers::{self, oauth_credential, oauth_grant, oauth_stats, oauth_token_valid};
+use common::peers::{CLIENT_ID, CLIENT_SECRET};
+use common::upstream::{
+    self as up, create_typed, entry, get, raw, request, set_upstreams, Evil, Expected, Outgoing,
+    RssSampler, Upstream, Via,
+};
+use common::{set, wait_for, Daemon};
+use hyper::Method;
+use serde_json::json;
+
+const BEARER: &str = "CANARY-bearer-6a1f0c";
+const USER: &str = "CANARY-user-93b2";
+const PASSWORD: &str = "CANARY-pass:with-colon-77d1";
+const API_KEY: &str = "CANARY-apikey-e4c8";
+/// Characters a query value must have percent-encoded.
+const QUERY_KEY: &str = "CANARY-q/+ &=?#%-5b0e";
+
+fn basic_blob() -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+}
+
+/// Asserts no secret (raw or as it travels: base64 for basic) is in `text`.
+fn assert_no_secret(what: &str, text: &[u8]) {
+    for needle in ["CANARY", &basic_blob()] {
+        assert!(
+            !common::contains_bytes(text, needle.as_bytes()),
+            "{what} holds a secret ({needle}):\n{}",
+            String::from_utf8_lossy(text)
+        );
+    }
+}
+
+/// Asserts the upstream's request has no path that leaves `/api/` or could once decoded.
+fn assert_under_prefix(upstream: &Upstream) {
+    for seen in upstream.seen() {
+        let decoded = percent_encoding::percent_decode_str(&seen.path).collect::<Vec<u8>>();
+        let decoded = String::from_utf8_lossy(&decoded).into_owned();
+        assert!(seen.path.starts_with("/api/"), "{seen:?}");
+        assert!(
+            decoded.starts_with("/api/")
+                && !decoded.contains('\\')
+                && !decoded.contains('\0')
+                && !decoded.contains("//")
+                && decoded.split('/').all(|s| s != ".." && s != "."),
+            "the upstream got a path that escapes /api/: {:?} ({decoded:?})",
+            seen.path
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_kinds_apply_the_secret_and_drop_the_workers_credentials() {
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        let url = upstream.url("/api");
+        let e = |t: &str, auth: &str, extra: &[(&str, toml::Value)]| {
+            entry(t, &url, auth, Some(&ca), extra)
+        };
+        set_upstreams(
+            c,
+            vec![
+                e("k-bearer", "bearer", &[]),
+                e("k-basic", "basic", &[]),
+                e(
+                    "k-header",
+                    "header",
+                    &[
+                        ("header", "X-Api-Key".into()),
+                        ("prefix", "Token ".into()),
+                        ("field", "api_key".into()),
+                    ],
+                ),
+                e(
+                    "k-query",
+                    "query",
+                    &[("parameter", "api_key".into()), ("field", "key".into())],
+                ),
+            ],
+        );
+    })
+    .await;
+    let env = "Production";
+    let ids = [
+        ("k-bearer", json!({"access_token": BEARER, "note": "x"})),
+        ("k-basic", json!({"username": USER, "password": PASSWORD})),
+        ("k-header", json!({"api_key": API_KEY})),
+        ("k-query", json!({"key": QUERY_KEY})),
+    ];
+    let mut creds = Vec::new();
+    for (kind, secrets) in ids {
+        creds.push((kind, create_typed(&d, env, kind, secrets).await));
+    }
+    upstream.expect(Expected::Header(
+        "authorization",
+        format!("Bearer {BEARER}"),
+    ));
+    upstream.expect(Expected::Header(
+        "authorization",
+        format!("Basic {}", basic_blob()),
+    ));
+    upstream.expect(Expected::Header("x-api-key", format!("Token {API_KEY}")));
+    upstream.expect(Expected::Query("api_key", QUERY_KEY.into()));
+
+    let host = format!("127.0.0.1:{}", upstream.port());
+    let worker_headers: &[(&str, &str)] = &[
+        ("authorization", "Bearer worker-own-token"),
+        ("cookie", "session=worker-cookie"),
+        ("proxy-authorization", "Basic d29ya2VyOnB3"),
+        ("proxy-foo", "worker-proxy"),
+        ("x-api-key", "worker-api-key"),
+        ("connection", "x-hop-header"),
+        ("x-hop-header", "hop"),
+        ("x-custom", "kept"),
+        ("content-type", "application/json"),
+    ];
+    let path = "/v3/objects/contacts%20x/a.b";
+    let query = "a=1&api_key=worker-supplied&b=two%20words&c=%2F";
+    let body = br#"{"properties":{"email":"someone@example.com"}}"#;
+    for (kind, id) in &creds {
+        for method in [Method::GET, Method::POST] {
+            let outgoing = match method {
+                Method::POST => Outgoing::Bytes(body.to_vec()),
+                _ => Outgoing::None,
+            };
+            let target = format!("/v1/proxy/{id}{path}?{query}");
+            let before = upstream.seen_count();
+            let answer = request(
+                Via::Unix(&d.socket),
+                method.clone(),
+                &target,
+                worker_headers,
+                outgoing,
+            )
+            .await;
+            let what = format!("{kind} {method}");
+            assert_eq!(answer.status, 200, "{what}: {}", answer.describe());
+            assert_eq!(answer.header("x-upstream"), Some("echo"), "{what}");
+            let summary = answer.json();
+            assert_eq!(summary["authorized"], true, "{what}: {summary}");
+            assert_eq!(summary["method"], method.as_str());
+            assert_no_secret(&format!("{what}: the worker's answer"), &answer.body);
+            for (k, v) in &answer.headers {
+                assert_no_secret(&what, format!("{k}: {v:?}").as_bytes());
+            }
+
+            assert_eq!(upstream.seen_count(), before + 1, "{what}: one request");
+            let seen = upstream.last();
+            assert_eq!(seen.method, method.as_str(), "{what}");
+            assert_eq!(seen.path, format!("/api{path}"), "{what}: the path as sent");
+            assert_eq!(seen.all("host"), [host.as_str()], "{what}");
+            for dropped in ["cookie", "proxy-authorization", "proxy-foo", "x-hop-header"] {
+                assert!(
+                    seen.all(dropped).is_empty(),
+                    "{what}: {dropped} reached the upstream"
+                );
+            }
+            assert_eq!(seen.all("x-custom"), ["kept"], "{what}");
+            let auth = seen.all("authorization");
+            let api_key = seen.all("x-api-key");
+            match *kind {
+                "k-bearer" => assert_eq!(auth, [format!("Bearer {BEARER}")]),
+                "k-basic" => assert_eq!(auth, [format!("Basic {}", basic_blob())]),
+                _ => assert!(
+                    auth.is_empty(),
+                    "{what}: the worker's Authorization: {auth:?}"
+                ),
+            }
+            match *kind {
+                "k-header" => assert_eq!(api_key, [format!("Token {API_KEY}")], "{what}"),
+                _ => assert_eq!(api_key, ["worker-api-key"], "{what}"),
+            }
+            let raw_query = seen.query.clone().unwrap_or_default();
+            if *kind == "k-query" {
+                let keys: Vec<_> = seen
+                    .query_pairs()
+                    .into_iter()
+                    .filter(|(k, _)| k == "api_key")
+                    .map(|(_, v)| v)
+                    .collect();
+                assert_eq!(keys, [QUERY_KEY], "{what}: replaced, once: {raw_query}");
+                let rest: Vec<_> = raw_query
+                    .split('&')
+                    .filter(|p| !p.starts_with("api_key="))
+                    .collect();
+                assert_eq!(rest.join("&"), "a=1&b=two%20words&c=%2F", "{what}");
+            } else {
+                assert_eq!(raw_query, query, "{what}: the query as sent");
+            }
+            if method == Method::POST {
+                assert_eq!(seen.body, body, "{what}");
+                assert!(seen.body_complete);
+                assert_eq!(seen.all("content-type"), ["application/json"], "{what}");
+            } else {
+                assert_eq!(seen.body_bytes, 0, "{what}");
+            }
+        }
+    }
+
+    // The route's own refusals reach no upstream.
+    let before = upstream.seen_count();
+    let none = create_typed(&d, env, "k-none", json!({"access_token": "CANARY-none"})).await;
+    let answer = get(&d, &format!("/v1/proxy/{none}/x")).await;
+    assert_eq!((answer.status, answer.code()), (422, "no_upstream".into()));
+    let missing = create_typed(&d, env, "k-bearer", json!({"other": "CANARY-other"})).await;
+    let answer = get(&d, &format!("/v1/proxy/{missing}/x")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (422, "secret_missing".into()),
+        "{}",
+        answer.describe()
+    );
+    let answer = get(&d, "/v1/proxy/no-such-credential/x").await;
+    assert_eq!((answer.status, answer.code()), (404, "not_found".into()));
+    assert_eq!(upstream.seen_count(), before);
+    assert_no_secret("the daemon's log", d.logs().as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_401_refreshes_once_and_retries_a_replayable_request_once() {
+    let server = peers::oauth_server(3600).await;
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set_upstreams(
+            c,
+            vec![entry(
+                "example-oauth",
+                &upstream.url("/api"),
+                "bearer",
+                Some(&ca),
+                &[],
+            )],
+        );
+    })
+    .await;
+    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
+    let (status, body) = d
+        .call(
+            Method::POST,
+            "/v1/credentials",
+            Some(oauth_credential(&server, "Production", &tokens, 3600)),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let server_ref = &server;
+    let token_requests = move || async move {
+        oauth_stats(server_ref).await["token_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = token_requests().await;
+
+    // The upstream no longer takes the current token (revoked on its side, say).
+    upstream.reject_bearer(&tokens.0);
+    let answer = get(&d, &format!("/v1/proxy/{id}/resource?page=2")).await;
+    assert_eq!(answer.status, 200, "{}\n{}", answer.describe(), d.logs());
+    assert_eq!(token_requests().await, before + 1, "exactly one refresh");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "the request and one retry: {seen:?}");
+    assert_eq!(seen[0].bearer().as_deref(), Some(tokens.0.as_str()));
+    let second = seen[1].bearer().unwrap();
+    assert_ne!(second, tokens.0, "the retry carries the new token");
+    assert!(oauth_token_valid(&server, &second).await);
+    assert_eq!(seen[1].path, "/api/resource");
+    assert_eq!(seen[1].query.as_deref(), Some("page=2"));
+    let retries = r#"credproxy_proxy_retries_total{integration_type="example-oauth"}"#;
+    assert_eq!(d.metric(retries).await, 1.0);
+
+    // A streamed body (chunked, no Content-Length) cannot be replayed: the worker gets the 401,
+    // and the token is refreshed for the next call anyway.
+    upstream.reject_bearer(&second);
+    let answer = request(
+        Via::Unix(&d.socket),
+        Method::POST,
+        &format!("/v1/proxy/{id}/upload"),
+        &[("content-type", "text/plain")],
+        Outgoing::Chunks(vec![b"first chunk, ", b"second chunk"]),
+    )
+    .await;
+    assert_eq!(answer.status, 401, "{}", answer.describe());
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 3, "no retry of a streamed body: {seen:?}");
+    assert_eq!(seen[2].bearer().as_deref(), Some(second.as_str()));
+    assert_eq!(seen[2].body, b"first chunk, second chunk");
+    wait_for(
+        "the refresh after the unreplayable 401",
+        move || async move { token_requests().await > before + 1 },
+    )
+    .await;
+    let answer = get(&d, &format!("/v1/proxy/{id}/resource")).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let third = upstream.last().bearer().unwrap();
+    assert!(
+        third != second && third != tokens.0,
+        "a third token: {third}"
+    );
+    assert_eq!(upstream.seen_count(), 4, "no 401 on the next call");
+    assert_eq!(
+        token_requests().await,
+        before + 2,
+        "one refresh per rejected token"
+    );
+    assert_eq!(d.metric(retries).await, 1.0);
+    assert!(!d.logs().contains(&third) && !d.logs().contains(CLIENT_SECRET));
+}
+
+/// How an escape attempt must end.
+enum Outcome {
+    /// 400 `invalid_proxy_path`, nothing sent upstream.
+    Refused,
+    /// A 400 of any code, or a 200 from the right upstream at exactly this path and query.
+    RefusedOr(&'static str, Option<&'static str>),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escapes_from_the_base_url_never_reach_another_host() {
+    let upstream = Upstream::start().await;
+    let evil = Evil::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set_upstreams(
+            c,
+            vec![entry(
+                "esc",
+                &upstream.url("/api"),
+                "bearer",
+                Some(&ca),
+                &[],
+            )],
+        );
+    })
+    .await;
+    let id = create_typed(
+        &d,
+        "Production",
+        "esc",
+        json!({"access_token": "CANARY-esc"}),
+    )
+    .await;
+    let ep = evil.port();
+    upstream.redirect_to(&format!("http://127.0.0.1:{ep}/x"));
+    let line = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
+    };
+
+    // The same raw form, well-formed: it works.
+    let ok = raw(&d.socket, &line(&format!("/v1/proxy/{id}/x"), "localhost")).await;
+    assert_eq!(ok.status, 200, "{} {:?}", ok.head, ok.body);
+    assert_eq!(upstream.last().path, "/api/x");
+
+    use Outcome::*;
+    let attempts: Vec<(String, Outcome)> = vec![
+        (format!("/v1/proxy/{id}/../../x"), Refused),
+        (format!("/v1/proxy/{id}/..%2f..%2fx"), Refused),
+        (format!("/v1/proxy/{id}/%2e%2e/x"), Refused),
+        (format!("/v1/proxy/{id}/%2E%2E/%2E%2E/x"), Refused),
+        (format!("/v1/proxy/{id}/./x"), Refused),
+        (format!("/v1/proxy/{id}//evil.example/x"), Refused),
+        (format!("/v1/proxy/{id}/http://127.0.0.1:{ep}/x"), Refused),
+        (format!("/v1/proxy/{id}/%5c%5cevil/x"), Refused),
+        (format!("/v1/proxy/{id}/a%00b"), Refused),
+        (
+            format!("/v1/proxy/{id}/@evil/x"),
+            RefusedOr("/api/@evil/x", None),
+        ),
+        (
+            format!("/v1/proxy/{id}/x?y=1#frag"),
+            RefusedOr("/api/x", Some("y=1")),
+        ),
+        (
+            format!("http://127.0.0.1:{ep}/v1/proxy/{id}/x"),
+            RefusedOr("/api/x", None),
+        ),
+    ];
+    for (target, outcome) in attempts {
+        let before = upstream.seen_count();
+        let answer = raw(&d.socket, &line(&target, "localhost")).await;
+        let body = String::from_utf8_lossy(&answer.body).into_owned();
+        match outcome {
+            Refused => {
+                assert_eq!(
+                    (answer.status, answer.code().as_str()),
+                    (400, "invalid_proxy_path"),
+                    "{target}: {} {body}",
+                    answer.head
+                );
+                assert_eq!(
+                    upstream.seen_count(),
+                    before,
+                    "{target} reached the upstream"
+                );
+            }
+            RefusedOr(path, query) => {
+                if answer.status == 200 {
+                    let seen = upstream.last();
+                    assert_eq!(upstream.seen_count(), before + 1, "{target}");
+                    assert_eq!(seen.path, path, "{target}");
+                    assert_eq!(seen.query.as_deref(), query, "{target}");
+                } else {
+                    assert_eq!(answer.status, 400, "{target}: {} {body}", answer.head);
+                    assert_eq!(upstream.seen_count(), before, "{target}");
+                }
+            }
+        }
+    }
+
+    // A Host header naming the evil listener changes nothing: the upstream gets its own host.
+    let answer = raw(
+        &d.socket,
+        &line(&format!("/v1/proxy/{id}/x"), &format!("127.0.0.1:{ep}")),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert_eq!(
+        upstream.last().all("host"),
+        [format!("127.0.0.1:{}", upstream.port())]
+    );
+    // A redirect goes back to the worker as it is; nobody follows it.
+    let answer = raw(
+        &d.socket,
+        &line(&format!("/v1/proxy/{id}/redirect"), "localhost"),
+    )
+    .await;
+    assert_eq!(answer.status, 302, "{}", answer.head);
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("http://127.0.0.1:{ep}/x"))
+    );
+
+    assert_under_prefix(&upstream);
+    assert_eq!(
+        (evil.connections(), evil.bytes()),
+        (0, 0),
+        "the evil listener was reached"
+    );
+    assert!(!d.logs().contains("CANARY"));
+}
+
+fn access(pairs: &[(&str, toml::Value)]) -> toml::Value {
+    common::table(pairs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_call() {
+    let upstream = Upstream::start().await;
+    let port = common::free_port();
+    let token = "tcp-token-for-proxy-tests";
+    let uid = credproxy::sys::effective_ids().0 as i64;
+    let rules = |use_: bool| {
+        toml::Value::Array(vec![
+            access(&[
+                ("tcp", true.into()),
+                ("environments", vec!["*"].into()),
+                ("write", true.into()),
+            ]),
+            access(&[
+                ("uid", uid.into()),
+                ("environments", vec!["Production"].into()),
+                ("read", false.into()),
+                ("use", use_.into()),
+            ]),
+        ])
+    };
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set_upstreams(
+            c,
+            vec![entry(
+                "acc",
+                &upstream.url("/api"),
+                "bearer",
+                Some(&ca),
+                &[],
+            )],
+        );
+        let token_file = dir.join("tcp.token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        common::restrict_to_owner(&token_file);
+        let mut tcp = toml::Table::new();
+        tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
+        tcp.insert("token_file".into(), token_file.display().to_string().into());
+        set(c, "server", "tcp", tcp);
+        c.insert("access".into(), rules(true));
+    })
+    .await;
+    let tcp = Via::Tcp(port, token);
+    let created = request(
+        tcp,
+        Method::POST,
+        "/v1/credentials",
+        &[("content-type", "application/json")],
+        Outgoing::Bytes(
+            json!({"environment": "Production", "integration_type": "acc",
+                   "secrets": {"access_token": "CANARY-acc"}})
+            .to_string()
+            .into_bytes(),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.describe());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+
+    let answer = get(
+        &d,
+        &format!("/v1/proxy/{id}/contacts?email=QVAL-4d2a%40example.com"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    assert_eq!(upstream.last().bearer().as_deref(), Some("CANARY-acc"));
+    let (status, body) = d
+        .call(Method::GET, &format!("/v1/credentials/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("CANARY"));
+
+    // The TCP listener proxies too; its token never goes upstream.
+    let answer = request(
+        tcp,
+        Method::GET,
+        &format!("/v1/proxy/{id}/tcp"),
+        &[],
+        Outgoing::None,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let seen = upstream.last();
+    assert_eq!(seen.path, "/api/tcp");
+    assert!(seen.all("x-credproxy-token").is_empty(), "{seen:?}");
+    assert!(!format!("{:?}", seen.headers).contains(token));
+
+    // The audit line: route, credential, method, upstream host and status; no query value.
+    let logs = d
+        .log_until("the proxied call's audit line", |l| {
+            l.lines().any(|l| {
+                l.contains("credproxy::audit")
+                    && l.contains("\"proxy\"")
+                    && l.contains("status=200")
+            })
+        })
+        .await;
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("credproxy::audit") && l.contains("route=\"proxy\""))
+        .collect();
+    let line = audit
+        .iter()
+        .find(|l| l.contains("transport=\"unix\""))
+        .unwrap_or_else(|| panic!("no unix proxy audit line:\n{logs}"));
+    for wanted in [
+        format!("credential=\"{id}\""),
+        "GET".into(),
+        "127.0.0.1".into(),
+        "status=200".into(),
+    ] {
+        assert!(line.contains(&wanted), "{wanted} missing from {line}");
+    }
+    for l in &audit {
+        assert!(!l.contains("QVAL-4d2a") && !l.contains("CANARY"), "{l}");
+    }
+    assert!(!logs.contains("CANARY-acc") && !logs.contains(token));
+
+    // The same uid without `use`: refused, and nothing goes upstream.
+    let reloads = d.logs().matches("configuration reloaded").count();
+    let mut config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+    config.insert("access".into(), rules(false));
+    std::fs::write(&d.config_path, toml::to_string(&config).unwrap()).unwrap();
+    common::signal(d.pid(), libc::SIGHUP);
+    d.log_until("the reload", |l| {
+        l.matches("configuration reloaded").count() > reloads
+    })
+    .await;
+    let before = upstream.seen_count();
+    let answer = get(&d, &format!("/v1/proxy/{id}/contacts")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (403, "forbidden".into()),
+        "{}",
+        answer.describe()
+    );
+    assert_eq!(upstream.seen_count(), before);
+    d.log_until("the refusal's audit line", |l| {
+        l.lines()
+            .any(|l| l.contains("route=\"proxy\"") && l.contains("status=403"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_megabytes_each_way_stream_in_bounded_memory() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set(c, "proxy", "max_body_bytes", 256 * 1024 * 1024_i64);
+        set(c, "proxy", "timeout", "600s");
+        set_upstreams(
+            c,
+            vec![entry(
+                "big",
+                &upstream.url("/api"),
+                "bearer",
+                Some(&ca),
+                &[],
+            )],
+        );
+    })
+    .await;
+    let id = create_typed(
+        &d,
+        "Production",
+        "big",
+        json!({"access_token": "CANARY-big"}),
+    )
+    .await;
+    // A first call sets up what lasts (the upstream's TLS client, the secret's cache entry).
+    let warm = get(&d, &format!("/v1/proxy/{id}/warm")).await;
+    assert_eq!(warm.status, 200, "{}", warm.describe());
+    let baseline = up::vm_rss_kib(d.pid());
+    let sampler = RssSampler::start(d.pid());
+
+    let started = Instant::now();
+    let answer = request(
+        Via::Unix(&d.socket),
+        Method::POST,
+        &format!("/v1/proxy/{id}/upload"),
+        &[("content-type", "application/octet-stream")],
+        Outgoing::Generated(SIZE),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let seen = upstream.last();
+    assert_eq!(seen.body_bytes, SIZE);
+    assert!(
+        seen.body_complete && seen.generated,
+        "the upload arrived intact"
+    );
+    assert_eq!(answer.json()["body_bytes"], SIZE);
+    let upload = started.elapsed();
+
+    let started = Instant::now();
+    let answer = get(&d, &format!("/v1/proxy/{id}/download/{SIZE}")).await;
+    assert_eq!(answer.status, 200, "{}", answer.headers.len());
+    assert_eq!(answer.body_bytes, SIZE);
+    assert!(answer.generated, "the download arrived intact");
+    let download = started.elapsed();
+
+    let (peak, samples) = sampler.stop().await;
+    eprintln!(
+        "upload {upload:?}, download {download:?}, VmRSS {baseline} KiB before, peak {peak} KiB \
+         ({samples} samples)"
+    );
+    assert!(samples >= 10, "{samples} samples");
+    assert!(
+        peak.saturating_sub(baseline) < 16 * 1024,
+        "the daemon grew by {} KiB moving 2 x 100 MB",
+        peak - baseline
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
+    let upstream = Upstream::start().await;
+    let closed = common::free_port();
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set(c, "proxy", "max_body_bytes", 4096_i64);
+        set(c, "proxy", "max_concurrent_per_credential", 1_i64);
+        let url = upstream.url("/api");
+        set_upstreams(
+            c,
+            vec![
+                entry("lim", &url, "bearer", Some(&ca), &[]),
+                entry(
+                    "slow",
+                    &url,
+                    "bearer",
+                    Some(&ca),
+                    &[("timeout", "1s".into())],
+                ),
+                entry(
+                    "closed",
+                    &format!("https://127.0.0.1:{closed}/api"),
+                    "bearer",
+                    None,
+                    &[],
+                ),
+            ],
+        );
+    })
+    .await;
+    let secret = json!({"access_token": "CANARY-lim"});
+    let a = create_typed(&d, "Production", "lim", secret.clone()).await;
+    let b = create_typed(&d, "Production", "lim", secret.clone()).await;
+    let slow = create_typed(&d, "Production", "slow", secret.clone()).await;
+    let unreachable = create_typed(&d, "Production", "closed", secret).await;
+    let sock = Via::Unix(&d.socket);
+
+    let answer = request(
+        sock,
+        Method::POST,
+        &format!("/v1/proxy/{a}/echo"),
+        &[],
+        Outgoing::Bytes(vec![b'x'; 8192]),
+    )
+    .await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (413, "payload_too_large".into()),
+        "{}",
+        answer.describe()
+    );
+    assert_eq!(
+        upstream.seen_count(),
+        0,
+        "a refused body is not sent upstream"
+    );
+
+    // One call on `a` held open by the upstream: a second one on `a` is turned away, `b` is not.
+    let held = {
+        let (socket, a) = (d.socket.clone(), a.clone());
+        tokio::spawn(async move {
+            request(
+                Via::Unix(&socket),
+                Method::GET,
+                &format!("/v1/proxy/{a}/hold"),
+                &[],
+                Outgoing::None,
+            )
+            .await
+        })
+    };
+    wait_for("the upstream to hold the call", || async {
+        upstream.holding() == 1
+    })
+    .await;
+    let answer = get(&d, &format!("/v1/proxy/{a}/echo")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (503, "overloaded".into()),
+        "{}",
+        answer.describe()
+    );
+    let retry_after = answer
+        .header("retry-after")
+        .expect("Retry-After on 503 overloaded");
+    assert!(retry_after.parse::<u64>().is_ok(), "{retry_after}");
+    let answer = get(&d, &format!("/v1/proxy/{b}/echo")).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "another credential is not limited: {}",
+        answer.describe()
+    );
+    upstream.release();
+    assert_eq!(held.await.unwrap().status, 200);
+
+    let started = Instant::now();
+    let answer = get(&d, &format!("/v1/proxy/{slow}/never")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (504, "upstream_timeout".into()),
+        "{}",
+        answer.describe()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let answer = get(&d, &format!("/v1/proxy/{unreachable}/x")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (502, "upstream_unreachable".into()),
+        "{}",
+        answer.describe()
+    );
+
+    let answer = get(&d, &format!("/v1/proxy/{a}/status/429")).await;
+    assert_eq!(answer.status, 429, "{}", answer.describe());
+    assert_eq!(answer.header("retry-after"), Some("7"));
+    assert_eq!(answer.json()["status"], 429, "the upstream's own body");
+    let answer = get(&d, &format!("/v1/proxy/{a}/download/8192")).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (502, "upstream_too_large".into()),
+        "{}",
+        answer.describe()
+    );
+
+    let sample = |labels: &str| format!("credproxy_proxy_requests_total{{{labels}}}");
+    let ok = d
+        .metric(&sample(r#"integration_type="lim",status_class="2xx""#))
+        .await;
+    assert_eq!(ok, 2.0, "the call on b and the held call");
+    let four = d
+        .metric(&sample(r#"integration_type="lim",status_class="4xx""#))
+        .await;
+    assert!(four >= 1.0, "the 429: {four}");
+    let errors = "credproxy_proxy_upstream_errors_total";
+    let timeouts = d
+        .metric(&format!(
+            r#"{errors}{{integration_type="slow",kind="timeout"}}"#
+        ))
+        .await;
+    assert_eq!(timeouts, 1.0);
+    let connects = d
+        .metric(&format!(
+            r#"{errors}{{integration_type="closed",kind="connect"}}"#
+        ))
+        .await;
+    assert_eq!(connects, 1.0);
+    assert_eq!(d.metric("credproxy_proxy_in_flight").await, 0.0);
+    assert!(!d.logs().contains("CANARY"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_added_by_reload_is_usable_at_once_and_removed_by_sighup() {
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|_, _| {}).await;
+    let id = create_typed(
+        &d,
+        "Production",
+        "later",
+        json!({"access_token": "CANARY-later"}),
+    )
+    .await;
+    let answer = get(&d, &format!("/v1/proxy/{id}/x")).await;
+    assert_eq!((answer.status, answer.code()), (422, "no_upstream".into()));
+
+    let ca = upstream.write_ca(d.dir.path());
+    let edit = |entries: Vec<toml::Value>| {
+        let mut config: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+        set_upstreams(&mut config, entries);
+        std::fs::write(&d.config_path, toml::to_string(&config).unwrap()).unwrap();
+    };
+    edit(vec![entry(
+        "later",
+        &upstream.url("/api"),
+        "bearer",
+        Some(&ca),
+        &[],
+    )]);
+    let (status, report) = d.call(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{report}");
+    let answer = get(&d, &format!("/v1/proxy/{id}/x")).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    assert_eq!(upstream.last().bearer().as_deref(), Some("CANARY-later"));
+
+    edit(Vec::new());
+    common::signal(d.pid(), libc::SIGHUP);
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let answer = get(&d, &format!("/v1/proxy/{id}/x")).await;
+        if answer.status == 422 {
+            assert_eq!(answer.code(), "no_upstream");
+            break;
+        }
+        assert_eq!(answer.status, 200, "{}", answer.describe());
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not remove the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn check_config_refuses_plain_http_to_a_remote_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |base_url: &str| {
+        let mut c = common::base_config(dir.path());
+        set_upstreams(&mut c, vec![entry("x", base_url, "bearer", None, &[])]);
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
+        common::run_cli(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let out = check("http://api.example.com/v2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("proxy.upstreams[0].base_url"), "{err}");
+    for allowed in [
+        "http://127.0.0.1:8080/v2",
+        "http://localhost:8080",
+        "https://api.example.com/v2",
+    ] {
+        let out = check(allowed);
+        assert!(
+            out.status.success(),
+            "{allowed}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
