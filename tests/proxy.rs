@@ -215,17 +215,12 @@ async fn four_kinds_apply_the_secret_and_drop_the_workers_credentials() {
     let before = upstream.seen_count();
     let none = create_typed(&d, env, "k-none", json!({"access_token": "CANARY-none"})).await;
     let answer = get(&d, &format!("/v1/proxy/{none}/x")).await;
-    assert_eq!((answer.status, answer.code()), (422, "no_upstream".into()));
+    answer.assert_error(422, "no_upstream");
     let missing = create_typed(&d, env, "k-bearer", json!({"other": "CANARY-other"})).await;
     let answer = get(&d, &format!("/v1/proxy/{missing}/x")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (422, "secret_missing".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(422, "secret_missing");
     let answer = get(&d, "/v1/proxy/no-such-credential/x").await;
-    assert_eq!((answer.status, answer.code()), (404, "not_found".into()));
+    answer.assert_error(404, "not_found");
     assert_eq!(upstream.seen_count(), before);
     assert_no_secret("the daemon's log", d.logs().as_bytes());
 }
@@ -452,10 +447,6 @@ async fn escapes_from_the_base_url_never_reach_another_host() {
     assert!(!d.logs().contains("CANARY"));
 }
 
-fn access(pairs: &[(&str, toml::Value)]) -> toml::Value {
-    common::table(pairs)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_call() {
     let upstream = Upstream::start().await;
@@ -464,12 +455,12 @@ async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_c
     let uid = credproxy::sys::effective_ids().0 as i64;
     let rules = |use_: bool| {
         toml::Value::Array(vec![
-            access(&[
+            common::table(&[
                 ("tcp", true.into()),
                 ("environments", vec!["*"].into()),
                 ("write", true.into()),
             ]),
-            access(&[
+            common::table(&[
                 ("uid", uid.into()),
                 ("environments", vec!["Production"].into()),
                 ("read", false.into()),
@@ -581,10 +572,9 @@ async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_c
 
     // The same uid without `use`: refused, and nothing goes upstream.
     let reloads = d.logs().matches("configuration reloaded").count();
-    let mut config: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
-    config.insert("access".into(), rules(false));
-    std::fs::write(&d.config_path, toml::to_string(&config).unwrap()).unwrap();
+    up::edit_config(&d, |c| {
+        c.insert("access".into(), rules(false));
+    });
     common::signal(d.pid(), libc::SIGHUP);
     d.log_until("the reload", |l| {
         l.matches("configuration reloaded").count() > reloads
@@ -592,12 +582,7 @@ async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_c
     .await;
     let before = upstream.seen_count();
     let answer = get(&d, &format!("/v1/proxy/{id}/contacts")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (403, "forbidden".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(403, "forbidden");
     assert_eq!(upstream.seen_count(), before);
     d.log_until("the refusal's audit line", |l| {
         l.lines()
@@ -724,12 +709,7 @@ async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
         Outgoing::Bytes(vec![b'x'; 8192]),
     )
     .await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (413, "payload_too_large".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(413, "payload_too_large");
     assert_eq!(
         upstream.seen_count(),
         0,
@@ -755,12 +735,7 @@ async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
     })
     .await;
     let answer = get(&d, &format!("/v1/proxy/{a}/echo")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (503, "overloaded".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(503, "overloaded");
     let retry_after = answer
         .header("retry-after")
         .expect("Retry-After on 503 overloaded");
@@ -777,36 +752,21 @@ async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
 
     let started = Instant::now();
     let answer = get(&d, &format!("/v1/proxy/{slow}/never")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (504, "upstream_timeout".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(504, "upstream_timeout");
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );
     let answer = get(&d, &format!("/v1/proxy/{unreachable}/x")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (502, "upstream_unreachable".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(502, "upstream_unreachable");
 
     let answer = get(&d, &format!("/v1/proxy/{a}/status/429")).await;
     assert_eq!(answer.status, 429, "{}", answer.describe());
     assert_eq!(answer.header("retry-after"), Some("7"));
     assert_eq!(answer.json()["status"], 429, "the upstream's own body");
     let answer = get(&d, &format!("/v1/proxy/{a}/download/8192")).await;
-    assert_eq!(
-        (answer.status, answer.code()),
-        (502, "upstream_too_large".into()),
-        "{}",
-        answer.describe()
-    );
+    answer.assert_error(502, "upstream_too_large");
 
     let sample = |labels: &str| format!("credproxy_proxy_requests_total{{{labels}}}");
     let ok = d
@@ -846,15 +806,10 @@ async fn an_upstream_added_by_reload_is_usable_at_once_and_removed_by_sighup() {
     )
     .await;
     let answer = get(&d, &format!("/v1/proxy/{id}/x")).await;
-    assert_eq!((answer.status, answer.code()), (422, "no_upstream".into()));
+    answer.assert_error(422, "no_upstream");
 
     let ca = upstream.write_ca(d.dir.path());
-    let edit = |entries: Vec<toml::Value>| {
-        let mut config: toml::Table =
-            toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
-        set_upstreams(&mut config, entries);
-        std::fs::write(&d.config_path, toml::to_string(&config).unwrap()).unwrap();
-    };
+    let edit = |entries| up::edit_config(&d, |c| set_upstreams(c, entries));
     edit(vec![entry(
         "later",
         &upstream.url("/api"),

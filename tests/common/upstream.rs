@@ -513,6 +513,17 @@ impl Answer {
         }) || super::contains_bytes(&self.body, needle)
     }
 
+    /// Asserts credproxy's own error: `status` and `error.code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status, self.code().as_str()),
+            (status, code),
+            "{}",
+            self.describe()
+        );
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} {:?} {}",
@@ -753,6 +764,14 @@ pub async fn create_typed(
         .await;
     assert_eq!(status, 201, "{body}");
     body["id"].as_str().unwrap().to_owned()
+}
+
+/// Rewrites the daemon's configuration file through `edit` (to reload it afterwards).
+pub fn edit_config(d: &Daemon, edit: impl FnOnce(&mut toml::Table)) {
+    let mut config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&d.config_path, toml::to_string(&config).unwrap()).unwrap();
 }
 
 /// The resident set of process `pid` in KiB (`VmRSS` in /proc/PID/status).
