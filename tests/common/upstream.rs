@@ -387,6 +387,24 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
     }
+
+    /// Asserts every path received starts with `prefix` and cannot leave it once decoded
+    /// (no `.` or `..` segment, `//`, backslash or NUL).
+    pub fn assert_paths_under(&self, prefix: &str) {
+        for seen in self.seen() {
+            let decoded = percent_encoding::percent_decode_str(&seen.path).collect::<Vec<u8>>();
+            let decoded = String::from_utf8_lossy(&decoded).into_owned();
+            assert!(
+                seen.path.starts_with(prefix)
+                    && decoded.starts_with(prefix)
+                    && !decoded.contains(['\\', '\0'])
+                    && !decoded.contains("//")
+                    && decoded.split('/').all(|s| s != ".." && s != "."),
+                "the upstream got a path that escapes {prefix}: {:?} ({decoded:?})",
+                seen.path
+            );
+        }
+    }
 }
 
 /// A plain TCP listener that must never be reached: counts connections and bytes, and answers
