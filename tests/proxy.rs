@@ -297,12 +297,22 @@ async fn an_oauth_401_refreshes_once_and_retries_a_replayable_request_once() {
         "a third token: {third}"
     );
     assert_eq!(upstream.seen_count(), 4, "no 401 on the next call");
-    assert_eq!(
-        token_requests().await,
-        before + 2,
-        "one refresh per rejected token"
-    );
-    assert_eq!(d.metric(retries).await, 1.0);
+    assert_eq!(token_requests().await, before + 2, "one per rejected token");
+
+    // A body with a Content-Length within proxy.replay_buffer_bytes is sent again, whole.
+    upstream.reject_bearer(&third);
+    let body = b"{\"small\": true}".to_vec();
+    let via = Via::Unix(&d.socket);
+    let path = format!("/v1/proxy/{id}/upload");
+    let answer = request(via, Method::POST, &path, &[], Outgoing::Bytes(body.clone())).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 6, "the request and its retry");
+    assert_eq!(seen[4].bearer().as_deref(), Some(third.as_str()));
+    assert!(seen[5].bearer().is_some_and(|t| t != third) && seen[5].body == body);
+    assert_eq!(seen[4].body, body);
+    assert_eq!(token_requests().await, before + 3);
+    assert_eq!(d.metric(retries).await, 2.0);
     assert!(!d.logs().contains(&third) && !d.logs().contains(CLIENT_SECRET));
 }
 
@@ -473,13 +483,7 @@ async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_c
                 &[],
             )],
         );
-        let token_file = dir.join("tcp.token");
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        common::restrict_to_owner(&token_file);
-        let mut tcp = toml::Table::new();
-        tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
-        tcp.insert("token_file".into(), token_file.display().to_string().into());
-        set(c, "server", "tcp", tcp);
+        up::tcp_listener(c, dir, port, token);
         c.insert("access".into(), rules(true));
     })
     .await;

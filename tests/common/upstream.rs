@@ -762,6 +762,17 @@ pub fn set_upstreams(c: &mut toml::Table, entries: Vec<toml::Value>) {
     super::set(c, "proxy", "upstreams", toml::Value::Array(entries));
 }
 
+/// `[server.tcp]` on `127.0.0.1:port` with `token` in a file of its own under `dir`.
+pub fn tcp_listener(c: &mut toml::Table, dir: &Path, port: u16, token: &str) {
+    let token_file = dir.join("tcp.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    super::restrict_to_owner(&token_file);
+    let mut tcp = toml::Table::new();
+    tcp.insert("listen".into(), format!("127.0.0.1:{port}").into());
+    tcp.insert("token_file".into(), token_file.display().to_string().into());
+    super::set(c, "server", "tcp", tcp);
+}
+
 /// Creates a credential of `integration_type` in the local store through the API.
 pub async fn create_typed(
     d: &Daemon,
