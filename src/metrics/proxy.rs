@@ -12,10 +12,11 @@ const PROXY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Label values of `credproxy_proxy_upstream_errors_total{kind}`: connect (no connection, TLS
-/// handshake included); timeout (`timeout` or `connect_timeout` ran out); body (a body broke
-/// off, or went past `proxy.max_body_bytes`); other (an answer that was not HTTP).
-pub const PROXY_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "body", "other"];
+/// Label values of `credproxy_proxy_upstream_errors_total{kind}`: connect (no connection);
+/// tls (the handshake failed: the upstream's certificate, or `ca_file`); timeout (`timeout` or
+/// `connect_timeout` ran out); body (a body broke off, or went past `proxy.max_body_bytes`);
+/// other (an answer that was not HTTP).
+pub const PROXY_ERROR_KINDS: [&str; 5] = ["connect", "tls", "timeout", "body", "other"];
 
 pub struct ProxyMetrics {
     /// `{integration_type, status_class}`: `2xx`… of what the worker got.
@@ -51,7 +52,7 @@ impl ProxyMetrics {
         let upstream_errors = counter_vec(
             r,
             "credproxy_proxy_upstream_errors_total",
-            "Egress proxy calls that failed between credproxy and the upstream, by integration type and kind (connect, timeout, body, other).",
+            "Egress proxy calls that failed between credproxy and the upstream, by integration type and kind (connect, tls, timeout, body, other).",
             &["integration_type", "kind"],
         );
         let retries = counter_vec(

@@ -335,6 +335,11 @@ impl Proxy {
         }
         let (kind, error) = if e.is_timeout() {
             ("timeout", ProxyError::Timeout)
+        } else if is_tls(e) {
+            (
+                "tls",
+                ProxyError::Unreachable("the TLS handshake failed".into()),
+            )
         } else if e.is_connect() {
             ("connect", ProxyError::Unreachable("no connection".into()))
         } else if e.is_body() || e.is_request() {
@@ -355,6 +360,29 @@ impl Proxy {
         );
         error
     }
+}
+
+/// Whether rustls refused the handshake somewhere down `e`'s sources (an untrusted or expired
+/// certificate, a name mismatch, no common protocol): a problem of the upstream's certificate
+/// or of `ca_file`, not of the network.
+fn is_tls(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<rustls::Error>() {
+            return true;
+        }
+        // An I/O error's `source` skips the error it wraps; the handshake's is one.
+        if let Some(inner) = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.is::<rustls::Error>() {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `e` and its sources, without the URL.

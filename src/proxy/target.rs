@@ -100,6 +100,11 @@ pub fn build(
         _ => Cow::Owned(format!("{prefix}{rest}")),
     };
     url.set_path(&path);
+    // The URL parser drops tabs and line breaks: `key\t=` would become the credential's own
+    // parameter name after the check below that removes the worker's.
+    if query.is_some_and(|q| q.bytes().any(|b| b.is_ascii_control() || b == b' ')) {
+        return Err("space or control character in the query");
+    }
     let query = query_with(query, parameter);
     url.set_query(query.as_deref());
     // Built by appending, so this holds by construction; checked anyway, as the last word
@@ -240,5 +245,8 @@ mod tests {
         );
         let url = build(&b, "", None, Some(("api key", "v"))).unwrap();
         assert_eq!(url.query(), Some("api%20key=v"));
+        // Found by the fuzzer: the URL parser would strip the tab and leave `key` twice.
+        assert!(build(&b, "", Some("key\t\t=x"), Some(("key", "v"))).is_err());
+        assert!(build(&b, "", Some("a=b c"), None).is_err());
     }
 }
