@@ -368,19 +368,25 @@ impl Proxy {
 fn is_tls(e: &reqwest::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if s.is::<rustls::Error>() {
+        if is_rustls(s) {
             return true;
         }
-        // An I/O error's `source` skips the error it wraps; the handshake's is one.
-        if let Some(inner) = s
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if inner.is::<rustls::Error>() {
-                return true;
-            }
-        }
         source = s.source();
+    }
+    false
+}
+
+/// Whether `e` is a rustls error, or an I/O error holding one (perhaps in another I/O error):
+/// an I/O error's `source` skips the error it holds, so the chain alone never reaches it.
+fn is_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return is_rustls(inner);
     }
     false
 }
