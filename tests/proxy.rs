@@ -20,7 +20,7 @@ use common::upstream::{
 };
 use common::{set, wait_for, Daemon};
 use hyper::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const BEARER: &str = "CANARY-bearer-6a1f0c";
 const USER: &str = "CANARY-user-93b2";
@@ -869,6 +869,53 @@ async fn an_upstream_added_by_reload_is_usable_at_once_and_removed_by_sighup() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_host_label_from_the_credentials_metadata_picks_the_tenant() {
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        let base = format!("https://{{site}}.localhost:{}/api", upstream.port());
+        set_upstreams(c, vec![entry("tenanted", &base, "bearer", Some(&ca), &[])]);
+    })
+    .await;
+    let create = |site: Value| {
+        let d = &d;
+        async move {
+            let (status, body) = d
+                .call(
+                    Method::POST,
+                    "/v1/credentials",
+                    Some(json!({
+                        "environment": "Production",
+                        "integration_type": "tenanted",
+                        "metadata": {"site": site},
+                        "secrets": {"access_token": "CANARY-tenant"},
+                    })),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let acme = create(json!("Acme")).await;
+    let answer = get(&d, &format!("/v1/proxy/{acme}/v1/items")).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let seen = upstream.last();
+    let host = format!("acme.localhost:{}", upstream.port());
+    assert_eq!(seen.header("host").as_deref(), Some(host.as_str()));
+    assert_eq!(seen.bearer().as_deref(), Some("CANARY-tenant"));
+    // A value that is not one DNS label never becomes part of a host.
+    let before = upstream.seen_count();
+    for site in [json!("evil.example"), json!("a/b"), json!(7), json!("")] {
+        let id = create(site).await;
+        get(&d, &format!("/v1/proxy/{id}/v1/items"))
+            .await
+            .assert_error(422, "upstream_unresolved");
+    }
+    assert_eq!(upstream.seen_count(), before);
+    assert!(!d.logs().contains("CANARY-tenant"));
 }
 
 #[test]

@@ -302,6 +302,26 @@ pub fn field_names(entry: &Entry, only: Option<&[String]>) -> Vec<String> {
         .collect()
 }
 
+/// The string value of the metadata key `key`, for the egress proxy's host labels; `None` when
+/// the credential's metadata has no such key or its value is not a string.
+pub fn metadata_string(entry: &Entry, key: &str) -> Option<String> {
+    const METADATA: &[u8] = b",\"metadata\":";
+    let json = entry.body.json();
+    let head = &json[..entry.body.secrets().start as usize];
+    // The first match is the key itself: in the strings before it every quote is escaped.
+    let at = head.windows(METADATA.len()).position(|w| w == METADATA)? + METADATA.len();
+    // Only the metadata object is parsed: the bytes after it hold the secrets.
+    let mut values =
+        serde_json::Deserializer::from_slice(&head[at..]).into_iter::<serde_json::Value>();
+    match values.next()?.ok()? {
+        serde_json::Value::Object(mut map) => match map.remove(key)? {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The value of the secret field `name`, for the egress proxy to apply to a call; `None` when
 /// the credential has no such field or it is not a string.
 pub fn secret(entry: &Entry, name: &str) -> Option<Zeroizing<String>> {
@@ -465,6 +485,10 @@ mod tests {
         assert_eq!(secret(&e, "na\"me").unwrap().as_str(), "v");
         assert!(secret(&e, "absent").is_none());
         assert!(secret(&e, "access").is_none());
+        assert_eq!(metadata_string(&e, "account").as_deref(), Some("acme-1234"));
+        assert_eq!(metadata_string(&e, "n"), None, "not a string");
+        assert_eq!(metadata_string(&e, "secrets"), None);
+        assert_eq!(metadata_string(&e, "absent"), None);
     }
 
     #[test]

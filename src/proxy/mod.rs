@@ -26,7 +26,7 @@ use tokio::time::Instant;
 pub use body::{Answer, BodyError};
 
 use crate::access::{Action, Caller};
-use crate::cache::view;
+use crate::cache::{view, Entry};
 use crate::config::{ProxyConfig, Upstream};
 use crate::metrics::Metrics;
 use crate::service::{Service, ServiceError};
@@ -41,6 +41,8 @@ pub enum ProxyError {
     InvalidPath(&'static str),
     #[error("no [[proxy.upstreams]] entry for the credential's integration type")]
     NoUpstream,
+    #[error("the credential's metadata gives no host label `{0}` (a DNS label)")]
+    UpstreamUnresolved(String),
     #[error("the credential has no secret field `{0}`")]
     SecretFieldMissing(String),
     #[error("the secret cannot be sent in a header (it holds a line break)")]
@@ -166,8 +168,9 @@ impl Proxy {
             .upstream(entry.integration_type())
             .ok_or(ProxyError::NoUpstream)?
             .clone();
+        let base = base_for(&upstream, &entry)?;
         *seen = Some(Seen {
-            host: upstream.base_url.host_str().unwrap_or("-").to_owned(),
+            host: base.host_str().unwrap_or("-").to_owned(),
             integration_type: upstream.integration_type.clone(),
         });
         let slots = self.slots(config, id, &upstream)?;
@@ -193,7 +196,7 @@ impl Proxy {
                 }
                 Applied::Query(name, value) => Some((name.as_str(), value.as_str())),
             };
-            let url = target::build(&upstream.base_url, rest, parts.uri.query(), parameter)
+            let url = target::build(&base, rest, parts.uri.query(), parameter)
                 .map_err(ProxyError::InvalidPath)?;
             drop(applied);
             let mut builder = client.request(parts.method.clone(), url).headers(headers);
@@ -226,6 +229,10 @@ impl Proxy {
                 break response;
             }
             entry = self.service.resolve(&caller, id, Action::Use).await?.0;
+            // Its metadata may have changed with its tokens; the host may not.
+            if base_for(&upstream, &entry)?.host_str() != base.host_str() {
+                break response;
+            }
             self.metrics
                 .proxy
                 .retries
@@ -362,6 +369,14 @@ impl Proxy {
     }
 }
 
+/// The upstream's base URL for `entry`, its host labels filled from the credential's metadata.
+fn base_for(upstream: &Upstream, entry: &Entry) -> Result<url::Url, ProxyError> {
+    upstream
+        .base_for(|key| view::metadata_string(entry, key))
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|key| ProxyError::UpstreamUnresolved(key.to_owned()))
+}
+
 /// Whether rustls refused the handshake somewhere down `e`'s sources (an untrusted or expired
 /// certificate, a name mismatch, no common protocol): a problem of the upstream's certificate
 /// or of `ca_file`, not of the network.
@@ -445,6 +460,24 @@ async fn outgoing(
     Ok(Outgoing::Streamed(Some(upload), exceeded))
 }
 
+/// The system's resolver, except that names under `localhost.` are the loopback interface
+/// (RFC 6761) whatever the resolver says: `{site}.localhost` upstreams work without DNS.
+struct Resolver;
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().trim_end_matches('.').to_ascii_lowercase();
+        Box::pin(async move {
+            if host == "localhost" || host.ends_with(".localhost") {
+                let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                return Ok(Box::new(std::iter::once(loopback)) as reqwest::dns::Addrs);
+            }
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            Ok(Box::new(found.collect::<Vec<_>>().into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 fn build_client(upstream: &Upstream) -> Result<reqwest::Client, String> {
     // One TLS stack (ring) for the whole process; a no-op when already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -455,7 +488,8 @@ fn build_client(upstream: &Upstream) -> Result<reqwest::Client, String> {
         .connect_timeout(upstream.connect_timeout)
         .timeout(upstream.timeout)
         .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .dns_resolver(Arc::new(Resolver));
     if let Some(path) = &upstream.ca_file {
         builder = builder.tls_certs_merge(crate::config::read_ca(path)?);
     }

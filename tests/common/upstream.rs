@@ -289,7 +289,8 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
 
 impl Upstream {
     pub async fn start() -> Upstream {
-        let (tls, ca_pem) = super::fakes::test_tls(&["127.0.0.1", "localhost"]);
+        // `acme.localhost`: an upstream whose host takes a label from the credential's metadata.
+        let (tls, ca_pem) = super::fakes::test_tls(&["127.0.0.1", "localhost", "acme.localhost"]);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -60,6 +60,7 @@ impl From<ProxyError> for ApiError {
             Service(e) => e.into(),
             InvalidPath(why) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_proxy_path", "the path would leave the upstream's base URL, or cannot be checked").with_detail(why),
             NoUpstream => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_upstream", "the credential's integration type has no [[proxy.upstreams]] entry; it cannot be used through the proxy"),
+            UpstreamUnresolved(key) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upstream_unresolved", "the upstream's host takes a label from the credential's metadata, which does not give it as a DNS label").with_detail(format!("metadata `{key}`")),
             SecretFieldMissing(field) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "secret_field_missing", "the credential has no secret field the upstream's auth applies").with_detail(format!("`{field}`")),
             NotAHeader => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "secret_field_missing", "the credential's secret cannot be sent in a header (it holds a line break)"),
             TooLarge => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is larger than proxy.max_body_bytes"),
