@@ -207,8 +207,7 @@ async fn four_kinds_apply_the_secret_and_drop_the_workers_credentials() {
     answer.assert_error(422, "no_upstream");
     let missing = create_typed(&d, env, "k-bearer", json!({"other": "CANARY-other"})).await;
     let answer = get(&d, &format!("/v1/proxy/{missing}/x")).await;
-    // The contract (notes/proxy-spec.md) says `secret_missing`, which already names a 502 (the
-    // secret is gone from its manager); the API and README name this one `secret_field_missing`.
+    // Not `secret_missing`, the 502 of a secret gone from its manager.
     answer.assert_error(422, "secret_field_missing");
     let answer = get(&d, "/v1/proxy/no-such-credential/x").await;
     answer.assert_error(404, "not_found");
@@ -667,7 +666,9 @@ async fn a_hundred_megabytes_each_way_stream_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
     let upstream = Upstream::start().await;
-    let closed = common::free_port();
+    // Nothing listens on 127.0.0.2:1 (a port another test could take between `free_port`
+    // and the call would make this a TLS failure).
+    let closed = "127.0.0.2:1";
     let d = Daemon::start(|c, dir| {
         let ca = upstream.write_ca(dir);
         set(c, "proxy", "max_body_bytes", 4096_i64);
@@ -687,7 +688,7 @@ async fn limits_timeouts_unreachable_upstreams_and_their_metrics() {
                 // The query kind: a failure's log line must not carry the URL it built.
                 entry(
                     "closed",
-                    &format!("https://127.0.0.1:{closed}/api"),
+                    &format!("https://{closed}/api"),
                     "query",
                     None,
                     &[
@@ -869,6 +870,120 @@ async fn an_upstream_added_by_reload_is_usable_at_once_and_removed_by_sighup() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_every_token_costs_one_refresh_not_one_per_call() {
+    let server = peers::oauth_server(3600).await;
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        let url = upstream.url("/api");
+        set_upstreams(
+            c,
+            vec![entry("example-oauth", &url, "bearer", Some(&ca), &[])],
+        );
+    })
+    .await;
+    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
+    let body = oauth_credential(&server, "Production", &tokens, 3600);
+    let (status, body) = d.call(Method::POST, "/v1/credentials", Some(body)).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let token_requests = || async {
+        oauth_stats(&server).await["token_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = token_requests().await;
+    for _ in 0..4 {
+        let answer = get(&d, &format!("/v1/proxy/{id}/always-401")).await;
+        assert_eq!(answer.status, 401, "{}", answer.describe());
+    }
+    assert_eq!(
+        token_requests().await,
+        before + 1,
+        "one refresh for four refusals"
+    );
+    // The first call and its retry, then one send each.
+    assert_eq!(upstream.seen_count(), 5);
+    // A path that takes the token still works, with the refreshed one.
+    let answer = get(&d, &format!("/v1/proxy/{id}/fine")).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    assert_ne!(upstream.last().bearer().as_deref(), Some(tokens.0.as_str()));
+    assert_eq!(token_requests().await, before + 1);
+}
+
+#[tokio::test]
+async fn answers_keep_the_secret_out_of_their_headers_and_bodiless_answers_pass() {
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        let url = upstream.url("/api");
+        set(c, "proxy", "max_body_bytes", 4096_i64);
+        let query = [("parameter", "key".into()), ("field", "api_key".into())];
+        set_upstreams(
+            c,
+            vec![
+                entry("maps", &url, "query", Some(&ca), &query),
+                entry("files", &url, "bearer", Some(&ca), &[]),
+            ],
+        );
+    })
+    .await;
+    let secret = "CANARY-maps&/=+";
+    let maps = create_typed(&d, "Production", "maps", json!({"api_key": secret})).await;
+    // A server adding a trailing slash quotes the query it got in `Location` (and `Link`).
+    let answer = get(&d, &format!("/v1/proxy/{maps}/slash?address=x")).await;
+    assert_eq!(answer.status, 301, "{}", answer.describe());
+    let location = answer.header("location").unwrap().to_owned();
+    assert!(location.contains("key=[REDACTED]"), "{location}");
+    assert!(location.contains("address=x"), "{location}");
+    assert!(!answer.contains(b"CANARY"), "{}", answer.describe());
+    assert!(!answer.header("link").unwrap().contains("CANARY"));
+
+    let files = create_typed(
+        &d,
+        "Production",
+        "files",
+        json!({"access_token": "CANARY-f"}),
+    )
+    .await;
+    // HEAD of something larger than proxy.max_body_bytes: no body ever flows.
+    let head = request(
+        Via::Unix(&d.socket),
+        Method::HEAD,
+        &format!("/v1/proxy/{files}/download/1000000"),
+        &[],
+        Outgoing::None,
+    )
+    .await;
+    assert_eq!(head.status, 200, "{}", head.describe());
+    assert_eq!(head.header("content-length"), Some("1000000"));
+    // An empty POST keeps its `Content-Length: 0` (servers answer 411 without one).
+    let post = request(
+        Via::Unix(&d.socket),
+        Method::POST,
+        &format!("/v1/proxy/{files}/empty"),
+        &[("content-length", "0")],
+        Outgoing::Bytes(Vec::new()),
+    )
+    .await;
+    assert_eq!(post.status, 200, "{}", post.describe());
+    assert_eq!(
+        upstream.last().header("content-length").as_deref(),
+        Some("0")
+    );
+    // An upstream's own 405 keeps its own `Allow`, and its 403 is no refusal of credproxy's.
+    let denied = r"credproxy_access_denied_total";
+    let before = d.metric(denied).await;
+    let answer = get(&d, &format!("/v1/proxy/{files}/status/403")).await;
+    assert_eq!(answer.status, 403, "{}", answer.describe());
+    assert_eq!(d.metric(denied).await, before);
+    let answer = get(&d, &format!("/v1/proxy/{files}/status/405")).await;
+    assert_eq!(answer.status, 405, "{}", answer.describe());
+    assert_eq!(answer.header("allow"), None, "the upstream sent none");
+    assert!(!d.logs().contains("CANARY"));
 }
 
 #[tokio::test]

@@ -34,7 +34,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(after.is_empty() || after.starts_with('/'), "{url}");
             for segment in after.split('/') {
                 let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
-                assert!(decoded != b"." && decoded != b"..", "{url}");
+                let before = decoded.split(|b| *b == b';').next().unwrap_or_default();
+                assert!(before != b"." && before != b"..", "{url}");
                 assert!(!decoded.contains(&b'/') && !decoded.contains(&b'\\'), "{url}");
             }
             // Parsed again, the URL is the same URL (nothing a second parse would normalise).

@@ -11,6 +11,7 @@ mod fleet;
 mod limits;
 mod log;
 mod proxy;
+mod proxy_url;
 mod raw;
 mod restart;
 mod secret_ref;

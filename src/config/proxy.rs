@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::proxy_url::base_url;
 use super::{invalid, ConfigError};
 
 pub const DEFAULT_PROXY_MAX_CONCURRENT: usize = 256;
@@ -22,6 +23,7 @@ const MAX_REPLAY_BUFFER: usize = 8 << 20;
 pub(super) struct RawProxy {
     max_concurrent: Option<usize>,
     max_concurrent_per_credential: Option<usize>,
+    max_concurrent_per_caller: Option<usize>,
     max_body_bytes: Option<u64>,
     replay_buffer_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -57,6 +59,9 @@ pub struct ProxyConfig {
     /// Proxied calls in flight, all credentials together.
     pub max_concurrent: usize,
     pub max_concurrent_per_credential: usize,
+    /// Calls in flight per caller (a uid on the socket; TCP token holders together): a worker
+    /// that stops reading its answers holds its slots, and only its own.
+    pub max_concurrent_per_caller: usize,
     /// The most bytes of a request or an answer body, each way.
     pub max_body_bytes: u64,
     /// A request body whose `Content-Length` is at most this is read before it is sent, so a
@@ -70,6 +75,7 @@ impl Default for ProxyConfig {
         Self {
             max_concurrent: DEFAULT_PROXY_MAX_CONCURRENT,
             max_concurrent_per_credential: DEFAULT_PROXY_MAX_PER_CREDENTIAL,
+            max_concurrent_per_caller: DEFAULT_PROXY_MAX_CONCURRENT / 2,
             max_body_bytes: DEFAULT_PROXY_MAX_BODY_BYTES,
             replay_buffer_bytes: DEFAULT_PROXY_REPLAY_BUFFER_BYTES,
             upstreams: Vec::new(),
@@ -92,7 +98,7 @@ pub struct Upstream {
     pub key: String,
     pub integration_type: String,
     /// `https://host[:port][/prefix]`, without a trailing slash, query, fragment or userinfo.
-    /// Labels of the host taken from the credential's metadata hold [`PLACEHOLDER`] here.
+    /// Labels of the host taken from the credential's metadata hold `credproxy-metadata-label` here.
     pub base_url: url::Url,
     /// The host's leading labels given by each credential's metadata (`{site}.atlassian.net`):
     /// the metadata keys, in label order.
@@ -144,6 +150,9 @@ pub(super) fn validate(raw: RawProxy, api_slots: usize) -> Result<ProxyConfig, C
         max_concurrent_per_credential: raw
             .max_concurrent_per_credential
             .unwrap_or(d.max_concurrent_per_credential.min(max_concurrent)),
+        max_concurrent_per_caller: raw
+            .max_concurrent_per_caller
+            .unwrap_or((max_concurrent / 2).max(1)),
         max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
         replay_buffer_bytes: raw.replay_buffer_bytes.unwrap_or(d.replay_buffer_bytes),
         upstreams: Vec::new(),
@@ -163,6 +172,12 @@ pub(super) fn validate(raw: RawProxy, api_slots: usize) -> Result<ProxyConfig, C
     if !(1..=c.max_concurrent).contains(&c.max_concurrent_per_credential) {
         return Err(invalid(
             "proxy.max_concurrent_per_credential",
+            "must be between 1 and proxy.max_concurrent",
+        ));
+    }
+    if !(1..=c.max_concurrent).contains(&c.max_concurrent_per_caller) {
+        return Err(invalid(
+            "proxy.max_concurrent_per_caller",
             "must be between 1 and proxy.max_concurrent",
         ));
     }
@@ -355,158 +370,6 @@ pub fn is_reserved_header(name: &http::HeaderName) -> bool {
     RESERVED.contains(&n) || n.starts_with("proxy-")
 }
 
-/// What a host label taken from metadata is while the URL is checked, and in `base_url`.
-pub const PLACEHOLDER: &str = "credproxy-metadata-label";
-
-/// Splits `{key}` labels off the front of the URL's host: `https://{site}.atlassian.net/x`
-/// gives `https://credproxy-metadata-label.atlassian.net/x` and `["site"]`. Placeholders are
-/// whole leading labels, and at least two literal labels follow them (or `localhost`), so a
-/// credential's metadata chooses a tenant under the operator's domain, never the domain.
-fn host_placeholders(key: &str, value: &str) -> Result<(String, Vec<String>), ConfigError> {
-    if !value.contains(['{', '}']) {
-        return Ok((value.to_owned(), Vec::new()));
-    }
-    let refused = || {
-        invalid(
-            key,
-            "`{key}` may only stand for whole leading labels of the host, followed by at least two literal labels (`https://{site}.atlassian.net`)",
-        )
-    };
-    let (scheme, rest) = value.split_once("://").ok_or_else(refused)?;
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    if tail.contains(['{', '}']) || authority.contains('@') {
-        return Err(refused());
-    }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(']') && !h.is_empty() => (h, Some(p)),
-        _ => (authority, None),
-    };
-    let labels: Vec<&str> = host.split('.').collect();
-    let mut keys = Vec::new();
-    let mut out = Vec::with_capacity(labels.len());
-    for label in &labels {
-        match label.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
-            Some(name) if out.len() == keys.len() => {
-                let valid = !name.is_empty()
-                    && name.len() <= 64
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if !valid || keys.iter().any(|k| k == name) {
-                    return Err(invalid(
-                        key,
-                        "a `{key}` label names a metadata key: lowercase letters, digits and `_`, each once",
-                    ));
-                }
-                keys.push(name.to_owned());
-                out.push(PLACEHOLDER);
-            }
-            _ if label.contains(['{', '}']) => return Err(refused()),
-            _ => out.push(label),
-        }
-    }
-    // `{site}.localhost` names the loopback interface (RFC 6761), like `localhost` itself.
-    let literal = &labels[keys.len()..];
-    let loopback = literal.len() == 1 && literal[0].eq_ignore_ascii_case("localhost");
-    if literal.len() < 2 && !loopback {
-        return Err(refused());
-    }
-    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
-    Ok((format!("{scheme}://{}{port}{tail}", out.join(".")), keys))
-}
-
-/// `https://host[:port][/prefix]`; `http://` only to a loopback host, where nothing crosses a
-/// network. The URL is not quoted back in errors: it is the operator's, but may carry a token.
-fn base_url(key: &str, value: &str) -> Result<(url::Url, Vec<String>), ConfigError> {
-    let (value, keys) = host_placeholders(key, value)?;
-    let mut url =
-        url::Url::parse(&value).map_err(|e| invalid(key, format!("is not a URL ({e})")))?;
-    let Some(host) = url.host() else {
-        return Err(invalid(key, "must name a host"));
-    };
-    if !keys.is_empty() && !matches!(host, url::Host::Domain(_)) {
-        return Err(invalid(key, "`{key}` labels need a host name"));
-    }
-    let loopback = match host {
-        // RFC 6761: names under `localhost.` are the loopback interface.
-        url::Host::Domain(d) => {
-            let d = d.to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
-        url::Host::Ipv4(a) => a.is_loopback(),
-        url::Host::Ipv6(a) => a.is_loopback(),
-    };
-    match url.scheme() {
-        "https" => {}
-        "http" if loopback => {}
-        "http" => {
-            return Err(invalid(
-                key,
-                "must be https:// (http:// only to a loopback host: the secret would cross the network in clear)",
-            ))
-        }
-        _ => return Err(invalid(key, "must be an https:// URL")),
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            key,
-            "must not carry a user or password; the credential is applied by `auth`",
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(key, "must not have a query or a fragment"));
-    }
-    let path = url.path().trim_end_matches('/').to_owned();
-    if path
-        .split('/')
-        .skip(1)
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return Err(invalid(key, "has an empty, `.` or `..` path segment"));
-    }
-    url.set_path(&path);
-    Ok((url, keys))
-}
-
-impl Upstream {
-    /// The base URL for a credential whose metadata gives `label(key)` for each of
-    /// `host_labels`: the URL itself when it has none. `Err` names the key that is missing or
-    /// not a DNS label (one to 63 letters, digits and `-`, not starting or ending with `-`).
-    pub fn base_for<'k>(
-        &'k self,
-        label: impl Fn(&str) -> Option<String>,
-    ) -> Result<std::borrow::Cow<'k, url::Url>, &'k str> {
-        if self.host_labels.is_empty() {
-            return Ok(std::borrow::Cow::Borrowed(&self.base_url));
-        }
-        let host = self.base_url.host_str().unwrap_or_default();
-        let mut given = Vec::with_capacity(self.host_labels.len());
-        for key in &self.host_labels {
-            let value = label(key).ok_or(key.as_str())?.to_ascii_lowercase();
-            let valid = (1..=63).contains(&value.len())
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !value.starts_with('-')
-                && !value.ends_with('-');
-            if !valid {
-                return Err(key);
-            }
-            given.push(value);
-        }
-        let literal = host
-            .split('.')
-            .skip(self.host_labels.len())
-            .collect::<Vec<_>>()
-            .join(".");
-        let mut url = self.base_url.clone();
-        url.set_host(Some(&format!("{}.{literal}", given.join("."))))
-            .map_err(|_| self.host_labels[0].as_str())?;
-        Ok(std::borrow::Cow::Owned(url))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,8 +430,12 @@ mod tests {
         // A small API gets a proxy share that leaves it room.
         let small = validate(RawProxy::default(), 10).unwrap();
         assert_eq!(
-            (small.max_concurrent, small.max_concurrent_per_credential),
-            (5, 5)
+            (
+                small.max_concurrent,
+                small.max_concurrent_per_credential,
+                small.max_concurrent_per_caller
+            ),
+            (5, 5, 2)
         );
     }
 

@@ -205,8 +205,9 @@ pub(super) struct RawAccess {
     pub(super) workspaces: Option<Vec<String>>,
     #[serde(default = "yes")]
     pub(super) read: bool,
-    #[serde(default = "yes", rename = "use")]
-    pub(super) use_: bool,
+    /// Absent: as `read` (a rule that may not read may not use either unless it says so).
+    #[serde(rename = "use")]
+    pub(super) use_: Option<bool>,
     #[serde(default)]
     pub(super) write: bool,
     #[serde(default)]

@@ -362,7 +362,8 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
             Some(list)
         }
     };
-    if !(raw.read || raw.use_ || raw.write || raw.admin) {
+    let use_credentials = raw.use_.unwrap_or(raw.read);
+    if !(raw.read || use_credentials || raw.write || raw.admin) {
         return Err(invalid(
             format!("access[{i}]"),
             "grants nothing: read, use, write and admin are all false",
@@ -373,7 +374,7 @@ fn validate_access(i: usize, raw: RawAccess) -> Result<AccessRule, ConfigError> 
         environments,
         workspaces,
         read: raw.read,
-        use_credentials: raw.use_,
+        use_credentials,
         write: raw.write,
         admin: raw.admin,
     })

@@ -1,16 +1,18 @@
 //! Bodies that stream through the proxy without being held: the worker's request body on its
 //! way up, and the upstream's answer on its way back, each cut at `proxy.max_body_bytes`. The
-//! answer also holds the call's concurrency slots, so a call counts until its body ends.
+//! answer also holds the call's slots, so a call counts until its body ends.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::Slots;
+use super::{ProxyError, Slots};
+use crate::config::{ProxyConfig, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -22,25 +24,51 @@ pub enum BodyError {
     Upstream,
 }
 
-/// The worker's request body, streamed upstream. Going past `limit` fails the body (the
-/// upstream sees a broken request, never a truncated one that looks whole) and sets `exceeded`
-/// so the call is answered `413`.
-pub struct Upload {
-    inner: Incoming,
+/// Bytes seen against a limit.
+struct Counted {
     seen: u64,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
 }
 
-impl Upload {
-    pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
-        Self {
-            inner,
-            seen: 0,
-            limit,
-            exceeded,
+impl Counted {
+    /// Counts `frame`'s data; `false` once past the limit.
+    fn admits(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+        }
+        self.seen <= self.limit
+    }
+}
+
+/// How a streamed request body ended, when it did not end well: read after a failed send, to
+/// answer the worker for its own body rather than blame the upstream.
+#[derive(Clone, Default)]
+pub(super) struct UploadState(Arc<AtomicU8>);
+
+const TOO_LARGE: u8 = 1;
+const BROKE_OFF: u8 = 2;
+
+impl UploadState {
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Release);
+    }
+
+    /// The worker's part in a failed send, if it had one.
+    pub(super) fn error(&self) -> Option<ProxyError> {
+        match self.0.load(Ordering::Acquire) {
+            TOO_LARGE => Some(ProxyError::TooLarge),
+            BROKE_OFF => Some(ProxyError::WorkerBody("it broke off".into())),
+            _ => None,
         }
     }
+}
+
+/// The worker's request body, streamed upstream. Going past the limit fails the body (the
+/// upstream sees a broken request, never a truncated one that looks whole).
+pub struct Upload {
+    inner: Incoming,
+    counted: Counted,
+    state: UploadState,
 }
 
 impl Body for Upload {
@@ -53,18 +81,15 @@ impl Body for Upload {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.limit {
-                        this.exceeded.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+            Poll::Ready(Some(Ok(frame))) if !this.counted.admits(&frame) => {
+                this.state.set(TOO_LARGE);
+                Poll::Ready(Some(Err(BodyError::TooLarge)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Worker(e)))),
-            other => other.map(|_| None),
+            Poll::Ready(Some(Err(e))) => {
+                this.state.set(BROKE_OFF);
+                Poll::Ready(Some(Err(BodyError::Worker(e))))
+            }
+            other => other.map(|f| f.map(|f| f.map_err(BodyError::Worker))),
         }
     }
 
@@ -77,21 +102,98 @@ impl Body for Upload {
     }
 }
 
+/// The request body, as far as a retry is concerned.
+pub(super) enum Outgoing {
+    /// None at all (`None`), or read whole (at most `proxy.replay_buffer_bytes`, perhaps
+    /// empty: `Content-Length: 0`): can be sent again.
+    Replayable(Option<Bytes>),
+    /// Streamed as it arrives: sent once.
+    Streamed(Option<Upload>, UploadState),
+}
+
+impl Outgoing {
+    /// The worker's request body: none; read whole when small enough to send twice;
+    /// otherwise streamed. `declared`: the request had a `Content-Length`.
+    pub(super) async fn read(
+        config: &ProxyConfig,
+        upstream: &Upstream,
+        incoming: Incoming,
+        declared: bool,
+    ) -> Result<Outgoing, ProxyError> {
+        let length = incoming.size_hint().exact();
+        if incoming.is_end_stream() {
+            return Ok(Outgoing::Replayable(declared.then(Bytes::new)));
+        }
+        if length.is_some_and(|n| n > config.max_body_bytes) {
+            return Err(ProxyError::TooLarge);
+        }
+        if length.is_some_and(|n| n <= config.replay_buffer_bytes as u64) {
+            let read = tokio::time::timeout(upstream.timeout, incoming.collect()).await;
+            return match read {
+                Ok(Ok(collected)) => Ok(Outgoing::Replayable(Some(collected.to_bytes()))),
+                Ok(Err(e)) => Err(ProxyError::WorkerBody(e.to_string())),
+                Err(_) => Err(ProxyError::WorkerBody("it did not arrive in time".into())),
+            };
+        }
+        let state = UploadState::default();
+        let upload = Upload {
+            inner: incoming,
+            counted: Counted {
+                seen: 0,
+                limit: config.max_body_bytes,
+            },
+            state: state.clone(),
+        };
+        Ok(Outgoing::Streamed(Some(upload), state))
+    }
+
+    /// Adds the body to `builder` (the first time only, for a streamed one); whether it can be
+    /// sent again.
+    pub(super) fn attach(
+        &mut self,
+        mut builder: reqwest::RequestBuilder,
+    ) -> (reqwest::RequestBuilder, bool) {
+        match self {
+            Outgoing::Replayable(Some(bytes)) => {
+                // An empty body is sent with its `Content-Length: 0`: some servers refuse a
+                // POST without one (411).
+                builder = builder
+                    .header(http::header::CONTENT_LENGTH, bytes.len())
+                    .body(bytes.clone());
+                (builder, true)
+            }
+            Outgoing::Replayable(None) => (builder, true),
+            Outgoing::Streamed(upload, _) => {
+                if let Some(upload) = upload.take() {
+                    builder = builder.body(reqwest::Body::wrap(upload));
+                }
+                (builder, false)
+            }
+        }
+    }
+
+    /// What the worker's body had to do with a failed send.
+    pub(super) fn error(&self) -> Option<ProxyError> {
+        match self {
+            Outgoing::Streamed(_, state) => state.error(),
+            Outgoing::Replayable(_) => None,
+        }
+    }
+}
+
 /// The upstream's answer body, streamed to the worker.
 pub struct Answer {
     inner: reqwest::Body,
-    seen: u64,
-    limit: u64,
-    /// The call's slots and its metric handles; released when the body ends or is dropped.
+    counted: Counted,
+    /// Released when the body ends, fails or is dropped.
     slots: Option<Slots>,
 }
 
 impl Answer {
-    pub fn new(inner: reqwest::Body, limit: u64, slots: Slots) -> Self {
+    pub(super) fn new(inner: reqwest::Body, limit: u64, slots: Slots) -> Self {
         Self {
             inner,
-            seen: 0,
-            limit,
+            counted: Counted { seen: 0, limit },
             slots: Some(slots),
         }
     }
@@ -113,16 +215,11 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.limit {
-                        this.failed("body");
-                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+            Poll::Ready(Some(Ok(frame))) if !this.counted.admits(&frame) => {
+                this.failed("body");
+                Poll::Ready(Some(Err(BodyError::TooLarge)))
             }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
                 let kind = if e.is_timeout() { "timeout" } else { "body" };
                 // Without the URL: it may carry the credential (the `query` kind).

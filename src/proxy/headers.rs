@@ -59,17 +59,46 @@ pub fn request(worker: &HeaderMap, token_header: &HeaderName, auth: &ProxyAuth) 
     out
 }
 
-/// The upstream's headers that go back to the worker.
-pub fn answer(upstream: &HeaderMap) -> HeaderMap {
+/// What stands in an answer's header for a secret value the upstream repeated.
+const BLANKED: &str = "[REDACTED]";
+
+/// The upstream's headers that go back to the worker, with every `secrets` value (as it was
+/// sent, and percent-encoded as the `query` kind sends it) blanked out: a redirect's
+/// `Location` or a pagination `Link` would otherwise hand the worker the query parameter.
+pub fn answer(upstream: &HeaderMap, secrets: &[&str]) -> HeaderMap {
     let extra = named_by_connection(upstream);
+    let forms: Vec<String> = secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .flat_map(|s| [(*s).to_owned(), super::target::encode_value(s)])
+        .collect();
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
         let n = name.as_str();
-        if !HOP_BY_HOP.contains(&n) && !extra.iter().any(|e| e == n) {
-            out.append(name.clone(), value.clone());
+        if HOP_BY_HOP.contains(&n) || extra.iter().any(|e| e == n) {
+            continue;
         }
+        out.append(name.clone(), blank(value, &forms));
     }
     out
+}
+
+fn blank(value: &HeaderValue, forms: &[String]) -> HeaderValue {
+    let bytes = value.as_bytes();
+    if !forms.iter().any(|f| contains(bytes, f.as_bytes())) {
+        return value.clone();
+    }
+    let mut text = Zeroizing::new(String::from_utf8_lossy(bytes).into_owned());
+    for form in forms {
+        if text.contains(form.as_str()) {
+            *text = text.replace(form.as_str(), BLANKED);
+        }
+    }
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(BLANKED))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// What the secret adds to a call: a header, or a query parameter (name, value).
@@ -259,9 +288,20 @@ mod tests {
         ] {
             upstream.append(HeaderName::from_static(n), HeaderValue::from_static(v));
         }
-        let back = answer(&upstream);
+        upstream.append(
+            HeaderName::from_static("location"),
+            HeaderValue::from_static("https://x.example/a/?q=1&key=s3cr%26t%3D&b=s3cr&t="),
+        );
+        let back = answer(&upstream, &["s3cr&t="]);
+        assert_eq!(
+            back["location"],
+            "https://x.example/a/?q=1&key=[REDACTED]&b=[REDACTED]"
+        );
         let mut names: Vec<&str> = back.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names, ["content-type", "retry-after", "set-cookie"]);
+        assert_eq!(
+            names,
+            ["content-type", "location", "retry-after", "set-cookie"]
+        );
     }
 }

@@ -69,8 +69,13 @@ pub fn check_path(rest: &str) -> Result<(), Refusal> {
             return Err("backslash or control character in the path");
         }
         let decoded = percent_decode_str(raw).collect::<Vec<u8>>();
-        if decoded == b"." || decoded == b".." {
-            return Err("`.` or `..` path segment (also when percent-encoded)");
+        // Servlet containers (Tomcat, Jetty) drop a segment's `;parameters` before they
+        // resolve dot segments: `..;x` is `..` to them.
+        let before_parameters = decoded.split(|b| *b == b';').next().unwrap_or_default();
+        if before_parameters == b"." || before_parameters == b".." {
+            return Err(
+                "`.` or `..` path segment (also when percent-encoded or with `;` parameters)",
+            );
         }
         if decoded
             .iter()
@@ -152,6 +157,11 @@ fn query_with(query: Option<&str>, parameter: Option<(&str, &str)>) -> Option<St
     Some(out)
 }
 
+/// `value` percent-encoded as a query parameter's value is sent.
+pub fn encode_value(value: &str) -> String {
+    utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +191,12 @@ mod tests {
                 "/items/{id}",
                 None,
                 "https://api.example.com/items/%7Bid%7D",
+            ),
+            (
+                &root,
+                "/a;v=1/..x/...",
+                None,
+                "https://api.example.com/a;v=1/..x/...",
             ),
             (
                 &root,
@@ -221,6 +237,9 @@ mod tests {
             "/a\\b",
             "/a%00b",
             "/a%252e%252e",
+            "/..;/admin",
+            "/..%3b/admin",
+            "/.;x/y",
             "x",
             "evil.example/x",
         ] {

@@ -273,7 +273,12 @@ where
                 "request"
             );
             let metrics = app.service.metrics();
-            if status == StatusCode::FORBIDDEN {
+            // An upstream's own 403, passed through the proxy, is no refusal of credproxy's.
+            let upstreams = response
+                .extensions()
+                .get::<crate::proxy::UpstreamAnswer>()
+                .is_some();
+            if status == StatusCode::FORBIDDEN && !upstreams {
                 metrics.access_denied.inc();
             }
             app.observed

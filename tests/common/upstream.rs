@@ -241,6 +241,8 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         "body_bytes": seen.body_bytes,
         "authorized": authorized,
     });
+    let parts_host = seen.header("host").unwrap_or_default();
+    let (parts_path, parts_query) = (seen.path.clone(), seen.query.clone());
     let rejected = seen
         .bearer()
         .is_some_and(|t| shared.reject.lock().unwrap().contains(&t));
@@ -250,8 +252,26 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         .unwrap_or(&seen.path)
         .to_owned();
     shared.seen.lock().unwrap().push(seen);
-    if rejected {
+    if rejected || rest == "/always-401" {
         return full(401, json!({"error": "invalid_token"}));
+    }
+    if rest == "/slash" {
+        // What a server that adds a trailing slash answers: the query it got, secret and all,
+        // in `Location`.
+        let mut r = full(301, json!({"moved": true}));
+        let host = &parts_host;
+        let query = parts_query
+            .as_deref()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let location = format!("https://{host}{}/{query}", parts_path);
+        r.headers_mut()
+            .insert("location", location.parse().unwrap());
+        r.headers_mut().insert(
+            "link",
+            format!("<{location}>; rel=\"next\"").parse().unwrap(),
+        );
+        return r;
     }
     if rest == "/hold" {
         shared.holding.fetch_add(1, Ordering::SeqCst);

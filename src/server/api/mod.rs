@@ -363,7 +363,11 @@ pub async fn handle(
         dispatch(app, caller, route, (id, rest), request, &mut audit),
     )
     .await;
-    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+    let upstreams = response
+        .extensions()
+        .get::<crate::proxy::UpstreamAnswer>()
+        .is_some();
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED && !upstreams {
         // RFC 9110 §15.5.6: a 405 says which methods the resource has.
         if let Ok(allow) = hyper::header::HeaderValue::from_str(&allowed_methods(uri.path())) {
             response.headers_mut().insert(hyper::header::ALLOW, allow);

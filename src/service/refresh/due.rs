@@ -121,7 +121,7 @@ impl Service {
 
     /// Runs a refresh in a task of its own: once a token request is sent, nothing — a caller
     /// giving up, a request deadline — may cancel it before its answer is written back.
-    fn spawn_refresh(
+    pub(super) fn spawn_refresh(
         self: &Arc<Self>,
         id: &str,
         seen_row_version: i64,
@@ -159,39 +159,6 @@ impl Service {
                     retry_after: Duration::from_secs(1),
                 })
             })
-    }
-
-    /// The egress proxy's upstream answered `401` to the access token of `entry`: replaces
-    /// that token (one refresh however many calls saw it refused, across a fleet too: the
-    /// refresh skips a row that moved on since `entry` was read). Returns whether a call may
-    /// be retried with what the credential holds now. A secrets manager credproxy never
-    /// writes to refreshes its tokens itself: its cache entry is dropped so the next call
-    /// reads the current one.
-    pub async fn refresh_rejected(self: &Arc<Self>, id: &str, entry: &Entry) -> bool {
-        if !entry.has_oauth() {
-            return false;
-        }
-        if self.is_read_only(entry.manager_id()) {
-            self.cache.invalidate(id);
-            return false;
-        }
-        if self.oauth.backoff.remaining(id).is_some() {
-            return false;
-        }
-        match self
-            .spawn_refresh(id, entry.row_version(), Trigger::Rejected)
-            .await
-        {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                tracing::info!(credential = id, error = %e, "the upstream refused the access token and it could not be refreshed");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(credential = id, error = %e, "the refresh task failed");
-                false
-            }
-        }
     }
 
     /// One pass of the background refresher: refreshes every token inside its window, at

@@ -10,6 +10,7 @@
 mod due;
 mod exchange;
 mod lease;
+mod rejected;
 mod write_back;
 
 use crate::cache::Entry;
@@ -63,6 +64,9 @@ pub(crate) struct OAuthState {
     holder: String,
     /// Credentials already warned about refreshing faster than their secrets manager advises.
     warned_write_rate: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Refreshes after upstream `401`s, so an upstream that refuses every token does not turn
+    /// each call into a token request and a new secret version.
+    rejected: rejected::Rejections,
 }
 
 impl OAuthState {
@@ -73,6 +77,7 @@ impl OAuthState {
             limiter: tokio::sync::Semaphore::new(config.max_concurrent),
             holder: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4()),
             warned_write_rate: Default::default(),
+            rejected: rejected::Rejections::default(),
         }
     }
 }
