@@ -987,6 +987,50 @@ async fn answers_keep_the_secret_out_of_their_headers_and_bodiless_answers_pass(
 }
 
 #[tokio::test]
+async fn a_worker_that_stops_reading_gives_its_slots_back_at_the_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        set(c, "proxy", "max_concurrent_per_credential", 1_i64);
+        let timeout = [("timeout", "5s".into())];
+        let url = upstream.url("/api");
+        set_upstreams(c, vec![entry("big", &url, "bearer", Some(&ca), &timeout)]);
+    })
+    .await;
+    let id = create_typed(
+        &d,
+        "Production",
+        "big",
+        json!({"access_token": "CANARY-big"}),
+    )
+    .await;
+    // Asks for 100 MB and reads none of it: the daemon's writes stall, and nothing polls the
+    // answer's body any more.
+    let mut stalled = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let head = format!("GET /v1/proxy/{id}/download/100000000 HTTP/1.1\r\nHost: l\r\n\r\n");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let in_flight = "credproxy_proxy_in_flight";
+    wait_for("the stalled call to hold its slot", || async {
+        d.metric(in_flight).await == 1.0
+    })
+    .await;
+    let busy = get(&d, &format!("/v1/proxy/{id}/x")).await;
+    busy.assert_error(503, "overloaded");
+    // Its upstream's `timeout` (5 s) frees the slot though the worker still holds the
+    // connection open.
+    wait_for("the slot to be given back", || async {
+        d.metric(in_flight).await == 0.0
+    })
+    .await;
+    let answer = get(&d, &format!("/v1/proxy/{id}/x")).await;
+    assert_eq!(answer.status, 200, "{}", answer.describe());
+    let cut = r#"credproxy_proxy_upstream_errors_total{integration_type="big",kind="timeout"}"#;
+    assert_eq!(d.metric(cut).await, 1.0);
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn a_host_label_from_the_credentials_metadata_picks_the_tenant() {
     let upstream = Upstream::start().await;
     let d = Daemon::start(|c, dir| {

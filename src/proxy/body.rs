@@ -181,27 +181,71 @@ impl Outgoing {
     }
 }
 
-/// The upstream's answer body, streamed to the worker.
+/// The upstream's answer body, streamed to the worker. Its part that holds anything (the
+/// upstream's body and the call's slots) is shared with a watchdog that empties it at the
+/// call's deadline: a worker that stops reading is no longer polled by the server, so a
+/// deadline inside the body alone would never fire, and the slots would be held for as long
+/// as the worker keeps its connection open.
 pub struct Answer {
-    inner: reqwest::Body,
-    counted: Counted,
-    /// Released when the body ends, fails or is dropped.
-    slots: Option<Slots>,
+    held: Arc<std::sync::Mutex<Held>>,
+    watchdog: tokio::task::AbortHandle,
 }
 
-impl Answer {
-    pub(super) fn new(inner: reqwest::Body, limit: u64, slots: Slots) -> Self {
-        Self {
-            inner,
-            counted: Counted { seen: 0, limit },
-            slots: Some(slots),
-        }
-    }
+struct Held {
+    inner: Option<reqwest::Body>,
+    counted: Counted,
+    slots: Option<Slots>,
+    /// The body ended cleanly (`inner` is gone without a failure).
+    ended: bool,
+}
 
+impl Held {
     fn failed(&mut self, kind: &str) {
+        self.inner = None;
         if let Some(slots) = self.slots.take() {
             slots.failed(kind);
         }
+    }
+}
+
+impl Answer {
+    pub(super) fn new(
+        inner: reqwest::Body,
+        limit: u64,
+        slots: Slots,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        let held = Arc::new(std::sync::Mutex::new(Held {
+            inner: Some(inner),
+            counted: Counted { seen: 0, limit },
+            slots: Some(slots),
+            ended: false,
+        }));
+        let watched = Arc::downgrade(&held);
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            if let Some(held) = watched.upgrade() {
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                if held.inner.is_some() {
+                    tracing::info!(
+                        "a proxied answer was still streaming at its upstream's timeout; cut"
+                    );
+                    held.failed("timeout");
+                }
+            }
+        })
+        .abort_handle();
+        Self { held, watchdog }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.watchdog.abort();
     }
 }
 
@@ -210,13 +254,22 @@ impl Body for Answer {
     type Error = BodyError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) if !this.counted.admits(&frame) => {
-                this.failed("body");
+        let mut held = self.held();
+        let held = &mut *held;
+        let Some(inner) = held.inner.as_mut() else {
+            // Ended, or cut (by the limit, the watchdog or a failure): never a silent end.
+            return if held.ended {
+                Poll::Ready(None)
+            } else {
+                Poll::Ready(Some(Err(BodyError::Upstream)))
+            };
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if !held.counted.admits(&frame) => {
+                held.failed("body");
                 Poll::Ready(Some(Err(BodyError::TooLarge)))
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
@@ -224,11 +277,13 @@ impl Body for Answer {
                 let kind = if e.is_timeout() { "timeout" } else { "body" };
                 // Without the URL: it may carry the credential (the `query` kind).
                 tracing::info!(error = %e.without_url(), "an upstream's answer broke off");
-                this.failed(kind);
+                held.failed(kind);
                 Poll::Ready(Some(Err(BodyError::Upstream)))
             }
             Poll::Ready(None) => {
-                this.slots = None;
+                held.inner = None;
+                held.slots = None;
+                held.ended = true;
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -236,10 +291,16 @@ impl Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // A cut body is not at its end: the next poll reports the failure, so the worker sees
+        // a broken answer, never a short one that looks whole.
+        let held = self.held();
+        held.ended || held.inner.as_ref().is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.held()
+            .inner
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }

@@ -5,6 +5,8 @@
 //! those `Connection` names, `Content-Length`, `Expect`), credproxy's TCP token, and the header
 //! the upstream's `header` kind sets. Dropped from the answer: hop-by-hop headers.
 
+use std::collections::HashSet;
+
 use base64::Engine;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION};
 use zeroize::Zeroizing;
@@ -23,8 +25,22 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
+/// Headers that make some servers route a request elsewhere than its path says (IIS,
+/// Symfony, method overrides): a worker may choose a path under the base URL, not one beside it.
+const REROUTING: [&str; 5] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// At most this many names of a `Connection` header are honoured: hundreds of thousands of
+/// them would otherwise cost a comparison against every header each.
+const MAX_CONNECTION_NAMES: usize = 64;
+
 /// Names listed in `Connection` headers: hop-by-hop for this message.
-fn named_by_connection(headers: &HeaderMap) -> Vec<String> {
+fn named_by_connection(headers: &HeaderMap) -> HashSet<String> {
     headers
         .get_all(CONNECTION)
         .iter()
@@ -32,26 +48,37 @@ fn named_by_connection(headers: &HeaderMap) -> Vec<String> {
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
         .filter(|n| !n.is_empty())
+        .take(MAX_CONNECTION_NAMES)
         .collect()
+}
+
+/// A header name as servers that map `-` and `_` alike (CGI, WSGI, nginx with
+/// `underscores_in_headers`) read it: `X_Api_Key` is `x-api-key` to them.
+fn loose(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
 }
 
 /// The worker's headers that go upstream.
 pub fn request(worker: &HeaderMap, token_header: &HeaderName, auth: &ProxyAuth) -> HeaderMap {
     let extra = named_by_connection(worker);
     let set_by_auth = match auth {
-        ProxyAuth::Header { header, .. } => Some(header.as_str()),
-        _ => None,
+        ProxyAuth::Header { header, .. } => loose(header),
+        _ => AUTHORIZATION.as_str().to_owned(),
     };
     let mut out = HeaderMap::with_capacity(worker.len());
     for (name, value) in worker {
         let n = name.as_str();
+        let l = loose(n);
         let dropped = name == AUTHORIZATION
             || name == token_header
             || is_reserved_header(name)
             || HOP_BY_HOP.contains(&n)
-            || n.starts_with("x-forwarded-")
-            || set_by_auth == Some(n)
-            || extra.iter().any(|e| e == n);
+            || REROUTING.contains(&n)
+            || l.starts_with("x-forwarded-")
+            || l.starts_with("proxy-")
+            || l == set_by_auth
+            || l == "authorization"
+            || extra.contains(n);
         if !dropped {
             out.append(name.clone(), value.clone());
         }
@@ -75,7 +102,7 @@ pub fn answer(upstream: &HeaderMap, secrets: &[&str]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || extra.iter().any(|e| e == n) {
+        if HOP_BY_HOP.contains(&n) || extra.contains(n) {
             continue;
         }
         out.append(name.clone(), blank(value, &forms));
@@ -259,6 +286,10 @@ mod tests {
             ("expect", "100-continue"),
             ("x-credproxy-token", "t"),
             ("x-api-key", "mine"),
+            ("x_api_key", "mine too"),
+            ("proxy_authorization", "x"),
+            ("x-original-url", "/admin"),
+            ("x-http-method-override", "TRACE"),
             ("x-forwarded-host", "evil"),
             ("accept", "application/json"),
             ("content-type", "application/json"),

@@ -208,7 +208,8 @@ impl Proxy {
             .duration
             .with_label_values(&[&upstream.integration_type])
             .observe(started.elapsed().as_secs_f64());
-        answer(response, &parts.method, config, slots, &applied)
+        let deadline = started + upstream.timeout;
+        answer(response, &parts.method, config, slots, &applied, deadline)
     }
 
     /// What a failed send becomes, counted and logged (without the URL, which may carry the
@@ -246,6 +247,7 @@ fn answer(
     config: &ProxyConfig,
     slots: Slots,
     applied: &[Zeroizing<String>],
+    deadline: Instant,
 ) -> Result<Response<Answer>, ProxyError> {
     let bodiless = method == Method::HEAD
         || matches!(
@@ -265,7 +267,8 @@ fn answer(
     let response: http::Response<reqwest::Body> = response.into();
     let (parts, inner) = response.into_parts();
     let secrets: Vec<&str> = applied.iter().map(|s| s.as_str()).collect();
-    let mut answer = Response::new(Answer::new(inner, config.max_body_bytes, slots));
+    let body = Answer::new(inner, config.max_body_bytes, slots, deadline);
+    let mut answer = Response::new(body);
     *answer.status_mut() = parts.status;
     *answer.headers_mut() = headers::answer(&parts.headers, &secrets);
     answer.extensions_mut().insert(UpstreamAnswer);

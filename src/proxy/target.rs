@@ -69,13 +69,12 @@ pub fn check_path(rest: &str) -> Result<(), Refusal> {
             return Err("backslash or control character in the path");
         }
         let decoded = percent_decode_str(raw).collect::<Vec<u8>>();
-        // Servlet containers (Tomcat, Jetty) drop a segment's `;parameters` before they
-        // resolve dot segments: `..;x` is `..` to them.
-        let before_parameters = decoded.split(|b| *b == b';').next().unwrap_or_default();
-        if before_parameters == b"." || before_parameters == b".." {
-            return Err(
-                "`.` or `..` path segment (also when percent-encoded or with `;` parameters)",
-            );
+        // Overlong encodings (`%c0%ae` for `.`) are not UTF-8: some decoders still read them.
+        let Ok(decoded_text) = std::str::from_utf8(&decoded) else {
+            return Err("a path segment is not UTF-8 once percent-decoded");
+        };
+        if is_dot_segment(decoded_text) {
+            return Err("`.` or `..` path segment (also when percent-encoded, with `;` parameters, spaces or full-width dots)");
         }
         if decoded
             .iter()
@@ -85,6 +84,22 @@ pub fn check_path(rest: &str) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Whether some server would read `segment` as `.` or `..`: servlet containers drop its
+/// `;parameters` first (`..;x`), Windows servers trim trailing spaces and dots, servers that
+/// normalise Unicode (NFKC) read full-width and other dot look-alikes as dots.
+fn is_dot_segment(segment: &str) -> bool {
+    let before_parameters = segment.split(';').next().unwrap_or_default();
+    let dots: String = before_parameters
+        .trim_matches(char::is_whitespace)
+        .chars()
+        .map(|c| match c {
+            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' => '.',
+            c => c,
+        })
+        .collect();
+    matches!(dots.as_str(), "." | "..")
 }
 
 /// The upstream URL of a call: `base`'s scheme, host, port and path, then `rest` (checked by
@@ -140,12 +155,17 @@ fn query_with(query: Option<&str>, parameter: Option<(&str, &str)>) -> Option<St
         return query.map(str::to_owned);
     };
     let mut out = String::new();
+    let name_loosely = loose_key(name);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        let key = percent_decode_str(&key.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned();
-        if key == name {
+        // Some parsers also split on `;`, ignore case or `[]`: any part of the pair that one
+        // of them would take for the parameter drops the pair.
+        let names_it = pair.split(';').any(|part| {
+            let key = part.split_once('=').map_or(part, |(k, _)| k);
+            let spaced = key.replace('+', " ");
+            let key = percent_decode_str(&spaced).decode_utf8_lossy();
+            key == name || loose_key(&key) == name_loosely
+        });
+        if names_it {
             continue;
         }
         out.push_str(pair);
@@ -155,6 +175,14 @@ fn query_with(query: Option<&str>, parameter: Option<(&str, &str)>) -> Option<St
     out.push('=');
     out.extend(utf8_percent_encode(value, QUERY_VALUE));
     Some(out)
+}
+
+/// A parameter name as the loosest parsers compare them: letters and digits, lowercased.
+fn loose_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// `value` percent-encoded as a query parameter's value is sent.
@@ -238,6 +266,11 @@ mod tests {
             "/a%00b",
             "/a%252e%252e",
             "/..;/admin",
+            "/%c0%ae%c0%ae/x",
+            "/%e0%80%ae/x",
+            "/%ef%bc%8e%ef%bc%8e/x",
+            "/..%20/x",
+            "/%20../x",
             "/..%3b/admin",
             "/.;x/y",
             "x",
@@ -253,13 +286,13 @@ mod tests {
         let url = build(
             &b,
             "/geocode",
-            Some("key=mine&address=a+b&Key=x&k%65y=also"),
+            Some("key=mine&address=a+b&Key=x&k%65y=also&KEY[]=y&a=1;key=z&key%00=w&keys=ok"),
             Some(("key", "s3cr&t=/")),
         )
         .unwrap();
         assert_eq!(
             url.query(),
-            Some("address=a+b&Key=x&key=s3cr%26t%3D%2F"),
+            Some("address=a+b&keys=ok&key=s3cr%26t%3D%2F"),
             "{url}"
         );
         let url = build(&b, "", None, Some(("api key", "v"))).unwrap();
