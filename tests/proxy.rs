@@ -974,6 +974,17 @@ async fn answers_keep_the_secret_out_of_their_headers_and_bodiless_answers_pass(
         upstream.last().header("content-length").as_deref(),
         Some("0")
     );
+    // Calls reuse a pooled connection (keep-alive) rather than open one each.
+    let connections = upstream.connections();
+    for _ in 0..5 {
+        let answer = get(&d, &format!("/v1/proxy/{files}/again")).await;
+        assert_eq!(answer.status, 200, "{}", answer.describe());
+    }
+    assert!(
+        upstream.connections() <= connections + 1,
+        "{} connections for 5 calls",
+        upstream.connections() - connections
+    );
     // An upstream's own 405 keeps its own `Allow`, and its 403 is no refusal of credproxy's.
     let denied = r"credproxy_access_denied_total";
     let before = d.metric(denied).await;
@@ -1028,6 +1039,40 @@ async fn a_worker_that_stops_reading_gives_its_slots_back_at_the_timeout() {
     let cut = r#"credproxy_proxy_upstream_errors_total{integration_type="big",kind="timeout"}"#;
     assert_eq!(d.metric(cut).await, 1.0);
     drop(stalled);
+}
+
+#[tokio::test]
+async fn an_upstream_offering_http2_gets_http2_over_one_connection() {
+    let upstream = Upstream::start_h2().await;
+    let d = Daemon::start(|c, dir| {
+        let ca = upstream.write_ca(dir);
+        let header = [("header", "x-api-key".into()), ("field", "api_key".into())];
+        let url = upstream.url("/api");
+        set_upstreams(c, vec![entry("h2", &url, "header", Some(&ca), &header)]);
+    })
+    .await;
+    let id = create_typed(&d, "Production", "h2", json!({"api_key": "CANARY-h2"})).await;
+    // Once a connection is up, calls at once share it. (Before, concurrent calls each connect:
+    // which protocol the upstream speaks is known only after the handshake.)
+    let first = get(&d, &format!("/v1/proxy/{id}/items/first")).await;
+    assert_eq!(first.status, 200, "{}", first.describe());
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let path = format!("/v1/proxy/{id}/items/{i}");
+            let d = &d;
+            async move { get(d, &path).await }
+        })
+        .collect();
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.status, 200, "{}", answer.describe());
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 9);
+    for s in &seen {
+        assert_eq!(s.version, hyper::Version::HTTP_2);
+        assert_eq!(s.header("x-api-key").as_deref(), Some("CANARY-h2"));
+    }
+    assert_eq!(upstream.connections(), 1);
 }
 
 #[tokio::test]

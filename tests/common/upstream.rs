@@ -110,6 +110,7 @@ impl Counter {
 /// One request the upstream received.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    pub version: hyper::Version,
     pub method: String,
     /// As on the request line: not decoded.
     pub path: String,
@@ -211,6 +212,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
         }
     }
     let seen = Seen {
+        version: parts.version,
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
@@ -309,9 +311,22 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Bod
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_offering(false).await
+    }
+
+    /// An upstream that also offers HTTP/2 (ALPN `h2`).
+    pub async fn start_h2() -> Upstream {
+        Self::start_offering(true).await
+    }
+
+    async fn start_offering(h2: bool) -> Upstream {
         // `acme.localhost`: an upstream whose host takes a label from the credential's metadata.
         let (tls, ca_pem) = super::fakes::test_tls(&["127.0.0.1", "localhost", "acme.localhost"]);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let mut tls = Arc::unwrap_or_clone(tls);
+        if h2 {
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -341,9 +356,16 @@ impl Upstream {
                         let state = Arc::clone(&state);
                         async move { Ok::<_, Infallible>(handle(state, r).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let executor = hyper_util::rt::TokioExecutor::new();
+                        let _ = hyper::server::conn::http2::Builder::new(executor)
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    }
                 });
                 while connections.try_join_next().is_some() {}
             }
