@@ -1,9 +1,10 @@
 //! A minimal fast upstream for the egress proxy's benchmark: an HTTP/1.1 server on 127.0.0.1
-//! (the daemon's runtime and hyper settings, as examples/http_floor.rs) that answers every
-//! request, whatever its method, path or headers, 200 with a fixed JSON body of about 200 bytes,
-//! and does nothing else. `scripts/bench.sh proxy` measures it directly and through
-//! `/v1/proxy/{id}/...` with the same client in the same run, so the difference between the
-//! two rows is what the proxy adds per call.
+//! (the daemon's runtime, as examples/http_floor.rs) that answers every request, whatever its
+//! method, path or headers, 200 with a fixed JSON body of about 200 bytes, and does nothing
+//! else. `scripts/bench.sh proxy` measures it directly and through `/v1/proxy/{id}/...` with
+//! the same client in the same run, so the difference between the two rows is what the proxy
+//! adds per call. It never closes an idle keep-alive connection (no header read timeout), so
+//! the connections the benchmark sees closed are the ones the daemon closed.
 //!
 //! PORT 0 picks a free port. Either way the first line on stdout is `listening on ADDR`.
 //! With `--tls CA-PATH` it serves HTTPS (HTTP/1.1 only, by ALPN) with a certificate for
@@ -25,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -95,12 +96,10 @@ async fn serve(port: u16, tls: Option<String>, bearer: Option<Arc<str>>) -> std:
                     )
                 }
             });
-            // The daemon's connection settings (server::serve_connection).
+            // No timer, so no header read timeout (hyper's default is 30 s with a timer): an
+            // idle pooled connection stays open until its client closes it.
             let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .half_close(true)
-                .header_read_timeout(std::time::Duration::from_secs(10));
+            builder.half_close(true);
             let _ = match acceptor {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {

@@ -522,7 +522,7 @@ bench_proxy() {
   echo "- direct = oha $direct_url with its own \`authorization: Bearer\`; proxied = oha --unix-socket ... $proxy_url, no authorization (the proxy adds it)"
   echo "- $(oha --version): keep-alive, the same flags for both (-z $duration -w -c C${tls:+ --cacert CA}), direct then proxied at each level, after a $warmup warm-up of each at c=16; oha, the daemon and the upstream share the machine's $(nproc) cores"
   echo "- added = proxied − direct; CPU = utime + stime (/proc/PID/stat fields 14, 15; CLK_TCK = $ticks) over the run / calls answered"
-  echo "- upstream connections = the loopback TCP connections to $addr established right after the proxied run (the daemon's idle pool) / entering TIME-WAIT during it (connections closed: 0 if the daemon reuses its connections)"
+  echo "- upstream connections = the loopback TCP connections to $addr established right after the proxied run (the daemon's idle pool) / entering TIME-WAIT during it (connections closed: the upstream never closes one, so 0 if the daemon reuses its connections)"
   echo
   echo "| c | calls | req/s | p50 | p99 | added p50 | added p99 | daemon CPU µs/call (user + kernel) | upstream CPU µs/call | upstream connections | load (1/5/15 min) |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"
