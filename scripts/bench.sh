@@ -21,13 +21,23 @@
 #                                 OpenBao (examples/backend_latency.rs), N per backend (500)
 #   scripts/bench.sh profile      `perf record -g` of the daemon under cached reads, c = 64,
 #                                 audit on; prints the top of `perf report --no-children`
+#   scripts/bench.sh proxy        the egress proxy's overhead: examples/proxy_upstream.rs on
+#                                 127.0.0.1 (200 + a 197-byte JSON body), called with oha directly
+#                                 and through ANY /v1/proxy/{id}/v1/x on the Unix socket, c = 1
+#                                 and 64, in the same run: req/s, p50/p99 of both, the latency the
+#                                 proxy adds, the daemon's and the upstream's CPU per call; the
+#                                 shipped config plus one [[proxy.upstreams]] (auth = "bearer")
+#                                 and [proxy] max_concurrent_per_credential raised to the highest
+#                                 concurrency level
 #
 # Environment:
 #   BACKEND=local|aws|vault   read/profile: where the credential lives (moto / OpenBao from
 #                             .peers/, installed by scripts/test.sh); aws and vault add a
 #                             [[secrets_manager]] and routing.default to the shipped config
 #   DURATION=10s WARMUP=3s    length of each oha run and of the warm-up before each daemon's runs
-#   CONCURRENCY="1 16 64"     read: the concurrency levels
+#   CONCURRENCY="1 16 64"     read (proxy: "1 64"): the concurrency levels
+#   TLS=1                     proxy: the upstream serves HTTPS (a CA made at its start, given
+#                             to the daemon as the upstream's ca_file and to oha as --cacert)
 #   CONNECTIONS=4             memory: connections the loader writes and reads over
 #
 # The daemon runs from a temporary directory holding a copy of config/, so the relative var/
@@ -38,7 +48,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 mode=${1:-read}
-case "$mode" in read | floor | batch | memory | cold | profile) ;; *)
+case "$mode" in read | floor | batch | memory | cold | profile | proxy) ;; *)
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
   exit 2 ;;
 esac
@@ -81,8 +91,9 @@ pids=()
 pid=""
 cleanup() {
   local p
+  # (wait answers 143 for a process TERM ended; under set -e that would end the trap here.)
   for p in ${pid:+"$pid"} "${pids[@]}"; do
-    kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+    kill "$p" 2>/dev/null && { wait "$p" 2>/dev/null || true; }
   done
   if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
@@ -160,8 +171,17 @@ stop_daemon() {
 }
 
 ticks=$(getconf CLK_TCK)
-# utime and stime (fields 14 and 15 of /proc/PID/stat; the command name may hold spaces).
-cpu_ticks() { sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12, $13}'; }
+# utime and stime (fields 14 and 15 of /proc/PID/stat; the command name may hold spaces) of
+# PID, by default the daemon's.
+cpu_ticks() { sed 's/.*) //' "/proc/${1:-$pid}/stat" | awk '{print $12, $13}'; }
+# CPU µs per unit between two cpu_ticks samples: "total (user + kernel)".
+cpu_per() { # BEFORE AFTER UNITS
+  local u0 s0 u1 s1
+  read -r u0 s0 <<<"$1"
+  read -r u1 s1 <<<"$2"
+  awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n="$3" \
+    'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }'
+}
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$pid/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$pid/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -176,28 +196,31 @@ header() {
   for note in "${notes[@]}"; do echo "- $note"; done
 }
 
+# One timed oha run (-z $duration -w) with OHA-ARGS, its JSON in FILE; dies unless every request
+# was answered 200. Prints: requests answered, req/s, p50 ms, p99 ms. Call it as `row=$(...)`
+# (not inside `local` or a here-string), so that its failure ends the script.
+oha_run() { # LABEL FILE OHA-ARGS...
+  local label=$1 json=$2
+  shift 2
+  oha --no-tui --output-format json -z "$duration" -w "$@" > "$json"
+  local n bad
+  n=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
+  bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
+  [ "$n" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "$label: not every request was answered 200"; }
+  jq -r --argjson n "$n" '[$n, (.summary.requestsPerSec | floor), (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json"
+}
+
 # One table row per concurrency level: oha against URL on $socket, the CPU and RSS of $pid.
 oha_rows() { # LABEL URL
   local label=$1 url=$2 c
   for c in ${CONCURRENCY:-1 16 64}; do
-    local before after json=$work/oha-$label-$c.json
+    local before after row n rps p50 p99
     before=$(cpu_ticks)
-    oha --no-tui --output-format json -z "$duration" -w -c "$c" --unix-socket "$socket" "$url" > "$json"
+    row=$(oha_run "$label, c=$c" "$work/oha-$label-$c.json" -c "$c" --unix-socket "$socket" "$url")
     after=$(cpu_ticks)
-    local n bad
-    n=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
-    bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
-    [ "$n" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "$label, c=$c: not every request was answered 200"; }
-    local row
-    row=$(jq -r --argjson n "$n" '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")
-    read -r rps p50 p99 <<<"$row"
-    read -r u0 s0 <<<"$before"
-    read -r u1 s1 <<<"$after"
-    local cpu
-    cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n="$n" \
-      'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
+    read -r n rps p50 p99 <<<"$row"
     printf '| %s | %s | %s | %.3f ms | %.3f ms | %s | %s | %s |\n' \
-      "$label" "$c" "$rps" "$p50" "$p99" "$cpu" "$(mib "$(rss_kb)")" "$(load)"
+      "$label" "$c" "$rps" "$p50" "$p99" "$(cpu_per "$before" "$after" "$n")" "$(mib "$(rss_kb)")" "$(load)"
   done
 }
 
@@ -295,24 +318,15 @@ bench_batch() {
   oha --no-tui -z "$warmup" -w -c 16 --unix-socket "$socket" "$single_url" >/dev/null
   local kind
   for kind in single batch; do
-    local per=1 json=$work/oha-batch-$kind.json args=("$single_url")
+    local per=1 args=("$single_url")
     [ "$kind" = batch ] && { per=$n; args=(-m POST -T application/json -d "$body" "$batch_url"); }
-    local before after
+    local before after row answered rps p99
     before=$(cpu_ticks)
-    oha --no-tui --output-format json -z "$duration" -w -c 16 --unix-socket "$socket" "${args[@]}" > "$json"
+    row=$(oha_run "$kind" "$work/oha-batch-$kind.json" -c 16 --unix-socket "$socket" "${args[@]}")
     after=$(cpu_ticks)
-    local answered bad
-    answered=$(jq '[.statusCodeDistribution[]] | add // 0' "$json")
-    bad=$(jq '([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0) + ([.errorDistribution[]] | add // 0)' "$json")
-    [ "$answered" -gt 0 ] && [ "$bad" = 0 ] || { jq '{statusCodeDistribution, errorDistribution}' "$json" >&2; die "$kind: not every request was answered 200"; }
-    local rps p99
-    read -r rps p99 <<<"$(jq -r '[(.summary.requestsPerSec | floor), (.latencyPercentiles.p99 * 1000)] | @tsv' "$json")"
-    read -r u0 s0 <<<"$before"
-    read -r u1 s1 <<<"$after"
-    local cpu
-    cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v n=$((answered * per)) \
-      'BEGIN { f = 1e6 / t / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f }')
-    printf '| %s | %s | %s | %s | %.3f ms | %s |\n' "$kind" "$per" "$rps" $((rps * per)) "$p99" "$cpu"
+    read -r answered rps _ p99 <<<"$row"
+    printf '| %s | %s | %s | %s | %.3f ms | %s |\n' "$kind" "$per" "$rps" $((rps * per)) "$p99" \
+      "$(cpu_per "$before" "$after" $((answered * per)))"
   done
   # Every answer of the batch is a hit (checked once, on the last body).
   local hits
@@ -440,6 +454,113 @@ bench_profile() {
   echo '```'
 }
 
+# --- proxy: the egress proxy's overhead against a local upstream -------------------------------
+bench_proxy() {
+  need_oha
+  need_jq
+  build_daemon
+  log "cargo build --release --example proxy_upstream"
+  cargo build --release --locked --quiet --example proxy_upstream
+  local levels=${CONCURRENCY:-1 64} token=bench_0123456789abcdef0123456789abcdef0123
+  local scheme=http tls="" upstream_args=() oha_args=() ca=$work/upstream-ca.pem
+  if [ "${TLS:-0}" != 0 ]; then
+    scheme=https tls=1
+    upstream_args=(--tls "$ca")
+    oha_args=(--cacert "$ca")
+  fi
+  # The upstream answers 401 without the bearer token: every 200 is a call the credential was
+  # applied to (directly, oha sends the token itself).
+  "$target/release/examples/proxy_upstream" 0 "${upstream_args[@]}" --bearer "$token" > "$work/upstream.out" 2>&1 &
+  local upstream=$!
+  pids+=("$upstream")
+  for _ in $(seq 200); do grep -q '^listening on ' "$work/upstream.out" && break; kill -0 "$upstream" 2>/dev/null || break; sleep 0.05; done
+  local addr
+  addr=$(sed -n 's/^listening on //p' "$work/upstream.out")
+  [ -n "$addr" ] || { cat "$work/upstream.out" >&2; die "proxy_upstream did not start"; }
+  local port=${addr##*:} direct_url="$scheme://$addr/v1/x"
+  curl -sf "${oha_args[@]}" -H "authorization: Bearer $token" -o /dev/null "$direct_url" || die "the upstream does not answer $direct_url"
+
+  # [proxy]: one credential's calls in flight may reach the highest concurrency level (default 32).
+  local maxc=32 c keys drop
+  for c in $levels; do
+    if [ "$c" -gt "$maxc" ]; then maxc=$c; fi
+  done
+  keys="max_concurrent_per_credential = $maxc" drop='max_concurrent_per_credential'
+  if [ "$maxc" -gt 256 ]; then keys+=$'\n'"max_concurrent = $maxc" drop='max_concurrent(_per_credential)?'; fi
+  if grep -qx '\[proxy\]' "$shipped"; then
+    # These keys under the existing [proxy] table, in place of the file's own.
+    awk -v keys="$keys" -v drop="^$drop *=" '/^\[/ { table = $0 }
+      table == "[proxy]" && $0 ~ drop { next }
+      { print } $0 == "[proxy]" { print keys }' "$shipped" > "$shipped.new"
+  else
+    { cat "$shipped"; printf '\n[proxy]\n%s\n' "$keys"; } > "$shipped.new"
+  fi
+  printf '\n[[proxy.upstreams]]\nintegration_type = "bench-api"\nbase_url = "%s://%s"\nauth = "bearer"\n' "$scheme" "$addr" >> "$shipped.new"
+  if [ -n "$tls" ]; then printf 'ca_file = "%s"\n' "$ca" >> "$shipped.new"; fi
+  mv "$shipped.new" "$shipped"
+  notes+=("config/credproxy.toml gained [proxy] $(echo "$keys" | paste -sd, | sed 's/,/, /g') and one [[proxy.upstreams]]: integration_type \"bench-api\", base_url \"$scheme://$addr\", auth \"bearer\"${tls:+, ca_file = the CA of the upstream}")
+
+  start_daemon config/credproxy.toml "$work/daemon-proxy.stderr"
+  local id
+  id=$(curl_api -X POST http://localhost/v1/credentials \
+    -d "{\"environment\":\"Production\",\"integration_type\":\"bench-api\",\"metadata\":{\"account\":\"bench\"},\"secrets\":{\"access_token\":\"$token\"}}" | jq -r .id)
+  case "$id" in "" | null) die "could not create the credential" ;; esac
+  local proxy_url="http://localhost/v1/proxy/$id/v1/x"
+  # One call before the runs; if it is not a 200, the request and the answer.
+  local answer
+  answer=$(curl -s -D - --unix-socket "$socket" "$proxy_url" | tr -d '\r')
+  [ "$(head -1 <<<"$answer" | cut -d' ' -f2)" = 200 ] || {
+    printf 'GET %s (--unix-socket %s) answered:\n%s\n' "$proxy_url" "$socket" "$answer" >&2
+    tail -5 "$work/daemon-proxy.stderr" >&2
+    die "the proxy route does not answer 200"
+  }
+
+  local direct=(-H "authorization: Bearer $token" "$direct_url") proxied=(--unix-socket "$socket" "$proxy_url")
+  header "egress proxy overhead, ${scheme^^} upstream on loopback"
+  echo "- upstream: examples/proxy_upstream.rs (release) on $addr${tls:+ (HTTPS, HTTP/1.1, a CA of its own)}: every request 200 + a 197-byte JSON body if it carries the bearer token, 401 otherwise"
+  echo "- daemon: target/release/credproxy, the shipped config with the lines above, audit on, stderr to a file in the temp dir; one local credential {\"access_token\": ...} of integration type bench-api"
+  echo "- direct = oha $direct_url with its own \`authorization: Bearer\`; proxied = oha --unix-socket ... $proxy_url, no authorization (the proxy adds it)"
+  echo "- $(oha --version): keep-alive, the same flags for both (-z $duration -w -c C${tls:+ --cacert CA}), direct then proxied at each level, after a $warmup warm-up of each at c=16; oha, the daemon and the upstream share the machine's $(nproc) cores"
+  echo "- added = proxied − direct; CPU = utime + stime (/proc/PID/stat fields 14, 15; CLK_TCK = $ticks) over the run / calls answered"
+  echo "- upstream connections = the loopback TCP connections to $addr established right after the proxied run (the daemon's idle pool) / entering TIME-WAIT during it (connections closed: the upstream never closes one, so 0 if the daemon reuses its connections)"
+  echo
+  echo "| c | calls | req/s | p50 | p99 | added p50 | added p99 | daemon CPU µs/call (user + kernel) | upstream CPU µs/call | upstream connections | load (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  oha --no-tui -z "$warmup" -w -c 16 "${oha_args[@]}" "${direct[@]}" >/dev/null
+  oha --no-tui -z "$warmup" -w -c 16 "${oha_args[@]}" "${proxied[@]}" >/dev/null
+  local conns="( sport = :$port or dport = :$port )"
+  for c in $levels; do
+    local kind d0 d1 u0 u1 tw0 row n rps p50 p99 base50 base99
+    for kind in direct proxied; do
+      local args=("${direct[@]}")
+      if [ "$kind" = proxied ]; then args=("${proxied[@]}"); fi
+      tw0=$(ss -Htn state time-wait "$conns" | wc -l)
+      d0=$(cpu_ticks)
+      u0=$(cpu_ticks "$upstream")
+      row=$(oha_run "$kind, c=$c" "$work/oha-proxy-$kind-$c.json" -c "$c" "${oha_args[@]}" "${args[@]}")
+      d1=$(cpu_ticks)
+      u1=$(cpu_ticks "$upstream")
+      read -r n rps p50 p99 <<<"$row"
+      local added50=— added99=— pool=—
+      if [ "$kind" = direct ]; then
+        base50=$p50 base99=$p99
+      else
+        added50=$(awk -v a="$p50" -v b="$base50" 'BEGIN { printf "%+.3f ms", a - b }')
+        added99=$(awk -v a="$p99" -v b="$base99" 'BEGIN { printf "%+.3f ms", a - b }')
+        pool="$(ss -Htn state established "( dport = :$port )" | wc -l) / $(( $(ss -Htn state time-wait "$conns" | wc -l) - tw0 ))"
+      fi
+      printf '| %s | %s | %s | %.3f ms | %.3f ms | %s | %s | %s | %s | %s | %s |\n' "$c" "$kind" "$rps" "$p50" "$p99" \
+        "$added50" "$added99" "$(cpu_per "$d0" "$d1" "$n")" "$(cpu_per "$u0" "$u1" "$n")" "$pool" "$(load)"
+    done
+  done
+  echo
+  echo "Daemon RSS after the runs: $(mib "$(rss_kb)") MiB. Its proxy metrics:"
+  echo '```'
+  curl -sf "http://$metrics_addr/metrics" | grep '^credproxy_proxy_' | grep -v '_bucket{' || true
+  echo '```'
+  stop_daemon
+}
+
 case "$mode" in
   read) bench_read ;;
   floor) bench_floor ;;
@@ -447,4 +568,5 @@ case "$mode" in
   memory) bench_memory "${2:-}" ;;
   cold) bench_cold "${2:-}" ;;
   profile) bench_profile ;;
+  proxy) bench_proxy ;;
 esac
