@@ -125,7 +125,10 @@ const PROXY_METHODS: [Method; 7] = [
 
 /// Splits a path into the route and its id.
 pub fn classify(method: &Method, path: &str) -> Target {
-    if let Some(after) = path.strip_prefix(PROXY_PREFIX) {
+    if let Some(after) = path
+        .strip_prefix(PROXY_PREFIX)
+        .filter(|after| !after.is_empty() && !after.starts_with('/'))
+    {
         if !PROXY_METHODS.contains(method) {
             return Target {
                 route: RouteId::Unknown,
@@ -605,6 +608,15 @@ mod tests {
         let t = classify(&Method::DELETE, "/v1/proxy/c-1");
         assert_eq!((t.route, t.after_id("/v1/proxy/c-1")), (RouteId::Proxy, ""));
         assert_eq!(classify(&Method::TRACE, path).route, RouteId::Unknown);
+        // No credential id, no call (found by the fuzzer: `/v1/proxy/` was one, `/v1/proxy`
+        // not).
+        for no_id in ["/v1/proxy", "/v1/proxy/", "/v1/proxy//x"] {
+            assert_eq!(
+                classify(&Method::GET, no_id).route,
+                RouteId::Unknown,
+                "{no_id}"
+            );
+        }
         assert_eq!(unknown_or_method(path).code, "method_not_allowed");
         assert_eq!(
             allowed_methods(path),
