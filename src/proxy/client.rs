@@ -1,5 +1,5 @@
 //! The HTTP clients that carry proxied calls, one per upstream (its own pool, timeouts and
-//! trust), rebuilt after every reload; and how their failures are told apart for the metrics
+//! trust), rebuilt when the upstreams or their CA files change; and how their failures are told apart for the metrics
 //! and the log, never quoting the URL (it holds the secret for the `query` kind).
 
 use std::collections::HashMap;
@@ -7,16 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::ProxyError;
-use crate::config::{Config, Upstream};
+use crate::config::{Config, ProxyConfig, Upstream};
 
-/// Clients per integration type, for the configuration they were built from. A reload drops
-/// them all: a `ca_file` replaced in place is read again, and removed upstreams' connections go.
+/// Clients per integration type, for the `[proxy]` section and `ca_file` contents they were
+/// built from. Every apply of a configuration (a reload, but also each control-plane change
+/// through the API) brings a new `Config`; the clients, and the connections they pool, are
+/// dropped only when the section or a CA file's content changed, or an upstream went.
 #[derive(Default)]
 pub(super) struct Clients(Mutex<Built>);
 
 #[derive(Default)]
 struct Built {
-    from: Option<Arc<Config>>,
+    /// The configuration last looked at: the same one again needs no comparison.
+    seen: Option<Arc<Config>>,
+    /// What the clients were built from: the section, and a digest of its CA files.
+    from: Option<(ProxyConfig, [u8; 32])>,
     clients: HashMap<String, reqwest::Client>,
 }
 
@@ -27,18 +32,40 @@ impl Clients {
         upstream: &Upstream,
     ) -> Result<reqwest::Client, ProxyError> {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Built { from, clients } = &mut *guard;
-        if !from.as_ref().is_some_and(|b| Arc::ptr_eq(b, config)) {
-            clients.clear();
-            *from = Some(Arc::clone(config));
+        let built = &mut *guard;
+        if !built.seen.as_ref().is_some_and(|b| Arc::ptr_eq(b, config)) {
+            // Once per applied configuration, not per call: the CA files are read here.
+            let now = (config.proxy.clone(), ca_digest(&config.proxy));
+            if built.from.as_ref() != Some(&now) {
+                built.clients.clear();
+                built.from = Some(now);
+            }
+            built.seen = Some(Arc::clone(config));
         }
-        if let Some(client) = clients.get(&upstream.integration_type) {
+        if let Some(client) = built.clients.get(&upstream.integration_type) {
             return Ok(client.clone());
         }
         let client = build(upstream).map_err(ProxyError::Client)?;
-        clients.insert(upstream.integration_type.clone(), client.clone());
+        built
+            .clients
+            .insert(upstream.integration_type.clone(), client.clone());
         Ok(client)
     }
+}
+
+/// A digest of every upstream's `ca_file` content (an unreadable file digests as empty: the
+/// build that needs it reports it).
+fn ca_digest(proxy: &ProxyConfig) -> [u8; 32] {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for upstream in &proxy.upstreams {
+        if let Some(path) = &upstream.ca_file {
+            let content = std::fs::read(path).unwrap_or_default();
+            digest.update((content.len() as u64).to_le_bytes());
+            digest.update(&content);
+        }
+    }
+    digest.finalize().into()
 }
 
 fn build(upstream: &Upstream) -> Result<reqwest::Client, String> {
