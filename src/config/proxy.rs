@@ -75,7 +75,7 @@ impl Default for ProxyConfig {
         Self {
             max_concurrent: DEFAULT_PROXY_MAX_CONCURRENT,
             max_concurrent_per_credential: DEFAULT_PROXY_MAX_PER_CREDENTIAL,
-            max_concurrent_per_caller: DEFAULT_PROXY_MAX_CONCURRENT / 2,
+            max_concurrent_per_caller: DEFAULT_PROXY_MAX_CONCURRENT,
             max_body_bytes: DEFAULT_PROXY_MAX_BODY_BYTES,
             replay_buffer_bytes: DEFAULT_PROXY_REPLAY_BUFFER_BYTES,
             upstreams: Vec::new(),
@@ -127,6 +127,15 @@ pub enum ProxyAuth {
 }
 
 impl ProxyAuth {
+    /// The fields whose values are secret (a basic username is not): what an answer's
+    /// headers are scrubbed of.
+    pub fn secret_fields(&self) -> Vec<&str> {
+        match self {
+            ProxyAuth::Basic { password, .. } => vec![password],
+            other => other.fields(),
+        }
+    }
+
     /// The secret fields it needs.
     pub fn fields(&self) -> Vec<&str> {
         match self {
@@ -150,9 +159,7 @@ pub(super) fn validate(raw: RawProxy, api_slots: usize) -> Result<ProxyConfig, C
         max_concurrent_per_credential: raw
             .max_concurrent_per_credential
             .unwrap_or(d.max_concurrent_per_credential.min(max_concurrent)),
-        max_concurrent_per_caller: raw
-            .max_concurrent_per_caller
-            .unwrap_or((max_concurrent / 2).max(1)),
+        max_concurrent_per_caller: raw.max_concurrent_per_caller.unwrap_or(max_concurrent),
         max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
         replay_buffer_bytes: raw.replay_buffer_bytes.unwrap_or(d.replay_buffer_bytes),
         upstreams: Vec::new(),
@@ -435,7 +442,7 @@ mod tests {
                 small.max_concurrent_per_credential,
                 small.max_concurrent_per_caller
             ),
-            (5, 5, 2)
+            (5, 5, 5)
         );
     }
 

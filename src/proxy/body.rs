@@ -197,6 +197,9 @@ struct Held {
     slots: Option<Slots>,
     /// The body ended cleanly (`inner` is gone without a failure).
     ended: bool,
+    /// Whoever last found nothing to read: woken when the watchdog cuts the body, which drops
+    /// the upstream's body and the wake-up it would have sent.
+    waker: Option<std::task::Waker>,
 }
 
 impl Held {
@@ -220,6 +223,7 @@ impl Answer {
             counted: Counted { seen: 0, limit },
             slots: Some(slots),
             ended: false,
+            waker: None,
         }));
         let watched = Arc::downgrade(&held);
         let watchdog = tokio::spawn(async move {
@@ -231,6 +235,9 @@ impl Answer {
                         "a proxied answer was still streaming at its upstream's timeout; cut"
                     );
                     held.failed("timeout");
+                    if let Some(waker) = held.waker.take() {
+                        waker.wake();
+                    }
                 }
             }
         })
@@ -286,7 +293,10 @@ impl Body for Answer {
                 held.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                held.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 

@@ -89,6 +89,9 @@ pub fn request(worker: &HeaderMap, token_header: &HeaderName, auth: &ProxyAuth) 
 /// What stands in an answer's header for a secret value the upstream repeated.
 const BLANKED: &str = "[REDACTED]";
 
+/// Values shorter than this are not looked for in answers' headers.
+const MIN_BLANKED: usize = 8;
+
 /// The upstream's headers that go back to the worker, with every `secrets` value (as it was
 /// sent, and percent-encoded as the `query` kind sends it) blanked out: a redirect's
 /// `Location` or a pagination `Link` would otherwise hand the worker the query parameter.
@@ -96,7 +99,9 @@ pub fn answer(upstream: &HeaderMap, secrets: &[&str]) -> HeaderMap {
     let extra = named_by_connection(upstream);
     let forms: Vec<String> = secrets
         .iter()
-        .filter(|s| !s.is_empty())
+        // A short value would blank unrelated text (an ETag, a request id); a real secret is
+        // longer than this.
+        .filter(|s| s.len() >= MIN_BLANKED)
         .flat_map(|s| [(*s).to_owned(), super::target::encode_value(s)])
         .collect();
     let mut out = HeaderMap::with_capacity(upstream.len());
@@ -321,9 +326,9 @@ mod tests {
         }
         upstream.append(
             HeaderName::from_static("location"),
-            HeaderValue::from_static("https://x.example/a/?q=1&key=s3cr%26t%3D&b=s3cr&t="),
+            HeaderValue::from_static("https://x.example/a/?q=1&key=s3cr%26t%3D%2Fx&b=s3cr&t=/x"),
         );
-        let back = answer(&upstream, &["s3cr&t="]);
+        let back = answer(&upstream, &["s3cr&t=/x", "short"]);
         assert_eq!(
             back["location"],
             "https://x.example/a/?q=1&key=[REDACTED]&b=[REDACTED]"

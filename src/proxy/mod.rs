@@ -145,6 +145,7 @@ impl Proxy {
         // A refused token is replaced only when the upstream gets the access token.
         let refreshable = entry.has_oauth() && upstream.auth.fields().contains(&"access_token");
         let started = Instant::now();
+        let mut sent_at;
         let mut retried = false;
         let (response, applied) = loop {
             let applied = applied_secrets(upstream, &entry)?;
@@ -171,6 +172,8 @@ impl Proxy {
             drop(parameter);
             let builder = client.request(parts.method.clone(), url).headers(headers);
             let (builder, replayable) = outgoing.attach(builder);
+            // The whole exchange's deadline counts from this send, as the client's timeout does.
+            sent_at = Instant::now();
             let response = match builder.send().await {
                 Ok(r) => r,
                 Err(e) => return Err(self.failed(&slots, &outgoing, id, &e)),
@@ -181,7 +184,7 @@ impl Proxy {
             }
             if refused && retried {
                 // Sent again with a fresh token and refused again: not the token's fault.
-                self.service.refresh_futile(id);
+                self.service.refresh_futile(id, &entry);
             }
             if !refused || retried || !refreshable {
                 break (response, applied);
@@ -208,7 +211,7 @@ impl Proxy {
             .duration
             .with_label_values(&[&upstream.integration_type])
             .observe(started.elapsed().as_secs_f64());
-        let deadline = started + upstream.timeout;
+        let deadline = sent_at + upstream.timeout;
         answer(response, &parts.method, config, slots, &applied, deadline)
     }
 
@@ -283,7 +286,7 @@ fn applied_secrets(
 ) -> Result<Vec<Zeroizing<String>>, ProxyError> {
     upstream
         .auth
-        .fields()
+        .secret_fields()
         .into_iter()
         .map(|f| view::secret(entry, f).ok_or_else(|| ProxyError::SecretFieldMissing(f.to_owned())))
         .collect()

@@ -159,8 +159,13 @@ fn query_with(query: Option<&str>, parameter: Option<(&str, &str)>) -> Option<St
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         // Some parsers also split on `;`, ignore case or `[]`: any part of the pair that one
         // of them would take for the parameter drops the pair.
-        let names_it = pair.split(';').any(|part| {
-            let key = part.split_once('=').map_or(part, |(k, _)| k);
+        let names_it = pair.split(';').enumerate().any(|(i, part)| {
+            // After a `;`, only a `name=value` part is a parameter to such a parser.
+            let key = match part.split_once('=') {
+                Some((k, _)) => k,
+                None if i == 0 => part,
+                None => return false,
+            };
             let spaced = key.replace('+', " ");
             let key = percent_decode_str(&spaced).decode_utf8_lossy();
             key == name || loose_key(&key) == name_loosely
@@ -286,13 +291,15 @@ mod tests {
         let url = build(
             &b,
             "/geocode",
-            Some("key=mine&address=a+b&Key=x&k%65y=also&KEY[]=y&a=1;key=z&key%00=w&keys=ok"),
+            Some(
+                "key=mine&address=a+b&Key=x&k%65y=also&KEY[]=y&a=1;key=z&key%00=w&keys=ok&s=n;key",
+            ),
             Some(("key", "s3cr&t=/")),
         )
         .unwrap();
         assert_eq!(
             url.query(),
-            Some("address=a+b&keys=ok&key=s3cr%26t%3D%2F"),
+            Some("address=a+b&keys=ok&s=n;key&key=s3cr%26t%3D%2F"),
             "{url}"
         );
         let url = build(&b, "", None, Some(("api key", "v"))).unwrap();
