@@ -15,8 +15,8 @@ use base64::Engine;
 use common::peers::{self, oauth_credential, oauth_grant, oauth_stats, oauth_token_valid};
 use common::peers::{CLIENT_ID, CLIENT_SECRET};
 use common::upstream::{
-    self as up, create_typed, entry, get, raw, request, set_upstreams, Evil, Expected, Outgoing,
-    RssSampler, Upstream, Via,
+    self as up, create_typed, entry, get, one_upstream, raw, request, set_upstreams, Evil,
+    Expected, Outgoing, RssSampler, Upstream, Via,
 };
 use common::{set, wait_for, Daemon};
 use hyper::Method;
@@ -220,17 +220,7 @@ async fn an_oauth_401_refreshes_once_and_retries_a_replayable_request_once() {
     let server = peers::oauth_server(3600).await;
     let upstream = Upstream::start().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
-        set_upstreams(
-            c,
-            vec![entry(
-                "example-oauth",
-                &upstream.url("/api"),
-                "bearer",
-                Some(&ca),
-                &[],
-            )],
-        );
+        one_upstream(c, dir, &upstream, "example-oauth", "bearer", &[]);
     })
     .await;
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
@@ -328,17 +318,7 @@ async fn escapes_from_the_base_url_never_reach_another_host() {
     let upstream = Upstream::start().await;
     let evil = Evil::start().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
-        set_upstreams(
-            c,
-            vec![entry(
-                "esc",
-                &upstream.url("/api"),
-                "bearer",
-                Some(&ca),
-                &[],
-            )],
-        );
+        one_upstream(c, dir, &upstream, "esc", "bearer", &[]);
     })
     .await;
     let id = create_typed(
@@ -471,17 +451,7 @@ async fn use_without_read_proxies_but_cannot_read_and_the_audit_line_names_the_c
         ])
     };
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
-        set_upstreams(
-            c,
-            vec![entry(
-                "acc",
-                &upstream.url("/api"),
-                "bearer",
-                Some(&ca),
-                &[],
-            )],
-        );
+        one_upstream(c, dir, &upstream, "acc", "bearer", &[]);
         up::tcp_listener(c, dir, port, token);
         c.insert("access".into(), rules(true));
     })
@@ -596,19 +566,9 @@ async fn a_hundred_megabytes_each_way_stream_in_bounded_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
     let upstream = Upstream::start().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
         set(c, "proxy", "max_body_bytes", 256 * 1024 * 1024_i64);
         set(c, "proxy", "timeout", "600s");
-        set_upstreams(
-            c,
-            vec![entry(
-                "big",
-                &upstream.url("/api"),
-                "bearer",
-                Some(&ca),
-                &[],
-            )],
-        );
+        one_upstream(c, dir, &upstream, "big", "bearer", &[]);
     })
     .await;
     let id = create_typed(
@@ -877,12 +837,7 @@ async fn an_upstream_refusing_every_token_costs_one_refresh_not_one_per_call() {
     let server = peers::oauth_server(3600).await;
     let upstream = Upstream::start().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
-        let url = upstream.url("/api");
-        set_upstreams(
-            c,
-            vec![entry("example-oauth", &url, "bearer", Some(&ca), &[])],
-        );
+        one_upstream(c, dir, &upstream, "example-oauth", "bearer", &[]);
     })
     .await;
     let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
@@ -1002,11 +957,9 @@ async fn a_worker_that_stops_reading_gives_its_slots_back_at_the_timeout() {
     use tokio::io::AsyncWriteExt;
     let upstream = Upstream::start().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
         set(c, "proxy", "max_concurrent_per_credential", 1_i64);
         let timeout = [("timeout", "5s".into())];
-        let url = upstream.url("/api");
-        set_upstreams(c, vec![entry("big", &url, "bearer", Some(&ca), &timeout)]);
+        one_upstream(c, dir, &upstream, "big", "bearer", &timeout);
     })
     .await;
     let id = create_typed(
@@ -1045,10 +998,8 @@ async fn a_worker_that_stops_reading_gives_its_slots_back_at_the_timeout() {
 async fn an_upstream_offering_http2_gets_http2_over_one_connection() {
     let upstream = Upstream::start_h2().await;
     let d = Daemon::start(|c, dir| {
-        let ca = upstream.write_ca(dir);
         let header = [("header", "x-api-key".into()), ("field", "api_key".into())];
-        let url = upstream.url("/api");
-        set_upstreams(c, vec![entry("h2", &url, "header", Some(&ca), &header)]);
+        one_upstream(c, dir, &upstream, "h2", "header", &header);
     })
     .await;
     let id = create_typed(&d, "Production", "h2", json!({"api_key": "CANARY-h2"})).await;

@@ -800,6 +800,24 @@ pub fn entry(
     super::table(&pairs)
 }
 
+/// Sets `[[proxy.upstreams]]` to one entry: `integration_type` at `upstream`'s `/api`, trusting
+/// its CA (written into `dir`).
+pub fn one_upstream(
+    c: &mut toml::Table,
+    dir: &Path,
+    upstream: &Upstream,
+    integration_type: &str,
+    auth: &str,
+    extra: &[(&str, toml::Value)],
+) {
+    let ca = upstream.write_ca(dir);
+    let url = upstream.url("/api");
+    set_upstreams(
+        c,
+        vec![entry(integration_type, &url, auth, Some(&ca), extra)],
+    );
+}
+
 /// Sets `[[proxy.upstreams]]`.
 pub fn set_upstreams(c: &mut toml::Table, entries: Vec<toml::Value>) {
     super::set(c, "proxy", "upstreams", toml::Value::Array(entries));
