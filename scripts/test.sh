@@ -146,12 +146,24 @@ if [ "$fuzz_seconds" -gt 0 ]; then
     log "fuzzing $target for ${fuzz_seconds}s"
     mkdir -p ".peers/fuzz-corpus/$target"
     if ! "${fuzz[@]}" run "${fuzz_flags[@]}" "$target" ".peers/fuzz-corpus/$target" \
-        "fuzz/corpus/$target" -- -max_total_time="$fuzz_seconds" -timeout=20 -print_final_stats=1; then
+        "fuzz/corpus/$target" -- -max_total_time="$fuzz_seconds" -timeout=20 -print_final_stats=1 \
+        2>&1 | tee ".peers/fuzz-$target.log"; then
       fuzz_failed+=("$target")
     fi
   done
   log "fuzzing took $((SECONDS - fuzz_started))s"
   if ((${#fuzz_failed[@]})); then
+    # The fuzzer's own output is long and CI keeps only its tail: the failure and the input that
+    # caused it come again here, last.
+    for target in "${fuzz_failed[@]}"; do
+      echo "--- $target failed:" >&2
+      grep -m1 -A12 -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer' ".peers/fuzz-$target.log" >&2 || true
+      for input in fuzz/artifacts/"$target"/*; do
+        [ -f "$input" ] || continue
+        echo "input $input:" >&2
+        python3 -c 'import sys; print(repr(open(sys.argv[1], "rb").read()[:2000]))' "$input" >&2
+      done
+    done
     echo "fuzz targets that crashed: ${fuzz_failed[*]} (inputs in fuzz/artifacts/)" >&2
     exit 1
   fi
