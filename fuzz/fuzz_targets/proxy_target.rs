@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
     let mut lines = text.splitn(2, '\n');
     let rest = lines.next().unwrap_or("");
     let query = lines.next();
-    for base in ["https://api.example.com", "https://api.example.com:8443/v2/api"] {
+    for base in [
+        "https://api.example.com",
+        "https://api.example.com:8443/v2/api",
+    ] {
         let base = url::Url::parse(base).unwrap();
         let prefix = base.path().trim_end_matches('/').to_owned();
         for parameter in [None, Some((PARAMETER, VALUE))] {
@@ -30,13 +33,18 @@ fuzz_target!(|data: &[u8]| {
             assert!(url.username().is_empty() && url.password().is_none());
             assert!(url.fragment().is_none(), "{url}");
             let path = url.path();
-            let after = path.strip_prefix(prefix.as_str()).unwrap_or_else(|| panic!("{url}"));
+            let after = path
+                .strip_prefix(prefix.as_str())
+                .unwrap_or_else(|| panic!("{url}"));
             assert!(after.is_empty() || after.starts_with('/'), "{url}");
             for segment in after.split('/') {
                 let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
                 let before = decoded.split(|b| *b == b';').next().unwrap_or_default();
                 assert!(before != b"." && before != b"..", "{url}");
-                assert!(!decoded.contains(&b'/') && !decoded.contains(&b'\\'), "{url}");
+                assert!(
+                    !decoded.contains(&b'/') && !decoded.contains(&b'\\'),
+                    "{url}"
+                );
             }
             // Parsed again, the URL is the same URL (nothing a second parse would normalise).
             let again = url::Url::parse(url.as_str()).unwrap();
