@@ -89,6 +89,7 @@ fi
 # --- gates -----------------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt --all -- --check) # a workspace of its own
 log "cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo deny: bans (one TLS stack), licenses, sources"
