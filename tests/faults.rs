@@ -275,11 +275,14 @@ async fn a_write_that_landed_but_was_never_recorded_does_not_wedge_the_credentia
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_past_its_deadline_gets_503_request_timeout() {
+async fn a_request_past_its_deadline_gets_503_request_timeout_and_its_audit_line() {
     let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
     let d = InProcess::start(dir.path(), |c| {
         common::set(c, "server", "request_timeout", "500ms");
         common::set(c, "backends", "timeout", "60s");
+        common::set(c, "log", "audit_file", audit.display().to_string());
+        common::set(c, "log", "audit_flush_interval", "10ms");
     })
     .await;
     let id = d.create_cold(json!({"token": "t"})).await;
@@ -299,6 +302,24 @@ async fn a_request_past_its_deadline_gets_503_request_timeout() {
         (503, Some("request_timeout"))
     );
     assert!(r.headers.contains_key("retry-after"));
+    // The request that was cut is in the audit trail: who asked for which credential, and
+    // that nothing was handed out.
+    let want = format!("credential=\"{id}\" fields=- status=503");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = std::fs::read_to_string(&audit).unwrap_or_default();
+        if lines
+            .lines()
+            .any(|l| l.contains("route=\"credential_get\"") && l.contains(&want))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line with {want}; the file holds:\n{lines}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

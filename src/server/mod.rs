@@ -236,24 +236,26 @@ where
                         app.service.metrics().requests_shed[0].inc();
                         break 'admitted overloaded(false).into_response();
                     };
-                    // A timeout far beyond any real one must not overflow the clock.
-                    let deadline = started
-                        .checked_add(app.request_timeout)
-                        .unwrap_or_else(|| started + Duration::from_secs(86_400 * 365));
-                    let mut unwritten = Vec::new();
-                    // Boxed once: moved into hyper's task and the deadline wrapper, the
-                    // handler's state would be copied at every move.
-                    let handler =
-                        Box::pin(api::handle(&app, caller, target, request, &mut unwritten));
                     // A call through the proxy runs under its upstream's own timeouts, which
-                    // may well be longer than an API request's.
-                    let response = if route == api::RouteId::Proxy {
-                        handler.await
-                    } else {
-                        within(deadline, handler)
-                            .await
-                            .unwrap_or_else(|| timed_out().into_response())
-                    };
+                    // may well be longer than an API request's. A timeout far beyond any real
+                    // one must not overflow the clock.
+                    let deadline = (route != api::RouteId::Proxy).then(|| {
+                        started
+                            .checked_add(app.request_timeout)
+                            .unwrap_or_else(|| started + Duration::from_secs(86_400 * 365))
+                    });
+                    let mut unwritten = Vec::new();
+                    // Boxed once: moved into hyper's task, the handler's state would be
+                    // copied at every move.
+                    let response = Box::pin(api::handle(
+                        &app,
+                        caller,
+                        target,
+                        request,
+                        deadline,
+                        &mut unwritten,
+                    ))
+                    .await;
                     // Audit lines waiting for room (log.audit_blocking) are written with no
                     // deadline running: the request is answered only once they are.
                     if let Some(log) = &app.audit_log {
@@ -402,7 +404,7 @@ where
                 }
                 (&hyper::Method::GET, "/healthz" | "/readyz") => {
                     let target = api::classify(request.method(), request.uri().path());
-                    api::handle(&app, Caller::Tcp, target, request, &mut Vec::new()).await
+                    api::handle(&app, Caller::Tcp, target, request, None, &mut Vec::new()).await
                 }
                 _ => ApiError::not_found_route().into_response(),
             };

@@ -340,14 +340,17 @@ struct Audit<'a> {
     upstream: Option<(Method, String)>,
 }
 
-/// Handles one request; never fails (errors become JSON error responses). Audit lines that
-/// find the buffer full in blocking mode are left in `unwritten`: the caller appends them
-/// after the request's deadline no longer runs, so a timeout cannot drop them.
+/// Handles one request; never fails (errors become JSON error responses). A handler still
+/// running at `deadline` is dropped and the request answered `503 request_timeout`, with its
+/// audit line like any other. Audit lines that find the buffer full in blocking mode are left
+/// in `unwritten`: the caller appends them with no deadline running, so a timeout cannot drop
+/// them.
 pub async fn handle(
     app: &Arc<App>,
     caller: Caller,
     target: Target,
     request: Request<Incoming>,
+    deadline: Option<tokio::time::Instant>,
     unwritten: &mut Vec<String>,
 ) -> Response<Body> {
     let route = target.route;
@@ -361,11 +364,24 @@ pub async fn handle(
         upstream: None,
     };
     let rest = target.after_id(uri.path());
-    let mut response = guarded(
-        route,
-        dispatch(app, caller, route, (id, rest), request, &mut audit),
-    )
-    .await;
+    let answered = {
+        // Pinned here, not moved into the deadline's wrapper: the handler's state is large.
+        let handler = std::pin::pin!(guarded(
+            route,
+            dispatch(app, caller, route, (id, rest), request, &mut audit),
+        ));
+        match deadline {
+            None => Some(handler.await),
+            Some(deadline) => super::within(deadline, handler).await,
+        }
+    };
+    let mut response = answered.unwrap_or_else(|| {
+        // Cut short: nothing the handler had found was handed out, so the audit line names
+        // the request and its 503 only (a batch read gets one line, not one per item).
+        audit.fields = None;
+        audit.batch.clear();
+        super::timed_out().into_response()
+    });
     let upstreams = response
         .extensions()
         .get::<crate::proxy::UpstreamAnswer>()
@@ -559,7 +575,7 @@ mod tests {
         }
         let target = classify(&Method::GET, "/v1/credentials/x");
         let bytes = size_of_returned(|(app, request): (Arc<App>, Request<Incoming>)| async move {
-            handle(&app, Caller::Tcp, target, request, &mut Vec::new()).await
+            handle(&app, Caller::Tcp, target, request, None, &mut Vec::new()).await
         });
         println!("the request future takes {bytes} bytes");
         assert!(bytes < 4096, "the request future takes {bytes} bytes");
