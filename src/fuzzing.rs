@@ -383,6 +383,33 @@ mod tests {
         assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(7)));
     }
 
+    /// A 401 from the token endpoint is a refused client (RFC 6749 §5.2) whatever its body:
+    /// HTML from a gateway, nothing, or JSON that is no error response. A 401 that names its
+    /// error keeps it; another status with a body that is no error response stays a protocol
+    /// error (retried), not a refusal.
+    #[test]
+    fn a_401_is_a_refused_client_whatever_its_body() {
+        let html = [(b"content-type".to_vec(), b"text/html".to_vec())];
+        let json = [(b"content-type".to_vec(), b"application/json".to_vec())];
+        let code = |status, headers: &[(Vec<u8>, Vec<u8>)], body: &[u8]| match token_answer(
+            status, headers, body,
+        ) {
+            Err(OAuthError::Rejected { code }) => Some(code),
+            Err(OAuthError::Protocol { .. }) => None,
+            other => panic!("{status}: {:?}", other.err()),
+        };
+        let refused = Some("invalid_client".to_owned());
+        assert_eq!(code(401, &html, b"<h1>Unauthorized</h1>"), refused);
+        assert_eq!(code(401, &[], b""), refused);
+        assert_eq!(code(401, &json, br#"{"message":"bad client"}"#), refused);
+        assert_eq!(
+            code(401, &json, br#"{"error":"unauthorized_client"}"#).as_deref(),
+            Some("unauthorized_client")
+        );
+        assert_eq!(code(400, &html, b"<h1>Bad Request</h1>"), None);
+        assert_eq!(code(403, &json, br#"{"message":"no"}"#), None);
+    }
+
     /// `names`: store names that `encode` never makes decoded all the same, so two store
     /// names mapped back to one credproxy name. `from_str_radix` takes a sign (`-+b` was byte
     /// 0x0b, like `-0b`), and the empty name decoded to the empty name.

@@ -103,6 +103,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(OAuthError::Protocol { .. }) => assert!(!unavailable, "{effective}"),
     }
+    // A 401 refuses the client whatever its body (RFC 6749 §5.2): never retried as a
+    // protocol error.
+    if effective == 401 {
+        assert!(matches!(answer, Err(OAuthError::Rejected { .. })));
+    }
 
     // An error never carries a token from the body (it is logged and answered). What the error
     // says that the server chose is its code or detail; the fixed wording around those (which a
