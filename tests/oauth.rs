@@ -668,3 +668,70 @@ async fn a_kill_during_the_token_request_costs_one_refused_try_and_no_loop() {
     assert_eq!(stat(&stats, "token_requests"), 2, "{stats}");
     assert_eq!(stat(&stats, "invalid_grant"), 1, "{stats}");
 }
+
+/// A provider's token endpoint down for more than a page of credentials (the background pass
+/// reads 1,000 rows at a time) must not hide another provider's due token. The pass used to
+/// read only the 1,000 soonest-expiring rows: when all of them were backing off, no other token
+/// was refreshed ahead of time again (reads then refreshed inline, or met an expired token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_backing_off_by_the_thousand_do_not_hide_a_due_token() {
+    use futures::StreamExt;
+    const DOWN: usize = 1_001;
+    let server = peers::oauth_server(3600).await;
+    let mut d = Daemon::start(|c, _| {
+        fast_refresh(c, "200ms");
+        // One failed try each keeps them backing off for the rest of the test.
+        set(c, "oauth", "retry_min", "5m");
+        set(c, "oauth", "retry_max", "10m");
+    })
+    .await;
+    let closed = format!("http://127.0.0.1:{}/token", common::free_port());
+    let tokens = ("at-down".to_owned(), "rt-down".to_owned());
+    let created: Vec<u16> = futures::stream::iter(0..DOWN)
+        .map(|_| {
+            let mut body = oauth_credential(&server, "Production", &tokens, 1);
+            body["oauth"]["token_url"] = json!(closed);
+            let d = &d;
+            async move { d.call(Method::POST, "/v1/credentials", Some(body)).await.0 }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(
+        created.iter().all(|s| *s == 201),
+        "every create answered 201"
+    );
+    let failed = || async {
+        d.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"credproxy_oauth_refreshes_total{outcome="unavailable"} "#)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    wait_for(
+        "every credential of the down endpoint to fail once",
+        || async { failed().await >= DOWN as f64 },
+    )
+    .await;
+
+    // Due at once (inside `refresh_before`), but expiring after every one of those.
+    let tokens = oauth_grant(&server, CLIENT_ID, CLIENT_SECRET, 3600).await;
+    let id = create_oauth(&d, &server, "Production", &tokens, 30).await;
+    wait_for(
+        "the due token to be refreshed with no read asking",
+        || async { stat(&oauth_stats(&server).await, "token_requests") >= 1 },
+    )
+    .await;
+    let token = access_token(&d, &id).await;
+    assert_ne!(token, tokens.0, "the read gets the refreshed token");
+    assert!(oauth_token_valid(&server, &token).await);
+    assert!(
+        failed().await < 2.0 * DOWN as f64,
+        "the down endpoint's credentials were not tried again while backing off"
+    );
+    d.stop().await;
+}

@@ -85,10 +85,12 @@ pub trait CredentialRows: Send + Sync + 'static {
     async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError>;
 
     /// OAuth credentials not marked for re-authorisation whose token expires at or before
-    /// `before` (Unix seconds), soonest first.
+    /// `before` (Unix seconds): at most `limit` of them whose id sorts after `after`, in id
+    /// order, so a caller pages through all of them (`""` for the first page).
     async fn oauth_due(
         &self,
         before: i64,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError>;
 

@@ -256,9 +256,10 @@ impl CredentialRows for Observed {
     async fn oauth_due(
         &self,
         before: i64,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
-        self.read("oauth_due", self.inner.oauth_due(before, limit))
+        self.read("oauth_due", self.inner.oauth_due(before, after, limit))
             .await
     }
 

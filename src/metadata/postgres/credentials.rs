@@ -189,6 +189,7 @@ impl CredentialRows for PostgresMetadata {
     async fn oauth_due(
         &self,
         before: i64,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
@@ -196,9 +197,9 @@ impl CredentialRows for PostgresMetadata {
             .query_typed(
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
-                     AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+                     AND expires_at IS NOT NULL AND expires_at <= $1 AND id > $3 ORDER BY id LIMIT $2"
                 ),
-                params![&before, &(limit as i64)],
+                params![&before, &(limit as i64), &after],
             )
             .await
             .map_err(db_err)?;

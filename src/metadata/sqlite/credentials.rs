@@ -205,17 +205,19 @@ impl CredentialRows for SqliteMetadata {
     async fn oauth_due(
         &self,
         before: i64,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
+        let after = after.to_owned();
         self.with(move |c| {
             query_all(
                 c,
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
                      WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
-                     AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+                     AND expires_at <= ?1 AND id > ?3 ORDER BY id LIMIT ?2"
                 ),
-                params![before, limit as i64],
+                params![before, limit as i64, after],
                 codec::credential,
             )
         })

@@ -12,8 +12,13 @@ use crate::metadata::CredentialRecord;
 use crate::oauth::due_at_ms;
 use crate::service::{Service, ServiceError};
 
-/// How many refreshes one background pass starts at most; the rest wait for the next pass.
-const SCAN_BATCH: usize = 1000;
+/// How many refreshes one background pass starts at most (the soonest due); the next pass
+/// follows at once for the rest.
+const MAX_PER_PASS: usize = 1000;
+/// Rows read per query of a pass, which reads every candidate: a page of rows that cannot be
+/// refreshed now (backing off after their endpoint failed, or in a read-only store) must not
+/// hide the ones that can.
+const SCAN_PAGE: usize = 1000;
 
 impl Service {
     /// The read path's token check: a token inside its window is refreshed before it is
@@ -169,26 +174,40 @@ impl Service {
         let config = self.oauth_config();
         let ahead = config.refresh_before + config.jitter + config.scan_interval;
         let horizon = crate::time::now_unix() + ahead.as_secs() as i64 + 1;
-        let candidates = self.metadata.oauth_due(horizon, SCAN_BATCH).await?;
         let now = crate::time::now_unix_ms();
         let mut next_due: Option<i64> = None;
-        let due: Vec<CredentialRecord> = candidates
-            .into_iter()
-            .filter(|r| {
-                r.oauth.is_some()
-                    && !r.needs_reauth
-                    && !self.is_read_only(&r.location.manager_id)
-                    && self.oauth.backoff.remaining(&r.id).is_none()
-            })
-            .filter(|r| match due_at_ms(&config, r) {
-                Some(at) if at <= now => true,
-                Some(at) => {
-                    next_due = Some(next_due.map_or(at, |n| n.min(at)));
-                    false
+        let mut due: Vec<(i64, CredentialRecord)> = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.metadata.oauth_due(horizon, &after, SCAN_PAGE).await?;
+            let last_page = page.len() < SCAN_PAGE;
+            if let Some(last) = page.last() {
+                after.clone_from(&last.id);
+            }
+            for r in page {
+                if r.oauth.is_none()
+                    || r.needs_reauth
+                    || self.is_read_only(&r.location.manager_id)
+                    || self.oauth.backoff.remaining(&r.id).is_some()
+                {
+                    continue;
                 }
-                None => false,
-            })
-            .collect();
+                match due_at_ms(&config, &r) {
+                    Some(at) if at <= now => due.push((at, r)),
+                    Some(at) => next_due = Some(next_due.map_or(at, |n| n.min(at))),
+                    None => {}
+                }
+            }
+            if last_page {
+                break;
+            }
+        }
+        due.sort_unstable_by_key(|(at, _)| *at);
+        if due.len() > MAX_PER_PASS {
+            due.truncate(MAX_PER_PASS);
+            next_due = Some(now);
+        }
+        let due = due.into_iter().map(|(_, r)| r);
         let refreshed = futures::stream::iter(due)
             .map(|r| async move {
                 match self.refresh(&r.id, r.row_version, Trigger::Background).await {
