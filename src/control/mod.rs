@@ -121,6 +121,17 @@ impl ControlPlane {
     /// never stops the others.
     pub async fn apply(&self, next: Config, mode: Mode) -> Result<Applied, ControlError> {
         let mut built = self.built.lock().await;
+        self.apply_locked(&mut built, next, mode).await
+    }
+
+    /// [`apply`](Self::apply) with its lock held: one apply at a time, each building on the
+    /// runtime the last one left.
+    async fn apply_locked(
+        &self,
+        built: &mut HashMap<String, i64>,
+        next: Config,
+        mode: Mode,
+    ) -> Result<Applied, ControlError> {
         let current = self.service.runtime();
         let metadata = Arc::clone(self.service.metadata());
         let mut applied = Applied {
@@ -257,8 +268,12 @@ impl ControlPlane {
 
     /// Applies the file in force again, with whatever the database holds now.
     pub async fn refresh(&self) -> Result<Applied, ControlError> {
+        // The file in force is read once the lock is held: read before, while a reload of a
+        // new file was applying, it would be the old file, applied again over the new one
+        // (the reload undone, its moves never made).
+        let mut built = self.built.lock().await;
         let config = (*self.service.runtime().config).clone();
-        self.apply(config, Mode::Refresh).await
+        self.apply_locked(&mut built, config, Mode::Refresh).await
     }
 
     /// Follows changes other instances make: woken by the change feed on PostgreSQL (and
@@ -430,3 +445,6 @@ impl ControlPlane {
         Ok(done)
     }
 }
+
+#[cfg(test)]
+mod tests;
