@@ -258,15 +258,16 @@ struct Expect<'a> {
 
 impl Expect<'_> {
     async fn check(&self, d: &Daemon) {
-        wait_idle(d).await;
-        let stage = self.stage;
+        let idle = wait_idle(d).await;
+        // What the migrator said and did, should a credential not be where it belongs.
+        let why = || format!("{}; migrations: {idle}\n{}", self.stage, d.logs());
         for (id, _) in self.prod {
-            assert_eq!(location(d, id).await.0, self.want[0], "{stage}");
+            assert_eq!(location(d, id).await.0, self.want[0], "{}", why());
         }
         for (id, _) in self.dev {
-            assert_eq!(location(d, id).await.0, self.want[1], "{stage}");
+            assert_eq!(location(d, id).await.0, self.want[1], "{}", why());
         }
-        assert_eq!(location(d, self.pinned).await.0, self.want[2], "{stage}");
+        assert_eq!(location(d, self.pinned).await.0, self.want[2], "{}", why());
     }
 }
 

@@ -83,6 +83,9 @@ struct State {
     /// Some moves were claimed by another instance during this pass.
     recheck: bool,
     planned_at: Option<i64>,
+    /// Reloads that woke the migrator: a pass that began before the last one planned with the
+    /// routing that reload replaced.
+    wakes: u64,
     /// (source, target) → ids still to move.
     pending: BTreeMap<(String, String), Vec<String>>,
     moved: BTreeMap<(String, String), u64>,
@@ -168,6 +171,7 @@ impl Migrator {
     pub fn wake(&self, planned: &[PlannedMove]) {
         {
             let mut state = self.state();
+            state.wakes += 1;
             state.pending.clear();
             for m in planned {
                 state
@@ -276,6 +280,8 @@ impl Migrator {
     /// One plan and the moves it calls for. Returns when the earliest failed move may be
     /// retried, if any failed.
     async fn pass(&self, stop: &watch::Receiver<bool>) -> Result<Option<Duration>, ServiceError> {
+        // Read before the runtime: a reload swaps the runtime, then wakes.
+        let wakes = self.state().wakes;
         let runtime = self.service.runtime();
         let config = Arc::clone(&runtime.config);
         // Never on an older control plane than the database's: another instance just changed
@@ -332,6 +338,12 @@ impl Migrator {
         let metrics = self.service.metrics();
         {
             let mut state = self.state();
+            if state.wakes != wakes {
+                // A reload came while this pass planned with the routing it replaced: its
+                // plan is stale, and replacing the reload's pending moves with it would show
+                // "idle" (or move credentials back) until the pass the reload woke runs next.
+                return Ok(None);
+            }
             state.pending.clear();
             for m in &moves {
                 state
