@@ -124,6 +124,12 @@ impl ControlPlane {
         self.apply_locked(&mut built, next, mode).await
     }
 
+    /// Holds off every apply, as one in progress does (for tests of what waits behind it).
+    #[cfg(test)]
+    pub(crate) async fn hold_applies(&self) -> tokio::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.built.lock().await
+    }
+
     /// [`apply`](Self::apply) with its lock held: one apply at a time, each building on the
     /// runtime the last one left.
     async fn apply_locked(
@@ -445,6 +451,3 @@ impl ControlPlane {
         Ok(done)
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -416,21 +416,4 @@ pub async fn serve_app(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_data_directory_that_cannot_be_made_is_reported_as_such() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a-file");
-        std::fs::write(&file, "").unwrap();
-        let config = Config::parse(&format!(
-            "[store]\ndata_dir = \"{}\"",
-            file.join("data").display()
-        ))
-        .unwrap();
-        let e = build(config).await.err().unwrap().to_string();
-        assert!(e.contains("cannot create the data directory"), "{e}");
-        assert!(!e.contains("listen"), "{e}");
-    }
-}
+mod tests;

@@ -1,6 +1,6 @@
 //! The API's errors: a fixed code and message per kind of failure, the `{"error": {...}}`
-//! response they become, and how service errors map onto them. The codes are a public
-//! contract: clients match on them.
+//! response they become, how service errors map onto them, and the guard that makes a
+//! handler's panic one of them. The codes are a public contract: clients match on them.
 
 use std::time::Duration;
 
@@ -150,4 +150,30 @@ impl From<crate::control::ControlError> for ApiError {
             Metadata(e) => ServiceError::Metadata(e.to_string()).into(),
         }
     }
+}
+
+/// Runs a handler so that a panic in it answers `500` with the error shape (and the request
+/// still gets its audit line and metrics) instead of a dropped connection.
+pub(super) fn guarded(
+    route: super::RouteId,
+    handler: impl std::future::Future<Output = Result<Response<Body>, ApiError>>,
+) -> impl std::future::Future<Output = Response<Body>> {
+    use futures::FutureExt;
+    // A combinator rather than an `async fn`: that would hold the handler twice (argument and
+    // the future polling it) in a state that is copied with every move.
+    std::panic::AssertUnwindSafe(handler)
+        .catch_unwind()
+        .map(move |outcome| match outcome {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => e.into_response(),
+            Err(_) => {
+                // The panic hook has logged where; the payload is not repeated (it may quote
+                // values).
+                tracing::error!(
+                    route = route.as_str(),
+                    "a request handler panicked; answered 500"
+                );
+                ApiError::internal().into_response()
+            }
+        })
 }

@@ -23,6 +23,7 @@ use crate::service::ServiceError;
 
 pub(crate) use body::parse_json;
 pub use body::Body;
+use error::guarded;
 pub use error::ApiError;
 
 /// Route names for metrics: a closed set. `Unknown` stays last (it sizes per-route tables).
@@ -441,32 +442,6 @@ pub async fn handle(
         }
     }
     response
-}
-
-/// Runs a handler so that a panic in it answers `500` with the error shape (and the request
-/// still gets its audit line and metrics) instead of a dropped connection.
-fn guarded(
-    route: RouteId,
-    handler: impl std::future::Future<Output = Result<Response<Body>, ApiError>>,
-) -> impl std::future::Future<Output = Response<Body>> {
-    use futures::FutureExt;
-    // A combinator rather than an `async fn`: that would hold the handler twice (argument and
-    // the future polling it) in a state that is copied with every move.
-    std::panic::AssertUnwindSafe(handler)
-        .catch_unwind()
-        .map(move |outcome| match outcome {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => e.into_response(),
-            Err(_) => {
-                // The panic hook has logged where; the payload is not repeated (it may quote
-                // values).
-                tracing::error!(
-                    route = route.as_str(),
-                    "a request handler panicked; answered 500"
-                );
-                ApiError::internal().into_response()
-            }
-        })
 }
 
 async fn dispatch(

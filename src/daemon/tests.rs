@@ -1,10 +1,24 @@
-//! The control plane's applies against a real SQLite database and local store.
+//! The daemon's parts put together, against a real SQLite database and local store.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use super::*;
 use crate::service::Runtime;
+
+#[tokio::test]
+async fn a_data_directory_that_cannot_be_made_is_reported_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let config = Config::parse(&format!(
+        "[store]\ndata_dir = \"{}\"",
+        file.join("data").display()
+    ))
+    .unwrap();
+    let e = build(config).await.err().unwrap().to_string();
+    assert!(e.contains("cannot create the data directory"), "{e}");
+    assert!(!e.contains("listen"), "{e}");
+}
 
 fn config(dir: &std::path::Path, scan_interval: &str) -> Config {
     Config::parse(&format!(
@@ -28,15 +42,13 @@ fn config(dir: &std::path::Path, scan_interval: &str) -> Config {
 #[tokio::test]
 async fn a_refresh_queued_behind_a_reload_keeps_the_reloaded_file() {
     let dir = tempfile::tempdir().unwrap();
-    let parts = crate::daemon::build(config(dir.path(), "10s"))
-        .await
-        .unwrap();
-    let app = crate::daemon::assemble(parts, 0).unwrap();
+    let parts = build(config(dir.path(), "10s")).await.unwrap();
+    let app = assemble(parts, 0).unwrap();
     let control = Arc::clone(&app.control);
     control.refresh().await.unwrap();
 
     // A reload of the new file holds the lock and has not switched the runtime yet.
-    let reloading = control.built.lock().await;
+    let reloading = control.hold_applies().await;
     let refresh = tokio::spawn({
         let control = Arc::clone(&control);
         async move { control.refresh().await.map(|_| ()) }
@@ -46,8 +58,8 @@ async fn a_refresh_queued_behind_a_reload_keeps_the_reloaded_file() {
         tokio::task::yield_now().await;
     }
     assert!(!refresh.is_finished());
-    let current = control.service.runtime();
-    control.service.swap_runtime(Runtime {
+    let current = control.service().runtime();
+    control.service().swap_runtime(Runtime {
         config: Arc::new(config(dir.path(), "20s")),
         registry: current.registry.clone(),
         policy: current.policy.clone(),
@@ -57,7 +69,7 @@ async fn a_refresh_queued_behind_a_reload_keeps_the_reloaded_file() {
     drop(reloading);
     refresh.await.unwrap().unwrap();
     assert_eq!(
-        control.service.runtime().config.oauth.scan_interval,
+        control.service().runtime().config.oauth.scan_interval,
         Duration::from_secs(20),
         "the reloaded file is still in force"
     );
