@@ -334,18 +334,22 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
         Some(100_250)
     );
     // OAuth due list and re-authorisation count.
-    assert_eq!(store.oauth_due(100, "", 10).await.unwrap().len(), 3);
-    assert!(store.oauth_due(99, "", 10).await.unwrap().is_empty());
-    // Paged in id order, so the background pass reads every due row.
+    let start = (i64::MIN, "");
+    assert_eq!(store.oauth_due(100, start, 10).await.unwrap().len(), 3);
+    assert!(store.oauth_due(99, start, 10).await.unwrap().is_empty());
+    // Paged along the expiry index, after the last row's (expires_at, id), so the background
+    // pass reads every due row.
     let ids =
         |rows: Vec<CredentialRecord>| -> Vec<String> { rows.into_iter().map(|r| r.id).collect() };
-    let first = ids(store.oauth_due(100, "", 2).await.unwrap());
-    let rest = ids(store.oauth_due(100, &first[1], 2).await.unwrap());
+    let first = ids(store.oauth_due(100, start, 2).await.unwrap());
+    let rest = ids(store.oauth_due(100, (100, &first[1]), 2).await.unwrap());
     assert_eq!((first.len(), rest.len()), (2, 1), "{first:?} then {rest:?}");
     assert!(
         first[0] < first[1] && first[1] < rest[0],
         "{first:?} then {rest:?}"
     );
+    let after_all = store.oauth_due(100, (100, &rest[0]), 2).await.unwrap();
+    assert!(after_all.is_empty());
     let mut reauth = record("b", Some(100_250));
     reauth.needs_reauth = true;
     reauth.row_version = 2;
@@ -354,7 +358,7 @@ async fn store_suite(store: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
         .await
         .unwrap();
     assert_eq!(store.count_needs_reauth().await.unwrap(), 1);
-    assert_eq!(store.oauth_due(100, "", 10).await.unwrap().len(), 2);
+    assert_eq!(store.oauth_due(100, start, 10).await.unwrap().len(), 2);
     // Delete journals the copy and drops a pending token answer, atomically.
     store
         .pending_token_put("c", &sealed("oauth-pending:c", 1))

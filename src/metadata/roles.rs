@@ -85,12 +85,13 @@ pub trait CredentialRows: Send + Sync + 'static {
     async fn manager_in_use(&self, manager_id: &str) -> Result<bool, MetadataError>;
 
     /// OAuth credentials not marked for re-authorisation whose token expires at or before
-    /// `before` (Unix seconds): at most `limit` of them whose id sorts after `after`, in id
-    /// order, so a caller pages through all of them (`""` for the first page).
+    /// `before` (Unix seconds), soonest first: at most `limit` of them after `after` (the
+    /// last row of the previous page: its expiry in whole seconds and its id; `(i64::MIN, "")`
+    /// for the first), so a caller pages through all of them along the expiry index.
     async fn oauth_due(
         &self,
         before: i64,
-        after: &str,
+        after: (i64, &str),
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError>;
 

@@ -256,7 +256,7 @@ impl CredentialRows for Observed {
     async fn oauth_due(
         &self,
         before: i64,
-        after: &str,
+        after: (i64, &str),
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         self.read("oauth_due", self.inner.oauth_due(before, after, limit))

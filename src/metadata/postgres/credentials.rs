@@ -189,17 +189,20 @@ impl CredentialRows for PostgresMetadata {
     async fn oauth_due(
         &self,
         before: i64,
-        after: &str,
+        after: (i64, &str),
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
         let conn = self.pool.get().await?;
+        let (after_expiry, after_id) = after;
         let rows = conn
             .query_typed(
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE oauth IS NOT NULL AND NOT needs_reauth \
-                     AND expires_at IS NOT NULL AND expires_at <= $1 AND id > $3 ORDER BY id LIMIT $2"
+                     AND expires_at IS NOT NULL AND expires_at <= $1 \
+                     AND expires_at >= $3 AND (expires_at > $3 OR id > $4) \
+                     ORDER BY expires_at, id LIMIT $2"
                 ),
-                params![&before, &(limit as i64), &after],
+                params![&before, &(limit as i64), &after_expiry, &after_id],
             )
             .await
             .map_err(db_err)?;

@@ -205,19 +205,21 @@ impl CredentialRows for SqliteMetadata {
     async fn oauth_due(
         &self,
         before: i64,
-        after: &str,
+        after: (i64, &str),
         limit: usize,
     ) -> Result<Vec<CredentialRecord>, MetadataError> {
-        let after = after.to_owned();
+        let (after_expiry, after_id) = (after.0, after.1.to_owned());
         self.with(move |c| {
             query_all(
                 c,
+                // The first condition on expires_at alone gives the index a range to start from.
                 &format!(
                     "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
                      WHERE oauth IS NOT NULL AND needs_reauth = 0 AND expires_at IS NOT NULL \
-                     AND expires_at <= ?1 AND id > ?3 ORDER BY id LIMIT ?2"
+                     AND expires_at <= ?1 AND expires_at >= ?3 AND (expires_at > ?3 OR id > ?4) \
+                     ORDER BY expires_at, id LIMIT ?2"
                 ),
-                params![before, limit as i64, after],
+                params![before, limit as i64, after_expiry, after_id],
                 codec::credential,
             )
         })

@@ -113,9 +113,15 @@ mod tests {
             store.pending_token_get("a").await.unwrap().unwrap().version,
             2
         );
-        assert_eq!(store.oauth_due(100, "", 10).await.unwrap().len(), 1);
-        assert!(store.oauth_due(99, "", 10).await.unwrap().is_empty());
-        assert!(store.oauth_due(100, "a", 10).await.unwrap().is_empty());
+        let first = (i64::MIN, "");
+        assert_eq!(store.oauth_due(100, first, 10).await.unwrap().len(), 1);
+        assert!(store.oauth_due(99, first, 10).await.unwrap().is_empty());
+        assert!(store
+            .oauth_due(100, (100, "a"), 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.oauth_due(100, (99, "z"), 10).await.unwrap().len(), 1);
         let abandoned = JournalEntry {
             id: 0,
             kind: JournalKind::Copy,

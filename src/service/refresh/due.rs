@@ -15,9 +15,9 @@ use crate::service::{Service, ServiceError};
 /// How many refreshes one background pass starts at most (the soonest due); the next pass
 /// follows at once for the rest.
 const MAX_PER_PASS: usize = 1000;
-/// Rows read per query of a pass, which reads every candidate: a page of rows that cannot be
-/// refreshed now (backing off after their endpoint failed, or in a read-only store) must not
-/// hide the ones that can.
+/// Rows read per query of a pass, which reads every candidate along the expiry index: a page
+/// of rows that cannot be refreshed now (backing off after a failure, or in a read-only store)
+/// must not hide the ones that can.
 const SCAN_PAGE: usize = 1000;
 
 impl Service {
@@ -177,12 +177,23 @@ impl Service {
         let now = crate::time::now_unix_ms();
         let mut next_due: Option<i64> = None;
         let mut due: Vec<(i64, CredentialRecord)> = Vec::new();
-        let mut after = String::new();
+        let mut after = (i64::MIN, String::new());
         loop {
-            let page = self.metadata.oauth_due(horizon, &after, SCAN_PAGE).await?;
-            let last_page = page.len() < SCAN_PAGE;
+            let page = self
+                .metadata
+                .oauth_due(horizon, (after.0, &after.1), SCAN_PAGE)
+                .await?;
+            let mut last_page = page.len() < SCAN_PAGE;
             if let Some(last) = page.last() {
-                after.clone_from(&last.id);
+                // The page's last row as the store sorts it (expires_at is whole seconds).
+                let next = (
+                    last.expires_at_ms
+                        .map_or(i64::MAX, |ms| ms.div_euclid(1000)),
+                    last.id.clone(),
+                );
+                // Never the same page twice, whatever a row holds.
+                last_page |= next <= after;
+                after = next;
             }
             for r in page {
                 if r.oauth.is_none()
@@ -208,12 +219,19 @@ impl Service {
             next_due = Some(now);
         }
         let due = due.into_iter().map(|(_, r)| r);
+        let config = &config;
         let refreshed = futures::stream::iter(due)
             .map(|r| async move {
                 match self.refresh(&r.id, r.row_version, Trigger::Background).await {
                     Ok(Refreshed::Done(_)) => 1,
                     Ok(Refreshed::Skipped(_)) => 0,
                     Err(e) => {
+                        // Failures of the token endpoint back off already; any other (its
+                        // store cannot be built or read, a field is missing) would otherwise
+                        // put the credential at the head of every pass.
+                        if self.oauth.backoff.remaining(&r.id).is_none() {
+                            self.oauth.backoff.failed(config, &r.id, None);
+                        }
                         tracing::debug!(credential = %r.id, error = %e, "background refresh failed");
                         0
                     }
