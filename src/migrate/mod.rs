@@ -338,25 +338,25 @@ impl Migrator {
         let metrics = self.service.metrics();
         {
             let mut state = self.state();
-            if state.wakes != wakes {
-                // A reload came while this pass planned with the routing it replaced: its
-                // plan is stale, and replacing the reload's pending moves with it would show
-                // "idle" (or move credentials back) until the pass the reload woke runs next.
-                return Ok(None);
-            }
-            state.pending.clear();
-            for m in &moves {
+            // A reload came while this pass planned with the routing it replaced. Its moves
+            // are still made (each is routed again with the runtime in force when it runs),
+            // but the reload's plan stays what the status shows: replacing it with this
+            // stale one would show "idle" until the pass the reload woke runs, right after.
+            if state.wakes == wakes {
+                state.pending.clear();
+                for m in &moves {
+                    state
+                        .pending
+                        .entry((m.source.clone(), m.target.clone()))
+                        .or_default()
+                        .push(m.id.clone());
+                }
                 state
-                    .pending
-                    .entry((m.source.clone(), m.target.clone()))
-                    .or_default()
-                    .push(m.id.clone());
+                    .failures
+                    .retain(|id, _| moves.iter().any(|m| &m.id == id));
+                publish_pending(&mut state, metrics, &runtime.topology);
+                state.planned_at = Some(crate::time::now_unix());
             }
-            state
-                .failures
-                .retain(|id, _| moves.iter().any(|m| &m.id == id));
-            publish_pending(&mut state, metrics, &runtime.topology);
-            state.planned_at = Some(crate::time::now_unix());
             state.moving = !moves.is_empty();
             state.recheck = false;
         }
