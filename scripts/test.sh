@@ -143,6 +143,7 @@ if [ "$fuzz_seconds" -gt 0 ]; then
   log "cargo fuzz build (${fuzz[*]} ${fuzz_flags[*]})"
   "${fuzz[@]}" build "${fuzz_flags[@]}"
   fuzz_failed=()
+  touch .peers/fuzz-started # crash inputs older than this are from an earlier run
   for target in $("${fuzz[@]}" list); do
     log "fuzzing $target for ${fuzz_seconds}s"
     mkdir -p ".peers/fuzz-corpus/$target"
@@ -159,11 +160,10 @@ if [ "$fuzz_seconds" -gt 0 ]; then
     for target in "${fuzz_failed[@]}"; do
       echo "--- $target failed:" >&2
       grep -m1 -A12 -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer' ".peers/fuzz-$target.log" >&2 || true
-      for input in fuzz/artifacts/"$target"/*; do
-        [ -f "$input" ] || continue
+      find "fuzz/artifacts/$target" -type f -newer .peers/fuzz-started 2>/dev/null | while read -r input; do
         echo "input $input:" >&2
         python3 -c 'import sys; print(repr(open(sys.argv[1], "rb").read()[:2000]))' "$input" >&2
-      done
+      done || true
     done
     echo "fuzz targets that crashed: ${fuzz_failed[*]} (inputs in fuzz/artifacts/)" >&2
     exit 1

@@ -383,12 +383,11 @@ mod tests {
         assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(7)));
     }
 
-    /// A 401 from the token endpoint is a refused client (RFC 6749 §5.2) whatever its body:
-    /// HTML from a gateway, nothing, or JSON that is no error response. A 401 that names its
-    /// error keeps it; another status with a body that is no error response stays a protocol
-    /// error (retried), not a refusal.
+    /// Only the token endpoint's own error code refuses a grant or a client (which marks a
+    /// credential for re-authorisation for good): a 401 or 403 without one (a gateway's page,
+    /// nothing, JSON that is no error response) is a protocol error, retried with back-off.
     #[test]
-    fn a_401_is_a_refused_client_whatever_its_body() {
+    fn only_an_oauth_error_code_is_a_refusal() {
         let html = [(b"content-type".to_vec(), b"text/html".to_vec())];
         let json = [(b"content-type".to_vec(), b"application/json".to_vec())];
         let code = |status, headers: &[(Vec<u8>, Vec<u8>)], body: &[u8]| match token_answer(
@@ -398,16 +397,18 @@ mod tests {
             Err(OAuthError::Protocol { .. }) => None,
             other => panic!("{status}: {:?}", other.err()),
         };
-        let refused = Some("invalid_client".to_owned());
-        assert_eq!(code(401, &html, b"<h1>Unauthorized</h1>"), refused);
-        assert_eq!(code(401, &[], b""), refused);
-        assert_eq!(code(401, &json, br#"{"message":"bad client"}"#), refused);
-        assert_eq!(
-            code(401, &json, br#"{"error":"unauthorized_client"}"#).as_deref(),
-            Some("unauthorized_client")
-        );
-        assert_eq!(code(400, &html, b"<h1>Bad Request</h1>"), None);
+        assert_eq!(code(401, &html, b"<h1>Unauthorized</h1>"), None);
+        assert_eq!(code(401, &[], b""), None);
+        assert_eq!(code(401, &json, br#"{"message":"bad client"}"#), None);
         assert_eq!(code(403, &json, br#"{"message":"no"}"#), None);
+        assert_eq!(
+            code(401, &json, br#"{"error":"invalid_client"}"#).as_deref(),
+            Some("invalid_client")
+        );
+        assert_eq!(
+            code(400, &json, br#"{"error":"invalid_grant"}"#).as_deref(),
+            Some("invalid_grant")
+        );
     }
 
     /// `names`: store names that `encode` never makes decoded all the same, so two store

@@ -5,7 +5,6 @@
 //! refreshers and writing new tokens back is the service's job (`service::refresh`).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -151,21 +150,6 @@ where
     if let Some(secret) = client_secret {
         client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
     }
-    // The answer's status, for a 401 whose body is no RFC 6749 error (below).
-    // Shared, not borrowed: a future borrowing from the closure would not be `Send` for every
-    // lifetime the spawned refresh needs.
-    let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
-    let transport = |request| {
-        let sent = transport(request);
-        let status = std::sync::Arc::clone(&status);
-        async move {
-            let answer = sent.await;
-            if let Ok(response) = &answer {
-                status.store(response.status().as_u16(), Ordering::Relaxed);
-            }
-            answer
-        }
-    };
     let scopes = oauth.scopes.iter().cloned().map(Scope::new);
     let extra = [("audience", &oauth.audience), ("resource", &oauth.resource)];
     let extra = extra
@@ -226,16 +210,9 @@ where
             detail: e.to_string(),
             retry_after: None,
         }),
-        // RFC 6749 §5.2: 401 is the answer to failed client authentication (`invalid_client`),
-        // whatever the body says, if anything; the client's secret needs a human like a refused
-        // grant does, and asking again would only be refused again.
-        Err(RequestTokenError::Parse(..) | RequestTokenError::Other(_))
-            if status.load(Ordering::Relaxed) == 401 =>
-        {
-            Err(OAuthError::Rejected {
-                code: "invalid_client".into(),
-            })
-        }
+        // A 401 whose body is no OAuth error (a gateway's page, or nothing) lands here too:
+        // retried like an outage, since only the endpoint's own error code says the grant or
+        // the client is refused, and that marks a credential for re-authorisation for good.
         // The body may hold tokens: only the JSON path of the failure is reported.
         Err(RequestTokenError::Parse(e, _body)) => Err(OAuthError::Protocol {
             detail: format!("unexpected content at `{}`", e.path()),
