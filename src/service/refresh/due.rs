@@ -191,8 +191,9 @@ impl Service {
                         .map_or(i64::MAX, |ms| ms.div_euclid(1000)),
                     last.id.clone(),
                 );
-                // Never the same page twice, whatever a row holds.
-                last_page |= next <= after;
+                // Never the same page twice, whatever a row holds (the database orders ids
+                // by its own collation, so only the expiry can be compared here).
+                last_page |= next.0 < after.0 || next == after;
                 after = next;
             }
             for r in page {
@@ -200,6 +201,7 @@ impl Service {
                     || r.needs_reauth
                     || self.is_read_only(&r.location.manager_id)
                     || self.oauth.backoff.remaining(&r.id).is_some()
+                    || self.oauth.deferred.remaining(&r.id).is_some()
                 {
                     continue;
                 }
@@ -230,7 +232,7 @@ impl Service {
                         // store cannot be built or read, a field is missing) would otherwise
                         // put the credential at the head of every pass.
                         if self.oauth.backoff.remaining(&r.id).is_none() {
-                            self.oauth.backoff.failed(config, &r.id, None);
+                            self.oauth.deferred.failed(config, &r.id, None);
                         }
                         tracing::debug!(credential = %r.id, error = %e, "background refresh failed");
                         0

@@ -122,6 +122,7 @@ impl Service {
                             tracing::warn!(credential = id, "the token endpoint issued a token that had already expired; backing off");
                         } else {
                             self.oauth.backoff.succeeded(id);
+                            self.oauth.deferred.succeeded(id);
                         }
                         self.count("success");
                         tracing::info!(credential = id, expires_at_ms = ?done.expires_at_ms,

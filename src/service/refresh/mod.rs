@@ -59,6 +59,10 @@ impl Refreshed {
 pub(crate) struct OAuthState {
     client: TokenClient,
     backoff: Backoff,
+    /// Background passes only: credentials whose last background refresh failed for another
+    /// reason than the token endpoint (their store, a missing field, a lease held elsewhere).
+    /// Kept apart from `backoff`, which reads also obey: a read still refreshes them inline.
+    deferred: Backoff,
     limiter: tokio::sync::Semaphore,
     /// This process's name in lease rows.
     holder: String,
@@ -74,6 +78,7 @@ impl OAuthState {
         Self {
             client: TokenClient::new(),
             backoff: Backoff::new(),
+            deferred: Backoff::new(),
             limiter: tokio::sync::Semaphore::new(config.max_concurrent),
             holder: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4()),
             warned_write_rate: Default::default(),

@@ -122,6 +122,7 @@ impl Service {
         let done = self.write_tokens(record.clone(), &tokens).await?;
         self.metadata.pending_token_delete(id).await?;
         self.oauth.backoff.succeeded(id);
+        self.oauth.deferred.succeeded(id);
         self.count("recovered");
         tracing::warn!(
             credential = id,
