@@ -180,6 +180,9 @@ impl Migrator {
                     .or_default()
                     .push(m.id.clone());
             }
+            state.planned_at = Some(crate::time::now_unix());
+            let runtime = self.service.runtime();
+            publish_pending(&mut state, self.service.metrics(), &runtime.topology);
         }
         self.wake.notify_one();
     }
@@ -338,10 +341,10 @@ impl Migrator {
         let metrics = self.service.metrics();
         {
             let mut state = self.state();
-            // A reload came while this pass planned with the routing it replaced. Its moves
-            // are still made (each is routed again with the runtime in force when it runs),
-            // but the reload's plan stays what the status shows: replacing it with this
-            // stale one would show "idle" until the pass the reload woke runs, right after.
+            // A reload came while this pass planned with the routing it replaced: its plan is
+            // stale (its moves are skipped below) and the reload's stays what the status
+            // shows; replacing it would show "idle" until the pass the reload woke runs, right
+            // after this one.
             if state.wakes == wakes {
                 state.pending.clear();
                 for m in &moves {
@@ -399,6 +402,12 @@ impl Migrator {
                     };
                     a.pace().await;
                     b.pace().await;
+                    // Checked last, after any wait: a reload since this pass planned means
+                    // the fleet was asked to agree on another routing, which the pass it
+                    // woke checks before moving anything.
+                    if *stop.borrow() || self.state().wakes != wakes {
+                        return;
+                    }
                     let result = self.service.migrate_one(&m.id).await;
                     self.record(m, result, migration);
                 }
