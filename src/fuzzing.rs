@@ -385,7 +385,7 @@ mod tests {
 
     /// Only the token endpoint's own error code refuses a grant or a client (which marks a
     /// credential for re-authorisation for good): a 401 or 403 without one (a gateway's page,
-    /// nothing, JSON that is no error response) is a protocol error, retried with back-off.
+    /// nothing, JSON that is no error object) is a protocol error, retried with back-off.
     #[test]
     fn only_an_oauth_error_code_is_a_refusal() {
         let html = [(b"content-type".to_vec(), b"text/html".to_vec())];
@@ -401,6 +401,8 @@ mod tests {
         assert_eq!(code(401, &[], b""), None);
         assert_eq!(code(401, &json, br#"{"message":"bad client"}"#), None);
         assert_eq!(code(403, &json, br#"{"message":"no"}"#), None);
+        assert_eq!(code(400, &json, br#"["invalid_grant"]"#), None);
+        assert_eq!(code(401, &json, br#" ["Unauthorized"]"#), None);
         assert_eq!(
             code(401, &json, br#"{"error":"invalid_client"}"#).as_deref(),
             Some("invalid_client")

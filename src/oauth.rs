@@ -150,6 +150,25 @@ where
     if let Some(secret) = client_secret {
         client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
     }
+    // RFC 6749 §5.2: an error answer is a JSON object. oauth2 would also read one from a JSON
+    // array, positionally (`["Unauthorized"]` as the code), and a refusal marks a credential
+    // for re-authorisation for good; so an error answer that is no object is passed on
+    // without its body, which makes it a protocol error, retried.
+    let transport = |request| {
+        let sent = transport(request);
+        async move {
+            let mut answer = sent.await?;
+            let object = answer
+                .body()
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b == b'{');
+            if answer.status() != http::StatusCode::OK && !object {
+                answer.body_mut().clear();
+            }
+            Ok(answer)
+        }
+    };
     let scopes = oauth.scopes.iter().cloned().map(Scope::new);
     let extra = [("audience", &oauth.audience), ("resource", &oauth.resource)];
     let extra = extra

@@ -103,6 +103,12 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(OAuthError::Protocol { .. }) => assert!(!unavailable, "{effective}"),
     }
+    // Only the endpoint's own error object refuses (for good), never an array read
+    // positionally. (A body serde_json cannot read as a value, a lone surrogate in a member
+    // oauth2 skips, is not checked.)
+    if let (Err(OAuthError::Rejected { .. }), Some(j)) = (&answer, &json) {
+        assert!(j.get("error").is_some(), "refused without an error member");
+    }
     // An error never carries a token from the body (it is logged and answered). What the error
     // says that the server chose is its code or detail. A detail naming where the body went
     // wrong holds a JSON path, which is made of the body's keys, indices and separators only;
