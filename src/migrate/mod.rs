@@ -95,6 +95,25 @@ struct State {
     published: BTreeMap<(String, String), i64>,
 }
 
+/// Makes `planned` the moves the status shows as pending, planned now.
+fn set_plan(
+    state: &mut State,
+    planned: &[PlannedMove],
+    metrics: &crate::metrics::Metrics,
+    topology: &Topology,
+) {
+    state.pending.clear();
+    for m in planned {
+        state
+            .pending
+            .entry((m.source.clone(), m.target.clone()))
+            .or_default()
+            .push(m.id.clone());
+    }
+    state.planned_at = Some(crate::time::now_unix());
+    publish_pending(state, metrics, topology);
+}
+
 /// Sets `credproxy_migration_pending` from `state.pending`, summed per label pair (managers
 /// created through the API share one label per type).
 fn publish_pending(state: &mut State, metrics: &crate::metrics::Metrics, topology: &Topology) {
@@ -172,17 +191,13 @@ impl Migrator {
         {
             let mut state = self.state();
             state.wakes += 1;
-            state.pending.clear();
-            for m in planned {
-                state
-                    .pending
-                    .entry((m.source.clone(), m.target.clone()))
-                    .or_default()
-                    .push(m.id.clone());
-            }
-            state.planned_at = Some(crate::time::now_unix());
             let runtime = self.service.runtime();
-            publish_pending(&mut state, self.service.metrics(), &runtime.topology);
+            set_plan(
+                &mut state,
+                planned,
+                self.service.metrics(),
+                &runtime.topology,
+            );
         }
         self.wake.notify_one();
     }
@@ -346,19 +361,10 @@ impl Migrator {
             // shows; replacing it would show "idle" until the pass the reload woke runs, right
             // after this one.
             if state.wakes == wakes {
-                state.pending.clear();
-                for m in &moves {
-                    state
-                        .pending
-                        .entry((m.source.clone(), m.target.clone()))
-                        .or_default()
-                        .push(m.id.clone());
-                }
                 state
                     .failures
                     .retain(|id, _| moves.iter().any(|m| &m.id == id));
-                publish_pending(&mut state, metrics, &runtime.topology);
-                state.planned_at = Some(crate::time::now_unix());
+                set_plan(&mut state, &moves, metrics, &runtime.topology);
             }
             state.moving = !moves.is_empty();
             state.recheck = false;
